@@ -1,0 +1,289 @@
+//! The two boundaries of the storage engine.
+//!
+//! * [`Pool`]: what a pool driver offers the volume model. Operations are *staged*: they
+//!   take effect in memory at once (reads see them) and become durable, all together and
+//!   atomically, at [`Pool::commit`]. A crash before the commit leaves the pool as it was
+//!   at the previous commit. This is what lets a qube start (three snapshots, a few
+//!   renames) be one metadata transaction instead of a series of lvcreate calls.
+//! * [`BlockDevice`]: what a block transport (NBD, Xen blkif) needs from one open volume.
+//!   `flush` is a durability barrier: every write acknowledged before it survives a crash.
+//!
+//! Volume keys inside a pool are driver-level names such as `work/private` or
+//! `work/private@1764160000.123456`; the volume model decides their shape, the pool only
+//! checks them with [`validate_volume_key`].
+
+use std::collections::BTreeMap;
+use std::io::Read;
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+/// One run of a volume's address space with the same allocation status
+/// (the NBD `base:allocation` context: a hole reads as zeros and holds no data chunk).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Extent {
+    pub offset: u64,
+    pub length: u64,
+    /// No data chunk backs this run (NBD_STATE_HOLE).
+    pub hole: bool,
+    /// Reads return zeros (NBD_STATE_ZERO); always true for holes.
+    pub zero: bool,
+}
+
+/// Why a block operation failed; transports map this to their own error codes
+/// (NBD: ENOSPC, EPERM, EINVAL, EIO).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BlockErrorKind {
+    /// The pool has no free data chunk left. The write did not complete; metadata is
+    /// consistent and writes succeed again once space is freed.
+    NoSpace,
+    /// The volume is read-only (a template root served to an AppVM's reader, say).
+    ReadOnly,
+    /// Offset or length outside the volume.
+    OutOfRange,
+    /// The volume was removed or the pool closed while the handle was open.
+    Gone,
+    /// The underlying storage failed (or metadata failed its checksum).
+    Io,
+}
+
+#[derive(Debug, Error)]
+#[error("{op} on volume {volume} at offset {offset} (+{length}): {kind:?}: {detail}")]
+pub struct BlockError {
+    pub kind: BlockErrorKind,
+    pub op: &'static str,
+    pub volume: String,
+    pub offset: u64,
+    pub length: u64,
+    pub detail: String,
+}
+
+impl BlockError {
+    pub fn errno(&self) -> i32 {
+        match self.kind {
+            BlockErrorKind::NoSpace => libc::ENOSPC,
+            BlockErrorKind::ReadOnly => libc::EPERM,
+            BlockErrorKind::OutOfRange => libc::EINVAL,
+            BlockErrorKind::Gone | BlockErrorKind::Io => libc::EIO,
+        }
+    }
+}
+
+/// One open volume, as a block transport sees it. Implementations are thread-safe:
+/// several connections and several in-flight requests call these concurrently.
+pub trait BlockDevice: Send + Sync {
+    /// Pool-level key of the volume this handle serves (for error messages and logs).
+    fn name(&self) -> &str;
+    /// Size in bytes.
+    fn size(&self) -> u64;
+    fn read_only(&self) -> bool;
+    /// Reads `buf.len()` bytes at `offset`; unmapped ranges read as zeros.
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), BlockError>;
+    fn write_at(&self, buf: &[u8], offset: u64) -> Result<(), BlockError>;
+    /// Makes every write acknowledged so far durable (commits the mapping).
+    fn flush(&self) -> Result<(), BlockError>;
+    /// Unmaps whole chunks inside the range (frees them); partial chunks at the edges are
+    /// left as they are (TRIM is advisory).
+    fn discard(&self, offset: u64, length: u64) -> Result<(), BlockError>;
+    /// The range reads as zeros afterwards. With `may_unmap`, whole chunks are unmapped;
+    /// without (NBD_CMD_FLAG_NO_HOLE), space stays allocated.
+    fn write_zeroes(&self, offset: u64, length: u64, may_unmap: bool) -> Result<(), BlockError>;
+    /// Allocation status of `[offset, offset+length)`, as extents in order, covering at
+    /// least the first byte (they may stop early, as NBD allows).
+    fn block_status(&self, offset: u64, length: u64) -> Result<Vec<Extent>, BlockError>;
+}
+
+#[derive(Debug, Error)]
+pub enum PoolError {
+    #[error("volume {0} does not exist in the pool")]
+    NoSuchVolume(String),
+    #[error("volume {0} already exists in the pool")]
+    VolumeExists(String),
+    #[error("volume key {key:?} is not valid: {reason}")]
+    BadVolumeKey { key: String, reason: String },
+    #[error("the pool is full: {needed} more bytes of data space needed, {free} free; remove qubes, revisions or templates, or grow the pool")]
+    NoSpace { needed: u64, free: u64 },
+    #[error("volume {volume} is open ({users} users); stop the qube that uses it first")]
+    Busy { volume: String, users: usize },
+    #[error("shrinking volume {volume} from {from} to {to} bytes loses data; pass --allow-shrink to do it anyway")]
+    ShrinkRefused { volume: String, from: u64, to: u64 },
+    #[error("invalid argument: {0}")]
+    Invalid(String),
+    #[error("no pool at {path}: {reason}; create one with `qubes-ctl pool init`")]
+    NotAPool { path: String, reason: String },
+    #[error("the pool at {path} is in use by another process (pid {pid:?}); stop it or talk to it through `qubes-ctl daemon`")]
+    Locked { path: String, pid: Option<u32> },
+    #[error("pool metadata is corrupt: {0}; run `qubes-ctl pool verify` for a full report")]
+    Corrupt(String),
+    #[error("{op}: {source}")]
+    Io {
+        op: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Block(#[from] BlockError),
+}
+
+impl PoolError {
+    pub fn io(op: impl Into<String>, source: std::io::Error) -> Self {
+        PoolError::Io { op: op.into(), source }
+    }
+}
+
+/// Pool-wide figures, as `pool info` prints them.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct PoolInfo {
+    pub driver: String,
+    pub path: String,
+    pub chunk_size: u64,
+    /// Data capacity in bytes.
+    pub capacity: u64,
+    /// Data bytes in use (allocated chunks x chunk size).
+    pub data_used: u64,
+    /// Metadata bytes in use.
+    pub metadata_used: u64,
+    pub volumes: u64,
+    /// Commit counter (superblock generation for `thin`).
+    pub generation: u64,
+}
+
+/// One volume, as listings show it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct VolumeInfo {
+    pub key: String,
+    pub size: u64,
+    /// Bytes backed by data chunks (shared chunks count in every volume that maps them).
+    pub mapped: u64,
+    /// Free-form attributes the volume model stores with the volume (committed atomically
+    /// with everything else).
+    pub attrs: BTreeMap<String, String>,
+}
+
+/// What `verify` found. `errors` empty means the pool is consistent.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct VerifyReport {
+    pub volumes: u64,
+    pub metadata_pages: u64,
+    pub data_chunks: u64,
+    /// Allocated but unreferenced chunks/pages ("leaked ...").
+    pub leaks: Vec<String>,
+    /// Checksums, refcount mismatches, dangling references, bad structure.
+    pub errors: Vec<String>,
+}
+
+impl VerifyReport {
+    pub fn is_clean(&self) -> bool {
+        self.leaks.is_empty() && self.errors.is_empty()
+    }
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct ImportOptions {
+    /// Share chunks with identical content (blake3) inside the image and with the
+    /// volume this import replaces, if any (`dedup_against`).
+    pub dedup: bool,
+    pub dedup_against: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ImportStats {
+    pub bytes: u64,
+    pub zero_chunks: u64,
+    pub dedup_chunks: u64,
+    pub written_chunks: u64,
+    /// blake3 over the volume's bytes.
+    pub fingerprint: String,
+}
+
+/// A pool driver. Implementations: `thin` (default), `reflink`, `mem` (simulation).
+/// All methods are callable from several threads.
+pub trait Pool: Send + Sync {
+    fn driver(&self) -> &'static str;
+    fn info(&self) -> Result<PoolInfo, PoolError>;
+
+    fn list_volumes(&self) -> Result<Vec<VolumeInfo>, PoolError>;
+    fn volume(&self, key: &str) -> Result<VolumeInfo, PoolError>;
+    fn exists(&self, key: &str) -> Result<bool, PoolError> {
+        match self.volume(key) {
+            Ok(_) => Ok(true),
+            Err(PoolError::NoSuchVolume(_)) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// A new, empty (all zeros, nothing allocated) volume.
+    fn create_volume(&self, key: &str, size: u64) -> Result<(), PoolError>;
+    /// `target` becomes a writable copy-on-write snapshot of `source` as it is now
+    /// (including staged, uncommitted changes). O(1) for `thin`. Attributes are not copied.
+    fn snapshot(&self, source: &str, target: &str) -> Result<(), PoolError>;
+    /// Frees the volume's chunks that nothing else shares. Refused with `Busy` while open.
+    fn remove_volume(&self, key: &str) -> Result<(), PoolError>;
+    /// Renames; refuses if `to` exists. Open handles follow the volume.
+    fn rename_volume(&self, from: &str, to: &str) -> Result<(), PoolError>;
+    fn resize_volume(&self, key: &str, size: u64, allow_shrink: bool) -> Result<(), PoolError>;
+    /// Sets (`Some`) or clears (`None`) one attribute.
+    fn set_volume_attr(&self, key: &str, attr: &str, value: Option<&str>) -> Result<(), PoolError>;
+
+    /// An I/O handle; `read_only` handles refuse writes with `BlockErrorKind::ReadOnly`.
+    fn open_volume(&self, key: &str, read_only: bool) -> Result<Arc<dyn BlockDevice>, PoolError>;
+
+    /// Pool-level key/value store, committed atomically with the volumes (the controller
+    /// keeps its qube catalogue here).
+    fn get_meta(&self, key: &str) -> Result<Option<String>, PoolError>;
+    fn set_meta(&self, key: &str, value: Option<&str>) -> Result<(), PoolError>;
+    fn meta_keys(&self, prefix: &str) -> Result<Vec<String>, PoolError>;
+
+    /// Makes every staged change and every acknowledged write durable, atomically.
+    fn commit(&self) -> Result<(), PoolError>;
+
+    /// Thorough check (like thin_check): walks every structure.
+    fn verify(&self) -> Result<VerifyReport, PoolError>;
+
+    /// Creates `key` from a raw image: zero chunks are skipped, identical chunks shared
+    /// when `opts.dedup`. The volume is created staged; the caller commits.
+    fn import_volume(
+        &self,
+        key: &str,
+        image: &mut dyn Read,
+        size: u64,
+        opts: &ImportOptions,
+    ) -> Result<ImportStats, PoolError>;
+
+    /// blake3 over the volume's bytes (zeros for holes), hex.
+    fn fingerprint(&self, key: &str) -> Result<String, PoolError>;
+}
+
+/// Checks a pool-level volume key: 1..=200 bytes of `[A-Za-z0-9._@:+/-]`, no empty path
+/// segment, no `.`/`..` segment, no leading `/`.
+pub fn validate_volume_key(key: &str) -> Result<(), PoolError> {
+    let bad = |reason: &str| PoolError::BadVolumeKey { key: key.escape_debug().to_string(), reason: reason.into() };
+    if key.is_empty() || key.len() > 200 {
+        return Err(bad("length must be 1 to 200 bytes"));
+    }
+    if let Some(c) = key
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '@' | ':' | '+' | '/' | '-')))
+    {
+        return Err(bad(&format!("character {c:?} is not allowed")));
+    }
+    if key.split('/').any(|seg| seg.is_empty() || seg == "." || seg == "..") {
+        return Err(bad("empty, `.` or `..` path segment"));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn volume_keys() {
+        validate_volume_key("work/private").unwrap();
+        validate_volume_key("work/private@1764160000.123456").unwrap();
+        for bad in ["", "/abs", "a//b", "a/../b", "a/./b", "a b", "a\0b", "x/"] {
+            assert!(validate_volume_key(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+}
