@@ -1,1 +1,10 @@
-//! placeholder
+//! The controller of qubes-ctl as a library: the binary only parses arguments and calls
+//! [`cli::main_with`].
+
+pub mod api;
+pub mod catalogue;
+pub mod cli;
+pub mod controller;
+pub mod daemon;
+pub mod paths;
+pub mod units;

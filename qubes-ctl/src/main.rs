@@ -1,1 +1,9 @@
-fn main() {}
+use clap::Parser;
+
+fn main() {
+    let cli = qubes_ctl::cli::Cli::parse();
+    if let Err(e) = qubes_ctl::cli::main_with(cli) {
+        eprintln!("qubes-ctl: error: {e:#}");
+        std::process::exit(1);
+    }
+}

@@ -1,0 +1,161 @@
+//! `qubes-ctl daemon`: owns the pool while qubes run. It holds the pool lock, serves each
+//! running qube's volumes on that qube's own NBD socket, answers the CLI on the admin
+//! socket (0600, one JSON request and one JSON reply per connection), and watches the
+//! domains: when a guest powers itself off, its storage is stopped as Qubes does on domain
+//! death (private committed, root and volatile snapshots dropped).
+//!
+//! A daemon killed with SIGKILL leaves the pool at its last commit (every flush is a
+//! commit) with the running qubes still marked running; the next daemon serves them again
+//! at the same socket paths, so QEMU's `reconnect-delay` carries the guests across.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+
+use crate::api::{self, Reply, Request};
+use crate::controller::Controller;
+use crate::paths::Paths;
+
+type Shared = Arc<Mutex<Controller>>;
+
+pub fn run(paths: &Paths) -> Result<()> {
+    let run_dir = paths.run_dir();
+    std::fs::create_dir_all(&run_dir).with_context(|| format!("creating {}", run_dir.display()))?;
+    let sock = paths.admin_socket();
+    if api::daemon_alive(&sock, Duration::from_secs(2)) {
+        bail!("a daemon already serves {}; stop it with `qubes-ctl daemon stop`", paths.root().display());
+    }
+    let mut ctl = Controller::open(paths, true, true)?;
+    let resumed = ctl.resume_running().context("serving the qubes that were running")?;
+    if !resumed.is_empty() {
+        eprintln!("qubes-ctl daemon: serving again the exports of {}", resumed.join(", "));
+    }
+    let _ = std::fs::remove_file(&sock);
+    let listener = UnixListener::bind(&sock).with_context(|| format!("binding {}", sock.display()))?;
+    std::fs::set_permissions(&sock, std::fs::Permissions::from_mode(0o600))?;
+    std::fs::write(paths.daemon_pid(), format!("{}\n", std::process::id()))?;
+    eprintln!("qubes-ctl daemon: pid {} serving {}", std::process::id(), sock.display());
+
+    let shared: Shared = Arc::new(Mutex::new(ctl));
+    spawn_monitor(shared.clone());
+    spawn_signal_handler(shared.clone(), paths.clone())?;
+
+    for conn in listener.incoming() {
+        let Ok(conn) = conn else { continue };
+        let shared = shared.clone();
+        let paths = paths.clone();
+        std::thread::spawn(move || {
+            if let Err(e) = serve_admin(conn, &shared, &paths) {
+                eprintln!("qubes-ctl daemon: admin connection: {e:#}");
+            }
+        });
+    }
+    Ok(())
+}
+
+fn serve_admin(conn: UnixStream, shared: &Shared, paths: &Paths) -> Result<()> {
+    let mut writer = conn.try_clone()?;
+    let mut reader = BufReader::new(conn);
+    let mut line = String::new();
+    if reader.read_line(&mut line)? == 0 {
+        return Ok(());
+    }
+    let reply = match serde_json::from_str::<Request>(&line) {
+        Err(e) => Reply::Error(format!("malformed request: {e}")),
+        Ok(Request::DaemonStop) => {
+            let mut ctl = shared.lock().unwrap_or_else(|p| p.into_inner());
+            let served = ctl.served_qubes();
+            let mut out = serde_json::to_string(&Reply::Ok(serde_json::json!({"stopping": true, "detached": served})))?;
+            out.push('\n');
+            writer.write_all(out.as_bytes())?;
+            ctl.detach_all();
+            exit_cleanly(paths);
+        }
+        Ok(req) => {
+            let mut ctl = shared.lock().unwrap_or_else(|p| p.into_inner());
+            match ctl.handle(req) {
+                Ok(v) => Reply::Ok(v),
+                Err(e) => Reply::Error(format!("{e:#}")),
+            }
+        }
+    };
+    let mut out = serde_json::to_string(&reply)?;
+    out.push('\n');
+    writer.write_all(out.as_bytes())?;
+    Ok(())
+}
+
+fn exit_cleanly(paths: &Paths) -> ! {
+    let _ = std::fs::remove_file(paths.admin_socket());
+    let _ = std::fs::remove_file(paths.daemon_pid());
+    std::process::exit(0)
+}
+
+/// Notices guests that powered themselves off.
+fn spawn_monitor(shared: Shared) {
+    std::thread::spawn(move || loop {
+        std::thread::sleep(Duration::from_millis(500));
+        let mut ctl = shared.lock().unwrap_or_else(|p| p.into_inner());
+        for (name, res) in ctl.reap_halted() {
+            match res {
+                Ok(()) => eprintln!("qubes-ctl daemon: {name} powered off; its volumes are stopped"),
+                Err(e) => eprintln!("qubes-ctl daemon: {name} powered off but stopping its volumes failed: {e:#}"),
+            }
+        }
+    });
+}
+
+/// SIGTERM/SIGINT: close the exports, commit, leave running qubes marked running.
+fn spawn_signal_handler(shared: Shared, paths: Paths) -> Result<()> {
+    let mut signals = signal_hook::iterator::Signals::new([signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT])?;
+    std::thread::spawn(move || {
+        if signals.forever().next().is_some() {
+            let mut ctl = shared.lock().unwrap_or_else(|p| p.into_inner());
+            ctl.detach_all();
+            exit_cleanly(&paths);
+        }
+    });
+    Ok(())
+}
+
+/// Starts a daemon in the background (its own process group, output to
+/// `ROOT/run/daemon.log`) and waits until it answers.
+pub fn spawn(paths: &Paths) -> Result<()> {
+    std::fs::create_dir_all(paths.run_dir())?;
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(paths.daemon_log())
+        .with_context(|| format!("opening {}", paths.daemon_log().display()))?;
+    let exe = std::env::current_exe().context("locating the qubes-ctl binary")?;
+    let mut cmd = Command::new(exe);
+    cmd.arg("--root").arg(paths.root()).arg("daemon").arg("run");
+    cmd.stdin(Stdio::null()).stdout(log.try_clone()?).stderr(log);
+    std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
+    let mut child = cmd.spawn().context("starting qubes-ctl daemon")?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline {
+        if api::daemon_alive(&paths.admin_socket(), Duration::from_secs(1)) {
+            return Ok(());
+        }
+        if let Some(status) = child.try_wait()? {
+            bail!(
+                "the daemon exited at start ({status}); see {}",
+                paths.daemon_log().display()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    bail!("the daemon did not answer within 30 s; see {}", paths.daemon_log().display())
+}
+
+pub fn is_running(paths: &Paths) -> bool {
+    api::daemon_alive(&paths.admin_socket(), Duration::from_secs(2))
+}
+
