@@ -1,1 +1,148 @@
-//! Helpers shared by the end-to-end tests (they live in this folder as integration tests).
+//! Helpers shared by the end-to-end tests: run the real `qubes-ctl` binary against a
+//! private root directory and read its JSON output.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+
+use serde_json::Value;
+
+/// The `qubes-ctl` binary of the same build profile as the running test
+/// (`target/<profile>/qubes-ctl`), or `$QUBES_CTL_BIN`.
+pub fn qubes_ctl_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("QUBES_CTL_BIN") {
+        return PathBuf::from(p);
+    }
+    let exe = std::env::current_exe().expect("test executable path");
+    // target/<profile>/deps/<test> -> target/<profile>/qubes-ctl
+    let dir = exe.parent().and_then(Path::parent).expect("target dir");
+    let bin = dir.join("qubes-ctl");
+    assert!(
+        bin.exists(),
+        "{} is missing: build it first (`cargo build -p qubes-ctl` with the same profile) or set QUBES_CTL_BIN",
+        bin.display()
+    );
+    bin
+}
+
+/// One isolated qubes-ctl installation (its own root: pool, run dir, kernels).
+pub struct Ctl {
+    pub root: PathBuf,
+    _tmp: Option<tempfile::TempDir>,
+}
+
+impl Ctl {
+    /// A new root in a temporary directory (short path: unix socket paths are limited).
+    pub fn new() -> Ctl {
+        let tmp = tempfile::Builder::new().prefix("qc").tempdir_in("/tmp").expect("tempdir");
+        Ctl { root: tmp.path().to_path_buf(), _tmp: Some(tmp) }
+    }
+
+    pub fn at(root: &Path) -> Ctl {
+        Ctl { root: root.to_path_buf(), _tmp: None }
+    }
+
+    pub fn cmd(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(qubes_ctl_bin());
+        c.arg("--root").arg(&self.root).args(args);
+        c.env_remove("QUBES_CTL_ROOT");
+        c
+    }
+
+    pub fn output(&self, args: &[&str]) -> Output {
+        self.cmd(args).stdin(Stdio::null()).output().expect("running qubes-ctl")
+    }
+
+    /// Runs a command that must succeed; returns stdout.
+    pub fn ok(&self, args: &[&str]) -> String {
+        let out = self.output(args);
+        assert!(
+            out.status.success(),
+            "qubes-ctl {args:?} failed ({}):\nstdout: {}\nstderr: {}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Runs a command with `--format json` that must succeed; returns the parsed output.
+    pub fn json(&self, args: &[&str]) -> Value {
+        let mut a = vec!["--format", "json"];
+        a.extend_from_slice(args);
+        let s = self.ok(&a);
+        serde_json::from_str(&s).unwrap_or_else(|e| panic!("qubes-ctl {args:?}: bad JSON ({e}): {s}"))
+    }
+
+    /// Runs a command that must fail; returns stderr.
+    pub fn fails(&self, args: &[&str]) -> String {
+        let out = self.output(args);
+        assert!(
+            !out.status.success(),
+            "qubes-ctl {args:?} succeeded but should have failed:\n{}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    }
+
+    /// Stops a daemon if one runs for this root (best effort).
+    pub fn stop_daemon(&self) {
+        let _ = self.output(&["daemon", "stop"]);
+    }
+}
+
+impl Default for Ctl {
+    fn default() -> Self {
+        Ctl::new()
+    }
+}
+
+impl Drop for Ctl {
+    fn drop(&mut self) {
+        if self._tmp.is_some() {
+            self.stop_daemon();
+            // Kill any QEMU left behind by a failed test.
+            let _ = Command::new("pkill").arg("-f").arg(self.root.to_string_lossy().as_ref()).status();
+        }
+    }
+}
+
+/// Deterministic pseudo-random bytes (xorshift), so tests can regenerate expected data.
+pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut out = Vec::with_capacity(len);
+    while out.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+/// The first Debian mirror URI in this machine's apt sources (tests never hard-code one).
+pub fn apt_mirror() -> Option<String> {
+    let mut files = vec![PathBuf::from("/etc/apt/sources.list")];
+    if let Ok(rd) = std::fs::read_dir("/etc/apt/sources.list.d") {
+        files.extend(rd.flatten().map(|e| e.path()));
+    }
+    for f in files {
+        let Ok(text) = std::fs::read_to_string(&f) else { continue };
+        for line in text.lines() {
+            let line = line.trim();
+            let uri = if let Some(rest) = line.strip_prefix("URIs:") {
+                rest.split_whitespace().next()
+            } else if let Some(rest) = line.strip_prefix("deb ") {
+                rest.split_whitespace().find(|w| w.contains("://"))
+            } else {
+                None
+            };
+            if let Some(u) = uri {
+                if u.trim_end_matches('/').ends_with("/debian") {
+                    return Some(u.trim_end_matches('/').to_string());
+                }
+            }
+        }
+    }
+    None
+}
