@@ -1,0 +1,243 @@
+//! The whole product for a user, with a real Debian guest under QEMU (TCG where KVM does
+//! not work): build recipes/debian/minimal, create AppVM `work`, boot it; the guest's
+//! `/rw/config/rc.local` (on the private volume the test imports) reports what it sees on
+//! the serial console and writes markers into /rw (private) and /etc (root).
+//!
+//! 1. first boot writes the markers; 2. the next boot sees /rw's, not /etc's;
+//! 3. a template update is seen by `work` at its next start, while `work2`, running across
+//!    the update, keeps the old root; 4. `volume revert work:private` brings back the state
+//!    before the markers; 5. a DispVM leaves nothing behind, a StandaloneVM does not follow
+//!    the template; 6. SIGKILL of the daemon while `work` runs: the pool verifies clean and
+//!    the private head is what it was before that start.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use e2e_tests::{apt_mirror, Ctl};
+use serde_json::Value;
+
+const BOOT_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// What every qube's private volume runs at boot (through the guest integration's
+/// /rw/config/rc.local hook): report, bump the /rw counter, mark /etc, power off unless
+/// the kernel command line says `qtest.stay`.
+const RC_LOCAL: &str = r#"#!/bin/sh
+rw=$(cat /rw/marker 2>/dev/null || echo none)
+etc=$(cat /etc/marker 2>/dev/null || echo none)
+tpl=$(cat /etc/tpl-marker 2>/dev/null || echo none)
+echo "QTEST host=$(hostname) rw=$rw etc=$etc tpl=$tpl" > /dev/ttyS0
+if [ "$rw" = none ]; then n=1; else n=$((rw + 1)); fi
+echo "$n" > /rw/marker
+echo "written-by-$(hostname)" > /etc/marker
+sync
+echo "QTEST-DONE host=$(hostname)" > /dev/ttyS0
+grep -q qtest.stay /proc/cmdline || systemctl poweroff
+"#;
+
+/// The template's own private volume: updates the template's root.
+const TEMPLATE_RC_LOCAL: &str = r#"#!/bin/sh
+echo "v2" > /etc/tpl-marker
+sync
+echo "QTEST-TEMPLATE-UPDATED" > /dev/ttyS0
+systemctl poweroff
+"#;
+
+fn private_image(dir: &Path, name: &str, rc_local: &str) -> PathBuf {
+    let tree = dir.join(format!("{name}-tree"));
+    std::fs::create_dir_all(tree.join("config")).unwrap();
+    std::fs::create_dir_all(tree.join("home")).unwrap();
+    let rc = tree.join("config/rc.local");
+    std::fs::write(&rc, rc_local).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&rc, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let img = dir.join(format!("{name}-private.img"));
+    let st = Command::new("mke2fs")
+        .args(["-q", "-F", "-t", "ext4", "-d"])
+        .arg(&tree)
+        .arg(&img)
+        .arg("256M")
+        .status()
+        .unwrap();
+    assert!(st.success(), "mke2fs for {name}");
+    img
+}
+
+fn console_path(ctl: &Ctl, qube: &str) -> PathBuf {
+    ctl.root.join("run/qubes").join(qube).join("console.log")
+}
+
+fn console(ctl: &Ctl, qube: &str) -> String {
+    std::fs::read(console_path(ctl, qube)).map(|b| String::from_utf8_lossy(&b).into_owned()).unwrap_or_default()
+}
+
+fn state(ctl: &Ctl, qube: &str) -> String {
+    let list = ctl.json(&["qube", "list"]);
+    list.as_array().unwrap().iter().find(|q| q["name"] == qube).unwrap()["state"].as_str().unwrap().to_string()
+}
+
+fn wait_for<F: FnMut() -> bool>(what: &str, timeout: Duration, mut f: F) {
+    let start = Instant::now();
+    while start.elapsed() < timeout {
+        if f() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    panic!("timed out after {timeout:?} waiting for {what}");
+}
+
+/// Boots `qube`, waits for its report line and, unless it stays up, for it to halt.
+/// Returns the report line (`QTEST host=.. rw=.. etc=.. tpl=..`).
+fn boot(ctl: &Ctl, qube: &str, expect_halt: bool) -> String {
+    let _ = std::fs::remove_file(console_path(ctl, qube));
+    let started = ctl.json(&["qube", "start", qube]);
+    assert_eq!(started["state"], "running", "{started}");
+    let mut line = String::new();
+    wait_for(&format!("{qube}'s report on its console"), BOOT_TIMEOUT, || {
+        let log = console(ctl, qube);
+        if let Some(l) = log.lines().find(|l| l.starts_with("QTEST ")) {
+            line = l.trim().to_string();
+        }
+        log.contains("QTEST-DONE") || log.contains("QTEST-TEMPLATE-UPDATED")
+    });
+    if expect_halt {
+        wait_for(&format!("{qube} to power off and be reaped"), BOOT_TIMEOUT, || state(ctl, qube) == "halted");
+    }
+    line
+}
+
+fn fingerprint(ctl: &Ctl, vol: &str) -> String {
+    let out = ctl.root.join("fp.img");
+    ctl.ok(&["volume", "export", vol, out.to_str().unwrap()]);
+    let data = std::fs::read(&out).unwrap();
+    let _ = std::fs::remove_file(&out);
+    blake3::hash(&data).to_hex().to_string()
+}
+
+/// Reads a file out of an ext4 image (exported volume) with debugfs; None if absent.
+fn ext4_cat(image: &Path, path: &str) -> Option<String> {
+    let out = Command::new("debugfs").args(["-R", &format!("cat {path}")]).arg(image).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    if err.contains("File not found") || !out.status.success() {
+        None
+    } else {
+        Some(text.trim().to_string())
+    }
+}
+
+fn export_to(ctl: &Ctl, vol: &str, path: &Path) {
+    ctl.ok(&["volume", "export", vol, path.to_str().unwrap()]);
+}
+
+#[test]
+fn debian_qubes_boot_persist_update_revert_and_survive_a_daemon_kill() {
+    let ctl = Ctl::new();
+    let work = ctl.root.join("w");
+    std::fs::create_dir_all(&work).unwrap();
+    ctl.ok(&["pool", "init", "--size", "40G"]);
+
+    let recipe = Path::new(env!("CARGO_MANIFEST_DIR")).join("../recipes/debian/minimal.toml");
+    let mut args = vec!["template", "build", recipe.to_str().unwrap(), "--name", "deb"];
+    let mirror = apt_mirror();
+    if let Some(m) = mirror.as_deref() {
+        args.extend(["--mirror", m]);
+    }
+    let t: Value = ctl.json(&args);
+    assert!(t["kernel"].is_string(), "the template brings a kernel: {t}");
+    assert_eq!(t["fingerprint"].as_str().unwrap().len(), 64);
+
+    // Private volumes with the test's rc.local hook.
+    ctl.ok(&["qube", "create", "work", "--template", "deb", "--label", "blue"]);
+    ctl.ok(&["qube", "create", "work2", "--template", "deb", "--label", "green"]);
+    ctl.ok(&["qube", "create", "sa", "--class", "StandaloneVM", "--template", "deb"]);
+    for (q, rc) in [("work", RC_LOCAL), ("work2", RC_LOCAL), ("deb", TEMPLATE_RC_LOCAL)] {
+        let img = private_image(&work, q, rc);
+        ctl.ok(&["volume", "import", &format!("{q}:private"), img.to_str().unwrap()]);
+    }
+    ctl.ok(&["volume", "config", "work:private", "revisions_to_keep", "5"]);
+    let initial_revisions = ctl.json(&["volume", "info", "work:private"])["revisions"].as_array().unwrap().len();
+
+    // 1. First boot writes the markers.
+    let r = boot(&ctl, "work", true);
+    assert!(r.contains("host=work ") && r.contains("rw=none") && r.contains("etc=none"), "{r}");
+    // 2. /rw persists, /etc does not.
+    let r = boot(&ctl, "work", true);
+    assert!(r.contains("rw=1") && r.contains("etc=none") && r.contains("tpl=none"), "{r}");
+
+    // 3. Template update while work2 runs.
+    ctl.ok(&["qube", "prefs", "work2", "kernelopts", "qtest.stay"]);
+    let r = boot(&ctl, "work2", false);
+    assert!(r.contains("tpl=none"), "{r}");
+    boot(&ctl, "deb", true);
+    let tpl_root = work.join("tpl-root.img");
+    export_to(&ctl, "deb:root", &tpl_root);
+    assert_eq!(ext4_cat(&tpl_root, "/etc/tpl-marker").as_deref(), Some("v2"), "the template committed its change");
+    // work2, running across the update, still has the old root under it.
+    let info = ctl.json(&["volume", "info", "work2:root"]);
+    let uri = info["nbd_uri"].as_str().expect("running volume has an nbd_uri").to_string();
+    let w2_root = work.join("w2-root.img");
+    let st = Command::new("nbdcopy").arg(&uri).arg(&w2_root).status().unwrap();
+    assert!(st.success());
+    assert_eq!(ext4_cat(&w2_root, "/etc/tpl-marker"), None, "a running qube keeps its old root");
+    ctl.ok(&["qube", "shutdown", "work2"]);
+    // work sees the update at its next start.
+    let r = boot(&ctl, "work", true);
+    assert!(r.contains("tpl=v2") && r.contains("rw=2"), "{r}");
+
+    // 4. Revert to the oldest revision: the state before the first boot.
+    let info = ctl.json(&["volume", "info", "work:private"]);
+    let revs = info["revisions"].as_array().unwrap();
+    assert!(revs.len() >= initial_revisions + 3, "{info}");
+    // Revisions in order of supersession: [empty head, imported image, after boot 1,
+    // after boot 2]: the one after the initial ones is the image, before any marker.
+    let mut sorted: Vec<(f64, String)> = revs
+        .iter()
+        .map(|r| (r["timestamp"].as_f64().unwrap(), r["id"].as_str().unwrap().to_string()))
+        .collect();
+    sorted.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let before_markers = &sorted[initial_revisions].1;
+    ctl.ok(&["volume", "revert", "work:private", before_markers]);
+    let priv_img = work.join("priv.img");
+    export_to(&ctl, "work:private", &priv_img);
+    assert_eq!(ext4_cat(&priv_img, "/marker"), None, "the marker from step 1 is gone again");
+    assert!(ext4_cat(&priv_img, "/config/rc.local").is_some());
+
+    // 5. A DispVM (on work as its disposable template) leaves nothing behind.
+    ctl.ok(&["qube", "prefs", "work", "template_for_dispvms", "true"]);
+    ctl.ok(&["qube", "create", "disp1", "--class", "DispVM", "--template", "work"]);
+    let work_priv = fingerprint(&ctl, "work:private");
+    let deb_root = fingerprint(&ctl, "deb:root");
+    let r = boot(&ctl, "disp1", true);
+    assert!(r.contains("host=disp1") && r.contains("tpl=v2"), "{r}");
+    assert_eq!(fingerprint(&ctl, "work:private"), work_priv, "the DispVM's writes did not reach work:private");
+    assert_eq!(fingerprint(&ctl, "deb:root"), deb_root, "nor the template");
+    let r = boot(&ctl, "disp1", true);
+    assert!(r.contains("rw=none") && r.contains("etc=none"), "nothing survives a DispVM: {r}");
+    // The StandaloneVM, copied before the update, does not follow it.
+    let sa_root = work.join("sa-root.img");
+    export_to(&ctl, "sa:root", &sa_root);
+    assert_eq!(ext4_cat(&sa_root, "/etc/tpl-marker"), None, "a StandaloneVM does not follow its template");
+
+    // 6. SIGKILL the daemon while work runs.
+    let head_before = fingerprint(&ctl, "work:private");
+    ctl.ok(&["qube", "prefs", "work", "kernelopts", "qtest.stay"]);
+    let r = boot(&ctl, "work", false);
+    assert!(r.contains("host=work"), "{r}");
+    let pid: i32 = std::fs::read_to_string(ctl.root.join("run/daemon.pid")).unwrap().trim().parse().unwrap();
+    // SAFETY: kill(2) of the daemon's pid, read from its pid file.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
+    std::thread::sleep(Duration::from_millis(500));
+    let v = ctl.json(&["pool", "verify"]);
+    assert_eq!(v["clean"], true, "{v}");
+    let info = ctl.json(&["volume", "info", "work:private"]);
+    assert_eq!(info["dirty"], true, "{info}");
+    assert_eq!(fingerprint(&ctl, "work:private"), head_before, "the head is what it was before that start");
+    // A new daemon picks the qube up again; then it shuts down cleanly.
+    ctl.ok(&["daemon", "start"]);
+    assert_eq!(state(&ctl, "work"), "running");
+    ctl.ok(&["qube", "shutdown", "work", "--timeout", "120"]);
+    assert_eq!(state(&ctl, "work"), "halted");
+    assert_eq!(ctl.json(&["pool", "verify"])["clean"], true);
+}
