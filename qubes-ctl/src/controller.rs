@@ -258,13 +258,19 @@ impl Controller {
         let size = fs::metadata(image)?.len();
         let mut f = fs::File::open(image).with_context(|| format!("opening {}", image.display()))?;
         // The record is staged first so the import's commit carries it.
-        let stats_fp = {
-            self.catalogue().set_template(name, Some(&rec))?;
-            let stats = self
-                .vols
-                .import(name, "root", &mut f, size)
-                .with_context(|| format!("importing {} into {name}:root", image.display()))?;
-            stats.fingerprint
+        let old_rec = self.catalogue().template(name)?;
+        self.catalogue().set_template(name, Some(&rec))?;
+        let stats_fp = match self.vols.import(name, "root", &mut f, size) {
+            Ok(stats) => stats.fingerprint,
+            Err(e) => {
+                // Leave no half-made template behind, and no staged record for the next commit.
+                if exists {
+                    self.catalogue().set_template(name, old_rec.as_ref())?;
+                } else {
+                    self.remove_with_catalogue(name)?;
+                }
+                return Err(anyhow!(e).context(format!("importing {} into {name}:root", image.display())));
+            }
         };
         if rec.fingerprint.is_empty() {
             rec.fingerprint = stats_fp;
@@ -368,13 +374,7 @@ impl Controller {
     fn template_remove(&mut self, name: &str) -> Result<Value> {
         self.require_template(name)?;
         self.refuse_if_served(name, "remove")?;
-        self.catalogue().set_template(name, None)?;
-        self.catalogue().set_prefs(name, None)?;
-        if let Err(e) = self.vols.remove_qube(name) {
-            // Undo the staged catalogue changes: nothing of the template may go.
-            let _ = self.reload();
-            return Err(e.into());
-        }
+        self.remove_with_catalogue(name)?;
         let _ = fs::remove_dir_all(self.paths.kernels_dir(name));
         Ok(json!({"removed": name}))
     }
@@ -441,6 +441,9 @@ impl Controller {
         let class: QubeClass = class
             .parse()
             .map_err(|_| anyhow!("class {class:?} is not one of AppVM, DispVM, StandaloneVM, TemplateVM"))?;
+        if self.vols.qube(name).is_ok() {
+            bail!("qube {name} already exists; pick another name or remove it first");
+        }
         let mut prefs = QubePrefs::default();
         if let Some(l) = label {
             prefs.set("label", l)?;
@@ -452,12 +455,9 @@ impl Controller {
             }
         }
         self.catalogue().set_prefs(name, Some(&prefs))?;
-        match self.vols.create_qube(name, class, template) {
-            Ok(_) => {}
-            Err(e) => {
-                let _ = self.reload();
-                return Err(e.into());
-            }
+        if let Err(e) = self.vols.create_qube(name, class, template) {
+            self.catalogue().set_prefs(name, None)?;
+            return Err(e.into());
         }
         if class == QubeClass::StandaloneVM {
             // A standalone qube keeps its own copy of the kernel it was created with.
@@ -519,12 +519,7 @@ impl Controller {
             return self.template_remove(name);
         }
         self.refuse_if_served(name, "remove")?;
-        self.catalogue().set_prefs(name, None)?;
-        self.catalogue().set_template(name, None)?;
-        if let Err(e) = self.vols.remove_qube(name) {
-            let _ = self.reload();
-            return Err(e.into());
-        }
+        self.remove_with_catalogue(name)?;
         let _ = fs::remove_dir_all(self.paths.kernels_dir(name));
         let _ = fs::remove_dir_all(self.paths.qube_run_dir(name));
         Ok(json!({"removed": name}))
@@ -532,12 +527,17 @@ impl Controller {
 
     fn qube_clone(&mut self, src: &str, dst: &str) -> Result<Value> {
         storage::validate_name("qube", dst)?;
+        self.vols.qube(src)?;
+        if self.vols.qube(dst).is_ok() {
+            bail!("qube {dst} already exists; pick another name for the clone");
+        }
         let prefs = self.catalogue().prefs(src)?;
         let rec = self.catalogue().template(src)?;
         self.catalogue().set_prefs(dst, Some(&prefs))?;
         self.catalogue().set_template(dst, rec.as_ref())?;
         if let Err(e) = self.vols.clone_qube(src, dst) {
-            let _ = self.reload();
+            self.catalogue().set_prefs(dst, None)?;
+            self.catalogue().set_template(dst, None)?;
             return Err(e.into());
         }
         let k = self.paths.kernels_dir(src);
@@ -568,11 +568,19 @@ impl Controller {
         }
     }
 
-    /// Drops staged, uncommitted catalogue edits after a refused operation by reopening
-    /// nothing: the pool's staged state is only the catalogue keys we set, which we undo.
-    fn reload(&mut self) -> Result<()> {
-        // Staged meta edits of a failed operation are harmless but must not be committed
-        // by the next operation; the volume model already rolled its own part back.
+    /// Removes a qube's volumes and its catalogue records in one commit; if the volume
+    /// model refuses (running, in use), the staged catalogue edits are put back so the
+    /// next commit does not carry half an operation.
+    fn remove_with_catalogue(&mut self, name: &str) -> Result<()> {
+        let prefs = self.catalogue().prefs(name)?;
+        let rec = self.catalogue().template(name)?;
+        self.catalogue().set_prefs(name, None)?;
+        self.catalogue().set_template(name, None)?;
+        if let Err(e) = self.vols.remove_qube(name) {
+            self.catalogue().set_prefs(name, Some(&prefs))?;
+            self.catalogue().set_template(name, rec.as_ref())?;
+            return Err(e.into());
+        }
         Ok(())
     }
 
@@ -611,7 +619,13 @@ impl Controller {
 
         self.catalogue()
             .set_runtime(name, Some(&RuntimeRecord { hypervisor: hv_name.clone(), started_at: now_secs() }))?;
-        let started = self.vols.start(name)?;
+        let started = match self.vols.start(name) {
+            Ok(s) => s,
+            Err(e) => {
+                self.catalogue().set_runtime(name, None)?;
+                return Err(e.into());
+            }
+        };
         let served = match self.serve(name, &started) {
             Ok(s) => s,
             Err(e) => {
