@@ -826,13 +826,33 @@ impl Controller {
         let mut resumed = Vec::new();
         for name in self.vols.running_qubes()? {
             let rt = self.catalogue().runtime(&name)?.unwrap_or_default();
-            let started = self.vols.running_volumes(&name)?;
+            let started = self.running_volumes(&name)?;
             let server = self.serve(&name, &started)?;
             let hv = if rt.hypervisor.is_empty() { "none".to_string() } else { rt.hypervisor };
             self.served.insert(name.clone(), Served { server, hypervisor: hv });
             resumed.push(name);
         }
         Ok(resumed)
+    }
+
+    /// The volumes a qube marked running has in the pool now (after a daemon crash), in
+    /// start order, without changing anything: save_on_stop volumes are served from their
+    /// running snapshot, the others from the snapshot / fresh volume made at start.
+    fn running_volumes(&self, name: &str) -> Result<Vec<StartedVolume>> {
+        let q = self.vols.qube(name)?;
+        let mut out = Vec::new();
+        for v in &q.volumes {
+            let key = if v.save_on_stop {
+                storage::qubes::run_key(name, &v.name)
+            } else {
+                storage::qubes::head_key(name, &v.name)
+            };
+            let info = self.pool().volume(&key).with_context(|| {
+                format!("{name} is marked running but its volume {key} is missing; stop it with `qubes-ctl qube shutdown {name} --kill`")
+            })?;
+            out.push(StartedVolume { name: v.name.clone(), key, read_only: !v.rw, size: info.size });
+        }
+        Ok(out)
     }
 
     /// Stops the storage of qubes whose domain has gone away (the guest powered off).
