@@ -1,0 +1,798 @@
+//! The NBD server: a Unix socket, its exports, and the threads that serve them.
+//!
+//! ```text
+//!   accept thread ──> per connection: handshake, then the reader thread
+//!                       reads request headers (+ WRITE payloads into pooled buffers),
+//!                       rejects bad ones itself, queues the rest ──┐
+//!   worker pool (server-wide, a few threads) <────────────────────┘
+//!       runs the device call, builds the whole reply in one buffer (data read straight
+//!       into it behind the header) and writes it under the connection's writer lock
+//! ```
+//!
+//! Contract: a socket serves exactly the exports it was bound with; the socket file is
+//! mode 0600; a client can pipeline up to [`MAX_INFLIGHT`] requests per connection and
+//! replies may come back out of order (as NBD allows). Every malformed input ends in an
+//! error reply or a clean close of that one connection; other connections are unaffected.
+//! `shutdown` stops accepting, waits for clients to leave, force-closes the rest, flushes
+//! every device and removes the socket.
+
+use std::collections::{HashMap, VecDeque};
+use std::io::{self, BufReader, Read, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt, PermissionsExt};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use storage::{BlockDevice, BlockError};
+
+use crate::negotiate::{ExportInfo, Negotiation, Outcome};
+use crate::proto::*;
+
+/// Requests one connection may have queued or running at once; the reader stops reading
+/// beyond this, so a client cannot make the server buffer unbounded write payloads.
+pub const MAX_INFLIGHT: usize = 64;
+/// The whole option haggling must progress at least this often.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Reads at least this long are checked with `block_status` so holes go out as
+/// OFFSET_HOLE chunks; shorter ones are sent as data (a probe would cost more than it saves).
+const HOLE_PROBE_MIN: u32 = 64 << 10;
+const SOCKET_BUFFER: libc::c_int = 4 << 20;
+
+/// One volume a socket serves.
+pub struct Export {
+    pub name: String,
+    pub description: String,
+    pub device: Arc<dyn BlockDevice>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum NbdError {
+    #[error("binding NBD socket {path}: {source}")]
+    Binding { path: PathBuf, source: io::Error },
+    #[error("NBD socket {0} is in use by a running server")]
+    SocketInUse(PathBuf),
+    #[error("{0} exists and is not a socket; refusing to replace it")]
+    NotASocket(PathBuf),
+    #[error("export name {name:?} is not valid: {reason}")]
+    InvalidExport { name: String, reason: &'static str },
+    #[error("starting a server thread: {0}")]
+    SpawningThread(io::Error),
+    #[error("flushing export {export} at shutdown: {source}")]
+    Flushing { export: String, source: BlockError },
+    #[error("removing NBD socket {path}: {source}")]
+    RemovingSocket { path: PathBuf, source: io::Error },
+}
+
+/// Reusable reply/payload buffers, so steady-state I/O allocates nothing per request.
+struct BufPool {
+    free: Mutex<Vec<Vec<u8>>>,
+}
+
+const POOL_MAX_BUFS: usize = 64;
+const POOL_MAX_BUF: usize = (1 << 20) + (64 << 10);
+
+impl BufPool {
+    fn get(&self, n: usize) -> Vec<u8> {
+        let mut b = lock(&self.free).pop().unwrap_or_default();
+        if b.len() < n {
+            b.resize(n, 0);
+        }
+        b
+    }
+    fn put(&self, b: Vec<u8>) {
+        if b.capacity() <= POOL_MAX_BUF {
+            let mut free = lock(&self.free);
+            if free.len() < POOL_MAX_BUFS {
+                free.push(b);
+            }
+        }
+    }
+}
+
+/// A poisoned lock only means another thread panicked mid-update of plain data; serving
+/// on is better than cascading the panic through every connection.
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+struct Job {
+    conn: Arc<Conn>,
+    req: Request,
+    cmd: Command,
+    payload: Option<Vec<u8>>,
+}
+
+#[derive(Default)]
+struct QueueState {
+    jobs: VecDeque<Job>,
+    closed: bool,
+}
+
+struct Shared {
+    exports: Vec<Export>,
+    stopping: AtomicBool,
+    /// Live connections (a clone of each stream, to force-close them at shutdown).
+    conns: Mutex<HashMap<u64, UnixStream>>,
+    conns_changed: Condvar,
+    next_id: AtomicU64,
+    queue: Mutex<QueueState>,
+    queue_cv: Condvar,
+    bufs: BufPool,
+}
+
+/// A running NBD server on one Unix socket.
+pub struct NbdServer {
+    path: PathBuf,
+    /// (st_dev, st_ino) of the socket we created, so shutdown removes only our own file.
+    socket_id: (u64, u64),
+    shared: Arc<Shared>,
+    accept_thread: Option<JoinHandle<()>>,
+    conn_threads: Arc<Mutex<Vec<JoinHandle<()>>>>,
+    workers: Vec<JoinHandle<()>>,
+}
+
+/// `nbd+unix:///EXPORT?socket=/path`, percent-encoding what a URI path/query cannot hold.
+pub fn nbd_uri(socket: &Path, export: &str) -> String {
+    fn enc(s: &[u8], out: &mut String) {
+        for &c in s {
+            if c.is_ascii_alphanumeric() || b"-._~/:@".contains(&c) {
+                out.push(c as char);
+            } else {
+                out.push_str(&format!("%{c:02X}"));
+            }
+        }
+    }
+    let mut u = String::from("nbd+unix:///");
+    enc(export.as_bytes(), &mut u);
+    u.push_str("?socket=");
+    enc(socket.as_os_str().as_encoded_bytes(), &mut u);
+    u
+}
+
+fn bind_private(path: &Path) -> Result<UnixListener, NbdError> {
+    let err = |source| NbdError::Binding {
+        path: path.to_owned(),
+        source,
+    };
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_socket() => {
+            if UnixStream::connect(path).is_ok() {
+                return Err(NbdError::SocketInUse(path.to_owned()));
+            }
+        }
+        Ok(_) => return Err(NbdError::NotASocket(path.to_owned())),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(err(e)),
+    }
+    // Bind inside a fresh 0700 directory, fix the mode, then rename into place: the socket
+    // is never reachable with the umask's mode, and a stale socket is replaced atomically.
+    let parent = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    static SEQ: AtomicU64 = AtomicU64::new(0);
+    let tmpdir = parent.join(format!(
+        ".nbd{:x}.{}",
+        std::process::id(),
+        SEQ.fetch_add(1, Ordering::Relaxed)
+    ));
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(&tmpdir)
+        .map_err(err)?;
+    let tmp = tmpdir.join("s");
+    let result = (|| {
+        let l = UnixListener::bind(&tmp)?;
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))?;
+        std::fs::rename(&tmp, path)?;
+        Ok(l)
+    })();
+    let _ = std::fs::remove_file(&tmp);
+    let _ = std::fs::remove_dir(&tmpdir);
+    result.map_err(err)
+}
+
+fn set_socket_buffers(s: &UnixStream) {
+    for (force, plain) in [
+        (libc::SO_SNDBUFFORCE, libc::SO_SNDBUF),
+        (libc::SO_RCVBUFFORCE, libc::SO_RCVBUF),
+    ] {
+        let v: libc::c_int = SOCKET_BUFFER;
+        for opt in [force, plain] {
+            // SAFETY: the fd is a live socket owned by `s`; the option value points at a
+            // c_int that outlives the call and its size is passed alongside.
+            let rc = unsafe {
+                libc::setsockopt(
+                    s.as_raw_fd(),
+                    libc::SOL_SOCKET,
+                    opt,
+                    (&v as *const libc::c_int).cast(),
+                    std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+                )
+            };
+            if rc == 0 {
+                break;
+            }
+        }
+    }
+}
+
+impl NbdServer {
+    /// Listens on a new Unix socket at `path` (created with mode 0600; an existing stale
+    /// socket file is replaced) serving exactly `exports`.
+    pub fn bind_unix(path: &Path, exports: Vec<Export>) -> Result<NbdServer, NbdError> {
+        for (i, e) in exports.iter().enumerate() {
+            let reason = if e.name.is_empty() {
+                Some("empty")
+            } else if e.name.len() > MAX_STRING {
+                Some("longer than 4096 bytes")
+            } else if e.name.contains('\0') {
+                Some("contains NUL")
+            } else if exports[..i].iter().any(|o| o.name == e.name) {
+                Some("duplicate")
+            } else {
+                None
+            };
+            if let Some(reason) = reason {
+                return Err(NbdError::InvalidExport {
+                    name: e.name.clone(),
+                    reason,
+                });
+            }
+        }
+        let listener = bind_private(path)?;
+        let meta = std::fs::symlink_metadata(path).map_err(|source| NbdError::Binding {
+            path: path.into(),
+            source,
+        })?;
+        listener
+            .set_nonblocking(true)
+            .map_err(|source| NbdError::Binding {
+                path: path.into(),
+                source,
+            })?;
+        let shared = Arc::new(Shared {
+            exports,
+            stopping: AtomicBool::new(false),
+            conns: Mutex::new(HashMap::new()),
+            conns_changed: Condvar::new(),
+            next_id: AtomicU64::new(0),
+            queue: Mutex::new(QueueState::default()),
+            queue_cv: Condvar::new(),
+            bufs: BufPool {
+                free: Mutex::new(Vec::new()),
+            },
+        });
+        let mut server = NbdServer {
+            path: path.to_owned(),
+            socket_id: (meta.dev(), meta.ino()),
+            shared: shared.clone(),
+            accept_thread: None,
+            conn_threads: Arc::new(Mutex::new(Vec::new())),
+            workers: Vec::new(),
+        };
+        let nworkers = std::thread::available_parallelism()
+            .map_or(2, |n| n.get())
+            .clamp(2, 8)
+            * 2;
+        for i in 0..nworkers {
+            let sh = shared.clone();
+            let h = std::thread::Builder::new()
+                .name(format!("nbd-worker-{i}"))
+                .spawn(move || worker(&sh))
+                .map_err(NbdError::SpawningThread)?;
+            server.workers.push(h);
+        }
+        let threads = server.conn_threads.clone();
+        let h = std::thread::Builder::new()
+            .name("nbd-accept".into())
+            .spawn(move || accept_loop(listener, shared, threads))
+            .map_err(NbdError::SpawningThread)?;
+        server.accept_thread = Some(h);
+        Ok(server)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn active_connections(&self) -> usize {
+        lock(&self.shared.conns).len()
+    }
+
+    /// Stop accepting; wait up to `grace` for clients to disconnect (after their last
+    /// flush), then force-close the rest; flushes each device; removes the socket file.
+    pub fn shutdown(mut self, grace: Duration) -> Result<(), NbdError> {
+        self.stop(grace)
+    }
+
+    fn stop(&mut self, grace: Duration) -> Result<(), NbdError> {
+        let Some(accept) = self.accept_thread.take() else {
+            return Ok(());
+        };
+        self.shared.stopping.store(true, Ordering::SeqCst);
+        let _ = accept.join();
+        let deadline = Instant::now() + grace;
+        {
+            let mut conns = lock(&self.shared.conns);
+            while !conns.is_empty() {
+                let now = Instant::now();
+                if now >= deadline {
+                    break;
+                }
+                conns = self
+                    .shared
+                    .conns_changed
+                    .wait_timeout(conns, deadline - now)
+                    .unwrap_or_else(|p| p.into_inner())
+                    .0;
+            }
+            for s in conns.values() {
+                let _ = s.shutdown(std::net::Shutdown::Both);
+            }
+        }
+        for h in lock(&self.conn_threads).drain(..) {
+            let _ = h.join();
+        }
+        lock(&self.shared.queue).closed = true;
+        self.shared.queue_cv.notify_all();
+        for h in self.workers.drain(..) {
+            let _ = h.join();
+        }
+        let mut first_err = None;
+        for e in &self.shared.exports {
+            if let Err(source) = e.device.flush() {
+                tracing::error!(export = %e.name, error = %source, "flush at NBD shutdown failed");
+                first_err.get_or_insert(NbdError::Flushing {
+                    export: e.name.clone(),
+                    source,
+                });
+            }
+        }
+        match std::fs::symlink_metadata(&self.path) {
+            Ok(m) if (m.dev(), m.ino()) == self.socket_id => {
+                if let Err(source) = std::fs::remove_file(&self.path) {
+                    first_err.get_or_insert(NbdError::RemovingSocket {
+                        path: self.path.clone(),
+                        source,
+                    });
+                }
+            }
+            _ => {}
+        }
+        first_err.map_or(Ok(()), Err)
+    }
+}
+
+impl Drop for NbdServer {
+    fn drop(&mut self) {
+        let _ = self.stop(Duration::ZERO);
+    }
+}
+
+fn accept_loop(
+    listener: UnixListener,
+    shared: Arc<Shared>,
+    threads: Arc<Mutex<Vec<JoinHandle<()>>>>,
+) {
+    let mut pfd = libc::pollfd {
+        fd: listener.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    while !shared.stopping.load(Ordering::SeqCst) {
+        // SAFETY: `pfd` is one valid pollfd for the listener, which stays open for the call.
+        let rc = unsafe { libc::poll(&mut pfd, 1, 50) };
+        if rc <= 0 {
+            continue;
+        }
+        let stream = match listener.accept() {
+            Ok((s, _)) => s,
+            Err(e)
+                if e.kind() == io::ErrorKind::WouldBlock
+                    || e.kind() == io::ErrorKind::Interrupted =>
+            {
+                continue
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "NBD accept failed");
+                std::thread::sleep(Duration::from_millis(50));
+                continue;
+            }
+        };
+        if shared.stopping.load(Ordering::SeqCst) {
+            break;
+        }
+        let Ok(clone) = stream.try_clone() else {
+            continue;
+        };
+        let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
+        lock(&shared.conns).insert(id, clone);
+        let sh = shared.clone();
+        let spawned = std::thread::Builder::new()
+            .name(format!("nbd-conn-{id}"))
+            .spawn(move || {
+                if let Err(e) = serve_connection(stream, &sh) {
+                    tracing::debug!(error = %e, "NBD connection ended");
+                }
+                lock(&sh.conns).remove(&id);
+                sh.conns_changed.notify_all();
+            });
+        let mut t = lock(&threads);
+        t.retain(|h| !h.is_finished());
+        match spawned {
+            Ok(h) => t.push(h),
+            Err(e) => {
+                tracing::error!(error = %e, "cannot start an NBD connection thread");
+                lock(&shared.conns).remove(&id);
+            }
+        }
+    }
+}
+
+fn serve_connection(stream: UnixStream, shared: &Arc<Shared>) -> io::Result<()> {
+    stream.set_nonblocking(false)?;
+    set_socket_buffers(&stream);
+    stream.set_read_timeout(Some(HANDSHAKE_TIMEOUT))?;
+    let mut w = stream.try_clone()?;
+    let mut r = BufReader::with_capacity(256 << 10, stream.try_clone()?);
+    w.write_all(&server_greeting())?;
+    let mut fl = [0u8; 4];
+    r.read_exact(&mut fl)?;
+    let flags =
+        parse_client_flags(&fl).map_err(|f| bad_data(format!("unknown client flags {f:#x}")))?;
+    let infos: Vec<ExportInfo> = shared
+        .exports
+        .iter()
+        .map(|e| ExportInfo {
+            name: e.name.clone(),
+            description: e.description.clone(),
+            size: e.device.size(),
+            read_only: e.device.read_only(),
+        })
+        .collect();
+    let mut neg = Negotiation::new(&infos, flags);
+    let mut hdr = [0u8; OPTION_HEADER_LEN];
+    let mut data = Vec::new();
+    let mut out = Vec::new();
+    let agreed = loop {
+        r.read_exact(&mut hdr)?;
+        let h = parse_option_header(&hdr).map_err(|e| bad_data(e.to_string()))?;
+        if h.length > MAX_OPTION_LEN {
+            neg.oversized_option(h.option, &mut out);
+            w.write_all(&out)?;
+            return Err(bad_data("option data too long".into()));
+        }
+        data.resize(h.length as usize, 0);
+        r.read_exact(&mut data)?;
+        let outcome = if shared.stopping.load(Ordering::SeqCst) && h.option != OPT_ABORT {
+            put_option_reply(
+                &mut out,
+                h.option,
+                REP_ERR_SHUTDOWN,
+                &[b"server is shutting down"],
+            );
+            if h.option == OPT_EXPORT_NAME {
+                Outcome::Disconnect("shutting down")
+            } else {
+                Outcome::Continue
+            }
+        } else {
+            neg.handle_option(h.option, &data, &mut out)
+        };
+        w.write_all(&out)?;
+        out.clear();
+        match outcome {
+            Outcome::Continue => {}
+            Outcome::Abort => return Ok(()),
+            Outcome::Disconnect(why) => return Err(bad_data(why.into())),
+            Outcome::Transmit(a) => break a,
+        }
+    };
+    stream.set_read_timeout(None)?;
+    let conn = Arc::new(Conn {
+        device: shared.exports[agreed.export].device.clone(),
+        params: agreed.params,
+        writer: Mutex::new(w),
+        broken: AtomicBool::new(false),
+        inflight: Mutex::new(0),
+        idle: Condvar::new(),
+        shared: shared.clone(),
+    });
+    let result = conn.read_requests(&mut r);
+    conn.wait_idle();
+    let _ = stream.shutdown(std::net::Shutdown::Both);
+    result
+}
+
+fn bad_data(msg: String) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, msg)
+}
+
+/// One connection in the transmission phase.
+struct Conn {
+    device: Arc<dyn BlockDevice>,
+    params: SessionParams,
+    writer: Mutex<UnixStream>,
+    broken: AtomicBool,
+    inflight: Mutex<usize>,
+    idle: Condvar,
+    shared: Arc<Shared>,
+}
+
+impl Conn {
+    fn read_requests(self: &Arc<Self>, r: &mut BufReader<UnixStream>) -> io::Result<()> {
+        let mut hdr = [0u8; REQUEST_LEN];
+        loop {
+            match r.read_exact(&mut hdr) {
+                Ok(()) => {}
+                // The client closed (cleanly between requests, or mid-frame): nothing to answer.
+                Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(()),
+                Err(e) => return Err(e),
+            }
+            if self.broken.load(Ordering::Relaxed) {
+                return Ok(());
+            }
+            let req = parse_request(&hdr).map_err(|e| bad_data(e.to_string()))?;
+            let cmd = match check_request(&req, &self.params) {
+                Ok(c) => c,
+                Err(rej) => {
+                    if let Payload::Skip(n) = rej.payload {
+                        io::copy(&mut r.by_ref().take(u64::from(n)), &mut io::sink())?;
+                    }
+                    self.send_error(&req, rej.errno, rej.message, None);
+                    if rej.payload == Payload::Disconnect {
+                        return Err(bad_data(
+                            "write payload over the maximum; framing cannot be trusted".into(),
+                        ));
+                    }
+                    continue;
+                }
+            };
+            if cmd == Command::Disc {
+                return Ok(());
+            }
+            let payload = if cmd == Command::Write {
+                let mut b = self.shared.bufs.get(req.length as usize);
+                r.read_exact(&mut b[..req.length as usize])?;
+                Some(b)
+            } else {
+                None
+            };
+            {
+                let mut n = lock(&self.inflight);
+                while *n >= MAX_INFLIGHT {
+                    n = self.idle.wait(n).unwrap_or_else(|p| p.into_inner());
+                }
+                *n += 1;
+            }
+            let sh = &self.shared;
+            lock(&sh.queue).jobs.push_back(Job {
+                conn: self.clone(),
+                req,
+                cmd,
+                payload,
+            });
+            sh.queue_cv.notify_one();
+        }
+    }
+
+    fn wait_idle(&self) {
+        let mut n = lock(&self.inflight);
+        while *n > 0 {
+            n = self.idle.wait(n).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+
+    fn done(&self) {
+        let mut n = lock(&self.inflight);
+        *n -= 1;
+        self.idle.notify_all();
+    }
+
+    fn send(&self, bytes: &[u8]) {
+        if self.broken.load(Ordering::Relaxed) {
+            return;
+        }
+        let mut w = lock(&self.writer);
+        if let Err(e) = w.write_all(bytes) {
+            // The client vanished: stop the reader too, nothing more can be answered.
+            tracing::debug!(error = %e, "NBD reply could not be sent");
+            self.broken.store(true, Ordering::Relaxed);
+            let _ = w.shutdown(std::net::Shutdown::Both);
+        }
+    }
+
+    fn send_error(&self, req: &Request, errno: u32, message: &str, offset: Option<u64>) {
+        if self.params.structured {
+            let mut out = Vec::with_capacity(64 + message.len().min(1024));
+            push_error_chunk(&mut out, req.handle, errno, message, offset);
+            self.send(&out);
+        } else {
+            self.send(&simple_reply(errno, req.handle));
+        }
+    }
+
+    fn send_status(&self, req: &Request, r: Result<(), BlockError>) {
+        match r {
+            Ok(()) => self.send(&simple_reply(0, req.handle)),
+            Err(e) => self.send_error(req, wire_errno(&e), &e.to_string(), None),
+        }
+    }
+
+    fn run(&self, req: Request, cmd: Command, payload: Option<Vec<u8>>) {
+        let fua = req.flags & CMD_FLAG_FUA != 0;
+        let dev = &*self.device;
+        let then_flush =
+            |r: Result<(), BlockError>| if fua { r.and_then(|()| dev.flush()) } else { r };
+        match cmd {
+            Command::Read => self.read(&req),
+            Command::Write => {
+                let buf = payload.unwrap_or_default();
+                let r = dev.write_at(&buf[..req.length as usize], req.offset);
+                self.shared.bufs.put(buf);
+                self.send_status(&req, then_flush(r));
+            }
+            Command::Flush => self.send_status(&req, dev.flush()),
+            Command::Trim => {
+                self.send_status(&req, then_flush(dev.discard(req.offset, req.length.into())))
+            }
+            Command::WriteZeroes => {
+                let may_unmap = req.flags & CMD_FLAG_NO_HOLE == 0;
+                self.send_status(
+                    &req,
+                    then_flush(dev.write_zeroes(req.offset, req.length.into(), may_unmap)),
+                )
+            }
+            // Reads go through the page cache or the pool's own cache anyway; prefetching
+            // would only duplicate that, so CACHE is acknowledged after the range check.
+            Command::Cache => self.send_status(&req, Ok(())),
+            Command::BlockStatus => self.block_status(&req),
+            Command::Disc => {}
+        }
+    }
+
+    fn read(&self, req: &Request) {
+        let len = req.length as usize;
+        let bufs = &self.shared.bufs;
+        if !self.params.structured {
+            let mut buf = bufs.get(SIMPLE_REPLY_LEN + len);
+            match self.device.read_at(
+                &mut buf[SIMPLE_REPLY_LEN..SIMPLE_REPLY_LEN + len],
+                req.offset,
+            ) {
+                Ok(()) => {
+                    put_simple_reply(&mut buf, 0, req.handle);
+                    self.send(&buf[..SIMPLE_REPLY_LEN + len]);
+                }
+                Err(e) => self.send(&simple_reply(wire_errno(&e), req.handle)),
+            }
+            bufs.put(buf);
+            return;
+        }
+        if len == 0 {
+            let mut b = [0u8; CHUNK_HEADER_LEN];
+            put_chunk_header(&mut b, REPLY_FLAG_DONE, REPLY_TYPE_NONE, req.handle, 0);
+            self.send(&b);
+            return;
+        }
+        // Segments (offset, length, reads-as-zero) covering the request.
+        let mut segs: Vec<(u64, u32, bool)> = Vec::new();
+        if req.length >= HOLE_PROBE_MIN && req.flags & CMD_FLAG_DF == 0 {
+            if let Ok(ext) = self.device.block_status(req.offset, req.length.into()) {
+                let mut pos = 0u32;
+                for d in extents_to_descriptors(&ext, req.offset, req.length, false) {
+                    let zero = d.flags & STATE_ZERO != 0;
+                    segs.push((req.offset + u64::from(pos), d.length, zero));
+                    pos += d.length;
+                }
+                if pos < req.length {
+                    segs.push((req.offset + u64::from(pos), req.length - pos, false));
+                }
+            }
+        }
+        if segs.is_empty() {
+            segs.push((req.offset, req.length, false));
+        }
+        let total: usize = segs
+            .iter()
+            .map(|&(_, l, z)| CHUNK_HEADER_LEN + if z { 12 } else { 8 + l as usize })
+            .sum();
+        let mut buf = bufs.get(total);
+        let mut at = 0;
+        let last = segs.len() - 1;
+        for (i, &(off, l, zero)) in segs.iter().enumerate() {
+            let flags = if i == last { REPLY_FLAG_DONE } else { 0 };
+            if zero {
+                put_chunk_header(
+                    &mut buf[at..],
+                    flags,
+                    REPLY_TYPE_OFFSET_HOLE,
+                    req.handle,
+                    12,
+                );
+                buf[at + 20..at + 28].copy_from_slice(&off.to_be_bytes());
+                buf[at + 28..at + 32].copy_from_slice(&l.to_be_bytes());
+                at += 32;
+            } else {
+                put_chunk_header(
+                    &mut buf[at..],
+                    flags,
+                    REPLY_TYPE_OFFSET_DATA,
+                    req.handle,
+                    8 + l,
+                );
+                buf[at + 20..at + 28].copy_from_slice(&off.to_be_bytes());
+                let data = &mut buf[at + 28..at + 28 + l as usize];
+                if let Err(e) = self.device.read_at(data, off) {
+                    // Nothing has been sent yet: report the failing segment alone.
+                    bufs.put(buf);
+                    self.send_error(req, wire_errno(&e), &e.to_string(), Some(off));
+                    return;
+                }
+                at += 28 + l as usize;
+            }
+        }
+        self.send(&buf[..at]);
+        bufs.put(buf);
+    }
+
+    fn block_status(&self, req: &Request) {
+        match self.device.block_status(req.offset, req.length.into()) {
+            Ok(ext) => {
+                let descs = extents_to_descriptors(
+                    &ext,
+                    req.offset,
+                    req.length,
+                    req.flags & CMD_FLAG_REQ_ONE != 0,
+                );
+                let len = 4 + 8 * descs.len();
+                let mut out = vec![0u8; CHUNK_HEADER_LEN];
+                put_chunk_header(
+                    &mut out,
+                    REPLY_FLAG_DONE,
+                    REPLY_TYPE_BLOCK_STATUS,
+                    req.handle,
+                    len as u32,
+                );
+                out.extend_from_slice(&BASE_ALLOCATION_ID.to_be_bytes());
+                for d in descs {
+                    out.extend_from_slice(&d.length.to_be_bytes());
+                    out.extend_from_slice(&d.flags.to_be_bytes());
+                }
+                self.send(&out);
+            }
+            Err(e) => self.send_error(req, wire_errno(&e), &e.to_string(), None),
+        }
+    }
+}
+
+fn worker(sh: &Shared) {
+    loop {
+        let job = {
+            let mut q = lock(&sh.queue);
+            loop {
+                if let Some(j) = q.jobs.pop_front() {
+                    break j;
+                }
+                if q.closed {
+                    return;
+                }
+                q = sh.queue_cv.wait(q).unwrap_or_else(|p| p.into_inner());
+            }
+        };
+        let conn = job.conn;
+        // A panicking device must not take the worker (and every connection) down with it.
+        let ok = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            conn.run(job.req, job.cmd, job.payload)
+        }));
+        if ok.is_err() {
+            conn.send_error(&job.req, EIO, "internal error", None);
+        }
+        conn.done();
+    }
+}

@@ -1,0 +1,171 @@
+//! The server against real NBD clients (qemu-img, qemu-io, nbdinfo, nbdcopy, nbdsh, fio),
+//! once per backend.
+
+mod common;
+
+use std::process::Command;
+
+use common::*;
+
+const MIB: u64 = 1 << 20;
+
+#[test]
+fn qemu_img_convert_in_and_out_byte_equal() {
+    for &b in BACKENDS {
+        let fx = Fixture::new(b, &[VolSpec::rw("work/private", 8 * MIB)]);
+        let src = fx.path("src.img");
+        std::fs::write(&src, pattern(8 * MIB as usize, 1)).unwrap();
+        let uri = fx.uri("work/private");
+        run(Command::new("qemu-img")
+            .args(["convert", "-n", "-f", "raw", "-O", "raw"])
+            .arg(&src)
+            .arg(&uri));
+        run(Command::new("qemu-img")
+            .args(["compare", "-f", "raw", "-F", "raw"])
+            .arg(&src)
+            .arg(&uri));
+        let out = fx.path("out.img");
+        run(Command::new("qemu-img")
+            .args(["convert", "-f", "raw", "-O", "raw"])
+            .arg(&uri)
+            .arg(&out));
+        assert!(
+            std::fs::read(&out).unwrap() == std::fs::read(&src).unwrap(),
+            "{b:?}: image differs after round trip"
+        );
+    }
+}
+
+#[test]
+fn qemu_io_patterns_discard_and_zeroes() {
+    for &b in BACKENDS {
+        let fx = Fixture::new(b, &[VolSpec::rw("work/private", 4 * MIB)]);
+        let uri = fx.uri("work/private");
+        let out = run(Command::new("qemu-io")
+            .args([
+                "-f",
+                "raw",
+                "-c",
+                "write -P 0xab 0 2M",
+                "-c",
+                "write -P 0xcd -f 1M 64k",
+                "-c",
+                "read -P 0xab 0 1M",
+                "-c",
+                "read -P 0xcd 1M 64k",
+                "-c",
+                "write -z 2M 1M",
+                "-c",
+                "read -P 0 2M 1M",
+                "-c",
+                "write -z -u 64k 64k",
+                "-c",
+                "read -P 0 64k 64k",
+                "-c",
+                "discard 512k 256k",
+                "-c",
+                "flush",
+                "-c",
+                "read -P 0xab 0 64k",
+            ])
+            .arg(&uri));
+        let text = stdout(&out);
+        assert!(
+            !text.contains("fail") && !text.contains("error"),
+            "{b:?}: qemu-io reported:\n{text}"
+        );
+        assert_eq!(text.matches("read ").count(), 5, "{b:?}: {text}");
+    }
+}
+
+#[test]
+fn nbdinfo_lists_exports_and_maps_holes() {
+    for &b in BACKENDS {
+        let fx = Fixture::new(
+            b,
+            &[
+                VolSpec::rw("work/private", 4 * MIB),
+                VolSpec::rw("work/volatile", 2 * MIB),
+            ],
+        );
+        let list = stdout(&run(Command::new("nbdinfo").arg("--list").arg(fx.uri(""))));
+        assert!(
+            list.contains("work/private") && list.contains("work/volatile"),
+            "{b:?}: {list}"
+        );
+        assert!(
+            list.contains("volume work/private"),
+            "description missing: {list}"
+        );
+        let uri = fx.uri("work/private");
+        run(Command::new("qemu-io")
+            .args([
+                "-f",
+                "raw",
+                "-c",
+                "write -P 1 0 4M",
+                "-c",
+                "discard 1M 1M",
+                "-c",
+                "flush",
+            ])
+            .arg(&uri));
+        let map = stdout(&run(Command::new("nbdinfo").arg("--map").arg(&uri)));
+        // "offset length type description" lines; the trimmed MiB must show up as a hole.
+        let hole = map.lines().any(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            f.len() >= 3 && f[0] == "1048576" && f[1] == "1048576" && f[2] == "3"
+        });
+        assert!(hole, "{b:?}: no hole at 1 MiB in map:\n{map}");
+        let info = stdout(&run(Command::new("nbdinfo").arg(&uri)));
+        assert!(
+            info.contains("can_multi_conn: true") && info.contains("base:allocation"),
+            "{info}"
+        );
+    }
+}
+
+#[test]
+fn nbdcopy_round_trip() {
+    for &b in BACKENDS {
+        let fx = Fixture::new(b, &[VolSpec::rw("a", 8 * MIB), VolSpec::rw("b", 8 * MIB)]);
+        let src = fx.path("src.img");
+        let data = pattern(8 * MIB as usize, 2);
+        std::fs::write(&src, &data).unwrap();
+        run(Command::new("nbdcopy").arg(&src).arg(fx.uri("a")));
+        run(Command::new("nbdcopy")
+            .args(["--connections=4"])
+            .arg(fx.uri("a"))
+            .arg(fx.uri("b")));
+        let out = fx.path("out.img");
+        run(Command::new("nbdcopy").arg(fx.uri("b")).arg(&out));
+        assert!(
+            std::fs::read(&out).unwrap() == data,
+            "{b:?}: nbdcopy round trip differs"
+        );
+    }
+}
+
+#[test]
+fn fio_verify_crc32c() {
+    for &b in BACKENDS {
+        let fx = Fixture::new(b, &[VolSpec::rw("work/private", 32 * MIB)]);
+        let out = run(Command::new("fio")
+            .args([
+                "--name=verify",
+                "--ioengine=nbd",
+                "--rw=randwrite",
+                "--bs=4k",
+                "--iodepth=16",
+                "--size=16M",
+                "--verify=crc32c",
+                "--verify_fatal=1",
+                "--do_verify=1",
+                "--numjobs=1",
+                "--time_based=0",
+            ])
+            .arg(format!("--uri={}", fx.uri("work/private"))));
+        let text = stdout(&out);
+        assert!(text.contains("err= 0"), "{b:?}: fio output:\n{text}");
+    }
+}
