@@ -217,7 +217,7 @@ impl Controller {
             bail!("{} is not a regular file; give a raw disk image", image.display());
         }
         let rec = TemplateRecord { origin: "image".into(), ..Default::default() };
-        self.install_root(name, image, rec, None, None)?;
+        self.install_root(name, ImageSource::File(image), rec, None, None)?;
         self.template_info(name)
     }
 
@@ -227,7 +227,7 @@ impl Controller {
     fn install_root(
         &mut self,
         name: &str,
-        image: &Path,
+        image: ImageSource<'_>,
         mut rec: TemplateRecord,
         kernel: Option<&Path>,
         initrd: Option<&Path>,
@@ -255,12 +255,17 @@ impl Controller {
             self.catalogue().set_prefs(name, Some(&prefs))?;
             self.vols.create_qube(name, QubeClass::TemplateVM, None)?;
         }
-        let size = fs::metadata(image)?.len();
-        let mut f = fs::File::open(image).with_context(|| format!("opening {}", image.display()))?;
+        let (what, size, mut reader): (String, u64, Box<dyn std::io::Read + '_>) = match image {
+            ImageSource::File(p) => {
+                let f = fs::File::open(p).with_context(|| format!("opening {}", p.display()))?;
+                (p.display().to_string(), f.metadata()?.len(), Box::new(f))
+            }
+            ImageSource::Stream { what, size, reader } => (what, size, reader),
+        };
         // The record is staged first so the import's commit carries it.
         let old_rec = self.catalogue().template(name)?;
         self.catalogue().set_template(name, Some(&rec))?;
-        let stats_fp = match self.vols.import(name, "root", &mut f, size) {
+        let stats_fp = match self.vols.import(name, "root", &mut reader, size) {
             Ok(stats) => stats.fingerprint,
             Err(e) => {
                 // Leave no half-made template behind, and no staged record for the next commit.
@@ -269,7 +274,7 @@ impl Controller {
                 } else {
                     self.remove_with_catalogue(name)?;
                 }
-                return Err(anyhow!(e).context(format!("importing {} into {name}:root", image.display())));
+                return Err(anyhow!(e).context(format!("importing {what} into {name}:root")));
             }
         };
         if rec.fingerprint.is_empty() {
@@ -277,11 +282,8 @@ impl Controller {
             self.catalogue().set_template(name, Some(&rec))?;
             self.pool().commit()?;
         }
-        // Qubes' default root is 10 GiB; an image smaller than that gets room to grow.
-        let root = self.vols.volume_status(name, "root")?;
-        if root.size < (10 << 30) {
-            self.vols.resize(name, "root", 10 << 30, false)?;
-        }
+        // The root volume is exactly the image (its fingerprint is the image's); a user
+        // who wants more room runs `volume resize TEMPLATE:root SIZE`.
         Ok(())
     }
 
@@ -316,7 +318,7 @@ impl Controller {
             has_kernel: false,
             kernel_cmdline: built.kernel_cmdline.clone(),
         };
-        self.install_root(&tname, &built.image, rec, built.kernel.as_deref(), built.initrd.as_deref())?;
+        self.install_root(&tname, ImageSource::File(&built.image), rec, built.kernel.as_deref(), built.initrd.as_deref())?;
         let mut v = self.template_info(&tname)?;
         v["cache_hit"] = json!(built.cache_hit);
         Ok(v)
@@ -414,12 +416,6 @@ impl Controller {
         storage::validate_name("template", &tname)?;
         let staging = tempfile::tempdir_in(self.paths.root()).context("creating a staging directory")?;
         let (kernel, initrd) = pkg.write_kernel(staging.path())?;
-        let image = staging.path().join("root.img");
-        {
-            let mut out = fs::File::create(&image)?;
-            std::io::copy(&mut pkg.image_reader(), &mut out)?;
-            out.sync_all()?;
-        }
         let rec = TemplateRecord {
             origin: "package".into(),
             recipe: None,
@@ -430,7 +426,12 @@ impl Controller {
             has_kernel: false,
             kernel_cmdline: manifest.kernel_cmdline.clone(),
         };
-        self.install_root(&tname, &image, rec, kernel.as_deref(), initrd.as_deref())?;
+        let source = ImageSource::Stream {
+            what: format!("package {}", file.display()),
+            size: manifest.size,
+            reader: Box::new(pkg.image_reader()),
+        };
+        self.install_root(&tname, source, rec, kernel.as_deref(), initrd.as_deref())?;
         self.template_info(&tname)
     }
 
@@ -887,6 +888,13 @@ impl Controller {
         }
         let _ = self.pool().commit();
     }
+}
+
+/// Where a template's root image comes from.
+enum ImageSource<'a> {
+    File(&'a Path),
+    /// A verified package's chunk stream (no temporary copy of the image).
+    Stream { what: String, size: u64, reader: Box<dyn std::io::Read + 'a> },
 }
 
 /// NBD export name of a qube's volume: `QUBE/VOLUME`.
