@@ -1,0 +1,240 @@
+//! Hypervisor backends: how the controller turns a qube into a running domain.
+//!
+//! ```text
+//!   qubes-ctl (daemon) --DomainSpec--> dyn Hypervisor
+//!        |                               |-- qemu: qemu-system-x86_64 (KVM if it really works, else TCG),
+//!        |                               |         direct kernel boot, virtio-blk on NBD, QMP control
+//!        |                               |-- xen:  xl config in run_dir, `xl create/shutdown/destroy`,
+//!        |                               |         disks through QEMU's qdisk pointed at the NBD socket
+//!        |                               `-- none: no domain; state kept in run_dir (tests, debugging)
+//!        `-- serves the NBD exports named in DiskSpec (blkback), one unix socket per qube
+//! ```
+//!
+//! Contract every backend keeps:
+//! - All per-domain state lives in the spec's `run_dir` (pidfile, QMP socket, config,
+//!   console log), so a restarted controller finds its domains again from the run dir.
+//! - `start` refuses a domain that is already running; `shutdown` and `kill` of a halted
+//!   domain succeed (idempotent, so a controller can retry after a crash).
+//! - `state` notices a guest that powered itself off: backends run domains with
+//!   "poweroff/reboot/crash = destroy", so a guest that stops is gone, not lingering.
+//! - Disks are attached in the order given (root, private, volatile): the guest sees
+//!   them as vda, vdb, vdc on QEMU and as the given `vdev` (xvda..) on Xen.
+//! - Errors name the qube and say what to do.
+
+pub mod initramfs;
+pub mod none;
+pub mod qemu;
+mod qmp;
+mod util;
+pub mod xen;
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+pub use none::NoneHv;
+pub use qemu::{Accel, KvmVerdict, Qemu};
+pub use xen::Xen;
+
+/// How a Xen domain is virtualised. QEMU ignores it (always a full PC with KVM or TCG).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum VirtMode {
+    Pv,
+    Pvh,
+    Hvm,
+}
+
+impl VirtMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            VirtMode::Pv => "pv",
+            VirtMode::Pvh => "pvh",
+            VirtMode::Hvm => "hvm",
+        }
+    }
+}
+
+impl fmt::Display for VirtMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for VirtMode {
+    type Err = HvError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.to_ascii_lowercase().as_str() {
+            "pv" => Ok(VirtMode::Pv),
+            "pvh" => Ok(VirtMode::Pvh),
+            "hvm" => Ok(VirtMode::Hvm),
+            _ => Err(HvError::UnknownVirtMode(s.to_string())),
+        }
+    }
+}
+
+/// One disk of a domain: an NBD export on a unix socket served by the controller.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskSpec {
+    /// Xen virtual device name (`xvda`, `xvdb`, ...). QEMU uses it as the virtio serial.
+    pub vdev: String,
+    pub nbd_socket: PathBuf,
+    pub export: String,
+    pub read_only: bool,
+}
+
+/// Everything a backend needs to start one domain.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DomainSpec {
+    pub name: String,
+    pub memory_mib: u64,
+    pub maxmem_mib: u64,
+    pub vcpus: u32,
+    pub virt_mode: VirtMode,
+    pub kernel: Option<PathBuf>,
+    pub initrd: Option<PathBuf>,
+    /// Kernel command line. Backends add a `console=` for their console device when
+    /// the command line has none.
+    pub cmdline: String,
+    /// In the order root, private, volatile.
+    pub disks: Vec<DiskSpec>,
+    pub netvm: Option<String>,
+    pub label: String,
+    /// Per-qube directory for logs, QMP socket, pidfile, generated config.
+    pub run_dir: PathBuf,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DomainState {
+    Running,
+    Paused,
+    Halted,
+}
+
+impl fmt::Display for DomainState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            DomainState::Running => "running",
+            DomainState::Paused => "paused",
+            DomainState::Halted => "halted",
+        })
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum HvError {
+    #[error("{tool} not found: {fix}")]
+    ToolMissing { tool: String, fix: &'static str },
+    #[error("qube {name}: invalid domain spec: {reason}")]
+    InvalidSpec { name: String, reason: String },
+    #[error("qube {name}: already running (state {state}); shut it down first")]
+    AlreadyRunning { name: String, state: DomainState },
+    #[error("qube {name}: {op}: {source}")]
+    Io {
+        name: String,
+        op: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("qube {name}: `{cmd}` failed ({status}): {detail}")]
+    Command {
+        name: String,
+        cmd: String,
+        status: String,
+        detail: String,
+    },
+    #[error("qube {name}: `{cmd}` did not finish within {timeout:?}; {fix}")]
+    CommandTimeout {
+        name: String,
+        cmd: String,
+        timeout: Duration,
+        fix: &'static str,
+    },
+    #[error("qube {name}: QMP {op} failed: {reason}")]
+    Qmp {
+        name: String,
+        op: String,
+        reason: String,
+    },
+    #[error("qube {name}: still running after kill; check process {pid} by hand")]
+    KillFailed { name: String, pid: i32 },
+    #[error("unknown hypervisor {0:?}: expected \"xen\", \"qemu\" or \"none\"")]
+    UnknownBackend(String),
+    #[error("unknown virt_mode {0:?}: expected \"pv\", \"pvh\" or \"hvm\"")]
+    UnknownVirtMode(String),
+    #[error("KVM probe failed to run: {0}")]
+    Probe(String),
+}
+
+/// One hypervisor backend. Methods take the qube name and its run dir rather than a
+/// handle, so a controller restarted while domains run can still manage them.
+pub trait Hypervisor: Send + Sync {
+    fn name(&self) -> &'static str;
+    /// Starts the domain; returns once the domain exists (not once the guest booted).
+    fn start(&self, spec: &DomainSpec) -> Result<(), HvError>;
+    /// Asks the guest to power off, waits up to `timeout`, then kills it.
+    fn shutdown(&self, name: &str, run_dir: &Path, timeout: Duration) -> Result<(), HvError>;
+    /// Ends the domain at once. Succeeds on a halted domain.
+    fn kill(&self, name: &str, run_dir: &Path) -> Result<(), HvError>;
+    fn state(&self, name: &str, run_dir: &Path) -> Result<DomainState, HvError>;
+    /// Where the domain's console output is (or will be) logged.
+    fn console_log(&self, run_dir: &Path) -> PathBuf;
+}
+
+/// Xen where this is a Xen dom0 (`/proc/xen` exists), QEMU otherwise.
+pub fn default_hypervisor() -> Box<dyn Hypervisor> {
+    if Path::new("/proc/xen").exists() {
+        Box::new(Xen::new())
+    } else {
+        Box::new(Qemu::new())
+    }
+}
+
+/// `"xen" | "qemu" | "none"`.
+pub fn by_name(name: &str) -> Result<Box<dyn Hypervisor>, HvError> {
+    match name {
+        "xen" => Ok(Box::new(Xen::new())),
+        "qemu" => Ok(Box::new(Qemu::new())),
+        "none" => Ok(Box::new(NoneHv::new())),
+        other => Err(HvError::UnknownBackend(other.to_string())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn virt_mode_parses_and_prints() {
+        for (s, m) in [
+            ("pv", VirtMode::Pv),
+            ("PVH", VirtMode::Pvh),
+            ("hvm", VirtMode::Hvm),
+        ] {
+            let parsed: VirtMode = s.parse().unwrap();
+            assert_eq!(parsed, m);
+            assert_eq!(parsed.to_string(), s.to_ascii_lowercase());
+        }
+        assert!(matches!(
+            "kvm".parse::<VirtMode>(),
+            Err(HvError::UnknownVirtMode(_))
+        ));
+        assert_eq!(serde_json::to_string(&VirtMode::Pvh).unwrap(), "\"pvh\"");
+        let back: VirtMode = serde_json::from_str("\"hvm\"").unwrap();
+        assert_eq!(back, VirtMode::Hvm);
+    }
+
+    #[test]
+    fn by_name_knows_the_three_backends() {
+        assert_eq!(by_name("xen").unwrap().name(), "xen");
+        assert_eq!(by_name("qemu").unwrap().name(), "qemu");
+        assert_eq!(by_name("none").unwrap().name(), "none");
+        let err = by_name("vmware").err().unwrap();
+        assert!(err.to_string().contains("expected"));
+    }
+}

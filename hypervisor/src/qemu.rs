@@ -1,0 +1,766 @@
+//! The QEMU backend: one daemonized `qemu-system-x86_64` per qube.
+//!
+//! ```text
+//!   run_dir/
+//!     qemu.args    the command line, one argument per line (for debugging)
+//!     qemu.log     QEMU's own stderr while it starts
+//!     qemu.pid     written by QEMU (-pidfile); the domain exists while this pid lives
+//!     qmp.sock     QMP: query-status, system_powerdown, quit
+//!     console.log  the guest's serial console (previous boot: console.log.1)
+//! ```
+//!
+//! - Direct kernel boot (`-kernel/-initrd/-append`); disks are `-blockdev driver=nbd`
+//!   on the controller's unix sockets with `reconnect-delay` (a restarted NBD server
+//!   does not kill the guest), attached as virtio-blk in spec order (vda, vdb, vdc).
+//!   Read-only disks are read-only nodes, so the guest sees a read-only device.
+//! - `-no-reboot` without `-no-shutdown`: a guest that powers off or reboots ends
+//!   the QEMU process, so `state` reads Halted from the pidfile alone.
+//! - Acceleration: KVM only when a real boot under KVM finishes (some hosts expose a
+//!   /dev/kvm that hangs guests), otherwise TCG. The verdict is cached per host kernel
+//!   and QEMU version in `kvm-probe.json` in the parent of the run dir.
+//! - netvm: QEMU has no netvm qubes; a qube with a netvm gets a user-mode (slirp)
+//!   virtio NIC as a stand-in, a qube without one gets no NIC.
+//! - maxmem is not applied (no balloon driver management yet): the guest gets `memory_mib`.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::Mutex;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+
+use crate::initramfs::{busybox_initramfs, host_kernel};
+use crate::qmp::Qmp;
+use crate::util::{find_tool, io_err, pid_alive_with, read_pidfile, run_with_timeout, tail};
+use crate::{DomainSpec, DomainState, HvError, Hypervisor};
+
+const QEMU_FIX: &str = "run scripts/install-deps.sh (package qemu-system-x86)";
+/// sun_path is 108 bytes including the terminating NUL.
+const MAX_UNIX_PATH: usize = 107;
+/// How long `qemu -daemonize` may take to hand over to its daemon child.
+const START_TIMEOUT: Duration = Duration::from_secs(60);
+const QMP_TIMEOUT: Duration = Duration::from_secs(3);
+const PROBE_MARKER: &str = "QUBES-KVM-PROBE-OK";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Accel {
+    Kvm,
+    Tcg,
+}
+
+/// The outcome of [`probe_kvm`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct KvmVerdict {
+    pub usable: bool,
+    /// Why: "booted in 1.2s", "no /dev/kvm", "no marker within 10s", ...
+    pub detail: String,
+    /// What the verdict is valid for: host kernel release and QEMU version.
+    pub key: String,
+    /// True when read from the cache file instead of probed now.
+    #[serde(skip)]
+    pub cached: bool,
+}
+
+/// Paths of the files a QEMU domain keeps in its run dir.
+#[derive(Debug, Clone)]
+pub struct RunFiles {
+    pub pidfile: PathBuf,
+    pub qmp: PathBuf,
+    pub console: PathBuf,
+    pub log: PathBuf,
+    pub args: PathBuf,
+}
+
+impl RunFiles {
+    pub fn new(run_dir: &Path) -> Self {
+        RunFiles {
+            pidfile: run_dir.join("qemu.pid"),
+            qmp: run_dir.join("qmp.sock"),
+            console: run_dir.join("console.log"),
+            log: run_dir.join("qemu.log"),
+            args: run_dir.join("qemu.args"),
+        }
+    }
+}
+
+pub struct Qemu {
+    binary: String,
+    /// Forced accelerator; `None` means probe (once per process, cached on disk).
+    forced: Option<Accel>,
+    resolved: Mutex<Option<Accel>>,
+    probe_timeout: Duration,
+}
+
+impl Default for Qemu {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Qemu {
+    /// `QUBES_QEMU` overrides the binary, `QUBES_QEMU_ACCEL=kvm|tcg` skips the probe.
+    pub fn new() -> Self {
+        let forced = match std::env::var("QUBES_QEMU_ACCEL").ok().as_deref() {
+            Some("kvm") => Some(Accel::Kvm),
+            Some("tcg") => Some(Accel::Tcg),
+            _ => None,
+        };
+        Qemu {
+            binary: std::env::var("QUBES_QEMU").unwrap_or_else(|_| "qemu-system-x86_64".into()),
+            forced,
+            resolved: Mutex::new(None),
+            probe_timeout: Duration::from_secs(10),
+        }
+    }
+
+    pub fn with_accel(mut self, accel: Accel) -> Self {
+        self.forced = Some(accel);
+        self
+    }
+
+    pub fn with_probe_timeout(mut self, timeout: Duration) -> Self {
+        self.probe_timeout = timeout;
+        self
+    }
+
+    /// The accelerator this backend will use, probing KVM if needed. The cache lives
+    /// in `cache_dir` (the controller's run dir root).
+    pub fn accel(&self, cache_dir: &Path) -> Accel {
+        if let Some(a) = self.forced {
+            return a;
+        }
+        let mut resolved = self.resolved.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(a) = *resolved {
+            return a;
+        }
+        let accel = match find_tool(&self.binary, QEMU_FIX)
+            .and_then(|bin| probe_kvm(&bin, cache_dir, self.probe_timeout))
+        {
+            Ok(v) if v.usable => Accel::Kvm,
+            Ok(v) => {
+                tracing::info!("KVM not usable ({}), using TCG", v.detail);
+                Accel::Tcg
+            }
+            Err(e) => {
+                tracing::warn!("KVM probe could not run ({e}), using TCG");
+                Accel::Tcg
+            }
+        };
+        *resolved = Some(accel);
+        accel
+    }
+
+    /// The full QEMU command line (without the binary) for `spec`.
+    pub fn command_line(&self, spec: &DomainSpec, accel: Accel) -> Result<Vec<String>, HvError> {
+        validate(spec)?;
+        let files = RunFiles::new(&spec.run_dir);
+        let bad = |reason: String| HvError::InvalidSpec {
+            name: spec.name.clone(),
+            reason,
+        };
+        let utf8 = |p: &Path, what: &str| -> Result<String, HvError> {
+            p.to_str()
+                .map(str::to_string)
+                .ok_or_else(|| bad(format!("{what} path {p:?} is not UTF-8")))
+        };
+        let kernel = spec.kernel.as_deref().ok_or_else(|| {
+            bad("no kernel: QEMU boots the qube's kernel directly; set the qube's kernel".into())
+        })?;
+
+        let mut a: Vec<String> = Vec::new();
+        let mut push = |xs: &[&str]| a.extend(xs.iter().map(|s| s.to_string()));
+        push(&[
+            "-name",
+            &format!("guest={},debug-threads=on", opt_escape(&spec.name)),
+        ]);
+        push(&["-machine", "q35"]);
+        match accel {
+            Accel::Kvm => push(&["-accel", "kvm", "-cpu", "host"]),
+            Accel::Tcg => push(&["-accel", "tcg", "-cpu", "max"]),
+        }
+        push(&["-m", &format!("{}M", spec.memory_mib)]);
+        push(&["-smp", &spec.vcpus.to_string()]);
+        push(&[
+            "-nodefaults",
+            "-no-user-config",
+            "-display",
+            "none",
+            "-no-reboot",
+        ]);
+        push(&["-kernel", &utf8(kernel, "kernel")?]);
+        if let Some(initrd) = &spec.initrd {
+            push(&["-initrd", &utf8(initrd, "initrd")?]);
+        }
+        push(&["-append", &with_console(&spec.cmdline, "ttyS0")]);
+        push(&[
+            "-chardev",
+            &format!(
+                "file,id=console,path={}",
+                opt_escape(&utf8(&files.console, "console log")?)
+            ),
+        ]);
+        push(&["-serial", "chardev:console"]);
+        push(&[
+            "-chardev",
+            &format!(
+                "socket,id=qmp,path={},server=on,wait=off",
+                opt_escape(&utf8(&files.qmp, "QMP socket")?)
+            ),
+        ]);
+        push(&["-mon", "chardev=qmp,mode=control"]);
+        for (i, d) in spec.disks.iter().enumerate() {
+            let node = format!("disk{i}");
+            // JSON syntax: no comma escaping to get wrong, whatever the paths hold.
+            let blockdev = json!({
+                "driver": "nbd",
+                "node-name": node,
+                "server": { "type": "unix", "path": utf8(&d.nbd_socket, "NBD socket")? },
+                "export": d.export,
+                "reconnect-delay": 5,
+                "read-only": d.read_only,
+                "discard": "unmap",
+            });
+            // virtio-blk serials hold at most 20 bytes.
+            let serial: String = d.vdev.chars().take(20).collect();
+            let device = json!({
+                "driver": "virtio-blk-pci",
+                "id": format!("vd{i}"),
+                "drive": node,
+                "serial": serial,
+            });
+            push(&["-blockdev", &blockdev.to_string()]);
+            push(&["-device", &device.to_string()]);
+        }
+        match &spec.netvm {
+            Some(_) => push(&["-nic", "user,model=virtio-net-pci"]),
+            None => push(&["-nic", "none"]),
+        }
+        push(&["-device", "virtio-rng-pci"]);
+        push(&["-pidfile", &utf8(&files.pidfile, "pidfile")?, "-daemonize"]);
+        Ok(a)
+    }
+
+    fn live_pid(&self, run_dir: &Path) -> Option<i32> {
+        let files = RunFiles::new(run_dir);
+        let pid = read_pidfile(&files.pidfile)?;
+        pid_alive_with(pid, files.pidfile.as_os_str()).then_some(pid)
+    }
+
+    fn cleanup(&self, run_dir: &Path) {
+        let files = RunFiles::new(run_dir);
+        let _ = fs::remove_file(files.pidfile);
+        let _ = fs::remove_file(files.qmp);
+    }
+
+    fn wait_gone(&self, run_dir: &Path, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if self.live_pid(run_dir).is_none() {
+                return true;
+            }
+            if Instant::now() >= deadline {
+                return false;
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Hypervisor for Qemu {
+    fn name(&self) -> &'static str {
+        "qemu"
+    }
+
+    fn start(&self, spec: &DomainSpec) -> Result<(), HvError> {
+        let bin = find_tool(&self.binary, QEMU_FIX)?;
+        validate(spec)?;
+        let state = self.state(&spec.name, &spec.run_dir)?;
+        if state != DomainState::Halted {
+            return Err(HvError::AlreadyRunning {
+                name: spec.name.clone(),
+                state,
+            });
+        }
+        check_files(spec)?;
+        let files = RunFiles::new(&spec.run_dir);
+        fs::create_dir_all(&spec.run_dir).map_err(io_err(&spec.name, "creating run dir"))?;
+        self.cleanup(&spec.run_dir);
+        if files.console.exists() {
+            let _ = fs::rename(&files.console, spec.run_dir.join("console.log.1"));
+        }
+        let cache_dir = spec
+            .run_dir
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(&spec.run_dir);
+        let accel = self.accel(cache_dir);
+        let args = self.command_line(spec, accel)?;
+        fs::write(&files.args, args.join("\n") + "\n")
+            .map_err(io_err(&spec.name, "writing qemu.args"))?;
+        let log = fs::File::create(&files.log).map_err(io_err(&spec.name, "creating qemu.log"))?;
+        let log2 = log
+            .try_clone()
+            .map_err(io_err(&spec.name, "creating qemu.log"))?;
+        let mut child = Command::new(&bin)
+            .args(&args)
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(log2)
+            .spawn()
+            .map_err(io_err(&spec.name, format!("running {}", bin.display())))?;
+        let cmd = format!("{} ... -name guest={}", bin.display(), spec.name);
+        let status = crate::util::wait_deadline(&mut child, START_TIMEOUT)
+            .map_err(io_err(&spec.name, "waiting for qemu"))?;
+        let Some(status) = status else {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(HvError::CommandTimeout {
+                name: spec.name.clone(),
+                cmd,
+                timeout: START_TIMEOUT,
+                fix: "see qemu.log in the qube's run dir",
+            });
+        };
+        if !status.success() {
+            return Err(HvError::Command {
+                name: spec.name.clone(),
+                cmd,
+                status: status.to_string(),
+                detail: tail(&files.log, 5),
+            });
+        }
+        if self.live_pid(&spec.run_dir).is_none() && !files.console.exists() {
+            return Err(HvError::Command {
+                name: spec.name.clone(),
+                cmd,
+                status: "exited right after start".into(),
+                detail: tail(&files.log, 5),
+            });
+        }
+        tracing::info!(qube = %spec.name, ?accel, "qemu domain started");
+        Ok(())
+    }
+
+    fn shutdown(&self, name: &str, run_dir: &Path, timeout: Duration) -> Result<(), HvError> {
+        if self.live_pid(run_dir).is_none() {
+            self.cleanup(run_dir);
+            return Ok(());
+        }
+        let files = RunFiles::new(run_dir);
+        let asked = Qmp::connect(&files.qmp, QMP_TIMEOUT)
+            .and_then(|mut q| q.execute("system_powerdown", None));
+        if let Err(e) = asked {
+            tracing::warn!(
+                qube = name,
+                "system_powerdown failed: {e}; will kill at timeout"
+            );
+        }
+        if self.wait_gone(run_dir, timeout) {
+            self.cleanup(run_dir);
+            return Ok(());
+        }
+        tracing::warn!(qube = name, ?timeout, "guest did not power off, killing it");
+        self.kill(name, run_dir)
+    }
+
+    fn kill(&self, name: &str, run_dir: &Path) -> Result<(), HvError> {
+        let Some(pid) = self.live_pid(run_dir) else {
+            self.cleanup(run_dir);
+            return Ok(());
+        };
+        let files = RunFiles::new(run_dir);
+        // `quit` lets QEMU flush its block layer; SIGKILL is for a QEMU that is wedged.
+        let quit = Qmp::connect(&files.qmp, Duration::from_secs(1))
+            .and_then(|mut q| q.execute("quit", None));
+        if quit.is_err() || !self.wait_gone(run_dir, Duration::from_secs(3)) {
+            if let Some(p) = rustix::process::Pid::from_raw(pid) {
+                let _ = rustix::process::kill_process(p, rustix::process::Signal::Kill);
+            }
+            if !self.wait_gone(run_dir, Duration::from_secs(5)) {
+                return Err(HvError::KillFailed {
+                    name: name.to_string(),
+                    pid,
+                });
+            }
+        }
+        self.cleanup(run_dir);
+        Ok(())
+    }
+
+    fn state(&self, _name: &str, run_dir: &Path) -> Result<DomainState, HvError> {
+        if self.live_pid(run_dir).is_none() {
+            return Ok(DomainState::Halted);
+        }
+        let files = RunFiles::new(run_dir);
+        let status =
+            Qmp::connect(&files.qmp, QMP_TIMEOUT).and_then(|mut q| q.execute("query-status", None));
+        Ok(match status {
+            Ok(v) => status_to_state(v.get("status").and_then(|s| s.as_str()).unwrap_or("")),
+            // The process lives; QMP may just be busy with another client.
+            Err(_) => DomainState::Running,
+        })
+    }
+
+    fn console_log(&self, run_dir: &Path) -> PathBuf {
+        RunFiles::new(run_dir).console
+    }
+}
+
+/// Maps QMP `query-status` run states onto the three the controller knows.
+pub fn status_to_state(status: &str) -> DomainState {
+    match status {
+        "running" => DomainState::Running,
+        "shutdown" | "guest-panicked" | "internal-error" => DomainState::Halted,
+        _ => DomainState::Paused,
+    }
+}
+
+/// QEMU's option syntax escapes a comma by doubling it.
+fn opt_escape(s: &str) -> String {
+    s.replace(',', ",,")
+}
+
+/// Appends `console=DEV` unless the command line picks a console itself.
+pub(crate) fn with_console(cmdline: &str, dev: &str) -> String {
+    if cmdline
+        .split_whitespace()
+        .any(|w| w.starts_with("console="))
+    {
+        cmdline.to_string()
+    } else if cmdline.trim().is_empty() {
+        format!("console={dev}")
+    } else {
+        format!("{} console={dev}", cmdline.trim())
+    }
+}
+
+/// Checks what QEMU would otherwise reject with a less helpful message.
+fn validate(spec: &DomainSpec) -> Result<(), HvError> {
+    let bad = |reason: String| {
+        Err(HvError::InvalidSpec {
+            name: spec.name.clone(),
+            reason,
+        })
+    };
+    if spec.name.is_empty() || spec.name.chars().any(|c| c.is_control() || c == '/') {
+        return bad(format!("bad qube name {:?}", spec.name));
+    }
+    if spec.memory_mib < 16 {
+        return bad(format!("memory {} MiB is below 16 MiB", spec.memory_mib));
+    }
+    if spec.vcpus == 0 {
+        return bad("vcpus is 0".into());
+    }
+    if spec.disks.len() > 26 {
+        return bad(format!("{} disks; at most 26", spec.disks.len()));
+    }
+    for p in [RunFiles::new(&spec.run_dir).qmp]
+        .iter()
+        .chain(spec.disks.iter().map(|d| &d.nbd_socket))
+    {
+        if p.as_os_str().len() > MAX_UNIX_PATH {
+            return bad(format!(
+                "unix socket path {p:?} is longer than {MAX_UNIX_PATH} bytes; use a shorter run dir"
+            ));
+        }
+    }
+    if spec.kernel.is_none() {
+        return bad(
+            "no kernel: QEMU boots the qube's kernel directly; set the qube's kernel".into(),
+        );
+    }
+    Ok(())
+}
+
+/// Checks the files the domain needs exist, so the error names the missing piece.
+fn check_files(spec: &DomainSpec) -> Result<(), HvError> {
+    let bad = |reason: String| {
+        Err(HvError::InvalidSpec {
+            name: spec.name.clone(),
+            reason,
+        })
+    };
+    for (what, p) in [("kernel", &spec.kernel), ("initrd", &spec.initrd)] {
+        if let Some(p) = p {
+            if !p.is_file() {
+                return bad(format!("{what} {} does not exist", p.display()));
+            }
+        }
+    }
+    for d in &spec.disks {
+        if !d.nbd_socket.exists() {
+            return bad(format!(
+                "NBD socket {} for {} is missing: is the daemon serving this qube's volumes?",
+                d.nbd_socket.display(),
+                d.vdev
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn cache_key(qemu: &Path) -> String {
+    let kernel = fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let version = run_with_timeout(Command::new(qemu).arg("--version"), Duration::from_secs(10))
+        .ok()
+        .flatten()
+        .map(|o| o.stdout.lines().next().unwrap_or("").to_string())
+        .unwrap_or_default();
+    format!("{} / {}", kernel.trim(), version.trim())
+}
+
+/// Decides whether KVM works by booting the host kernel with a busybox initramfs
+/// under `-accel kvm` and waiting up to `timeout` for its marker line. The verdict
+/// is cached in `cache_dir/kvm-probe.json` for this host kernel and QEMU version.
+pub fn probe_kvm(qemu: &Path, cache_dir: &Path, timeout: Duration) -> Result<KvmVerdict, HvError> {
+    let key = cache_key(qemu);
+    let cache = cache_dir.join("kvm-probe.json");
+    if let Ok(text) = fs::read_to_string(&cache) {
+        if let Ok(mut v) = serde_json::from_str::<KvmVerdict>(&text) {
+            if v.key == key {
+                v.cached = true;
+                return Ok(v);
+            }
+        }
+    }
+    let verdict = if !Path::new("/dev/kvm").exists() {
+        KvmVerdict {
+            usable: false,
+            detail: "no /dev/kvm".into(),
+            key,
+            cached: false,
+        }
+    } else {
+        boot_probe(qemu, cache_dir, timeout, key)?
+    };
+    let tmp = cache_dir.join("kvm-probe.json.tmp");
+    let text = serde_json::to_string_pretty(&verdict).unwrap_or_default();
+    // A cache we cannot write only costs a probe next time.
+    if fs::create_dir_all(cache_dir).is_ok() && fs::write(&tmp, text).is_ok() {
+        let _ = fs::rename(&tmp, &cache);
+    }
+    Ok(verdict)
+}
+
+fn boot_probe(
+    qemu: &Path,
+    cache_dir: &Path,
+    timeout: Duration,
+    key: String,
+) -> Result<KvmVerdict, HvError> {
+    let kernel = host_kernel().ok_or_else(|| {
+        HvError::Probe("no /boot/vmlinuz-*: run scripts/install-deps.sh (linux-image-amd64)".into())
+    })?;
+    let dir = cache_dir.join("kvm-probe.d");
+    fs::create_dir_all(&dir).map_err(|e| HvError::Probe(format!("{}: {e}", dir.display())))?;
+    let initrd = dir.join("initramfs.cpio");
+    let log = dir.join("console.log");
+    let image = busybox_initramfs(&format!("echo {PROBE_MARKER}\npoweroff -f\n"), &[])
+        .map_err(|e| HvError::Probe(e.to_string()))?;
+    fs::write(&initrd, image).map_err(|e| HvError::Probe(format!("{}: {e}", initrd.display())))?;
+    let _ = fs::remove_file(&log);
+    let path_str = |p: &Path| p.to_string_lossy().replace(',', ",,");
+    let mut child = Command::new(qemu)
+        .args([
+            "-accel", "kvm", "-cpu", "host", "-machine", "q35", "-m", "128",
+        ])
+        .args([
+            "-nodefaults",
+            "-no-user-config",
+            "-display",
+            "none",
+            "-no-reboot",
+        ])
+        .arg("-kernel")
+        .arg(&kernel)
+        .arg("-initrd")
+        .arg(&initrd)
+        .args(["-append", "console=ttyS0 quiet panic=-1"])
+        .arg("-chardev")
+        .arg(format!("file,id=console,path={}", path_str(&log)))
+        .args(["-serial", "chardev:console"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(|e| HvError::Probe(format!("running {}: {e}", qemu.display())))?;
+    let started = Instant::now();
+    let seen = |log: &Path| {
+        fs::read_to_string(log)
+            .map(|s| s.contains(PROBE_MARKER))
+            .unwrap_or(false)
+    };
+    let detail = loop {
+        if seen(&log) {
+            break format!(
+                "booted under KVM in {:.1}s",
+                started.elapsed().as_secs_f64()
+            );
+        }
+        if let Ok(Some(st)) = child.try_wait() {
+            if seen(&log) {
+                continue;
+            }
+            break format!("qemu -accel kvm exited ({st}) without the marker");
+        }
+        if started.elapsed() >= timeout {
+            break format!("no marker within {timeout:?} under KVM (guest hangs)");
+        }
+        thread::sleep(Duration::from_millis(50));
+    };
+    let _ = child.kill();
+    let _ = child.wait();
+    let usable = seen(&log);
+    Ok(KvmVerdict {
+        usable,
+        detail,
+        key,
+        cached: false,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{DiskSpec, VirtMode};
+
+    fn spec() -> DomainSpec {
+        DomainSpec {
+            name: "work".into(),
+            memory_mib: 400,
+            maxmem_mib: 4000,
+            vcpus: 2,
+            virt_mode: VirtMode::Pvh,
+            kernel: Some("/var/lib/qubes/vm-kernels/6.1/vmlinuz".into()),
+            initrd: Some("/var/lib/qubes/vm-kernels/6.1/initramfs".into()),
+            cmdline: "root=/dev/xvda ro".into(),
+            disks: ["root", "private", "volatile"]
+                .iter()
+                .enumerate()
+                .map(|(i, v)| DiskSpec {
+                    vdev: format!("xvd{}", (b'a' + i as u8) as char),
+                    nbd_socket: "/run/qubes/work/nbd.sock".into(),
+                    export: format!("work/{v}"),
+                    read_only: i == 0,
+                })
+                .collect(),
+            netvm: None,
+            label: "blue".into(),
+            run_dir: "/run/qubes/work".into(),
+        }
+    }
+
+    fn after<'a>(args: &'a [String], flag: &str) -> Vec<&'a str> {
+        args.windows(2)
+            .filter(|w| w[0] == flag)
+            .map(|w| w[1].as_str())
+            .collect()
+    }
+
+    #[test]
+    fn command_line_has_disks_in_order_with_read_only_root() {
+        let args = Qemu::new().command_line(&spec(), Accel::Tcg).unwrap();
+        let blockdevs: Vec<serde_json::Value> = after(&args, "-blockdev")
+            .iter()
+            .map(|s| serde_json::from_str(s).unwrap())
+            .collect();
+        assert_eq!(blockdevs.len(), 3);
+        for (i, (b, ro)) in blockdevs.iter().zip([true, false, false]).enumerate() {
+            assert_eq!(b["driver"], "nbd");
+            assert_eq!(b["node-name"], format!("disk{i}"));
+            assert_eq!(b["server"]["type"], "unix");
+            assert_eq!(b["server"]["path"], "/run/qubes/work/nbd.sock");
+            assert_eq!(b["read-only"], ro);
+            assert_eq!(b["reconnect-delay"], 5);
+        }
+        assert_eq!(blockdevs[1]["export"], "work/private");
+        let devices: Vec<serde_json::Value> = after(&args, "-device")
+            .iter()
+            .filter(|s| s.starts_with('{'))
+            .map(|s| serde_json::from_str(s).unwrap())
+            .filter(|v: &serde_json::Value| v["driver"] == "virtio-blk-pci")
+            .collect();
+        assert_eq!(devices[2]["drive"], "disk2");
+        assert_eq!(devices[2]["serial"], "xvdc");
+    }
+
+    #[test]
+    fn command_line_boots_kernel_and_ends_on_poweroff() {
+        let args = Qemu::new().command_line(&spec(), Accel::Tcg).unwrap();
+        assert_eq!(after(&args, "-accel"), ["tcg"]);
+        assert_eq!(after(&args, "-cpu"), ["max"]);
+        assert_eq!(after(&args, "-m"), ["400M"]);
+        assert_eq!(after(&args, "-smp"), ["2"]);
+        assert_eq!(after(&args, "-append"), ["root=/dev/xvda ro console=ttyS0"]);
+        assert_eq!(
+            after(&args, "-kernel"),
+            ["/var/lib/qubes/vm-kernels/6.1/vmlinuz"]
+        );
+        assert_eq!(after(&args, "-pidfile"), ["/run/qubes/work/qemu.pid"]);
+        assert!(args.iter().any(|a| a == "-no-reboot"));
+        assert!(args.iter().any(|a| a == "-daemonize"));
+        assert!(!args.iter().any(|a| a == "-no-shutdown"));
+        assert_eq!(after(&args, "-nic"), ["none"]);
+        let kvm = Qemu::new().command_line(&spec(), Accel::Kvm).unwrap();
+        assert_eq!(after(&kvm, "-cpu"), ["host"]);
+    }
+
+    #[test]
+    fn commas_in_paths_are_escaped() {
+        let mut s = spec();
+        s.run_dir = "/run/a,b".into();
+        let args = Qemu::new().command_line(&s, Accel::Tcg).unwrap();
+        assert!(args
+            .iter()
+            .any(|a| a == "socket,id=qmp,path=/run/a,,b/qmp.sock,server=on,wait=off"));
+    }
+
+    #[test]
+    fn specs_qemu_cannot_run_are_refused_with_the_qube_named() {
+        let mut s = spec();
+        s.kernel = None;
+        let e = Qemu::new().command_line(&s, Accel::Tcg).unwrap_err();
+        assert!(e.to_string().contains("qube work"), "{e}");
+        assert!(e.to_string().contains("kernel"), "{e}");
+        let mut s = spec();
+        s.run_dir = PathBuf::from("/").join("x".repeat(120));
+        let e = Qemu::new().command_line(&s, Accel::Tcg).unwrap_err();
+        assert!(e.to_string().contains("shorter run dir"), "{e}");
+        let mut s = spec();
+        s.vcpus = 0;
+        assert!(Qemu::new().command_line(&s, Accel::Tcg).is_err());
+    }
+
+    #[test]
+    fn console_is_added_only_when_missing() {
+        assert_eq!(with_console("quiet", "ttyS0"), "quiet console=ttyS0");
+        assert_eq!(with_console("", "hvc0"), "console=hvc0");
+        assert_eq!(
+            with_console("console=tty0 quiet", "ttyS0"),
+            "console=tty0 quiet"
+        );
+    }
+
+    #[test]
+    fn qmp_status_maps_to_states() {
+        assert_eq!(status_to_state("running"), DomainState::Running);
+        assert_eq!(status_to_state("paused"), DomainState::Paused);
+        assert_eq!(status_to_state("shutdown"), DomainState::Halted);
+    }
+
+    #[test]
+    fn state_of_a_never_started_qube_is_halted() {
+        let dir = tempfile::tempdir().unwrap();
+        let q = Qemu::new();
+        assert_eq!(q.state("x", dir.path()).unwrap(), DomainState::Halted);
+        q.shutdown("x", dir.path(), Duration::from_secs(1)).unwrap();
+        q.kill("x", dir.path()).unwrap();
+        // A stale pidfile naming a process that is not our QEMU is not trusted.
+        fs::write(dir.path().join("qemu.pid"), std::process::id().to_string()).unwrap();
+        assert_eq!(q.state("x", dir.path()).unwrap(), DomainState::Halted);
+    }
+}

@@ -1,0 +1,2 @@
+#include <libxl.h>
+#include <libxlutil.h>
