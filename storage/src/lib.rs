@@ -13,11 +13,15 @@
 //! Everything a block transport (NBD, Xen blkif) needs from a volume is the
 //! [`BlockDevice`] trait; everything the volume model needs from a driver is [`Pool`].
 
+pub mod mem;
 pub mod names;
 pub mod pool;
+pub mod qubes;
 
+pub use mem::MemPool;
 pub use names::{validate_name, NameError};
 pub use pool::{
     BlockDevice, BlockError, BlockErrorKind, Extent, ImportOptions, ImportStats, Pool, PoolError,
     PoolInfo, VerifyReport, VolumeInfo,
 };
+pub use qubes::{ModelError, QubeClass, QubeVolumes, Volumes};

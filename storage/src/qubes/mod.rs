@@ -1,0 +1,1086 @@
+//! The Qubes volume model: which pool volumes a qube has, and what start, stop, revert,
+//! import and the rest do to them (Qubes' `snap_on_start` / `save_on_stop` semantics).
+//!
+//! Pool keys (see ARCHITECTURE.md):
+//!
+//! ```text
+//!   Q/V          head: committed state of a save_on_stop volume; for a snap_on_start or
+//!                volatile volume, the snapshot / fresh volume that exists only while Q runs
+//!   Q/V@run      running snapshot of a save_on_stop volume (the dirty marker)
+//!   Q/V@<id>     revision; id = unix time with microseconds of when it was superseded
+//!   Q/V@import   an import in progress (staged only, never committed)
+//! ```
+//!
+//! ```text
+//!   start:  T/root --snapshot--> A/root        (snap_on_start: source as committed now)
+//!           A/private --snapshot--> A/private@run   (save_on_stop; resumed if it exists)
+//!           (create) A/volatile                (fresh; leftovers of a crash dropped first)
+//!   stop:   A/private -> A/private@<now>; A/private@run -> A/private; prune revisions
+//!           A/root, A/volatile removed
+//! ```
+//!
+//! Contract:
+//! * Each public method that changes anything is one pool transaction ending in
+//!   [`Pool::commit`]: a crash leaves either all of it or none of it. The qube configs live
+//!   in the pool's key/value store (`qube-volumes/<qube>`) and the running marker in
+//!   `qube-running/<qube>`, committed with the volumes.
+//! * A method checks everything it can before changing the pool; if a pool operation still
+//!   fails half-way, what it staged is undone (creations, snapshots and renames are
+//!   reverted; only leftovers and revisions that were being dropped anyway stay dropped).
+//! * Methods of one [`Volumes`] (and its clones) are serialised, because a commit makes
+//!   everything staged in the pool durable. Use one `Volumes` per pool.
+//! * A crash while a qube runs leaves it marked running with its `@run` snapshots (and
+//!   every write flushed into them). `start` then resumes from them and `stop` commits
+//!   them; `discard` drops them.
+
+mod error;
+mod types;
+
+use std::collections::BTreeSet;
+use std::io::{Read, Write};
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use parking_lot::Mutex;
+
+pub use error::ModelError;
+pub use types::*;
+
+use crate::names::validate_name;
+use crate::pool::{ImportOptions, ImportStats, Pool, PoolError};
+
+const META_VOLUMES: &str = "qube-volumes/";
+const META_RUNNING: &str = "qube-running/";
+const RUN: &str = "run";
+const IMPORT: &str = "import";
+
+pub fn head_key(qube: &str, vol: &str) -> String {
+    format!("{qube}/{vol}")
+}
+
+pub fn run_key(qube: &str, vol: &str) -> String {
+    format!("{qube}/{vol}@{RUN}")
+}
+
+pub fn revision_key(qube: &str, vol: &str, id: &str) -> String {
+    format!("{qube}/{vol}@{id}")
+}
+
+/// Microseconds since the epoch from a revision id `SECS.MICROS` (exactly 6 digits).
+fn parse_revision_id(id: &str) -> Option<u64> {
+    let (s, us) = id.split_once('.')?;
+    if s.is_empty() || us.len() != 6 || !s.bytes().chain(us.bytes()).all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    s.parse::<u64>()
+        .ok()?
+        .checked_mul(1_000_000)?
+        .checked_add(us.parse().ok()?)
+}
+
+fn format_revision_id(micros: u64) -> String {
+    format!("{}.{:06}", micros / 1_000_000, micros % 1_000_000)
+}
+
+fn now_micros() -> u64 {
+    let d = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default();
+    u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
+}
+
+/// Start order as Qubes attaches them (xvda, xvdb, xvdc), then anything else.
+fn volume_rank(name: &str) -> usize {
+    ["root", "private", "volatile"]
+        .iter()
+        .position(|n| *n == name)
+        .unwrap_or(3)
+}
+
+/// What a transaction staged and how to take it back if a later step fails.
+enum Undo {
+    Remove(String),
+    Rename { from: String, to: String },
+    Meta { key: String, old: Option<String> },
+    Resize { key: String, size: u64 },
+}
+
+/// Stages pool operations and, unless committed, reverts them when dropped.
+struct Txn<'a> {
+    pool: &'a dyn Pool,
+    undo: Vec<Undo>,
+    committed: bool,
+}
+
+impl<'a> Txn<'a> {
+    fn new(pool: &'a dyn Pool) -> Self {
+        Txn {
+            pool,
+            undo: Vec::new(),
+            committed: false,
+        }
+    }
+
+    fn create(&mut self, key: &str, size: u64) -> Result<(), ModelError> {
+        self.pool
+            .create_volume(key, size)
+            .map_err(ModelError::pool("creating volume", key))?;
+        self.undo.push(Undo::Remove(key.into()));
+        Ok(())
+    }
+
+    fn snapshot(&mut self, source: &str, target: &str) -> Result<(), ModelError> {
+        self.pool
+            .snapshot(source, target)
+            .map_err(ModelError::pool(
+                "snapshotting",
+                format!("{source} -> {target}"),
+            ))?;
+        self.undo.push(Undo::Remove(target.into()));
+        Ok(())
+    }
+
+    fn rename(&mut self, from: &str, to: &str) -> Result<(), ModelError> {
+        self.pool
+            .rename_volume(from, to)
+            .map_err(ModelError::pool("renaming", format!("{from} -> {to}")))?;
+        self.undo.push(Undo::Rename {
+            from: from.into(),
+            to: to.into(),
+        });
+        Ok(())
+    }
+
+    fn resize(&mut self, key: &str, size: u64, allow_shrink: bool) -> Result<(), ModelError> {
+        let old = self
+            .pool
+            .volume(key)
+            .map_err(ModelError::pool("resizing", key))?
+            .size;
+        self.pool
+            .resize_volume(key, size, allow_shrink)
+            .map_err(ModelError::pool("resizing", key))?;
+        self.undo.push(Undo::Resize {
+            key: key.into(),
+            size: old,
+        });
+        Ok(())
+    }
+
+    /// Removal cannot be taken back: only call it for volumes being dropped anyway
+    /// (leftovers, discarded snapshots, pruned revisions), before anything else if it may
+    /// fail with `Busy`.
+    fn remove(&mut self, key: &str) -> Result<(), ModelError> {
+        self.pool
+            .remove_volume(key)
+            .map_err(ModelError::pool("removing volume", key))
+    }
+
+    fn set_meta(&mut self, key: &str, value: Option<&str>) -> Result<(), ModelError> {
+        let old = self
+            .pool
+            .get_meta(key)
+            .map_err(ModelError::pool("reading pool metadata", key))?;
+        self.pool
+            .set_meta(key, value)
+            .map_err(ModelError::pool("writing pool metadata", key))?;
+        self.undo.push(Undo::Meta {
+            key: key.into(),
+            old,
+        });
+        Ok(())
+    }
+
+    fn commit(mut self, what: &str) -> Result<(), ModelError> {
+        self.pool
+            .commit()
+            .map_err(ModelError::pool("committing", what))?;
+        self.committed = true;
+        Ok(())
+    }
+}
+
+impl Drop for Txn<'_> {
+    fn drop(&mut self) {
+        if self.committed {
+            return;
+        }
+        // Best effort: an undo failing means the pool itself is failing, and the commit
+        // that would make the half-done state durable is not going to happen here.
+        for u in self.undo.drain(..).rev() {
+            let r = match &u {
+                Undo::Remove(k) => self.pool.remove_volume(k),
+                Undo::Rename { from, to } => self.pool.rename_volume(to, from),
+                Undo::Meta { key, old } => self.pool.set_meta(key, old.as_deref()),
+                Undo::Resize { key, size } => self.pool.resize_volume(key, *size, true),
+            };
+            if let Err(e) = r {
+                tracing::warn!("undoing a failed volume transaction: {e}");
+            }
+        }
+    }
+}
+
+/// The volume model over one pool. Cheap to clone; clones share the serialising lock.
+#[derive(Clone)]
+pub struct Volumes {
+    pool: Arc<dyn Pool>,
+    lock: Arc<Mutex<()>>,
+}
+
+impl Volumes {
+    pub fn new(pool: Arc<dyn Pool>) -> Self {
+        Volumes {
+            pool,
+            lock: Arc::new(Mutex::new(())),
+        }
+    }
+
+    pub fn pool(&self) -> &Arc<dyn Pool> {
+        &self.pool
+    }
+
+    fn p(&self) -> &dyn Pool {
+        &*self.pool
+    }
+
+    fn exists(&self, key: &str) -> Result<bool, ModelError> {
+        self.p()
+            .exists(key)
+            .map_err(ModelError::pool("looking up volume", key))
+    }
+
+    fn load(&self, qube: &str) -> Result<QubeVolumes, ModelError> {
+        validate_name("qube", qube)?;
+        let key = format!("{META_VOLUMES}{qube}");
+        let raw = self
+            .p()
+            .get_meta(&key)
+            .map_err(ModelError::pool("reading qube config", qube))?;
+        let raw = raw.ok_or_else(|| ModelError::NoSuchQube { qube: qube.into() })?;
+        serde_json::from_str(&raw).map_err(|e| ModelError::BadConfig {
+            qube: qube.into(),
+            reason: e.to_string(),
+        })
+    }
+
+    fn save(&self, txn: &mut Txn<'_>, q: &QubeVolumes) -> Result<(), ModelError> {
+        let json = serde_json::to_string(q).map_err(|e| ModelError::BadConfig {
+            qube: q.qube.clone(),
+            reason: e.to_string(),
+        })?;
+        txn.set_meta(&format!("{META_VOLUMES}{}", q.qube), Some(&json))
+    }
+
+    fn marked_running(&self, qube: &str) -> Result<bool, ModelError> {
+        let key = format!("{META_RUNNING}{qube}");
+        Ok(self
+            .p()
+            .get_meta(&key)
+            .map_err(ModelError::pool("reading running marker", qube))?
+            .is_some())
+    }
+
+    fn volume_of<'q>(q: &'q QubeVolumes, vol: &str) -> Result<&'q VolumeConfig, ModelError> {
+        q.volume(vol).ok_or_else(|| ModelError::NoSuchVolume {
+            qube: q.qube.clone(),
+            volume: vol.into(),
+            available: q
+                .volumes
+                .iter()
+                .map(|v| v.name.as_str())
+                .collect::<Vec<_>>()
+                .join(", "),
+        })
+    }
+
+    /// Pool key of the committed head a `snap_on_start` volume starts from.
+    fn source_head(&self, q: &QubeVolumes, v: &VolumeConfig) -> Result<String, ModelError> {
+        let src = v.source.clone().unwrap_or_default();
+        let missing = || ModelError::SourceMissing {
+            qube: q.qube.clone(),
+            volume: v.name.clone(),
+            from: src.clone(),
+        };
+        let (sq, sv) = src.split_once(':').ok_or_else(missing)?;
+        let sq_cfg = match self.load(sq) {
+            Ok(c) => c,
+            Err(ModelError::NoSuchQube { .. }) | Err(ModelError::Name(_)) => return Err(missing()),
+            Err(e) => return Err(e),
+        };
+        match sq_cfg.volume(sv) {
+            Some(svc) if svc.save_on_stop => {}
+            _ => return Err(missing()),
+        }
+        let key = head_key(sq, sv);
+        if !self.exists(&key)? {
+            return Err(missing());
+        }
+        Ok(key)
+    }
+
+    /// Revisions of `Q/V`, oldest first.
+    fn revisions(&self, qube: &str, vol: &str) -> Result<Vec<Revision>, ModelError> {
+        let prefix = format!("{qube}/{vol}@");
+        let mut revs: Vec<(u64, Revision)> = self
+            .p()
+            .list_volumes()
+            .map_err(ModelError::pool("listing volumes", format!("{qube}:{vol}")))?
+            .into_iter()
+            .filter_map(|info| {
+                let id = info.key.strip_prefix(&prefix)?.to_string();
+                let micros = parse_revision_id(&id)?;
+                Some((
+                    micros,
+                    Revision {
+                        timestamp: micros as f64 / 1e6,
+                        id,
+                        key: info.key,
+                    },
+                ))
+            })
+            .collect();
+        revs.sort_by_key(|(m, _)| *m);
+        Ok(revs.into_iter().map(|(_, r)| r).collect())
+    }
+
+    /// A fresh revision id: now, but always after the newest existing one so ids stay
+    /// unique and ordered even if the clock steps back.
+    fn new_revision_id(revs: &[Revision]) -> String {
+        let newest = revs
+            .last()
+            .and_then(|r| parse_revision_id(&r.id))
+            .map_or(0, |m| m + 1);
+        format_revision_id(now_micros().max(newest))
+    }
+
+    /// `new_state` (a running snapshot or an import) becomes the head of `Q/V`; the old
+    /// head becomes a revision; revisions beyond `revisions_to_keep` are dropped.
+    fn commit_volume(
+        &self,
+        txn: &mut Txn<'_>,
+        qube: &str,
+        v: &VolumeConfig,
+        new_state: &str,
+    ) -> Result<(), ModelError> {
+        let head = head_key(qube, &v.name);
+        let mut revs = self.revisions(qube, &v.name)?;
+        if self.exists(&head)? {
+            let id = Self::new_revision_id(&revs);
+            let key = revision_key(qube, &v.name, &id);
+            txn.rename(&head, &key)?;
+            revs.push(Revision {
+                timestamp: parse_revision_id(&id).unwrap_or(0) as f64 / 1e6,
+                id,
+                key,
+            });
+        }
+        txn.rename(new_state, &head)?;
+        self.prune(txn, &revs, v.revisions_to_keep)
+    }
+
+    fn prune(&self, txn: &mut Txn<'_>, revs: &[Revision], keep: u32) -> Result<(), ModelError> {
+        let excess = revs.len().saturating_sub(keep as usize);
+        for r in &revs[..excess] {
+            txn.remove(&r.key)?;
+        }
+        Ok(())
+    }
+
+    fn default_volume(name: &str, size: u64) -> VolumeConfig {
+        VolumeConfig {
+            name: name.into(),
+            size,
+            rw: true,
+            snap_on_start: false,
+            save_on_stop: false,
+            source: None,
+            revisions_to_keep: 0,
+            ephemeral: false,
+        }
+    }
+
+    fn own(name: &str, size: u64) -> VolumeConfig {
+        VolumeConfig {
+            save_on_stop: true,
+            revisions_to_keep: DEFAULT_REVISIONS_TO_KEEP,
+            ..Self::default_volume(name, size)
+        }
+    }
+
+    fn snap(name: &str, size: u64, source: String) -> VolumeConfig {
+        VolumeConfig {
+            snap_on_start: true,
+            source: Some(source),
+            ..Self::default_volume(name, size)
+        }
+    }
+
+    fn load_template(
+        &self,
+        qube: &str,
+        class: QubeClass,
+        template: Option<&str>,
+        expected: QubeClass,
+    ) -> Result<QubeVolumes, ModelError> {
+        let expected_s = match expected {
+            QubeClass::TemplateVM => "TemplateVM",
+            _ => "disposable template (an AppVM)",
+        };
+        let t = template.ok_or(ModelError::TemplateRequired {
+            qube: qube.into(),
+            class,
+            expected: expected_s,
+        })?;
+        let tq = self.load(t)?;
+        if tq.class != expected {
+            return Err(ModelError::WrongTemplateClass {
+                qube: qube.into(),
+                class,
+                template: t.into(),
+                actual: tq.class,
+                expected: expected_s,
+            });
+        }
+        Ok(tq)
+    }
+
+    fn size_of(q: &QubeVolumes, vol: &str, default: u64) -> u64 {
+        q.volume(vol).map_or(default, |v| v.size)
+    }
+
+    pub fn create_qube(
+        &self,
+        name: &str,
+        class: QubeClass,
+        template: Option<&str>,
+    ) -> Result<QubeVolumes, ModelError> {
+        validate_name("qube", name)?;
+        if let Some(t) = template {
+            validate_name("template", t)?;
+        }
+        let _g = self.lock.lock();
+        match self.load(name) {
+            Ok(_) => return Err(ModelError::QubeExists { qube: name.into() }),
+            Err(ModelError::NoSuchQube { .. }) => {}
+            Err(e) => return Err(e),
+        }
+        let mut txn = Txn::new(self.p());
+        let volatile = Self::default_volume("volatile", DEFAULT_VOLATILE_SIZE);
+        let (tmpl, volumes) = match class {
+            QubeClass::TemplateVM => {
+                if let Some(t) = template {
+                    return Err(ModelError::TemplateNotAllowed {
+                        qube: name.into(),
+                        class,
+                        template: t.into(),
+                    });
+                }
+                let root = Self::own("root", DEFAULT_ROOT_SIZE);
+                let private = Self::own("private", DEFAULT_PRIVATE_SIZE);
+                txn.create(&head_key(name, "root"), root.size)?;
+                txn.create(&head_key(name, "private"), private.size)?;
+                (None, vec![root, private, volatile])
+            }
+            QubeClass::AppVM => {
+                let t = self.load_template(name, class, template, QubeClass::TemplateVM)?;
+                let root = Self::snap(
+                    "root",
+                    Self::size_of(&t, "root", DEFAULT_ROOT_SIZE),
+                    format!("{}:root", t.qube),
+                );
+                let private = Self::own("private", DEFAULT_PRIVATE_SIZE);
+                txn.create(&head_key(name, "private"), private.size)?;
+                (Some(t.qube), vec![root, private, volatile])
+            }
+            QubeClass::DispVM => {
+                let dvm = self.load_template(name, class, template, QubeClass::AppVM)?;
+                let t = dvm.template.clone().ok_or_else(|| ModelError::BadConfig {
+                    qube: dvm.qube.clone(),
+                    reason: "an AppVM without a template".into(),
+                })?;
+                let t_root = self
+                    .load(&t)
+                    .map(|tq| Self::size_of(&tq, "root", DEFAULT_ROOT_SIZE))
+                    .unwrap_or(DEFAULT_ROOT_SIZE);
+                let root = Self::snap("root", t_root, format!("{t}:root"));
+                let private = Self::snap(
+                    "private",
+                    Self::size_of(&dvm, "private", DEFAULT_PRIVATE_SIZE),
+                    format!("{}:private", dvm.qube),
+                );
+                (Some(dvm.qube), vec![root, private, volatile])
+            }
+            QubeClass::StandaloneVM => match template {
+                None => {
+                    let root = Self::own("root", DEFAULT_ROOT_SIZE);
+                    let private = Self::own("private", DEFAULT_PRIVATE_SIZE);
+                    txn.create(&head_key(name, "root"), root.size)?;
+                    txn.create(&head_key(name, "private"), private.size)?;
+                    (None, vec![root, private, volatile])
+                }
+                Some(_) => {
+                    let t = self.load_template(name, class, template, QubeClass::TemplateVM)?;
+                    let mut vols = Vec::new();
+                    for vol in ["root", "private"] {
+                        let src = head_key(&t.qube, vol);
+                        let own = Self::own(vol, Self::size_of(&t, vol, DEFAULT_PRIVATE_SIZE));
+                        if t.volume(vol).is_some_and(|v| v.save_on_stop) && self.exists(&src)? {
+                            txn.snapshot(&src, &head_key(name, vol))?;
+                        } else {
+                            txn.create(&head_key(name, vol), own.size)?;
+                        }
+                        vols.push(own);
+                    }
+                    vols.push(volatile);
+                    (Some(t.qube), vols)
+                }
+            },
+        };
+        let q = QubeVolumes {
+            qube: name.into(),
+            class,
+            template: tmpl,
+            volumes,
+        };
+        self.save(&mut txn, &q)?;
+        txn.commit(&format!("creating qube {name}"))?;
+        Ok(q)
+    }
+
+    pub fn clone_qube(&self, src: &str, dst: &str) -> Result<QubeVolumes, ModelError> {
+        validate_name("qube", src)?;
+        validate_name("qube", dst)?;
+        let _g = self.lock.lock();
+        let s = self.load(src)?;
+        match self.load(dst) {
+            Ok(_) => return Err(ModelError::QubeExists { qube: dst.into() }),
+            Err(ModelError::NoSuchQube { .. }) => {}
+            Err(e) => return Err(e),
+        }
+        let mut txn = Txn::new(self.p());
+        for v in s.volumes.iter().filter(|v| v.save_on_stop) {
+            let from = head_key(src, &v.name);
+            if !self.exists(&from)? {
+                return Err(ModelError::HeadMissing {
+                    qube: src.into(),
+                    volume: v.name.clone(),
+                    key: from,
+                });
+            }
+            txn.snapshot(&from, &head_key(dst, &v.name))?;
+        }
+        let q = QubeVolumes {
+            qube: dst.into(),
+            ..s
+        };
+        self.save(&mut txn, &q)?;
+        txn.commit(&format!("cloning qube {src} to {dst}"))?;
+        Ok(q)
+    }
+
+    pub fn remove_qube(&self, name: &str) -> Result<(), ModelError> {
+        let _g = self.lock.lock();
+        self.load(name)?;
+        if self.marked_running(name)? {
+            return Err(ModelError::Running {
+                qube: name.into(),
+                action: "remove it",
+            });
+        }
+        let users: Vec<String> = self
+            .list_qubes_unlocked()?
+            .into_iter()
+            .filter(|q| q.qube != name && q.depends_on(name))
+            .map(|q| q.qube)
+            .collect();
+        if !users.is_empty() {
+            return Err(ModelError::InUse {
+                qube: name.into(),
+                users: users.join(", "),
+            });
+        }
+        let prefix = format!("{name}/");
+        let keys: Vec<String> = self
+            .p()
+            .list_volumes()
+            .map_err(ModelError::pool("listing volumes", name))?
+            .into_iter()
+            .filter(|v| v.key.starts_with(&prefix))
+            .map(|v| v.key)
+            .collect();
+        let mut txn = Txn::new(self.p());
+        for k in &keys {
+            txn.remove(k)?;
+        }
+        txn.set_meta(&format!("{META_VOLUMES}{name}"), None)?;
+        txn.commit(&format!("removing qube {name}"))
+    }
+
+    pub fn qube(&self, name: &str) -> Result<QubeVolumes, ModelError> {
+        self.load(name)
+    }
+
+    fn list_qubes_unlocked(&self) -> Result<Vec<QubeVolumes>, ModelError> {
+        let keys = self
+            .p()
+            .meta_keys(META_VOLUMES)
+            .map_err(ModelError::pool("listing qubes", "pool"))?;
+        keys.iter()
+            .filter_map(|k| k.strip_prefix(META_VOLUMES))
+            .map(|n| self.load(n))
+            .collect()
+    }
+
+    pub fn list_qubes(&self) -> Result<Vec<QubeVolumes>, ModelError> {
+        self.list_qubes_unlocked()
+    }
+
+    pub fn start(&self, name: &str) -> Result<Vec<StartedVolume>, ModelError> {
+        let _g = self.lock.lock();
+        let q = self.load(name)?;
+        let mut vols: Vec<&VolumeConfig> = q.volumes.iter().collect();
+        vols.sort_by_key(|v| volume_rank(&v.name));
+        // Resolve sources first: a missing template must not leave anything half-made.
+        let mut sources = Vec::new();
+        for v in &vols {
+            sources.push(if v.snap_on_start {
+                Some(self.source_head(&q, v)?)
+            } else {
+                None
+            });
+        }
+        for v in vols.iter().filter(|v| v.save_on_stop && !v.snap_on_start) {
+            let head = head_key(name, &v.name);
+            if !self.exists(&run_key(name, &v.name))? && !self.exists(&head)? {
+                return Err(ModelError::HeadMissing {
+                    qube: name.into(),
+                    volume: v.name.clone(),
+                    key: head,
+                });
+            }
+        }
+        let mut txn = Txn::new(self.p());
+        // Leftovers of a run that did not stop cleanly are dropped first (they may be open,
+        // and then nothing else has been staged yet).
+        for v in vols.iter().filter(|v| !v.save_on_stop) {
+            let head = head_key(name, &v.name);
+            if self.exists(&head)? {
+                txn.remove(&head)?;
+            }
+        }
+        let mut started = Vec::new();
+        for (v, source) in vols.iter().zip(&sources) {
+            let key = if v.save_on_stop {
+                let run = run_key(name, &v.name);
+                // An existing running snapshot holds the flushed writes of a run the
+                // controller lost track of: resume from it.
+                if !self.exists(&run)? {
+                    let from = source.clone().unwrap_or_else(|| head_key(name, &v.name));
+                    txn.snapshot(&from, &run)?;
+                }
+                run
+            } else {
+                let head = head_key(name, &v.name);
+                match source {
+                    Some(src) => txn.snapshot(src, &head)?,
+                    None => txn.create(&head, v.size)?,
+                }
+                head
+            };
+            let size = self
+                .p()
+                .volume(&key)
+                .map_err(ModelError::pool("looking up volume", &key))?
+                .size;
+            started.push(StartedVolume {
+                name: v.name.clone(),
+                key,
+                read_only: !v.rw,
+                size,
+            });
+        }
+        let stamp = format_revision_id(now_micros());
+        txn.set_meta(&format!("{META_RUNNING}{name}"), Some(&stamp))?;
+        txn.commit(&format!("starting qube {name}"))?;
+        Ok(started)
+    }
+
+    pub fn stop(&self, name: &str) -> Result<(), ModelError> {
+        let _g = self.lock.lock();
+        let q = self.load(name)?;
+        if !self.marked_running(name)? {
+            return Err(ModelError::NotRunning { qube: name.into() });
+        }
+        let mut txn = Txn::new(self.p());
+        for v in q.volumes.iter().filter(|v| !v.save_on_stop) {
+            let head = head_key(name, &v.name);
+            if self.exists(&head)? {
+                txn.remove(&head)?;
+            }
+        }
+        for v in q.volumes.iter().filter(|v| v.save_on_stop) {
+            let run = run_key(name, &v.name);
+            if self.exists(&run)? {
+                self.commit_volume(&mut txn, name, v, &run)?;
+            }
+        }
+        txn.set_meta(&format!("{META_RUNNING}{name}"), None)?;
+        txn.commit(&format!("stopping qube {name}"))
+    }
+
+    pub fn is_running(&self, name: &str) -> Result<bool, ModelError> {
+        self.load(name)?;
+        self.marked_running(name)
+    }
+
+    pub fn running_qubes(&self) -> Result<Vec<String>, ModelError> {
+        let keys = self
+            .p()
+            .meta_keys(META_RUNNING)
+            .map_err(ModelError::pool("listing running qubes", "pool"))?;
+        Ok(keys
+            .iter()
+            .filter_map(|k| k.strip_prefix(META_RUNNING))
+            .map(str::to_string)
+            .collect())
+    }
+
+    pub fn volume_status(&self, qube: &str, vol: &str) -> Result<VolumeStatus, ModelError> {
+        let q = self.load(qube)?;
+        let v = Self::volume_of(&q, vol)?;
+        let head = head_key(qube, vol);
+        let run = run_key(qube, vol);
+        let head_exists = self.exists(&head)?;
+        let dirty = v.save_on_stop && self.exists(&run)?;
+        let live = if dirty {
+            Some(run)
+        } else if head_exists {
+            Some(head.clone())
+        } else {
+            None
+        };
+        let (size, usage) = match live {
+            Some(k) => {
+                let info = self
+                    .p()
+                    .volume(&k)
+                    .map_err(ModelError::pool("looking up volume", &k))?;
+                (info.size, info.mapped)
+            }
+            None => (v.size, 0),
+        };
+        Ok(VolumeStatus {
+            qube: qube.into(),
+            name: vol.into(),
+            config: v.clone(),
+            head_key: head_exists.then_some(head),
+            size,
+            usage,
+            dirty,
+            running: self.marked_running(qube)?,
+            revisions: if v.save_on_stop {
+                self.revisions(qube, vol)?
+            } else {
+                Vec::new()
+            },
+        })
+    }
+
+    /// Checks shared by revert and import: a persistent, clean volume of a stopped qube.
+    fn check_replaceable<'q>(
+        &self,
+        q: &'q QubeVolumes,
+        vol: &str,
+        op: &'static str,
+        action: &'static str,
+    ) -> Result<&'q VolumeConfig, ModelError> {
+        let v = Self::volume_of(q, vol)?;
+        if !v.save_on_stop {
+            let hint = v
+                .source
+                .as_ref()
+                .map(|s| format!("; {op} {s} instead"))
+                .unwrap_or_default();
+            return Err(ModelError::NotPersistent {
+                qube: q.qube.clone(),
+                volume: vol.into(),
+                op,
+                hint,
+            });
+        }
+        if self.exists(&run_key(&q.qube, vol))? {
+            return Err(ModelError::Dirty {
+                qube: q.qube.clone(),
+                volume: vol.into(),
+            });
+        }
+        if self.marked_running(&q.qube)? {
+            return Err(ModelError::Running {
+                qube: q.qube.clone(),
+                action,
+            });
+        }
+        Ok(v)
+    }
+
+    pub fn revert(&self, qube: &str, vol: &str, revision: Option<&str>) -> Result<(), ModelError> {
+        let _g = self.lock.lock();
+        let q = self.load(qube)?;
+        let v = self.check_replaceable(&q, vol, "revert", "revert its volumes")?;
+        let revs = self.revisions(qube, vol)?;
+        let chosen = match revision {
+            None => revs.last().ok_or(ModelError::NoRevisions {
+                qube: qube.into(),
+                volume: vol.into(),
+                keep: v.revisions_to_keep,
+            })?,
+            Some(id) => {
+                revs.iter()
+                    .find(|r| r.id == id)
+                    .ok_or_else(|| ModelError::NoSuchRevision {
+                        qube: qube.into(),
+                        volume: vol.into(),
+                        revision: id.escape_debug().to_string(),
+                        available: if revs.is_empty() {
+                            "none".into()
+                        } else {
+                            revs.iter()
+                                .map(|r| r.id.as_str())
+                                .collect::<Vec<_>>()
+                                .join(", ")
+                        },
+                    })?
+            }
+        };
+        let head = head_key(qube, vol);
+        let mut txn = Txn::new(self.p());
+        // The head being replaced becomes the newest revision, so the revert can itself
+        // be reverted; nothing is pruned here (pruning would drop that way back).
+        if self.exists(&head)? {
+            let id = Self::new_revision_id(&revs);
+            txn.rename(&head, &revision_key(qube, vol, &id))?;
+        }
+        txn.rename(&chosen.key, &head)?;
+        txn.commit(&format!("reverting {qube}:{vol} to revision {}", chosen.id))
+    }
+
+    pub fn discard(&self, qube: &str, vol: &str) -> Result<(), ModelError> {
+        let _g = self.lock.lock();
+        let q = self.load(qube)?;
+        let v = Self::volume_of(&q, vol)?;
+        if !v.save_on_stop {
+            return Err(ModelError::NotPersistent {
+                qube: qube.into(),
+                volume: vol.into(),
+                op: "discard",
+                hint: "; it is dropped at stop anyway".into(),
+            });
+        }
+        let run = run_key(qube, vol);
+        if !self.exists(&run)? {
+            return Ok(());
+        }
+        let mut txn = Txn::new(self.p());
+        txn.remove(&run)?;
+        txn.commit(&format!("discarding uncommitted writes of {qube}:{vol}"))
+    }
+
+    pub fn resize(
+        &self,
+        qube: &str,
+        vol: &str,
+        size: u64,
+        allow_shrink: bool,
+    ) -> Result<(), ModelError> {
+        let _g = self.lock.lock();
+        let mut q = self.load(qube)?;
+        let v = Self::volume_of(&q, vol)?.clone();
+        if v.snap_on_start {
+            return Err(ModelError::FollowsSource {
+                qube: qube.into(),
+                volume: vol.into(),
+                from: v.source.clone().unwrap_or_default(),
+            });
+        }
+        if size < v.size && !allow_shrink {
+            return Err(ModelError::Pool {
+                op: "resizing",
+                target: format!("{qube}:{vol}"),
+                source: Box::new(PoolError::ShrinkRefused {
+                    volume: format!("{qube}:{vol}"),
+                    from: v.size,
+                    to: size,
+                }),
+            });
+        }
+        let mut txn = Txn::new(self.p());
+        // The running snapshot is what the qube sees; the head is resized too so the size
+        // holds whichever of them ends up as the head (stop, or discard).
+        for key in [head_key(qube, vol), run_key(qube, vol)] {
+            if self.exists(&key)? {
+                txn.resize(&key, size, allow_shrink)?;
+            }
+        }
+        for c in q.volumes.iter_mut().filter(|c| c.name == vol) {
+            c.size = size;
+        }
+        self.save(&mut txn, &q)?;
+        txn.commit(&format!("resizing {qube}:{vol}"))
+    }
+
+    pub fn import(
+        &self,
+        qube: &str,
+        vol: &str,
+        image: &mut dyn Read,
+        size: u64,
+    ) -> Result<ImportStats, ModelError> {
+        let _g = self.lock.lock();
+        let mut q = self.load(qube)?;
+        let v = self
+            .check_replaceable(&q, vol, "import into", "import into its volumes")?
+            .clone();
+        let head = head_key(qube, vol);
+        let staging = revision_key(qube, vol, IMPORT);
+        let mut txn = Txn::new(self.p());
+        if self.exists(&staging)? {
+            txn.remove(&staging)?;
+        }
+        let opts = ImportOptions {
+            dedup: true,
+            dedup_against: self.exists(&head)?.then(|| head.clone()),
+        };
+        let stats = match self.p().import_volume(&staging, image, size, &opts) {
+            Ok(s) => s,
+            Err(e) => {
+                // A driver may have staged part of the volume before the reader failed.
+                if self.p().exists(&staging).unwrap_or(false) {
+                    let _ = self.p().remove_volume(&staging);
+                }
+                return Err(ModelError::pool("importing", format!("{qube}:{vol}"))(e));
+            }
+        };
+        txn.undo.push(Undo::Remove(staging.clone()));
+        self.commit_volume(&mut txn, qube, &v, &staging)?;
+        for c in q.volumes.iter_mut().filter(|c| c.name == vol) {
+            c.size = size;
+        }
+        self.save(&mut txn, &q)?;
+        txn.commit(&format!("importing into {qube}:{vol}"))?;
+        Ok(stats)
+    }
+
+    /// Writes the committed head of a volume saved at stop; returns the bytes written.
+    pub fn export(&self, qube: &str, vol: &str, out: &mut dyn Write) -> Result<u64, ModelError> {
+        let q = self.load(qube)?;
+        let v = Self::volume_of(&q, vol)?;
+        if !v.save_on_stop {
+            let hint = v
+                .source
+                .as_ref()
+                .map(|s| format!("; export {s} instead"))
+                .unwrap_or_default();
+            return Err(ModelError::NotPersistent {
+                qube: qube.into(),
+                volume: vol.into(),
+                op: "export",
+                hint,
+            });
+        }
+        let head = head_key(qube, vol);
+        let dev = self
+            .p()
+            .open_volume(&head, true)
+            .map_err(ModelError::pool("opening volume", &head))?;
+        let size = dev.size();
+        let mut buf = vec![0u8; 1 << 20];
+        let mut pos = 0u64;
+        while pos < size {
+            let n = (size - pos).min(buf.len() as u64) as usize;
+            dev.read_at(&mut buf[..n], pos)
+                .map_err(|e| ModelError::pool("reading volume", &head)(PoolError::Block(e)))?;
+            out.write_all(&buf[..n]).map_err(|source| ModelError::Io {
+                op: "exporting",
+                qube: qube.into(),
+                volume: vol.into(),
+                source,
+            })?;
+            pos += n as u64;
+        }
+        out.flush().map_err(|source| ModelError::Io {
+            op: "exporting",
+            qube: qube.into(),
+            volume: vol.into(),
+            source,
+        })?;
+        Ok(size)
+    }
+
+    pub fn set_revisions_to_keep(&self, qube: &str, vol: &str, n: u32) -> Result<(), ModelError> {
+        let _g = self.lock.lock();
+        let mut q = self.load(qube)?;
+        Self::volume_of(&q, vol)?;
+        let mut txn = Txn::new(self.p());
+        for c in q.volumes.iter_mut().filter(|c| c.name == vol) {
+            c.revisions_to_keep = n;
+        }
+        let revs = self.revisions(qube, vol)?;
+        self.prune(&mut txn, &revs, n)?;
+        self.save(&mut txn, &q)?;
+        txn.commit(&format!("setting revisions_to_keep of {qube}:{vol}"))
+    }
+
+    /// Every pool key under a qube (heads, running snapshots, revisions, leftovers).
+    pub fn pool_keys(&self, qube: &str) -> Result<BTreeSet<String>, ModelError> {
+        validate_name("qube", qube)?;
+        let prefix = format!("{qube}/");
+        Ok(self
+            .p()
+            .list_volumes()
+            .map_err(ModelError::pool("listing volumes", qube))?
+            .into_iter()
+            .filter(|v| v.key.starts_with(&prefix))
+            .map(|v| v.key)
+            .collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn revision_ids_round_trip_and_reject_other_suffixes() {
+        assert_eq!(
+            parse_revision_id("1764160000.123456"),
+            Some(1_764_160_000_123_456)
+        );
+        assert_eq!(
+            format_revision_id(1_764_160_000_000_001),
+            "1764160000.000001"
+        );
+        for bad in [
+            "run",
+            "import",
+            "1.2",
+            "a.123456",
+            ".123456",
+            "1764160000.1234567",
+        ] {
+            assert_eq!(parse_revision_id(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn new_revision_ids_are_after_the_newest() {
+        let far = format_revision_id(now_micros() + 10_000_000_000);
+        let revs = vec![Revision {
+            id: far.clone(),
+            key: String::new(),
+            timestamp: 0.0,
+        }];
+        let id = Volumes::new_revision_id(&revs);
+        assert!(parse_revision_id(&id).unwrap() > parse_revision_id(&far).unwrap());
+    }
+}
