@@ -435,8 +435,15 @@ fn accept_loop(
 }
 
 fn serve_connection(stream: UnixStream, shared: &Arc<Shared>) -> io::Result<()> {
+    let result = serve(&stream, shared);
+    // Explicit, because the registry still holds a clone of the fd until we return.
+    let _ = stream.shutdown(std::net::Shutdown::Both);
+    result
+}
+
+fn serve(stream: &UnixStream, shared: &Arc<Shared>) -> io::Result<()> {
     stream.set_nonblocking(false)?;
-    set_socket_buffers(&stream);
+    set_socket_buffers(stream);
     stream.set_read_timeout(Some(HANDSHAKE_TIMEOUT))?;
     let mut w = stream.try_clone()?;
     let mut r = BufReader::with_capacity(256 << 10, stream.try_clone()?);
@@ -505,7 +512,6 @@ fn serve_connection(stream: UnixStream, shared: &Arc<Shared>) -> io::Result<()> 
     });
     let result = conn.read_requests(&mut r);
     conn.wait_idle();
-    let _ = stream.shutdown(std::net::Shutdown::Both);
     result
 }
 

@@ -162,9 +162,10 @@ fn fio_verify_crc32c() {
                 "--verify_fatal=1",
                 "--do_verify=1",
                 "--numjobs=1",
-                "--time_based=0",
+                "--verify_state_save=0",
             ])
-            .arg(format!("--uri={}", fx.uri("work/private"))));
+            .arg(format!("--uri={}", fx.uri("work/private")))
+            .current_dir(fx.dir.path()));
         let text = stdout(&out);
         assert!(text.contains("err= 0"), "{b:?}: fio output:\n{text}");
     }

@@ -151,6 +151,18 @@ pub fn pattern(len: usize, seed: u64) -> Vec<u8> {
 }
 
 /// Runs a Python script under nbdsh with the URI in `$URI`.
+/// The script starts with `h` unconnected (so it can set options first).
+/// nbdsh runs `python3` from PATH; the libnbd module lives in the system Python, so the
+/// system directories go first.
 pub fn nbdsh(uri: &str, script: &str) -> Output {
-    run(Command::new("nbdsh").arg("-c").arg(script).env("URI", uri))
+    let path = format!(
+        "/usr/bin:/bin:{}",
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let script = format!("import os, errno, nbd\nURI = os.environ['URI']\n{script}");
+    run(Command::new("nbdsh")
+        .arg("-c")
+        .arg(script)
+        .env("URI", uri)
+        .env("PATH", path))
 }
