@@ -257,9 +257,10 @@ pub fn quote(name: &str, what: &str, value: &str) -> Result<String, HvError> {
 /// The xl DISKSPEC for one disk (before config-string quoting).
 pub fn disk_spec_string(d: &DiskSpec) -> String {
     let socket = d.nbd_socket.to_string_lossy();
+    // libxlutil takes everything after `target=` verbatim (checked against libxlutil
+    // 4.17 in tests/xen_config.rs: backslashes are not unescaped there), so only the
+    // config-string quoting around the whole spec escapes anything.
     let target = format!("nbd:unix:{socket}:exportname={}", d.export);
-    // In a disk spec, a backslash inside target= is itself escaped with a backslash.
-    let target = target.replace('\\', "\\\\");
     format!(
         "format=raw,vdev={},access={},backendtype=qdisk,target={target}",
         d.vdev,

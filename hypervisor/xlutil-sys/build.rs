@@ -22,7 +22,7 @@ fn main() {
         .allowlist_type("libxl_device_disk")
         .allowlist_type("libxl_disk_(format|backend)")
         .allowlist_var("LIBXL_DISK_.*")
-        .rustified_enum("libxl_disk_(format|backend)")
+        .newtype_enum("libxl_disk_(format|backend)")
         .derive_default(false)
         .layout_tests(false)
         .generate()
