@@ -17,9 +17,13 @@ use storage::BlockDevice;
 pub enum Backend {
     /// Sparse file (test double).
     File,
+    /// `storage::MemPool`, the simulation pool driver (chunked, refcounted, capacity).
+    Mem,
 }
 
-pub const BACKENDS: &[Backend] = &[Backend::File];
+pub const BACKENDS: &[Backend] = &[Backend::File, Backend::Mem];
+
+const CHUNK: u64 = 64 << 10;
 
 pub struct Fixture {
     pub dir: tempfile::TempDir,
@@ -57,6 +61,13 @@ pub fn device(backend: Backend, dir: &Path, spec: &VolSpec) -> Arc<dyn BlockDevi
                 d = d.space_limit(s);
             }
             Arc::new(d.read_only(spec.read_only))
+        }
+        Backend::Mem => {
+            use storage::Pool;
+            let pool = storage::MemPool::with_options(CHUNK, spec.space);
+            pool.create_volume(spec.name, spec.size).unwrap();
+            pool.commit().unwrap();
+            pool.open_volume(spec.name, spec.read_only).unwrap()
         }
     }
 }
