@@ -87,7 +87,7 @@ fn kernel_and_modules() -> (PathBuf, PathBuf) {
 }
 
 /// virtio-blk is a module in Debian's kernel: ship the chain in load order.
-const MODULES: &[&str] = &[
+const VIRTIO_BLK: &[&str] = &[
     "kernel/drivers/virtio/virtio_ring.ko",
     "kernel/drivers/virtio/virtio.ko",
     "kernel/drivers/virtio/virtio_pci_legacy_dev.ko",
@@ -96,29 +96,34 @@ const MODULES: &[&str] = &[
     "kernel/drivers/block/virtio_blk.ko",
 ];
 
-fn initramfs(dir: &Path, script: &str, with_modules: bool) -> PathBuf {
+/// The ACPI power button as an input device the guest's init can read.
+const POWER_BUTTON: &[&str] = &[
+    "kernel/drivers/input/evdev.ko",
+    "kernel/drivers/acpi/button.ko",
+];
+
+/// A busybox initramfs that loads `modules` (paths under /lib/modules/RELEASE, in
+/// load order) and then runs `script`.
+fn initramfs(dir: &Path, script: &str, modules: &[&str]) -> PathBuf {
     let (_, moddir) = kernel_and_modules();
-    let mods: Vec<(String, PathBuf)> = if with_modules {
-        MODULES
-            .iter()
-            .map(|m| {
-                let base = Path::new(m).file_name().unwrap().to_string_lossy();
-                (format!("lib/modules/{base}"), moddir.join(m))
-            })
-            .collect()
-    } else {
-        vec![]
+    let base = |m: &str| {
+        Path::new(m)
+            .file_name()
+            .unwrap()
+            .to_string_lossy()
+            .into_owned()
     };
+    let mods: Vec<(String, PathBuf)> = modules
+        .iter()
+        .map(|m| (format!("lib/modules/{}", base(m)), moddir.join(m)))
+        .collect();
     let extra: Vec<(&str, &Path)> = mods
         .iter()
         .map(|(d, s)| (d.as_str(), s.as_path()))
         .collect();
     let mut full = String::new();
-    if with_modules {
-        for m in MODULES {
-            let base = Path::new(m).file_name().unwrap().to_string_lossy();
-            full.push_str(&format!("insmod /lib/modules/{base}\n"));
-        }
+    for m in modules {
+        full.push_str(&format!("insmod /lib/modules/{}\n", base(m)));
     }
     full.push_str(script);
     let img = busybox_initramfs(&full, &extra).expect("building initramfs");
@@ -199,7 +204,7 @@ sync
 echo BOOT-TEST-DONE
 poweroff -f
 ";
-    let initrd = initramfs(tmp.path(), script, true);
+    let initrd = initramfs(tmp.path(), script, VIRTIO_BLK);
     let spec = spec("bootq", tmp.path(), initrd, disks);
     let hv = Qemu::new().with_accel(Accel::Tcg);
     let _guard = DomainGuard {
@@ -249,7 +254,7 @@ fn shutdown_of_a_guest_that_ignores_powerdown_ends_in_kill() {
         .unwrap();
     // busybox sh as PID 1 ignores the ACPI power button: nothing runs acpid.
     let script = "echo LOOPING\nwhile true; do sleep 1; done\n";
-    let initrd = initramfs(tmp.path(), script, false);
+    let initrd = initramfs(tmp.path(), script, &[]);
     let spec = spec("loopq", tmp.path(), initrd, vec![]);
     let hv = Qemu::new().with_accel(Accel::Tcg);
     let _guard = DomainGuard {
@@ -275,6 +280,55 @@ fn shutdown_of_a_guest_that_ignores_powerdown_ends_in_kill() {
         DomainState::Halted
     );
     assert!(!spec.run_dir.join("qemu.pid").exists());
+}
+
+#[test]
+fn shutdown_of_a_cooperative_guest_is_clean() {
+    require("qemu-system-x86_64");
+    let tmp = tempfile::Builder::new()
+        .prefix("hvq")
+        .tempdir_in("/tmp")
+        .unwrap();
+    // The guest's init waits for the ACPI power button (what system_powerdown
+    // presses) and powers off: the path a real guest's systemd takes.
+    let script = "\
+dev=
+for e in /sys/class/input/event*; do
+  grep -q 'Power Button' $e/device/name 2>/dev/null && dev=/dev/input/${e##*/}
+done
+echo \"WAITING-FOR-POWER-BUTTON $dev\"
+head -c 1 $dev > /dev/null
+echo GOT-POWER-BUTTON
+poweroff -f
+";
+    let initrd = initramfs(tmp.path(), script, POWER_BUTTON);
+    let spec = spec("ackq", tmp.path(), initrd, vec![]);
+    let hv = Qemu::new().with_accel(Accel::Tcg);
+    let _guard = DomainGuard {
+        hv: &hv,
+        name: spec.name.clone(),
+        run_dir: spec.run_dir.clone(),
+    };
+    hv.start(&spec).expect("start");
+    let console = hv.console_log(&spec.run_dir);
+    wait_for(
+        "the guest to wait for the power button",
+        BOOT_DEADLINE,
+        || {
+            fs::read_to_string(&console)
+                .map(|s| s.contains("WAITING-FOR-POWER-BUTTON /dev/input/event"))
+                .unwrap_or(false)
+        },
+    );
+    hv.shutdown("ackq", &spec.run_dir, Duration::from_secs(60))
+        .expect("shutdown");
+    assert_eq!(
+        hv.state("ackq", &spec.run_dir).unwrap(),
+        DomainState::Halted
+    );
+    let log = fs::read_to_string(&console).unwrap();
+    // The guest saw the button: it was not killed at the timeout.
+    assert!(log.contains("GOT-POWER-BUTTON"), "console:\n{log}");
 }
 
 #[test]
