@@ -1,0 +1,248 @@
+//! fio (ioengine=nbd) against this server and its peers, side by side:
+//!
+//! * blkback on a 1 GiB volume (thin pool when available, and the sparse-file double),
+//! * `qemu-nbd -f raw --cache=writeback` on a raw file with the same bytes,
+//! * `qemu-nbd -f qcow2` on a fresh qcow2 overlay of that raw file,
+//! * `nbdkit file` on the raw file,
+//!
+//! for sequential 1 MiB read/write (iodepth 4) and random 4 KiB read/write (iodepth 32),
+//! with 1 and 4 connections, `NBD_BENCH_SECS` (default 5) seconds each. Prints MB/s, IOPS
+//! and the ratios against each peer. `NBD_BENCH_SIZE_MIB` (default 1024) sizes the volume.
+//! Every server is a separate process except blkback, which runs in this process.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use blkback::testing::FileDevice;
+use blkback::{nbd_uri, Export, NbdServer};
+use storage::BlockDevice;
+
+struct Workload {
+    name: &'static str,
+    rw: &'static str,
+    bs: &'static str,
+    iodepth: u32,
+}
+
+const WORKLOADS: &[Workload] = &[
+    Workload { name: "seq read 1M qd4", rw: "read", bs: "1M", iodepth: 4 },
+    Workload { name: "seq write 1M qd4", rw: "write", bs: "1M", iodepth: 4 },
+    Workload { name: "rand read 4k qd32", rw: "randread", bs: "4k", iodepth: 32 },
+    Workload { name: "rand write 4k qd32", rw: "randwrite", bs: "4k", iodepth: 32 },
+];
+
+#[derive(Clone, Copy, Default)]
+struct Figures {
+    mbps: f64,
+    iops: f64,
+}
+
+fn tool(name: &str) -> Command {
+    if Command::new("which").arg(name).stdout(Stdio::null()).status().map(|s| !s.success()).unwrap_or(true) {
+        panic!("{name} is not installed (see scripts/install-deps.sh)");
+    }
+    Command::new(name)
+}
+
+fn wait_for_socket(p: &Path) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::os::unix::net::UnixStream::connect(p).is_err() {
+        assert!(Instant::now() < deadline, "server on {} never came up", p.display());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A peer server process, killed (by its own pid) when dropped.
+struct Peer(Child);
+
+impl Drop for Peer {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn fio(uri: &str, w: &Workload, jobs: u32, secs: u64, size: u64, dir: &Path) -> Figures {
+    let out = tool("fio")
+        .current_dir(dir)
+        .args(["--name=bench", "--ioengine=nbd", "--time_based", "--group_reporting", "--output-format=json"])
+        .arg(format!("--uri={uri}"))
+        .arg(format!("--rw={}", w.rw))
+        .arg(format!("--bs={}", w.bs))
+        .arg(format!("--iodepth={}", w.iodepth))
+        .arg(format!("--numjobs={jobs}"))
+        .arg(format!("--runtime={secs}"))
+        .arg(format!("--size={size}"))
+        .arg("--randrepeat=0")
+        .output()
+        .expect("running fio");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "fio failed on {uri}: {}\n{text}", String::from_utf8_lossy(&out.stderr));
+    let start = text.find('{').expect("fio printed no JSON");
+    let v: serde_json::Value = serde_json::from_str(&text[start..]).expect("fio JSON");
+    let job = &v["jobs"][0];
+    let side = if w.rw.contains("read") { &job["read"] } else { &job["write"] };
+    Figures { mbps: side["bw_bytes"].as_f64().unwrap_or(0.0) / 1e6, iops: side["iops"].as_f64().unwrap_or(0.0) }
+}
+
+fn write_base(path: &Path, size: u64) {
+    use std::io::Write;
+    let mut f = std::io::BufWriter::with_capacity(8 << 20, std::fs::File::create(path).unwrap());
+    let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+    let mut block = vec![0u8; 1 << 20];
+    for _ in 0..size >> 20 {
+        for w in block.chunks_mut(8) {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            w.copy_from_slice(&x.to_le_bytes());
+        }
+        f.write_all(&block).unwrap();
+    }
+    f.into_inner().unwrap().sync_all().unwrap();
+}
+
+type Target = (String, Box<dyn Fn() -> (String, Option<Box<dyn std::any::Any>>)>);
+
+fn main() {
+    // `cargo bench` passes `--bench`; nothing to parse.
+    let secs: u64 = std::env::var("NBD_BENCH_SECS").ok().and_then(|s| s.parse().ok()).unwrap_or(5);
+    let size: u64 = std::env::var("NBD_BENCH_SIZE_MIB").ok().and_then(|s| s.parse().ok()).unwrap_or(1024) << 20;
+    let only: Option<String> = std::env::var("NBD_BENCH_ONLY").ok();
+    let dir = tempfile::Builder::new().prefix("nbd-bench").tempdir_in("/var/tmp").unwrap();
+    let d = dir.path().to_owned();
+    let base = d.join("base.raw");
+    eprintln!("writing {} MiB of test data...", size >> 20);
+    write_base(&base, size);
+
+    let mut targets: Vec<Target> = Vec::new();
+    {
+        let d = d.clone();
+        let base = base.clone();
+        targets.push((
+            "blkback (file)".into(),
+            Box::new(move || {
+                let copy = d.join("blkback-file.raw");
+                std::fs::copy(&base, &copy).unwrap();
+                let dev: Arc<dyn BlockDevice> = Arc::new(FileDevice::create(&copy, size).unwrap());
+                let sock = d.join("blkback-file.sock");
+                let server = NbdServer::bind_unix(&sock, vec![Export { name: "vol".into(), description: String::new(), device: dev }]).unwrap();
+                (nbd_uri(&sock, "vol"), Some(Box::new(server) as Box<dyn std::any::Any>))
+            }),
+        ));
+    }
+    {
+        let d = d.clone();
+        let base = base.clone();
+        targets.push((
+            "qemu-nbd raw".into(),
+            Box::new(move || {
+                let sock = d.join("qemu-raw.sock");
+                let child = tool("qemu-nbd")
+                    .args(["-f", "raw", "--cache=writeback", "--shared=8", "-t", "-x", "vol", "-k"])
+                    .arg(&sock)
+                    .arg(&base)
+                    .spawn()
+                    .unwrap();
+                let peer = Peer(child);
+                wait_for_socket(&sock);
+                (nbd_uri(&sock, "vol"), Some(Box::new(peer) as Box<dyn std::any::Any>))
+            }),
+        ));
+    }
+    {
+        let d = d.clone();
+        let base = base.clone();
+        targets.push((
+            "qemu-nbd qcow2 overlay".into(),
+            Box::new(move || {
+                let ov = d.join("overlay.qcow2");
+                let _ = std::fs::remove_file(&ov);
+                let st = tool("qemu-img")
+                    .args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b"])
+                    .arg(&base)
+                    .arg(&ov)
+                    .status()
+                    .unwrap();
+                assert!(st.success());
+                let sock = d.join("qemu-qcow2.sock");
+                let child = tool("qemu-nbd")
+                    .args(["-f", "qcow2", "--cache=writeback", "--shared=8", "-t", "-x", "vol", "-k"])
+                    .arg(&sock)
+                    .arg(&ov)
+                    .spawn()
+                    .unwrap();
+                let peer = Peer(child);
+                wait_for_socket(&sock);
+                (nbd_uri(&sock, "vol"), Some(Box::new(peer) as Box<dyn std::any::Any>))
+            }),
+        ));
+    }
+    {
+        let d = d.clone();
+        let base = base.clone();
+        targets.push((
+            "nbdkit file".into(),
+            Box::new(move || {
+                let sock = d.join("nbdkit.sock");
+                let child = tool("nbdkit")
+                    .args(["-f", "-U"])
+                    .arg(&sock)
+                    .arg("file")
+                    .arg(format!("file={}", base.display()))
+                    .spawn()
+                    .unwrap();
+                let peer = Peer(child);
+                wait_for_socket(&sock);
+                (nbd_uri(&sock, ""), Some(Box::new(peer) as Box<dyn std::any::Any>))
+            }),
+        ));
+    }
+
+    let names: Vec<String> = targets.iter().map(|t| t.0.clone()).collect();
+    let mut results: Vec<Vec<Figures>> = vec![Vec::new(); targets.len()];
+    let rows: Vec<(usize, u32)> = (0..WORKLOADS.len()).flat_map(|w| [(w, 1), (w, 4)]).collect();
+    for (ti, (name, start)) in targets.iter().enumerate() {
+        if only.as_deref().is_some_and(|o| !name.contains(o)) {
+            results[ti] = vec![Figures::default(); rows.len()];
+            continue;
+        }
+        let (uri, guard) = start();
+        for &(w, jobs) in &rows {
+            let f = fio(&uri, &WORKLOADS[w], jobs, secs, size, &d);
+            eprintln!("{name:>24} | {:<20} x{jobs} | {:>9.1} MB/s {:>9.0} IOPS", WORKLOADS[w].name, f.mbps, f.iops);
+            results[ti].push(f);
+        }
+        drop(guard);
+    }
+
+    let peer = |n: &str| names.iter().position(|x| x == n).unwrap();
+    let (raw, qcow, kit) = (peer("qemu-nbd raw"), peer("qemu-nbd qcow2 overlay"), peer("nbdkit file"));
+    println!();
+    println!(
+        "{:<24} {:<22} {:>10} {:>10} {:>10} {:>10} {:>10}",
+        "server", "workload", "MB/s", "IOPS", "vs raw", "vs qcow2", "vs nbdkit"
+    );
+    for (ri, &(w, jobs)) in rows.iter().enumerate() {
+        for (ti, name) in names.iter().enumerate() {
+            let f = results[ti][ri];
+            let ratio = |p: usize| {
+                let b = results[p][ri].iops;
+                if b > 0.0 { format!("{:.2}x", f.iops / b) } else { "-".into() }
+            };
+            println!(
+                "{:<24} {:<22} {:>10.1} {:>10.0} {:>10} {:>10} {:>10}",
+                name,
+                format!("{} x{jobs}", WORKLOADS[w].name),
+                f.mbps,
+                f.iops,
+                ratio(raw),
+                ratio(qcow),
+                ratio(kit)
+            );
+        }
+    }
+    let _: PathBuf = d;
+}
