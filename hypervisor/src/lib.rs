@@ -237,4 +237,14 @@ mod tests {
         let err = by_name("vmware").err().unwrap();
         assert!(err.to_string().contains("expected"));
     }
+
+    #[test]
+    fn default_is_xen_only_on_a_xen_host() {
+        let want = if Path::new("/proc/xen").exists() {
+            "xen"
+        } else {
+            "qemu"
+        };
+        assert_eq!(default_hypervisor().name(), want);
+    }
 }

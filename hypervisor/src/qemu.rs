@@ -117,6 +117,12 @@ impl Qemu {
         }
     }
 
+    /// A binary name looked up on PATH, or a path.
+    pub fn with_binary(mut self, binary: impl Into<String>) -> Self {
+        self.binary = binary.into();
+        self
+    }
+
     pub fn with_accel(mut self, accel: Accel) -> Self {
         self.forced = Some(accel);
         self

@@ -2,163 +2,15 @@
 //! initramfs, disks served by `qemu-nbd` over unix sockets, as the controller's NBD
 //! server would. Every wait has a deadline so a broken host fails, never hangs.
 
+mod common;
+
 use std::fs;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::thread;
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use hypervisor::initramfs::{busybox_initramfs, host_kernel};
+use common::*;
 use hypervisor::qemu::probe_kvm;
-use hypervisor::{Accel, DiskSpec, DomainSpec, DomainState, Hypervisor, Qemu, VirtMode};
-
-const BOOT_DEADLINE: Duration = Duration::from_secs(100);
-
-fn require(tool: &str) {
-    let ok = Command::new("sh")
-        .args(["-c", &format!("command -v {tool}")])
-        .stdout(Stdio::null())
-        .status()
-        .map(|s| s.success())
-        .unwrap_or(false);
-    assert!(ok, "{tool} not found: run scripts/install-deps.sh");
-}
-
-/// A `qemu-nbd` serving one raw file on a unix socket; killed on drop.
-struct NbdServer {
-    child: Child,
-}
-
-impl NbdServer {
-    fn start(image: &Path, socket: &Path, export: &str, read_only: bool) -> Self {
-        let mut cmd = Command::new("qemu-nbd");
-        cmd.arg(format!("--socket={}", socket.display()))
-            .args(["-f", "raw", "--persistent", "--shared=4"])
-            .arg(format!("--export-name={export}"))
-            .arg(image)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit());
-        if read_only {
-            cmd.arg("--read-only");
-        }
-        let child = cmd.spawn().expect("spawning qemu-nbd");
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !socket.exists() {
-            assert!(
-                Instant::now() < deadline,
-                "qemu-nbd did not create {socket:?}"
-            );
-            thread::sleep(Duration::from_millis(20));
-        }
-        NbdServer { child }
-    }
-}
-
-impl Drop for NbdServer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// Kills the domain if a test fails half way, so no QEMU outlives the test.
-struct DomainGuard<'a> {
-    hv: &'a Qemu,
-    name: String,
-    run_dir: PathBuf,
-}
-
-impl Drop for DomainGuard<'_> {
-    fn drop(&mut self) {
-        let _ = self.hv.kill(&self.name, &self.run_dir);
-    }
-}
-
-fn kernel_and_modules() -> (PathBuf, PathBuf) {
-    let kernel = host_kernel().expect("no /boot/vmlinuz-*: run scripts/install-deps.sh");
-    let release = kernel
-        .file_name()
-        .unwrap()
-        .to_string_lossy()
-        .trim_start_matches("vmlinuz-")
-        .to_string();
-    (kernel, PathBuf::from("/lib/modules").join(release))
-}
-
-/// virtio-blk is a module in Debian's kernel: ship the chain in load order.
-const VIRTIO_BLK: &[&str] = &[
-    "kernel/drivers/virtio/virtio_ring.ko",
-    "kernel/drivers/virtio/virtio.ko",
-    "kernel/drivers/virtio/virtio_pci_legacy_dev.ko",
-    "kernel/drivers/virtio/virtio_pci_modern_dev.ko",
-    "kernel/drivers/virtio/virtio_pci.ko",
-    "kernel/drivers/block/virtio_blk.ko",
-];
-
-/// The ACPI power button as an input device the guest's init can read.
-const POWER_BUTTON: &[&str] = &[
-    "kernel/drivers/input/evdev.ko",
-    "kernel/drivers/acpi/button.ko",
-];
-
-/// A busybox initramfs that loads `modules` (paths under /lib/modules/RELEASE, in
-/// load order) and then runs `script`.
-fn initramfs(dir: &Path, script: &str, modules: &[&str]) -> PathBuf {
-    let (_, moddir) = kernel_and_modules();
-    let base = |m: &str| {
-        Path::new(m)
-            .file_name()
-            .unwrap()
-            .to_string_lossy()
-            .into_owned()
-    };
-    let mods: Vec<(String, PathBuf)> = modules
-        .iter()
-        .map(|m| (format!("lib/modules/{}", base(m)), moddir.join(m)))
-        .collect();
-    let extra: Vec<(&str, &Path)> = mods
-        .iter()
-        .map(|(d, s)| (d.as_str(), s.as_path()))
-        .collect();
-    let mut full = String::new();
-    for m in modules {
-        full.push_str(&format!("insmod /lib/modules/{}\n", base(m)));
-    }
-    full.push_str(script);
-    let img = busybox_initramfs(&full, &extra).expect("building initramfs");
-    let path = dir.join("initramfs.cpio");
-    fs::write(&path, img).unwrap();
-    path
-}
-
-fn spec(name: &str, root: &Path, initrd: PathBuf, disks: Vec<DiskSpec>) -> DomainSpec {
-    DomainSpec {
-        name: name.into(),
-        memory_mib: 256,
-        maxmem_mib: 256,
-        vcpus: 1,
-        virt_mode: VirtMode::Hvm,
-        kernel: Some(kernel_and_modules().0),
-        initrd: Some(initrd),
-        cmdline: "quiet panic=-1".into(),
-        disks,
-        netvm: None,
-        label: "red".into(),
-        run_dir: root.join("run").join(name),
-    }
-}
-
-fn wait_for(what: &str, deadline: Duration, mut cond: impl FnMut() -> bool) {
-    let end = Instant::now() + deadline;
-    while !cond() {
-        assert!(
-            Instant::now() < end,
-            "timed out after {deadline:?} waiting for {what}"
-        );
-        thread::sleep(Duration::from_millis(200));
-    }
-}
+use hypervisor::{Accel, DiskSpec, DomainState, Hypervisor, Qemu};
 
 #[test]
 fn guest_reads_root_writes_private_and_powers_off() {
@@ -205,7 +57,7 @@ echo BOOT-TEST-DONE
 poweroff -f
 ";
     let initrd = initramfs(tmp.path(), script, VIRTIO_BLK);
-    let spec = spec("bootq", tmp.path(), initrd, disks);
+    let spec = boot_spec("bootq", tmp.path(), initrd, disks);
     let hv = Qemu::new().with_accel(Accel::Tcg);
     let _guard = DomainGuard {
         hv: &hv,
@@ -255,7 +107,7 @@ fn shutdown_of_a_guest_that_ignores_powerdown_ends_in_kill() {
     // busybox sh as PID 1 ignores the ACPI power button: nothing runs acpid.
     let script = "echo LOOPING\nwhile true; do sleep 1; done\n";
     let initrd = initramfs(tmp.path(), script, &[]);
-    let spec = spec("loopq", tmp.path(), initrd, vec![]);
+    let spec = boot_spec("loopq", tmp.path(), initrd, vec![]);
     let hv = Qemu::new().with_accel(Accel::Tcg);
     let _guard = DomainGuard {
         hv: &hv,
@@ -302,7 +154,7 @@ echo GOT-POWER-BUTTON
 poweroff -f
 ";
     let initrd = initramfs(tmp.path(), script, POWER_BUTTON);
-    let spec = spec("ackq", tmp.path(), initrd, vec![]);
+    let spec = boot_spec("ackq", tmp.path(), initrd, vec![]);
     let hv = Qemu::new().with_accel(Accel::Tcg);
     let _guard = DomainGuard {
         hv: &hv,
@@ -357,4 +209,48 @@ fn kvm_probe_gives_a_verdict_within_its_timeout() {
     assert!(again.cached, "second probe should come from the cache");
     assert_eq!(again.usable, v.usable);
     assert!(tmp.path().join("kvm-probe.json").exists());
+}
+
+#[test]
+fn start_errors_name_the_qube_and_the_fix() {
+    let tmp = tempfile::Builder::new()
+        .prefix("hve")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let initrd = initramfs(tmp.path(), "poweroff -f\n", &[]);
+
+    // No QEMU binary: the error says how to install it.
+    let spec = boot_spec("errq", tmp.path(), initrd.clone(), vec![]);
+    let missing = Qemu::new()
+        .with_binary("/nonexistent/qemu-system-x86_64")
+        .with_accel(Accel::Tcg);
+    let e = missing.start(&spec).unwrap_err().to_string();
+    assert!(e.contains("install-deps.sh"), "{e}");
+
+    // A disk socket nobody serves: the NBD socket check names the qube and the daemon.
+    let disk = DiskSpec {
+        vdev: "xvda".into(),
+        nbd_socket: tmp.path().join("nobody.sock"),
+        export: "errq/root".into(),
+        read_only: true,
+    };
+    let spec = boot_spec("errq", tmp.path(), initrd.clone(), vec![disk.clone()]);
+    let hv = Qemu::new().with_accel(Accel::Tcg);
+    let e = hv.start(&spec).unwrap_err().to_string();
+    assert!(e.contains("qube errq") && e.contains("daemon"), "{e}");
+
+    // A socket path that exists but serves nothing: QEMU itself refuses, and its
+    // message reaches the caller with the qube named.
+    fs::write(&disk.nbd_socket, b"").unwrap();
+    let e = hv.start(&spec).unwrap_err().to_string();
+    eprintln!("error for an unserved socket: {e}");
+    assert!(e.contains("qube errq"), "{e}");
+    assert!(
+        e.to_lowercase().contains("nbd") || e.contains("connect"),
+        "{e}"
+    );
+    assert_eq!(
+        hv.state("errq", &spec.run_dir).unwrap(),
+        DomainState::Halted
+    );
 }

@@ -4,11 +4,13 @@
 //! The command plumbing (`xl create/list/shutdown/destroy`) runs against a stand-in
 //! `xl` script that records its arguments.
 
+mod common;
+
 use std::fs;
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use common::fake_xl;
 use hypervisor::xen::{config_text, disk_spec_string};
 use hypervisor::{DiskSpec, DomainSpec, DomainState, Hypervisor, VirtMode, Xen};
 use xlutil_sys::ffi::{libxl_disk_backend, libxl_disk_format};
@@ -160,37 +162,6 @@ fn libxlutil_rejects_what_xl_would_reject() {
     assert!(err.contains("xlu_cfg_readdata"), "{err}");
     let cfg = XlConfig::parse("name = \"x\"\n").unwrap();
     assert!(cfg.parse_disk("vdev=xvda,access=bogus,target=/x").is_err());
-}
-
-/// A stand-in `xl`: records each call, and lists the domain while a marker exists.
-fn fake_xl(dir: &Path) -> PathBuf {
-    let script = dir.join("xl");
-    let log = dir.join("xl.calls");
-    let marker = dir.join("xl.running");
-    fs::write(
-        &script,
-        format!(
-            "#!/bin/sh\n\
-             echo \"$*\" >> '{log}'\n\
-             case \"$1\" in\n\
-             create) touch '{marker}' ;;\n\
-             destroy) rm -f '{marker}' ;;\n\
-             shutdown) rm -f '{marker}' ;;\n\
-             list)\n\
-               if [ -e '{marker}' ]; then\n\
-                 echo 'Name                                        ID   Mem VCPUs\tState\tTime(s)'\n\
-                 echo \"$2                                     7   400     2     -b----       0.3\"\n\
-               else\n\
-                 echo \"$2 is an invalid domain identifier (rc=-6)\" >&2; exit 1\n\
-               fi ;;\n\
-             esac\n",
-            log = log.display(),
-            marker = marker.display()
-        ),
-    )
-    .unwrap();
-    fs::set_permissions(&script, fs::Permissions::from_mode(0o755)).unwrap();
-    script
 }
 
 #[test]
