@@ -17,6 +17,7 @@ pub mod mem;
 pub mod names;
 pub mod pool;
 pub mod qubes;
+pub mod reflink;
 
 pub use mem::MemPool;
 pub use names::{validate_name, NameError};
@@ -25,3 +26,4 @@ pub use pool::{
     PoolInfo, VerifyReport, VolumeInfo,
 };
 pub use qubes::{ModelError, QubeClass, QubeVolumes, Volumes};
+pub use reflink::ReflinkPool;

@@ -1,11 +1,18 @@
 //! Pool backends the model and conformance tests run against, behind one fixture: a pool,
 //! and a simulated crash that reopens it at its last commit. Included by the test crates
-//! with `#[path]`; compiled on its own it only checks that the fixtures build.
+//! with `#[path]`; compiled on its own it checks that each fixture works.
+//!
+//! The reflink backends need root: they make XFS (`mkfs.xfs -m reflink=1`) and btrfs
+//! filesystems in image files and loop-mount them under a temporary directory; the mount
+//! is shared by the tests that run at the same time and unmounted when the last drops it.
 #![allow(dead_code)]
 
-use std::sync::Arc;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
 
-use storage::{MemPool, Pool};
+use storage::{MemPool, Pool, ReflinkPool};
 
 pub trait Backend {
     fn name(&self) -> &'static str;
@@ -47,9 +54,167 @@ impl Backend for Mem {
     }
 }
 
+fn run(cmd: &mut Command) {
+    let out = cmd.output().unwrap_or_else(|e| {
+        panic!("cannot run {cmd:?}: {e} (is the tool installed? see scripts/install-deps.sh)")
+    });
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A filesystem in an image file, loop-mounted; unmounted on drop.
+pub struct LoopFs {
+    _dir: tempfile::TempDir,
+    mnt: PathBuf,
+}
+
+impl LoopFs {
+    pub fn new(kind: &str, size: u64) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let img = dir.path().join("fs.img");
+        std::fs::File::create(&img).unwrap().set_len(size).unwrap();
+        match kind {
+            "xfs" => run(Command::new("mkfs.xfs")
+                .args(["-q", "-m", "reflink=1"])
+                .arg(&img)),
+            "btrfs" => run(Command::new("mkfs.btrfs").arg("-q").arg(&img)),
+            "tmpfs" => {}
+            other => panic!("unknown filesystem {other}"),
+        }
+        let mnt = dir.path().join("mnt");
+        std::fs::create_dir(&mnt).unwrap();
+        if kind == "tmpfs" {
+            run(Command::new("mount")
+                .args(["-t", "tmpfs", "none"])
+                .arg(&mnt));
+        } else {
+            run(Command::new("mount")
+                .args(["-o", "loop"])
+                .arg(&img)
+                .arg(&mnt));
+        }
+        LoopFs { _dir: dir, mnt }
+    }
+
+    /// One mount per filesystem kind shared by the tests running at the same time.
+    pub fn shared(kind: &'static str) -> Arc<LoopFs> {
+        static XFS: Mutex<Weak<LoopFs>> = Mutex::new(Weak::new());
+        static BTRFS: Mutex<Weak<LoopFs>> = Mutex::new(Weak::new());
+        let slot = if kind == "xfs" { &XFS } else { &BTRFS };
+        let mut g = slot.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(fs) = g.upgrade() {
+            return fs;
+        }
+        let fs = Arc::new(LoopFs::new(kind, 1 << 30));
+        *g = Arc::downgrade(&fs);
+        fs
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.mnt
+    }
+
+    /// A fresh directory on this filesystem.
+    pub fn subdir(&self) -> PathBuf {
+        static N: AtomicU64 = AtomicU64::new(0);
+        self.mnt.join(format!(
+            "t{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ))
+    }
+}
+
+impl Drop for LoopFs {
+    fn drop(&mut self) {
+        let ok = Command::new("umount")
+            .arg(&self.mnt)
+            .status()
+            .is_ok_and(|s| s.success());
+        if !ok {
+            // Something still holds a file open: detach now, the kernel finishes later.
+            let _ = Command::new("umount").arg("-l").arg(&self.mnt).status();
+        }
+    }
+}
+
+/// `ReflinkPool` on a loop-mounted XFS or btrfs.
+pub struct Reflink {
+    kind: &'static str,
+    fs: Arc<LoopFs>,
+    dir: PathBuf,
+    pool: Option<Arc<ReflinkPool>>,
+}
+
+impl Reflink {
+    pub fn xfs() -> Self {
+        Self::on("xfs")
+    }
+
+    pub fn btrfs() -> Self {
+        Self::on("btrfs")
+    }
+
+    fn on(kind: &'static str) -> Self {
+        let fs = LoopFs::shared(kind);
+        let dir = fs.subdir();
+        let pool = Arc::new(ReflinkPool::create(&dir).unwrap());
+        Reflink {
+            kind,
+            fs,
+            dir,
+            pool: Some(pool),
+        }
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+}
+
+impl Drop for Reflink {
+    fn drop(&mut self) {
+        self.pool = None;
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+impl Backend for Reflink {
+    fn name(&self) -> &'static str {
+        if self.kind == "xfs" {
+            "reflink-xfs"
+        } else {
+            "reflink-btrfs"
+        }
+    }
+
+    fn pool(&self) -> Arc<dyn Pool> {
+        self.pool.clone().expect("pool is open")
+    }
+
+    fn crash(&mut self) -> Arc<dyn Pool> {
+        let old = self.pool.take().expect("pool is open");
+        assert_eq!(
+            Arc::strong_count(&old),
+            1,
+            "drop every user of the pool before the crash"
+        );
+        drop(old);
+        self.pool = Some(Arc::new(ReflinkPool::open(&self.dir).unwrap()));
+        self.pool()
+    }
+}
+
 #[test]
-fn fixtures_build() {
+fn fixtures_work() {
     let mut m = Mem::new();
     m.pool().create_volume("a", 4096).unwrap();
     assert!(!m.crash().exists("a").unwrap());
+    for mut b in [Reflink::xfs(), Reflink::btrfs()] {
+        b.pool().create_volume("a", 4096).unwrap();
+        assert!(!b.crash().exists("a").unwrap(), "{}", b.name());
+    }
 }

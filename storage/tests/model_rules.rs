@@ -841,3 +841,4 @@ macro_rules! all_model_tests {
 }
 
 all_model_tests!(mem, backends::Mem::new());
+all_model_tests!(reflink_xfs, backends::Reflink::xfs());
