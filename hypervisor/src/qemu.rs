@@ -20,6 +20,7 @@
 //!   and QEMU version in `kvm-probe.json` in the parent of the run dir.
 //! - netvm: QEMU has no netvm qubes; a qube with a netvm gets a user-mode (slirp)
 //!   virtio NIC as a stand-in, a qube without one gets no NIC.
+//! - QEMU runs under its seccomp sandbox (`-sandbox on,obsolete=deny,resourcecontrol=deny`).
 //! - maxmem is not applied (no balloon driver management yet): the guest gets `memory_mib`.
 
 use std::fs;
@@ -246,6 +247,9 @@ impl Qemu {
             None => push(&["-nic", "none"]),
         }
         push(&["-device", "virtio-rng-pci"]);
+        // seccomp: elevateprivileges=deny and spawn=deny would also be wanted, but
+        // QEMU 10 then fails to -daemonize (checked by hand), so they stay off.
+        push(&["-sandbox", "on,obsolete=deny,resourcecontrol=deny"]);
         push(&["-pidfile", &utf8(&files.pidfile, "pidfile")?, "-daemonize"]);
         Ok(a)
     }
@@ -711,6 +715,10 @@ mod tests {
         assert!(args.iter().any(|a| a == "-daemonize"));
         assert!(!args.iter().any(|a| a == "-no-shutdown"));
         assert_eq!(after(&args, "-nic"), ["none"]);
+        assert_eq!(
+            after(&args, "-sandbox"),
+            ["on,obsolete=deny,resourcecontrol=deny"]
+        );
         let kvm = Qemu::new().command_line(&spec(), Accel::Kvm).unwrap();
         assert_eq!(after(&kvm, "-cpu"), ["host"]);
     }
