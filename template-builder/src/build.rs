@@ -522,6 +522,14 @@ fn bootstrap_fedora(
     let repos = work.join("repos.d");
     let _ = fs::remove_dir_all(&repos);
     fs::create_dir_all(&repos).map_err(io_err("creating", &repos))?;
+    for k in recipe.gpg_keys.iter().filter(|k| !k.contains("://")) {
+        if !Path::new(k).is_file() {
+            return Err(BuildError::BadPath {
+                path: k.into(),
+                reason: "GPG key not found (on Debian: apt install distribution-gpg-keys)".into(),
+            });
+        }
+    }
     let url_key = if mirror.contains("metalink") {
         "metalink"
     } else {
@@ -554,7 +562,14 @@ fn bootstrap_fedora(
         .join("dnf")
         .join(format!("fedora-{}-{}", recipe.release, recipe.architecture));
     fs::create_dir_all(&dnf_cache).map_err(io_err("creating", &dnf_cache))?;
-    fs::create_dir_all(tree).map_err(io_err("creating", tree))?;
+    // dnf prefixes cachedir with the installroot, so the shared package cache is
+    // bind-mounted at the root's default cachedir for the install.
+    let root_cache = tree.join("var/cache/dnf");
+    fs::create_dir_all(&root_cache).map_err(io_err("creating", &root_cache))?;
+    let mut bind = Command::new("mount");
+    bind.arg("--bind").arg(&dnf_cache).arg(&root_cache);
+    steps.run(bind, "mounting the dnf package cache")?;
+    let _unbind = Unmount(root_cache.clone());
     let mut cmd = Command::new("dnf");
     cmd.arg("-y")
         .arg("--installroot")
@@ -562,11 +577,6 @@ fn bootstrap_fedora(
         .arg("--releasever")
         .arg(&recipe.release)
         .arg(format!("--setopt=reposdir={}", repos.display()))
-        .arg(format!("--setopt=cachedir={}", dnf_cache.display()))
-        .arg(format!(
-            "--setopt=logdir={}",
-            work.join("dnf-log").display()
-        ))
         .arg("--setopt=keepcache=True")
         .arg("--setopt=install_weak_deps=False")
         .arg("--setopt=tsflags=nodocs")
@@ -574,8 +584,31 @@ fn bootstrap_fedora(
         .arg("install")
         .args(&recipe.packages);
     cmd.env("SOURCE_DATE_EPOCH", recipe.source_date_epoch.to_string())
-        .env("LC_ALL", "C.UTF-8");
+        .env("LC_ALL", "C.UTF-8")
+        .env("HOME", rpm_home(work)?);
     steps.run(cmd, "installing packages with dnf")
+}
+
+/// Where Fedora keeps its rpm database. Hosts' rpm may default elsewhere (Debian's rpm
+/// uses ~/.rpmdb), so dnf and rpm are pointed here explicitly.
+const RPM_DBPATH: &str = "/usr/lib/sysimage/rpm";
+
+/// A HOME for dnf whose ~/.rpmmacros sets the database path (dnf has no option for it).
+fn rpm_home(work: &Path) -> Result<PathBuf, BuildError> {
+    let home = work.join("rpm-home");
+    fs::create_dir_all(&home).map_err(io_err("creating", &home))?;
+    let macros = home.join(".rpmmacros");
+    fs::write(&macros, format!("%_dbpath {RPM_DBPATH}\n")).map_err(io_err("writing", &macros))?;
+    Ok(home)
+}
+
+/// Unmounts a path when dropped (lazy, so a busy mount never blocks the error path).
+struct Unmount(PathBuf);
+
+impl Drop for Unmount {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
 }
 
 const FSTAB: &str = "\
@@ -755,6 +788,8 @@ fn list_packages(
             let mut c = Command::new("rpm");
             c.arg("--root")
                 .arg(tree)
+                .arg("--dbpath")
+                .arg(RPM_DBPATH)
                 .args(["-qa", "--qf", "ii %{NAME}=%{VERSION}-%{RELEASE}\\n"]);
             c
         }

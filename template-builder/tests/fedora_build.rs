@@ -1,0 +1,219 @@
+//! Fedora path against a LOCAL rpm repository built here (real Fedora mirrors are out of
+//! reach): rpmbuild a tiny noarch package set (filesystem-like, release, a busybox-backed
+//! shell providing /bin/sh, an app), createrepo_c it, build a recipe with
+//! `dnf --installroot` and check what landed in the image.
+
+mod common;
+
+use std::fs;
+use std::path::Path;
+use std::process::Command;
+
+use template_builder::{build, BuildOptions, Recipe};
+
+fn spec(
+    name: &str,
+    version: &str,
+    requires: &[&str],
+    provides: &[&str],
+    install: &str,
+    files: &str,
+) -> String {
+    let req: String = requires
+        .iter()
+        .map(|r| format!("Requires: {r}\n"))
+        .collect();
+    let prov: String = provides
+        .iter()
+        .map(|p| format!("Provides: {p}\n"))
+        .collect();
+    format!(
+        "%global debug_package %{{nil}}\n%global __os_install_post %{{nil}}\n\
+         %global _binaries_in_noarch_packages_terminate_build 0\n\
+         Name: {name}\nVersion: {version}\nRelease: 1\nSummary: test package {name}\nLicense: MIT\n\
+         BuildArch: noarch\nAutoReqProv: no\n{req}{prov}\n%description\ntest package\n\n\
+         %install\n{install}\n\n%files\n{files}\n"
+    )
+}
+
+fn make_repo(dir: &Path) -> std::path::PathBuf {
+    common::need_tool("rpmbuild");
+    common::need_tool("createrepo_c");
+    let busybox = ["/bin/busybox", "/usr/bin/busybox"]
+        .into_iter()
+        .find(|p| Path::new(p).exists());
+    let busybox = busybox.expect("busybox-static is not installed: run scripts/install-deps.sh");
+    let top = dir.join("rpmbuild");
+    fs::create_dir_all(top.join("SPECS")).unwrap();
+    let specs = [
+        spec(
+            "tb-filesystem",
+            "1.0",
+            &[],
+            &[],
+            "mkdir -p %{buildroot}/etc %{buildroot}/usr/bin %{buildroot}/usr/lib %{buildroot}/var/lib %{buildroot}/tmp\n\
+             ln -s usr/bin %{buildroot}/bin\nln -s usr/bin %{buildroot}/sbin",
+            "%dir /etc\n%dir /usr/bin\n%dir /usr/lib\n%dir /var/lib\n%dir /tmp\n/bin\n/sbin",
+        ),
+        spec(
+            "tb-release",
+            "41",
+            &["tb-filesystem"],
+            &["system-release"],
+            "mkdir -p %{buildroot}/etc\nprintf 'NAME=TestFedora\\nVERSION_ID=41\\n' > %{buildroot}/etc/os-release",
+            "/etc/os-release",
+        ),
+        spec(
+            "tb-shell",
+            "5.2",
+            &["tb-filesystem"],
+            &["/bin/sh"],
+            &format!(
+                "mkdir -p %{{buildroot}}/usr/bin\ninstall -m 0755 {busybox} %{{buildroot}}/usr/bin/busybox\n\
+                 ln -s busybox %{{buildroot}}/usr/bin/sh\nln -s busybox %{{buildroot}}/usr/bin/cat\n\
+                 ln -s busybox %{{buildroot}}/usr/bin/echo"
+            ),
+            "/usr/bin/busybox\n/usr/bin/sh\n/usr/bin/cat\n/usr/bin/echo",
+        ),
+        spec(
+            "tb-hello",
+            "2.0",
+            &["tb-shell", "tb-release"],
+            &[],
+            "mkdir -p %{buildroot}/usr/bin\nprintf '#!/bin/sh\\necho hello\\n' > %{buildroot}/usr/bin/tb-hello\n\
+             chmod 755 %{buildroot}/usr/bin/tb-hello",
+            "/usr/bin/tb-hello",
+        ),
+    ];
+    for (i, s) in specs.iter().enumerate() {
+        let p = top.join("SPECS").join(format!("p{i}.spec"));
+        fs::write(&p, s).unwrap();
+        let out = Command::new("rpmbuild")
+            .arg("-bb")
+            .arg("--define")
+            .arg(format!("_topdir {}", top.display()))
+            .arg(&p)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "rpmbuild {s}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let repo = dir.join("repo");
+    fs::create_dir_all(&repo).unwrap();
+    for e in fs::read_dir(top.join("RPMS/noarch")).unwrap() {
+        let e = e.unwrap();
+        fs::copy(e.path(), repo.join(e.file_name())).unwrap();
+    }
+    let out = Command::new("createrepo_c")
+        .arg("-q")
+        .arg(&repo)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "createrepo_c: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    repo
+}
+
+#[test]
+fn fedora_recipe_builds_from_a_local_repository() {
+    common::need_tool("dnf");
+    let dir = tempfile::tempdir_in("/var/tmp").unwrap();
+    let repo = make_repo(dir.path());
+    let guest = common::repo_root().join("recipes/guest/guest.toml");
+    let recipe_path = dir.path().join("fedora-test.toml");
+    fs::write(
+        &recipe_path,
+        format!(
+            r#"extends = "{guest}"
+name = "fedora-test"
+distribution = "fedora"
+release = "41"
+architecture = "x86_64"
+packages = ["tb-hello"]
+image_size = "64M"
+kernel = false
+mirror = "file://{repo}"
+commands = ["echo built-in-chroot > /etc/tb-marker"]
+"#,
+            guest = guest.display(),
+            repo = repo.display()
+        ),
+    )
+    .unwrap();
+    let recipe = Recipe::load(&recipe_path).unwrap();
+    let opts = BuildOptions {
+        name: None,
+        mirror: None,
+        cache_dir: dir.path().join("cache"),
+        work_dir: dir.path().join("work"),
+        progress: false,
+    };
+    let t = build(&recipe, &opts).unwrap_or_else(|e| panic!("fedora build: {e}"));
+    assert_eq!(t.name, "fedora-test");
+    assert!(t.kernel.is_none() && t.initrd.is_none());
+    assert_eq!(
+        t.packages,
+        [
+            "tb-filesystem=1.0-1",
+            "tb-hello=2.0-1",
+            "tb-release=41-1",
+            "tb-shell=5.2-1"
+        ],
+        "rpm database not where Fedora expects it?"
+    );
+    let img = &t.image;
+    let fsck = Command::new("e2fsck").arg("-fn").arg(img).output().unwrap();
+    assert!(
+        fsck.status.success(),
+        "e2fsck: {}",
+        String::from_utf8_lossy(&fsck.stdout)
+    );
+    assert_eq!(
+        common::debugfs(img, "cat /usr/bin/tb-hello"),
+        "#!/bin/sh\necho hello\n"
+    );
+    assert!(common::debugfs(img, "cat /etc/os-release").contains("VERSION_ID=41"));
+    assert_eq!(
+        common::debugfs(img, "cat /etc/tb-marker"),
+        "built-in-chroot\n"
+    );
+    assert!(
+        common::debugfs(img, "stat /usr/lib/qubes-guest/qubes-guest-setup").contains("Mode:  0755")
+    );
+    assert!(
+        common::debugfs(img, "ls -l /etc/systemd/system/sysinit.target.wants")
+            .contains("qubes-guest-setup.service")
+    );
+    assert!(
+        !common::debugfs(img, "ls /usr/lib/sysimage/rpm").is_empty(),
+        "rpmdb missing"
+    );
+    assert!(
+        common::debugfs(img, "stat /root/.rpmdb").is_empty(),
+        "rpmdb in the host's default place"
+    );
+    assert_eq!(common::debugfs(img, "cat /etc/machine-id"), "");
+    // Downloaded rpms were kept in the cache, not in the image.
+    assert!(common::debugfs(img, "ls /var/cache/dnf")
+        .split_whitespace()
+        .all(|e| e.starts_with('(')
+            || e == "."
+            || e == ".."
+            || e.chars().all(|c| c.is_ascii_digit())));
+    let again = build(
+        &recipe,
+        &BuildOptions {
+            name: Some("other".into()),
+            ..opts
+        },
+    )
+    .unwrap();
+    assert!(again.cache_hit);
+    assert_eq!(again.fingerprint, t.fingerprint);
+}
