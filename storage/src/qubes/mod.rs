@@ -449,6 +449,15 @@ impl Volumes {
         q.volume(vol).map_or(default, |v| v.size)
     }
 
+    /// Pool keys under `Q/` when no qube `Q` is configured: what a crash (or a driver that
+    /// commits early) left of a create or a remove. Dropped before the name is reused.
+    fn drop_orphans(&self, txn: &mut Txn<'_>, qube: &str) -> Result<(), ModelError> {
+        for key in self.pool_keys(qube)? {
+            txn.remove(&key)?;
+        }
+        Ok(())
+    }
+
     pub fn create_qube(
         &self,
         name: &str,
@@ -466,6 +475,7 @@ impl Volumes {
             Err(e) => return Err(e),
         }
         let mut txn = Txn::new(self.p());
+        self.drop_orphans(&mut txn, name)?;
         let volatile = Self::default_volume("volatile", DEFAULT_VOLATILE_SIZE);
         let (tmpl, volumes) = match class {
             QubeClass::TemplateVM => {
@@ -559,6 +569,7 @@ impl Volumes {
             Err(e) => return Err(e),
         }
         let mut txn = Txn::new(self.p());
+        self.drop_orphans(&mut txn, dst)?;
         for v in s.volumes.iter().filter(|v| v.save_on_stop) {
             let from = head_key(src, &v.name);
             if !self.exists(&from)? {
