@@ -127,6 +127,66 @@ pub fn busybox_initramfs(script: &str, extra: &[(&str, &Path)]) -> io::Result<Ve
     Ok(c.finish())
 }
 
+/// Debian's kernel builds virtio-blk as modules: the chain, in load order, relative
+/// to `/lib/modules/RELEASE`.
+pub const VIRTIO_BLK_MODULES: &[&str] = &[
+    "kernel/drivers/virtio/virtio_ring.ko",
+    "kernel/drivers/virtio/virtio.ko",
+    "kernel/drivers/virtio/virtio_pci_legacy_dev.ko",
+    "kernel/drivers/virtio/virtio_pci_modern_dev.ko",
+    "kernel/drivers/virtio/virtio_pci.ko",
+    "kernel/drivers/block/virtio_blk.ko",
+];
+
+/// The ACPI power button as an input device (`/dev/input/event*`), what QMP
+/// `system_powerdown` presses.
+pub const POWER_BUTTON_MODULES: &[&str] = &[
+    "kernel/drivers/input/evdev.ko",
+    "kernel/drivers/acpi/button.ko",
+];
+
+/// `/lib/modules/RELEASE` for a kernel image named `vmlinuz-RELEASE`.
+pub fn modules_dir(kernel: &Path) -> Option<std::path::PathBuf> {
+    let name = kernel.file_name()?.to_str()?;
+    let release = name.strip_prefix("vmlinuz-")?;
+    Some(Path::new("/lib/modules").join(release))
+}
+
+/// A busybox initramfs for `kernel` that loads `modules` (uncompressed `.ko` paths
+/// relative to its modules dir, in load order) and then runs `script`.
+pub fn busybox_initramfs_with_modules(
+    kernel: &Path,
+    modules: &[&str],
+    script: &str,
+) -> io::Result<Vec<u8>> {
+    let dir = modules_dir(kernel).ok_or_else(|| {
+        io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("{}: not named vmlinuz-RELEASE", kernel.display()),
+        )
+    })?;
+    let base = |m: &str| {
+        Path::new(m)
+            .file_name()
+            .map(|b| b.to_string_lossy().into_owned())
+            .unwrap_or_default()
+    };
+    let files: Vec<(String, std::path::PathBuf)> = modules
+        .iter()
+        .map(|m| (format!("lib/modules/{}", base(m)), dir.join(m)))
+        .collect();
+    let extra: Vec<(&str, &Path)> = files
+        .iter()
+        .map(|(d, s)| (d.as_str(), s.as_path()))
+        .collect();
+    let mut full = String::new();
+    for m in modules {
+        full.push_str(&format!("insmod /lib/modules/{}\n", base(m)));
+    }
+    full.push_str(script);
+    busybox_initramfs(&full, &extra)
+}
+
 /// The newest `/boot/vmlinuz-*` on the host (Debian: linux-image-amd64).
 pub fn host_kernel() -> Option<std::path::PathBuf> {
     let mut kernels: Vec<_> = fs::read_dir("/boot")

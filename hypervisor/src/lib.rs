@@ -20,6 +20,39 @@
 //! - Disks are attached in the order given (root, private, volatile): the guest sees
 //!   them as vda, vdb, vdc on QEMU and as the given `vdev` (xvda..) on Xen.
 //! - Errors name the qube and say what to do.
+//!
+//! Using it from the controller:
+//!
+//! ```no_run
+//! use std::time::Duration;
+//! use hypervisor::{by_name, DiskSpec, DomainSpec, DomainState, VirtMode};
+//!
+//! let hv = by_name("qemu")?; // or hypervisor::default_hypervisor()
+//! let spec = DomainSpec {
+//!     name: "work".into(),
+//!     memory_mib: 400,
+//!     maxmem_mib: 4000,
+//!     vcpus: 2,
+//!     virt_mode: VirtMode::Pvh,
+//!     kernel: Some("/var/lib/qubes/vm-kernels/6.1/vmlinuz".into()),
+//!     initrd: Some("/var/lib/qubes/vm-kernels/6.1/initramfs".into()),
+//!     cmdline: "root=/dev/vda ro".into(), // QEMU: vda..; Xen: the vdev names
+//!     disks: vec![DiskSpec {
+//!         vdev: "xvda".into(),
+//!         nbd_socket: "/run/qubes/work/nbd.sock".into(),
+//!         export: "work/root".into(),
+//!         read_only: false,
+//!     }],
+//!     netvm: None,
+//!     label: "blue".into(),
+//!     run_dir: "/run/qubes/work".into(),
+//! };
+//! hv.start(&spec)?;
+//! if hv.state("work", &spec.run_dir)? == DomainState::Running {
+//!     hv.shutdown("work", &spec.run_dir, Duration::from_secs(60))?;
+//! }
+//! # Ok::<(), hypervisor::HvError>(())
+//! ```
 
 pub mod initramfs;
 pub mod none;

@@ -9,6 +9,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use common::*;
+use hypervisor::initramfs::{POWER_BUTTON_MODULES, VIRTIO_BLK_MODULES};
 use hypervisor::qemu::probe_kvm;
 use hypervisor::{Accel, DiskSpec, DomainState, Hypervisor, Qemu};
 
@@ -56,7 +57,7 @@ sync
 echo BOOT-TEST-DONE
 poweroff -f
 ";
-    let initrd = initramfs(tmp.path(), script, VIRTIO_BLK);
+    let initrd = initramfs(tmp.path(), script, VIRTIO_BLK_MODULES);
     let spec = boot_spec("bootq", tmp.path(), initrd, disks);
     let hv = Qemu::new().with_accel(Accel::Tcg);
     let _guard = DomainGuard {
@@ -153,7 +154,7 @@ head -c 1 $dev > /dev/null
 echo GOT-POWER-BUTTON
 poweroff -f
 ";
-    let initrd = initramfs(tmp.path(), script, POWER_BUTTON);
+    let initrd = initramfs(tmp.path(), script, POWER_BUTTON_MODULES);
     let spec = boot_spec("ackq", tmp.path(), initrd, vec![]);
     let hv = Qemu::new().with_accel(Accel::Tcg);
     let _guard = DomainGuard {

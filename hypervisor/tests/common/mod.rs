@@ -10,7 +10,7 @@ use std::process::{Child, Command, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use hypervisor::initramfs::{busybox_initramfs, host_kernel};
+use hypervisor::initramfs::{busybox_initramfs_with_modules, host_kernel};
 use hypervisor::{DiskSpec, DomainSpec, DomainState, HvError, Hypervisor, VirtMode};
 
 pub const BOOT_DEADLINE: Duration = Duration::from_secs(100);
@@ -87,47 +87,10 @@ pub fn kernel_and_modules() -> (PathBuf, PathBuf) {
     (kernel, PathBuf::from("/lib/modules").join(release))
 }
 
-/// virtio-blk is a module in Debian's kernel: ship the chain in load order.
-pub const VIRTIO_BLK: &[&str] = &[
-    "kernel/drivers/virtio/virtio_ring.ko",
-    "kernel/drivers/virtio/virtio.ko",
-    "kernel/drivers/virtio/virtio_pci_legacy_dev.ko",
-    "kernel/drivers/virtio/virtio_pci_modern_dev.ko",
-    "kernel/drivers/virtio/virtio_pci.ko",
-    "kernel/drivers/block/virtio_blk.ko",
-];
-
-/// The ACPI power button as an input device the guest's init can read.
-pub const POWER_BUTTON: &[&str] = &[
-    "kernel/drivers/input/evdev.ko",
-    "kernel/drivers/acpi/button.ko",
-];
-
-/// A busybox initramfs that loads `modules` (paths under /lib/modules/RELEASE, in
-/// load order) and then runs `script`.
+/// A busybox initramfs for the host kernel that loads `modules` then runs `script`.
 pub fn initramfs(dir: &Path, script: &str, modules: &[&str]) -> PathBuf {
-    let (_, moddir) = kernel_and_modules();
-    let base = |m: &str| {
-        Path::new(m)
-            .file_name()
-            .unwrap()
-            .to_string_lossy()
-            .into_owned()
-    };
-    let mods: Vec<(String, PathBuf)> = modules
-        .iter()
-        .map(|m| (format!("lib/modules/{}", base(m)), moddir.join(m)))
-        .collect();
-    let extra: Vec<(&str, &Path)> = mods
-        .iter()
-        .map(|(d, s)| (d.as_str(), s.as_path()))
-        .collect();
-    let mut full = String::new();
-    for m in modules {
-        full.push_str(&format!("insmod /lib/modules/{}\n", base(m)));
-    }
-    full.push_str(script);
-    let img = busybox_initramfs(&full, &extra).expect("building initramfs");
+    let (kernel, _) = kernel_and_modules();
+    let img = busybox_initramfs_with_modules(&kernel, modules, script).expect("building initramfs");
     let path = dir.join("initramfs.cpio");
     fs::write(&path, img).unwrap();
     path
