@@ -13,11 +13,13 @@
 //! Everything a block transport (NBD, Xen blkif) needs from a volume is the
 //! [`BlockDevice`] trait; everything the volume model needs from a driver is [`Pool`].
 
+pub mod io;
 pub mod mem;
 pub mod names;
 pub mod pool;
 pub mod qubes;
 pub mod reflink;
+pub mod thin;
 
 pub use mem::MemPool;
 pub use names::{validate_name, NameError};
@@ -27,3 +29,4 @@ pub use pool::{
 };
 pub use qubes::{ModelError, QubeClass, QubeVolumes, Volumes};
 pub use reflink::ReflinkPool;
+pub use thin::{ThinOptions, ThinPool};

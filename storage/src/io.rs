@@ -1,0 +1,332 @@
+//! The block I/O layer under pool drivers: positioned reads and writes on one file,
+//! with a durability barrier, and two implementations.
+//!
+//! * [`RealFile`]: a `std::fs::File` (pread/pwrite, `fdatasync`, `fallocate(PUNCH_HOLE)`).
+//! * [`FaultyFile`]: memory only, for crash tests. It keeps the *durable* image (what a
+//!   disk holds after a power cut) apart from writes that were not yet synced. A shared
+//!   [`Faults`] counter numbers every mutating call (write, sync, set_len, punch_hole)
+//!   across all files that share it; `fail_after(n)` makes call `n` and every later one
+//!   fail with `EIO`, and [`FaultyFile::power_cut`] returns the durable image, on which a
+//!   test reopens the pool.
+//!
+//! Contract: `write_at` may extend the file; `read_at` past the end is an error
+//! (`UnexpectedEof`); `punch_hole` makes the range read as zeros without changing the
+//! length; nothing is durable before `sync` returns `Ok`.
+
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
+
+/// Positioned I/O on one file. Implementations are thread-safe.
+pub trait BlockFile: Send + Sync {
+    /// Fills `buf` from `offset`; fails with `UnexpectedEof` if the file is shorter.
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()>;
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()>;
+    /// Durability barrier for data written so far (`fdatasync`).
+    fn sync(&self) -> io::Result<()>;
+    fn len(&self) -> io::Result<u64>;
+    fn is_empty(&self) -> io::Result<bool> {
+        Ok(self.len()? == 0)
+    }
+    fn set_len(&self, len: u64) -> io::Result<()>;
+    /// The range reads as zeros afterwards and its space is released; the length stays.
+    fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()>;
+}
+
+/// A regular file (or block device) on the host.
+pub struct RealFile {
+    file: File,
+}
+
+impl RealFile {
+    pub fn new(file: File) -> Self {
+        RealFile { file }
+    }
+
+    pub fn file(&self) -> &File {
+        &self.file
+    }
+}
+
+impl BlockFile for RealFile {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.file.read_exact_at(buf, offset)
+    }
+
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        self.file.write_all_at(buf, offset)
+    }
+
+    fn sync(&self) -> io::Result<()> {
+        self.file.sync_data()
+    }
+
+    fn len(&self) -> io::Result<u64> {
+        Ok(self.file.metadata()?.len())
+    }
+
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        self.file.set_len(len)
+    }
+
+    fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
+        if len == 0 {
+            return Ok(());
+        }
+        use rustix::fs::{fallocate, FallocateFlags};
+        fallocate(
+            &self.file,
+            FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE,
+            offset,
+            len,
+        )
+        .map_err(io::Error::from)
+    }
+}
+
+/// Fault schedule shared by the [`FaultyFile`]s of one simulated machine: one counter of
+/// mutating calls, one failure threshold.
+#[derive(Debug)]
+pub struct Faults {
+    ops: AtomicU64,
+    fail_at: AtomicU64,
+}
+
+impl Default for Faults {
+    fn default() -> Self {
+        Faults {
+            ops: AtomicU64::new(0),
+            fail_at: AtomicU64::new(u64::MAX),
+        }
+    }
+}
+
+impl Faults {
+    pub fn new() -> Arc<Self> {
+        Arc::new(Self::default())
+    }
+
+    /// Mutating call number `n` (0-based, counted from now on) and every later one fail.
+    pub fn fail_after(&self, n: u64) {
+        let now = self.ops.load(Ordering::SeqCst);
+        self.fail_at.store(now.saturating_add(n), Ordering::SeqCst);
+    }
+
+    /// Mutating calls issued so far (failed ones included).
+    pub fn ops(&self) -> u64 {
+        self.ops.load(Ordering::SeqCst)
+    }
+
+    pub fn clear(&self) {
+        self.fail_at.store(u64::MAX, Ordering::SeqCst);
+    }
+
+    fn next(&self) -> io::Result<()> {
+        let n = self.ops.fetch_add(1, Ordering::SeqCst);
+        if n >= self.fail_at.load(Ordering::SeqCst) {
+            Err(io::Error::from_raw_os_error(libc::EIO))
+        } else {
+            Ok(())
+        }
+    }
+}
+
+enum Pending {
+    Write(u64, Vec<u8>),
+    SetLen(u64),
+    Punch(u64, u64),
+}
+
+#[derive(Default)]
+struct FaultyState {
+    current: Vec<u8>,
+    durable: Vec<u8>,
+    pending: Vec<Pending>,
+}
+
+fn apply(img: &mut Vec<u8>, op: &Pending) {
+    match op {
+        Pending::Write(off, data) => {
+            let off = *off as usize;
+            if img.len() < off + data.len() {
+                img.resize(off + data.len(), 0);
+            }
+            img[off..off + data.len()].copy_from_slice(data);
+        }
+        Pending::SetLen(len) => img.resize(*len as usize, 0),
+        Pending::Punch(off, len) => {
+            let end = ((off + len) as usize).min(img.len());
+            let off = (*off as usize).min(end);
+            img[off..end].fill(0);
+        }
+    }
+}
+
+/// In-memory file that loses unsynced writes at a simulated power cut. Clones share state.
+#[derive(Clone)]
+pub struct FaultyFile {
+    state: Arc<Mutex<FaultyState>>,
+    faults: Arc<Faults>,
+}
+
+impl Default for FaultyFile {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl FaultyFile {
+    pub fn new() -> Self {
+        Self::with_faults(Vec::new(), Faults::new())
+    }
+
+    /// A file whose durable and current content is `image`, counting faults in `faults`.
+    pub fn with_faults(image: Vec<u8>, faults: Arc<Faults>) -> Self {
+        let st = FaultyState {
+            current: image.clone(),
+            durable: image,
+            pending: Vec::new(),
+        };
+        FaultyFile {
+            state: Arc::new(Mutex::new(st)),
+            faults,
+        }
+    }
+
+    pub fn from_image(image: Vec<u8>) -> Self {
+        Self::with_faults(image, Faults::new())
+    }
+
+    pub fn faults(&self) -> &Arc<Faults> {
+        &self.faults
+    }
+
+    /// Shorthand for `self.faults().fail_after(n)`.
+    pub fn fail_after(&self, n: u64) {
+        self.faults.fail_after(n)
+    }
+
+    /// What the disk holds after a power cut now: the state at the last successful sync.
+    pub fn power_cut(&self) -> Vec<u8> {
+        self.state.lock().durable.clone()
+    }
+
+    /// Current content (synced or not), for tests that inspect or damage the file.
+    pub fn image(&self) -> Vec<u8> {
+        self.state.lock().current.clone()
+    }
+
+    /// Overwrites bytes in both images without counting a call (damage injection).
+    pub fn corrupt(&self, offset: u64, bytes: &[u8]) {
+        let mut st = self.state.lock();
+        let op = Pending::Write(offset, bytes.to_vec());
+        apply(&mut st.current, &op);
+        apply(&mut st.durable, &op);
+    }
+
+    fn mutate(&self, op: Pending) -> io::Result<()> {
+        self.faults.next()?;
+        let mut st = self.state.lock();
+        apply(&mut st.current, &op);
+        st.pending.push(op);
+        Ok(())
+    }
+}
+
+impl BlockFile for FaultyFile {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        let st = self.state.lock();
+        let off =
+            usize::try_from(offset).map_err(|_| io::Error::from(io::ErrorKind::UnexpectedEof))?;
+        let end = off
+            .checked_add(buf.len())
+            .filter(|&e| e <= st.current.len());
+        match end {
+            Some(end) => {
+                buf.copy_from_slice(&st.current[off..end]);
+                Ok(())
+            }
+            None => Err(io::Error::from(io::ErrorKind::UnexpectedEof)),
+        }
+    }
+
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        self.mutate(Pending::Write(offset, buf.to_vec()))
+    }
+
+    fn sync(&self) -> io::Result<()> {
+        self.faults.next()?;
+        let mut st = self.state.lock();
+        let pending = std::mem::take(&mut st.pending);
+        for op in &pending {
+            apply(&mut st.durable, op);
+        }
+        Ok(())
+    }
+
+    fn len(&self) -> io::Result<u64> {
+        Ok(self.state.lock().current.len() as u64)
+    }
+
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        self.mutate(Pending::SetLen(len))
+    }
+
+    fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.mutate(Pending::Punch(offset, len))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn faulty_file_loses_unsynced_writes() {
+        let f = FaultyFile::new();
+        f.write_at(b"hello", 0).unwrap();
+        f.sync().unwrap();
+        f.write_at(b"HE", 0).unwrap();
+        f.punch_hole(3, 2).unwrap();
+        let mut b = [0u8; 5];
+        f.read_at(&mut b, 0).unwrap();
+        assert_eq!(&b, b"HEl\0\0");
+        assert_eq!(f.power_cut(), b"hello");
+    }
+
+    #[test]
+    fn faulty_file_fails_from_the_nth_call() {
+        let f = FaultyFile::new();
+        f.fail_after(2);
+        f.write_at(b"a", 0).unwrap();
+        f.sync().unwrap();
+        assert!(f.write_at(b"b", 1).is_err());
+        assert!(f.sync().is_err());
+        assert_eq!(f.power_cut(), b"a");
+        assert_eq!(f.faults().ops(), 4);
+    }
+
+    #[test]
+    fn real_file_punch_reads_zeros() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(dir.path().join("f"))
+            .unwrap();
+        let f = RealFile::new(file);
+        f.write_at(&[7u8; 8192], 0).unwrap();
+        f.punch_hole(0, 4096).unwrap();
+        let mut b = [1u8; 8192];
+        f.read_at(&mut b, 0).unwrap();
+        assert!(b[..4096].iter().all(|&x| x == 0));
+        assert!(b[4096..].iter().all(|&x| x == 7));
+        assert_eq!(f.len().unwrap(), 8192);
+    }
+}

@@ -1,0 +1,303 @@
+//! Image import: reads the image in large batches, hashes and zero-checks chunks in
+//! parallel (rayon), maps them under the metadata lock (zero chunks stay holes, known
+//! content shares an existing chunk), then writes the unique chunks outside the lock in
+//! contiguous runs. The volume fingerprint is computed on the way (blake3 over the bytes).
+
+use std::collections::HashMap;
+use std::io::Read;
+
+use rayon::prelude::*;
+
+use super::format::{Chunk, MapEntry, RootEntry, MAP_LEAF_ENTRIES};
+use super::meta::{map_height, Meta};
+use super::{Error, ThinPool};
+use crate::pool::{validate_volume_key, ImportOptions, ImportStats, PoolError};
+
+const BATCH_BYTES: u64 = 32 << 20;
+
+static ZERO: [u8; 4096] = [0; 4096];
+
+pub(crate) fn is_zero(b: &[u8]) -> bool {
+    b.chunks(ZERO.len()).all(|c| c == &ZERO[..c.len()])
+}
+
+fn read_full(r: &mut dyn Read, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut got = 0;
+    while got < buf.len() {
+        match r.read(&mut buf[got..]) {
+            Ok(0) => break,
+            Ok(n) => got += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(got)
+}
+
+/// What one chunk of a batch became.
+enum Placed {
+    Zero,
+    Shared,
+    New(Chunk, bool),
+}
+
+impl ThinPool {
+    pub(crate) fn import(
+        &self,
+        key: &str,
+        image: &mut dyn Read,
+        size: u64,
+        opts: &ImportOptions,
+    ) -> Result<ImportStats, PoolError> {
+        validate_volume_key(key)?;
+        let _g = self.gate.read();
+        let id = {
+            let mut m = self.lock()?;
+            if m.id_of(key).is_some() {
+                return Err(PoolError::VolumeExists(key.into()));
+            }
+            let h = map_height(size.div_ceil(self.geo.chunk_size));
+            self.mutate(&mut m, |m| {
+                m.add_volume(
+                    key,
+                    size,
+                    RootEntry {
+                        height: h,
+                        ..Default::default()
+                    },
+                )
+            })
+            .map_err(|e| self.perr(e))?
+        };
+        let r = self.import_into(id, image, size, opts);
+        if r.is_err() {
+            let mut m = self.state.lock();
+            let _ = self.mutate(&mut m, |m| m.remove_volume(id));
+        }
+        r
+    }
+
+    fn known_chunks(&self, other: &str) -> Result<HashMap<[u8; 32], Chunk>, PoolError> {
+        let cs = self.geo.chunk_size;
+        let entries = {
+            let mut m = self.lock()?;
+            let oid = self.id(&m, other)?;
+            m.mapped_in(oid, 0, u64::MAX).map_err(|e| self.perr(e))?
+        };
+        let plain: Vec<Chunk> = entries
+            .iter()
+            .filter(|(_, e)| e.backing.is_none())
+            .map(|(_, e)| e.chunk)
+            .collect();
+        let hashed: Result<Vec<([u8; 32], Chunk)>, std::io::Error> = plain
+            .par_iter()
+            .map_init(
+                || vec![0u8; cs as usize],
+                |buf, &c| {
+                    self.data.read_at(buf, c.offset(cs))?;
+                    Ok((*blake3::hash(buf).as_bytes(), c))
+                },
+            )
+            .collect();
+        Ok(hashed
+            .map_err(|e| PoolError::io("reading the volume to dedup against", e))?
+            .into_iter()
+            .collect())
+    }
+
+    fn import_into(
+        &self,
+        id: u64,
+        image: &mut dyn Read,
+        size: u64,
+        opts: &ImportOptions,
+    ) -> Result<ImportStats, PoolError> {
+        let cs = self.geo.chunk_size;
+        let mut known = HashMap::new();
+        if opts.dedup {
+            if let Some(other) = &opts.dedup_against {
+                known = self.known_chunks(other)?;
+            }
+        }
+        let batch = (BATCH_BYTES / cs).max(1);
+        let mut buf = vec![0u8; (batch * cs).min(size.div_ceil(cs) * cs) as usize];
+        let mut hasher = blake3::Hasher::new();
+        let mut stats = ImportStats {
+            bytes: size,
+            ..Default::default()
+        };
+        let total = size.div_ceil(cs);
+        let mut vc0 = 0;
+        while vc0 < total {
+            let n = batch.min(total - vc0);
+            let want = (n * cs).min(size - vc0 * cs) as usize;
+            let got = read_full(image, &mut buf[..want])
+                .map_err(|e| PoolError::io("reading the image", e))?;
+            buf[got..(n * cs) as usize].fill(0);
+            let bytes = &buf[..(n * cs) as usize];
+            let dedup = opts.dedup;
+            let (_, sums) = rayon::join(
+                || hasher.update_rayon(&bytes[..want]),
+                || {
+                    bytes
+                        .par_chunks(cs as usize)
+                        .map(|c| {
+                            if is_zero(c) {
+                                None
+                            } else {
+                                Some(if dedup {
+                                    *blake3::hash(c).as_bytes()
+                                } else {
+                                    [0; 32]
+                                })
+                            }
+                        })
+                        .collect::<Vec<_>>()
+                },
+            );
+            let placed = {
+                let mut m = self.lock()?;
+                let r = self.mutate(&mut m, |m| {
+                    place_batch(m, id, vc0, &sums, dedup, &mut known)
+                });
+                let placed = r.map_err(|e| self.perr(e))?;
+                for p in &placed {
+                    if let Placed::New(c, _) = p {
+                        m.inflight.insert(c.0);
+                    }
+                }
+                placed
+            };
+            let r = self.write_batch(bytes, &placed);
+            {
+                let mut m = self.state.lock();
+                for p in &placed {
+                    if let Placed::New(c, _) = p {
+                        m.inflight.remove(&c.0);
+                    }
+                }
+                if r.is_err() {
+                    m.poisoned = Some("writing imported chunks failed".into());
+                }
+                self.cv.notify_all();
+            }
+            r.map_err(|e| self.perr(e))?;
+            for p in &placed {
+                match p {
+                    Placed::Zero => stats.zero_chunks += 1,
+                    Placed::Shared => stats.dedup_chunks += 1,
+                    Placed::New(..) => stats.written_chunks += 1,
+                }
+            }
+            vc0 += n;
+        }
+        stats.fingerprint = hasher.finalize().to_hex().to_string();
+        let mut m = self.lock()?;
+        if let Some(v) = m.vol_mut(id) {
+            v.fingerprint = Some(stats.fingerprint.clone());
+        }
+        m.cat_dirty = true;
+        Ok(stats)
+    }
+
+    fn write_batch(&self, bytes: &[u8], placed: &[Placed]) -> Result<(), Error> {
+        let cs = self.geo.chunk_size;
+        // Runs of consecutive batch chunks landing in consecutive data chunks.
+        let mut runs: Vec<(usize, Chunk, usize)> = Vec::new();
+        for (i, p) in placed.iter().enumerate() {
+            if let Placed::New(c, reused) = p {
+                if *reused {
+                    self.data
+                        .punch_hole(c.offset(cs), cs)
+                        .map_err(|source| Error::Io {
+                            op: "punching a reused chunk",
+                            source,
+                        })?;
+                }
+                match runs.last_mut() {
+                    Some((start, first, len))
+                        if *start + *len == i && first.0 + *len as u64 == c.0 =>
+                    {
+                        *len += 1
+                    }
+                    _ => runs.push((i, *c, 1)),
+                }
+            }
+        }
+        runs.par_iter().try_for_each(|&(i, c, len)| {
+            let from = i * cs as usize;
+            self.data
+                .write_at(&bytes[from..from + len * cs as usize], c.offset(cs))
+                .map_err(|source| Error::Io {
+                    op: "writing imported chunks",
+                    source,
+                })
+        })
+    }
+}
+
+fn place_batch(
+    m: &mut Meta,
+    id: u64,
+    vc0: u64,
+    sums: &[Option<[u8; 32]>],
+    dedup: bool,
+    known: &mut HashMap<[u8; 32], Chunk>,
+) -> Result<Vec<Placed>, Error> {
+    let mut placed = Vec::with_capacity(sums.len());
+    let mut leaf = None;
+    let mut mapped = 0;
+    let mut r = Ok(());
+    for (i, sum) in sums.iter().enumerate() {
+        let vc = vc0 + i as u64;
+        let Some(sum) = sum else {
+            placed.push(Placed::Zero);
+            continue;
+        };
+        let mut entry_chunk = None;
+        if dedup {
+            if let Some(&c) = known.get(sum) {
+                // A chunk freed meanwhile (discarded in the source) is no candidate.
+                if m.data_rc(c.0)? > 0 {
+                    m.chunk_inc(c)?;
+                    entry_chunk = Some(c);
+                    placed.push(Placed::Shared);
+                }
+            }
+        }
+        let c = match entry_chunk {
+            Some(c) => c,
+            None => match m.alloc_chunk() {
+                Ok((c, reused)) => {
+                    if dedup {
+                        known.insert(*sum, c);
+                    }
+                    placed.push(Placed::New(c, reused));
+                    c
+                }
+                Err(e) => {
+                    r = Err(e);
+                    break;
+                }
+            },
+        };
+        let lb = vc / MAP_LEAF_ENTRIES as u64;
+        let page = match leaf {
+            Some((b, p)) if b == lb => p,
+            _ => {
+                let p = m.shadow_path(id, vc)?;
+                leaf = Some((lb, p));
+                p
+            }
+        };
+        m.leaf_mut(page)?[(vc % MAP_LEAF_ENTRIES as u64) as usize] = MapEntry {
+            chunk: c,
+            ..Default::default()
+        };
+        mapped += 1;
+    }
+    let mut root = m.root(id)?;
+    root.mapped += mapped;
+    m.set_root(id, root)?;
+    r.map(|_| placed)
+}

@@ -1,0 +1,1320 @@
+//! In-memory metadata state of an open thin pool and every mutation of it: the page
+//! cache, the copy-on-write radix trees (block maps, refcount arrays, roots array), the
+//! page and chunk allocators and the commit.
+//!
+//! Rules this module keeps (the crash-safety argument of the pool rests on them):
+//! * A committed page is never written again: the first change in a transaction shadows
+//!   it to a page allocated in this transaction ("fresh"); fresh pages change in memory
+//!   and are written once, at commit.
+//! * A page freed in transaction `g` is reused only after commit `g + 1` is durable, so
+//!   the older superblock slot stays readable; a data chunk freed in transaction `g` is
+//!   reused only after commit `g` is durable (space must come back at one commit).
+//! * Block-map nodes are shared between volumes with lazy refcounts (Rodeh): the count of
+//!   a node is the number of parents (volume roots or interior nodes) pointing at it, the
+//!   count of a data chunk is the number of leaf entries (as chunk or as backing) naming
+//!   it. Shadowing a shared node increments its children.
+//! * A chunk (or node) whose count dropped in this transaction may still be shared in the
+//!   last commit; `dropped_*` remember them and shadowing a dropped node taints its
+//!   children, so data is written in place only into chunks exclusive now and at the last
+//!   commit.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+
+use super::format::*;
+use super::Error;
+use crate::io::BlockFile;
+
+pub(crate) const ROOTS: usize = 0;
+pub(crate) const DATA_RC: usize = 1;
+pub(crate) const META_RC: usize = 2;
+
+/// Map nodes kept in the cache before clean ones are dropped.
+const NODE_CACHE_LIMIT: usize = 65536;
+
+fn io_err(op: &'static str) -> impl FnOnce(std::io::Error) -> Error {
+    move |source| Error::Io { op, source }
+}
+
+pub(crate) fn read_page(file: &dyn BlockFile, page: PageNo) -> Result<Box<[u8; PAGE_SIZE]>, Error> {
+    let mut buf = Box::new([0u8; PAGE_SIZE]);
+    file.read_at(&mut buf[..], page.offset()).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::UnexpectedEof {
+            Error::Inconsistent(format!("metadata page {page} is past the end of pool.meta"))
+        } else {
+            Error::Io {
+                op: "reading a metadata page",
+                source: e,
+            }
+        }
+    })?;
+    Ok(buf)
+}
+
+/// Levels needed for a block map of `chunks` virtual chunks.
+pub(crate) fn map_height(chunks: u64) -> u32 {
+    let mut h = 1;
+    let mut cap = MAP_LEAF_ENTRIES as u64;
+    while cap < chunks {
+        cap = cap.saturating_mul(INTERIOR_FANOUT as u64);
+        h += 1;
+    }
+    h
+}
+
+/// Virtual chunks covered by one child of a node at `level` (0 = leaf).
+fn span(level: u32) -> u64 {
+    let mut s = MAP_LEAF_ENTRIES as u64;
+    for _ in 1..level {
+        s = s.saturating_mul(INTERIOR_FANOUT as u64);
+    }
+    if level == 0 {
+        1
+    } else {
+        s
+    }
+}
+
+#[derive(Clone, Debug)]
+pub(crate) enum Body {
+    Interior(Vec<u64>),
+    Rc(Vec<u32>),
+    Roots(Vec<RootEntry>),
+}
+
+pub(crate) struct ANode {
+    page: u64,
+    fresh: bool,
+    dirty: bool,
+    body: Body,
+}
+
+/// A copy-on-write radix tree of fixed-size records (refcounts or volume roots), owned
+/// by the superblock alone (never shared), so its pages always have refcount 1.
+pub(crate) struct ArrayTree {
+    pub interior: PageKind,
+    pub leaf: PageKind,
+    pub per_leaf: u64,
+    pub root: PageNo,
+    pub height: u32,
+    nodes: HashMap<(u32, u64), ANode>,
+}
+
+impl ArrayTree {
+    pub fn new(interior: PageKind, leaf: PageKind, root: TreeRoot) -> Self {
+        let per_leaf = if leaf == PageKind::RootsLeaf {
+            ROOTS_LEAF_ENTRIES
+        } else {
+            RC_LEAF_ENTRIES
+        } as u64;
+        ArrayTree {
+            interior,
+            leaf,
+            per_leaf,
+            root: root.page,
+            height: root.height.max(1),
+            nodes: HashMap::new(),
+        }
+    }
+
+    pub fn tree_root(&self) -> TreeRoot {
+        TreeRoot {
+            page: self.root,
+            height: self.height,
+        }
+    }
+
+    fn cap(&self, height: u32) -> u64 {
+        let mut c = self.per_leaf;
+        for _ in 1..height {
+            c = c.saturating_mul(INTERIOR_FANOUT as u64);
+        }
+        c
+    }
+
+    fn zero_body(&self, level: u32) -> Body {
+        if level > 0 {
+            Body::Interior(vec![0; INTERIOR_FANOUT])
+        } else if self.leaf == PageKind::RootsLeaf {
+            Body::Roots(vec![RootEntry::default(); ROOTS_LEAF_ENTRIES])
+        } else {
+            Body::Rc(vec![0; RC_LEAF_ENTRIES])
+        }
+    }
+
+    fn grow_to(&mut self, idx: u64) {
+        while idx >= self.cap(self.height) {
+            let mut children = vec![0u64; INTERIOR_FANOUT];
+            children[0] = self.root.0;
+            // The old root keeps its key (height-1, 0): it is child 0 of the new root.
+            self.nodes.insert(
+                (self.height, 0),
+                ANode {
+                    page: 0,
+                    fresh: false,
+                    dirty: true,
+                    body: Body::Interior(children),
+                },
+            );
+            self.root = PageNo(0);
+            self.height += 1;
+        }
+    }
+
+    fn load(
+        &mut self,
+        file: &dyn BlockFile,
+        hw: u64,
+        level: u32,
+        idx: u64,
+    ) -> Result<&mut ANode, Error> {
+        if !self.nodes.contains_key(&(level, idx)) {
+            let page = if level + 1 >= self.height {
+                self.root.0
+            } else {
+                let parent = self.load(file, hw, level + 1, idx / INTERIOR_FANOUT as u64)?;
+                match &parent.body {
+                    Body::Interior(c) => c[(idx % INTERIOR_FANOUT as u64) as usize],
+                    _ => {
+                        return Err(Error::Inconsistent(
+                            "array tree interior holds a leaf".into(),
+                        ))
+                    }
+                }
+            };
+            let body = if page == 0 {
+                self.zero_body(level)
+            } else {
+                let buf = read_page(file, PageNo(page))?;
+                if level > 0 {
+                    Body::Interior(unpack_interior(self.interior, PageNo(page), &buf[..], hw)?)
+                } else if self.leaf == PageKind::RootsLeaf {
+                    Body::Roots(unpack_roots_leaf(PageNo(page), &buf[..], hw)?)
+                } else {
+                    Body::Rc(unpack_rc_leaf(self.leaf, PageNo(page), &buf[..])?)
+                }
+            };
+            self.nodes.insert(
+                (level, idx),
+                ANode {
+                    page,
+                    fresh: false,
+                    dirty: false,
+                    body,
+                },
+            );
+        }
+        Ok(self.nodes.get_mut(&(level, idx)).expect("just inserted"))
+    }
+
+    pub fn get_rc(&mut self, file: &dyn BlockFile, hw: u64, i: u64) -> Result<u32, Error> {
+        if i >= self.cap(self.height) {
+            return Ok(0);
+        }
+        let per = self.per_leaf;
+        match &self.load(file, hw, 0, i / per)?.body {
+            Body::Rc(v) => Ok(v[(i % per) as usize]),
+            _ => Err(Error::Inconsistent(
+                "refcount tree leaf of the wrong kind".into(),
+            )),
+        }
+    }
+
+    pub fn set_rc(&mut self, file: &dyn BlockFile, hw: u64, i: u64, val: u32) -> Result<(), Error> {
+        self.grow_to(i);
+        let per = self.per_leaf;
+        let n = self.load(file, hw, 0, i / per)?;
+        match &mut n.body {
+            Body::Rc(v) => {
+                let slot = &mut v[(i % per) as usize];
+                if *slot != val {
+                    *slot = val;
+                    n.dirty = true;
+                }
+                Ok(())
+            }
+            _ => Err(Error::Inconsistent(
+                "refcount tree leaf of the wrong kind".into(),
+            )),
+        }
+    }
+
+    /// The refcounts of leaf `leaf` (for allocator scans).
+    pub fn rc_leaf(&mut self, file: &dyn BlockFile, hw: u64, leaf: u64) -> Result<Vec<u32>, Error> {
+        if leaf * self.per_leaf >= self.cap(self.height) {
+            return Ok(vec![0; RC_LEAF_ENTRIES]);
+        }
+        match &self.load(file, hw, 0, leaf)?.body {
+            Body::Rc(v) => Ok(v.clone()),
+            _ => Err(Error::Inconsistent(
+                "refcount tree leaf of the wrong kind".into(),
+            )),
+        }
+    }
+
+    pub fn get_root(&mut self, file: &dyn BlockFile, hw: u64, i: u64) -> Result<RootEntry, Error> {
+        if i >= self.cap(self.height) {
+            return Ok(RootEntry::default());
+        }
+        let per = self.per_leaf;
+        match &self.load(file, hw, 0, i / per)?.body {
+            Body::Roots(v) => Ok(v[(i % per) as usize]),
+            _ => Err(Error::Inconsistent(
+                "roots tree leaf of the wrong kind".into(),
+            )),
+        }
+    }
+
+    pub fn set_root(
+        &mut self,
+        file: &dyn BlockFile,
+        hw: u64,
+        i: u64,
+        val: RootEntry,
+    ) -> Result<(), Error> {
+        self.grow_to(i);
+        let per = self.per_leaf;
+        let n = self.load(file, hw, 0, i / per)?;
+        match &mut n.body {
+            Body::Roots(v) => {
+                let slot = &mut v[(i % per) as usize];
+                if *slot != val {
+                    *slot = val;
+                    n.dirty = true;
+                }
+                Ok(())
+            }
+            _ => Err(Error::Inconsistent(
+                "roots tree leaf of the wrong kind".into(),
+            )),
+        }
+    }
+
+    /// Dirty nodes that still need a page of their own in this transaction, leaves first.
+    fn needing_pages(&self) -> Vec<(u32, u64)> {
+        let mut v: Vec<(u32, u64)> = self
+            .nodes
+            .iter()
+            .filter(|(_, n)| n.dirty && !n.fresh)
+            .map(|(k, _)| *k)
+            .collect();
+        v.sort_unstable();
+        v
+    }
+
+    fn finish_commit(&mut self) {
+        for n in self.nodes.values_mut() {
+            n.dirty = false;
+            n.fresh = false;
+        }
+    }
+}
+
+/// The catalogue document (JSON in the catalogue pages).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub(crate) struct CatalogueDoc {
+    pub next_id: u64,
+    pub volumes: Vec<CatVolume>,
+    pub meta: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct CatVolume {
+    pub id: u64,
+    pub key: String,
+    pub size: u64,
+    #[serde(default)]
+    pub attrs: BTreeMap<String, String>,
+    #[serde(default)]
+    pub fingerprint: Option<String>,
+}
+
+#[derive(Clone, Debug)]
+pub(crate) enum MapNode {
+    Interior(Vec<u64>),
+    Leaf(Vec<MapEntry>),
+}
+
+/// Geometry of the data area.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Geometry {
+    pub chunk_size: u64,
+    pub data_chunks: u64,
+    /// Sub-blocks per chunk (1..=64) and their size.
+    pub subs: u32,
+    pub sub_size: u64,
+}
+
+impl Geometry {
+    pub fn new(chunk_size: u64, data_chunks: u64) -> Geometry {
+        let sub_size = (chunk_size / 64).max(4096);
+        Geometry {
+            chunk_size,
+            data_chunks,
+            subs: (chunk_size / sub_size) as u32,
+            sub_size,
+        }
+    }
+    pub fn full_mask(&self) -> u64 {
+        if self.subs >= 64 {
+            u64::MAX
+        } else {
+            (1u64 << self.subs) - 1
+        }
+    }
+}
+
+pub(crate) struct Meta {
+    pub file: Arc<dyn BlockFile>,
+    pub geo: Geometry,
+    /// The last committed superblock.
+    pub sb: Superblock,
+    pub meta_hw: u64,
+    pub data_hw: u64,
+    pub data_used: u64,
+    pub meta_used: u64,
+    pub trees: [ArrayTree; 3],
+    nodes: HashMap<u64, MapNode>,
+    fresh: HashSet<u64>,
+    pub cat: CatalogueDoc,
+    /// Volume id -> index in `cat.volumes`, and key -> id.
+    pub by_key: BTreeMap<String, u64>,
+    pub cat_dirty: bool,
+    cat_pages: Vec<u64>,
+    // Metadata page allocator.
+    free_meta: BTreeSet<u64>,
+    meta_deferred: HashSet<u64>,
+    freed_meta_txn: Vec<u64>,
+    freed_meta_prev: Vec<u64>,
+    meta_scan: u64,
+    meta_hw_open: u64,
+    // Data chunk allocator.
+    free_chunks: BTreeSet<u64>,
+    chunks_deferred: HashSet<u64>,
+    data_scan: u64,
+    data_hw_open: u64,
+    pub dropped_pages: HashSet<u64>,
+    pub dropped_chunks: HashSet<u64>,
+    /// Chunks with data I/O in flight that readers and writers must not touch yet.
+    pub inflight: HashSet<u64>,
+    /// Live handles per volume id.
+    pub handles: HashMap<u64, usize>,
+    /// Bumped on every change of a volume's content (fingerprint cache validity).
+    epochs: HashMap<u64, u64>,
+    pub poisoned: Option<String>,
+}
+
+impl Meta {
+    /// State of a pool whose last commit is `sb` with catalogue `cat` in `cat_pages`.
+    pub fn new(
+        file: Arc<dyn BlockFile>,
+        sb: Superblock,
+        cat: CatalogueDoc,
+        cat_pages: Vec<u64>,
+    ) -> Meta {
+        let by_key = cat.volumes.iter().map(|v| (v.key.clone(), v.id)).collect();
+        Meta {
+            file,
+            geo: Geometry::new(sb.chunk_size, sb.data_chunks),
+            sb,
+            meta_hw: sb.meta_hw,
+            data_hw: sb.data_hw,
+            data_used: sb.data_used,
+            meta_used: sb.meta_used,
+            trees: [
+                ArrayTree::new(PageKind::RootsInterior, PageKind::RootsLeaf, sb.roots),
+                ArrayTree::new(PageKind::DataRcInterior, PageKind::DataRcLeaf, sb.data_rc),
+                ArrayTree::new(PageKind::MetaRcInterior, PageKind::MetaRcLeaf, sb.meta_rc),
+            ],
+            nodes: HashMap::new(),
+            fresh: HashSet::new(),
+            cat,
+            by_key,
+            cat_dirty: false,
+            cat_pages,
+            free_meta: BTreeSet::new(),
+            meta_deferred: HashSet::new(),
+            freed_meta_txn: Vec::new(),
+            freed_meta_prev: Vec::new(),
+            meta_scan: 2,
+            meta_hw_open: sb.meta_hw,
+            free_chunks: BTreeSet::new(),
+            chunks_deferred: HashSet::new(),
+            data_scan: 1,
+            data_hw_open: sb.data_hw,
+            dropped_pages: HashSet::new(),
+            dropped_chunks: HashSet::new(),
+            inflight: HashSet::new(),
+            handles: HashMap::new(),
+            epochs: HashMap::new(),
+            poisoned: None,
+        }
+    }
+
+    pub fn check_poison(&self) -> Result<(), Error> {
+        match &self.poisoned {
+            Some(why) => Err(Error::Poisoned(why.clone())),
+            None => Ok(()),
+        }
+    }
+
+    // ---- refcounts -------------------------------------------------------------------
+
+    pub fn meta_rc(&mut self, p: u64) -> Result<u32, Error> {
+        let hw = self.meta_hw;
+        self.trees[META_RC].get_rc(&*self.file, hw, p)
+    }
+    fn set_meta_rc(&mut self, p: u64, v: u32) -> Result<(), Error> {
+        let hw = self.meta_hw;
+        self.trees[META_RC].set_rc(&*self.file, hw, p, v)
+    }
+    pub fn data_rc(&mut self, c: u64) -> Result<u32, Error> {
+        let hw = self.meta_hw;
+        self.trees[DATA_RC].get_rc(&*self.file, hw, c)
+    }
+    fn set_data_rc(&mut self, c: u64, v: u32) -> Result<(), Error> {
+        let hw = self.meta_hw;
+        self.trees[DATA_RC].set_rc(&*self.file, hw, c, v)
+    }
+
+    pub fn chunk_inc(&mut self, c: Chunk) -> Result<(), Error> {
+        if c.is_none() {
+            return Ok(());
+        }
+        let rc = self.data_rc(c.0)?;
+        if rc == 0 {
+            return Err(Error::Inconsistent(format!(
+                "data chunk {c} is referenced but has refcount 0"
+            )));
+        }
+        let rc = rc
+            .checked_add(1)
+            .ok_or_else(|| Error::Inconsistent(format!("data chunk {c}: refcount overflow")))?;
+        self.set_data_rc(c.0, rc)
+    }
+
+    pub fn chunk_dec(&mut self, c: Chunk) -> Result<(), Error> {
+        if c.is_none() {
+            return Ok(());
+        }
+        let rc = self.data_rc(c.0)?;
+        if rc == 0 {
+            return Err(Error::Inconsistent(format!(
+                "data chunk {c}: refcount underflow"
+            )));
+        }
+        self.set_data_rc(c.0, rc - 1)?;
+        self.dropped_chunks.insert(c.0);
+        if rc == 1 {
+            self.data_used -= 1;
+            self.chunks_deferred.insert(c.0);
+        }
+        Ok(())
+    }
+
+    fn page_inc(&mut self, p: u64) -> Result<(), Error> {
+        let rc = self.meta_rc(p)?;
+        if rc == 0 {
+            return Err(Error::Inconsistent(format!(
+                "metadata page {p} is referenced but has refcount 0"
+            )));
+        }
+        let rc = rc
+            .checked_add(1)
+            .ok_or_else(|| Error::Inconsistent(format!("metadata page {p}: refcount overflow")))?;
+        self.set_meta_rc(p, rc)
+    }
+
+    /// Drops one reference to map node `p` (of tree level `level`); frees it and drops
+    /// its children when it was the last.
+    pub fn page_dec(&mut self, p: u64, level: u32) -> Result<(), Error> {
+        let mut stack = vec![(p, level)];
+        while let Some((p, level)) = stack.pop() {
+            let rc = self.meta_rc(p)?;
+            if rc == 0 {
+                return Err(Error::Inconsistent(format!(
+                    "metadata page {p}: refcount underflow"
+                )));
+            }
+            self.dropped_pages.insert(p);
+            if rc > 1 {
+                self.set_meta_rc(p, rc - 1)?;
+                continue;
+            }
+            match self.node(p, level)?.clone() {
+                MapNode::Interior(children) => {
+                    stack.extend(
+                        children
+                            .into_iter()
+                            .filter(|&c| c != 0)
+                            .map(|c| (c, level - 1)),
+                    );
+                }
+                MapNode::Leaf(entries) => {
+                    for e in entries {
+                        self.chunk_dec(e.chunk)?;
+                        self.chunk_dec(e.backing)?;
+                    }
+                }
+            }
+            self.nodes.remove(&p);
+            self.fresh.remove(&p);
+            self.free_meta_page(p)?;
+        }
+        Ok(())
+    }
+
+    // ---- allocators ------------------------------------------------------------------
+
+    fn free_meta_page(&mut self, p: u64) -> Result<(), Error> {
+        self.set_meta_rc(p, 0)?;
+        self.meta_used -= 1;
+        self.meta_deferred.insert(p);
+        self.freed_meta_txn.push(p);
+        Ok(())
+    }
+
+    pub fn alloc_meta_page(&mut self) -> Result<u64, Error> {
+        let p = loop {
+            if let Some(p) = self.free_meta.pop_first() {
+                if self.meta_rc(p)? == 0 && !self.meta_deferred.contains(&p) {
+                    break p;
+                }
+                continue;
+            }
+            if self.meta_scan < self.meta_hw_open {
+                let leaf = self.meta_scan / RC_LEAF_ENTRIES as u64;
+                let hw = self.meta_hw;
+                let counts = self.trees[META_RC].rc_leaf(&*self.file, hw, leaf)?;
+                let end = ((leaf + 1) * RC_LEAF_ENTRIES as u64).min(self.meta_hw_open);
+                for q in self.meta_scan.max(2)..end {
+                    if counts[(q % RC_LEAF_ENTRIES as u64) as usize] == 0
+                        && !self.meta_deferred.contains(&q)
+                    {
+                        self.free_meta.insert(q);
+                    }
+                }
+                self.meta_scan = end;
+                continue;
+            }
+            let p = self.meta_hw;
+            self.meta_hw += 1;
+            break p;
+        };
+        self.set_meta_rc(p, 1)?;
+        self.meta_used += 1;
+        Ok(p)
+    }
+
+    /// A free data chunk with refcount 1, and whether it held data before (then the
+    /// caller punches it before anything can read it).
+    pub fn alloc_chunk(&mut self) -> Result<(Chunk, bool), Error> {
+        if self.data_used + self.chunks_deferred.len() as u64 >= self.geo.data_chunks {
+            return Err(Error::NoSpace);
+        }
+        let (c, reused) = loop {
+            if let Some(c) = self.free_chunks.pop_first() {
+                if self.data_rc(c)? == 0 && !self.chunks_deferred.contains(&c) {
+                    break (c, true);
+                }
+                continue;
+            }
+            if self.data_scan <= self.data_hw_open {
+                let leaf = self.data_scan / RC_LEAF_ENTRIES as u64;
+                let hw = self.meta_hw;
+                let counts = self.trees[DATA_RC].rc_leaf(&*self.file, hw, leaf)?;
+                let end = ((leaf + 1) * RC_LEAF_ENTRIES as u64).min(self.data_hw_open + 1);
+                for q in self.data_scan.max(1)..end {
+                    if counts[(q % RC_LEAF_ENTRIES as u64) as usize] == 0
+                        && !self.chunks_deferred.contains(&q)
+                    {
+                        self.free_chunks.insert(q);
+                    }
+                }
+                self.data_scan = end;
+                continue;
+            }
+            if self.data_hw < self.geo.data_chunks {
+                self.data_hw += 1;
+                break (self.data_hw, false);
+            }
+            return Err(Error::NoSpace);
+        };
+        self.set_data_rc(c, 1)?;
+        self.data_used += 1;
+        Ok((Chunk(c), reused))
+    }
+
+    // ---- block-map nodes -------------------------------------------------------------
+
+    pub fn node(&mut self, p: u64, level: u32) -> Result<&MapNode, Error> {
+        if !self.nodes.contains_key(&p) {
+            if p < 2 || p >= self.meta_hw {
+                return Err(Error::Inconsistent(format!(
+                    "block-map pointer to page {p} out of range"
+                )));
+            }
+            if self.nodes.len() >= NODE_CACHE_LIMIT {
+                let fresh = &self.fresh;
+                self.nodes.retain(|k, _| fresh.contains(k));
+            }
+            let buf = read_page(&*self.file, PageNo(p))?;
+            let n = if level == 0 {
+                MapNode::Leaf(unpack_map_leaf(
+                    PageNo(p),
+                    &buf[..],
+                    self.geo.data_chunks,
+                    self.geo.subs,
+                )?)
+            } else {
+                MapNode::Interior(unpack_interior(
+                    PageKind::MapInterior,
+                    PageNo(p),
+                    &buf[..],
+                    self.meta_hw,
+                )?)
+            };
+            self.nodes.insert(p, n);
+        }
+        Ok(&self.nodes[&p])
+    }
+
+    fn new_node(&mut self, level: u32) -> Result<u64, Error> {
+        let p = self.alloc_meta_page()?;
+        let n = if level == 0 {
+            MapNode::Leaf(vec![MapEntry::UNMAPPED; MAP_LEAF_ENTRIES])
+        } else {
+            MapNode::Interior(vec![0; INTERIOR_FANOUT])
+        };
+        self.nodes.insert(p, n);
+        self.fresh.insert(p);
+        Ok(p)
+    }
+
+    /// A page holding node `p`'s content that this transaction may change in place.
+    fn make_writable(&mut self, p: u64, level: u32) -> Result<u64, Error> {
+        let rc = self.meta_rc(p)?;
+        if rc == 0 {
+            return Err(Error::Inconsistent(format!(
+                "block-map node {p} is referenced but has refcount 0"
+            )));
+        }
+        if rc == 1 && self.fresh.contains(&p) {
+            return Ok(p);
+        }
+        let node = self.node(p, level)?.clone();
+        let new = self.alloc_meta_page()?;
+        if rc > 1 {
+            match &node {
+                MapNode::Interior(c) => {
+                    for &c in c.iter().filter(|&&c| c != 0) {
+                        self.page_inc(c)?;
+                    }
+                }
+                MapNode::Leaf(es) => {
+                    for e in es {
+                        self.chunk_inc(e.chunk)?;
+                        self.chunk_inc(e.backing)?;
+                    }
+                }
+            }
+            self.set_meta_rc(p, rc - 1)?;
+            self.dropped_pages.insert(p);
+        } else {
+            if self.dropped_pages.contains(&p) {
+                // Shared at the last commit: what hangs below is too.
+                match &node {
+                    MapNode::Interior(c) => self
+                        .dropped_pages
+                        .extend(c.iter().copied().filter(|&c| c != 0)),
+                    MapNode::Leaf(es) => self
+                        .dropped_chunks
+                        .extend(es.iter().filter(|e| e.is_mapped()).map(|e| e.chunk.0)),
+                }
+            }
+            self.nodes.remove(&p);
+            self.free_meta_page(p)?;
+        }
+        self.nodes.insert(new, node);
+        self.fresh.insert(new);
+        Ok(new)
+    }
+
+    pub fn root(&mut self, id: u64) -> Result<RootEntry, Error> {
+        let hw = self.meta_hw;
+        let r = self.trees[ROOTS].get_root(&*self.file, hw, id)?;
+        if !r.present {
+            return Err(Error::Inconsistent(format!("volume id {id} has no root")));
+        }
+        Ok(r)
+    }
+
+    pub fn set_root(&mut self, id: u64, r: RootEntry) -> Result<(), Error> {
+        let hw = self.meta_hw;
+        self.trees[ROOTS].set_root(&*self.file, hw, id, r)
+    }
+
+    /// Shadows the path to the leaf holding `vc`; returns the (writable) leaf page.
+    pub fn shadow_path(&mut self, id: u64, vc: u64) -> Result<u64, Error> {
+        let mut r = self.root(id)?;
+        let top = r.height - 1;
+        let root = if r.root.is_null() {
+            self.new_node(top)?
+        } else {
+            self.make_writable(r.root.0, top)?
+        };
+        if root != r.root.0 {
+            r.root = PageNo(root);
+            self.set_root(id, r)?;
+        }
+        let mut node = root;
+        for level in (1..r.height).rev() {
+            let idx = ((vc / span(level)) % INTERIOR_FANOUT as u64) as usize;
+            let child = match self.node(node, level)? {
+                MapNode::Interior(c) => c[idx],
+                MapNode::Leaf(_) => {
+                    return Err(Error::Inconsistent(format!(
+                        "page {node}: leaf at level {level}"
+                    )))
+                }
+            };
+            let new = if child == 0 {
+                self.new_node(level - 1)?
+            } else {
+                self.make_writable(child, level - 1)?
+            };
+            if new != child {
+                match self.nodes.get_mut(&node) {
+                    Some(MapNode::Interior(c)) => c[idx] = new,
+                    _ => {
+                        return Err(Error::Inconsistent(format!(
+                            "page {node} vanished from the cache"
+                        )))
+                    }
+                }
+            }
+            node = new;
+        }
+        Ok(node)
+    }
+
+    pub fn leaf_mut(&mut self, p: u64) -> Result<&mut Vec<MapEntry>, Error> {
+        match self.nodes.get_mut(&p) {
+            Some(MapNode::Leaf(es)) => Ok(es),
+            _ => Err(Error::Inconsistent(format!(
+                "page {p} is not a cached leaf"
+            ))),
+        }
+    }
+
+    /// Current entry of `vc` without changing anything.
+    pub fn lookup(&mut self, id: u64, vc: u64) -> Result<MapEntry, Error> {
+        let r = self.root(id)?;
+        let mut node = r.root.0;
+        let mut level = r.height - 1;
+        loop {
+            if node == 0 {
+                return Ok(MapEntry::UNMAPPED);
+            }
+            match self.node(node, level)? {
+                MapNode::Leaf(es) => return Ok(es[(vc % MAP_LEAF_ENTRIES as u64) as usize]),
+                MapNode::Interior(c) => {
+                    if level == 0 {
+                        return Err(Error::Inconsistent(format!(
+                            "page {node}: interior at leaf level"
+                        )));
+                    }
+                    node = c[((vc / span(level)) % INTERIOR_FANOUT as u64) as usize];
+                    level -= 1;
+                }
+            }
+        }
+    }
+
+    /// Mapped entries with virtual chunk in `[lo, hi)`, in order, skipping empty subtrees.
+    pub fn mapped_in(&mut self, id: u64, lo: u64, hi: u64) -> Result<Vec<(u64, MapEntry)>, Error> {
+        let r = self.root(id)?;
+        let mut out = Vec::new();
+        if !r.root.is_null() {
+            self.collect(r.root.0, r.height - 1, 0, lo, hi, &mut out)?;
+        }
+        Ok(out)
+    }
+
+    fn collect(
+        &mut self,
+        p: u64,
+        level: u32,
+        base: u64,
+        lo: u64,
+        hi: u64,
+        out: &mut Vec<(u64, MapEntry)>,
+    ) -> Result<(), Error> {
+        match self.node(p, level)?.clone() {
+            MapNode::Leaf(es) => {
+                for (i, e) in es.iter().enumerate() {
+                    let vc = base + i as u64;
+                    if e.is_mapped() && vc >= lo && vc < hi {
+                        out.push((vc, *e));
+                    }
+                }
+            }
+            MapNode::Interior(c) => {
+                let s = span(level);
+                for (i, &child) in c.iter().enumerate() {
+                    let b = base + i as u64 * s;
+                    if child != 0 && b < hi && b.saturating_add(s) > lo {
+                        self.collect(child, level - 1, b, lo, hi, out)?;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Unmaps every chunk in `[lo, hi)`; returns how many entries were mapped.
+    pub fn unmap_range(&mut self, id: u64, lo: u64, hi: u64) -> Result<u64, Error> {
+        let mapped = self.mapped_in(id, lo, hi)?;
+        let mut n = 0;
+        let mut i = 0;
+        while i < mapped.len() {
+            let leaf_base = mapped[i].0 / MAP_LEAF_ENTRIES as u64;
+            let leaf = self.shadow_path(id, mapped[i].0)?;
+            let mut dropped = Vec::new();
+            {
+                let es = self.leaf_mut(leaf)?;
+                while i < mapped.len() && mapped[i].0 / MAP_LEAF_ENTRIES as u64 == leaf_base {
+                    let slot = (mapped[i].0 % MAP_LEAF_ENTRIES as u64) as usize;
+                    dropped.push(es[slot]);
+                    es[slot] = MapEntry::UNMAPPED;
+                    i += 1;
+                }
+            }
+            for e in dropped {
+                self.chunk_dec(e.chunk)?;
+                self.chunk_dec(e.backing)?;
+                n += 1;
+            }
+        }
+        if n > 0 {
+            let mut r = self.root(id)?;
+            r.mapped -= n;
+            self.set_root(id, r)?;
+        }
+        Ok(n)
+    }
+
+    /// Grows the block map of `id` to cover `chunks` virtual chunks.
+    pub fn grow_map(&mut self, id: u64, chunks: u64) -> Result<(), Error> {
+        let mut r = self.root(id)?;
+        let want = map_height(chunks);
+        while r.height < want {
+            if !r.root.is_null() {
+                let p = self.new_node(r.height)?;
+                if let Some(MapNode::Interior(c)) = self.nodes.get_mut(&p) {
+                    c[0] = r.root.0;
+                }
+                r.root = PageNo(p);
+            }
+            r.height += 1;
+        }
+        self.set_root(id, r)
+    }
+
+    // ---- volumes ---------------------------------------------------------------------
+
+    pub fn vol_index(&self, id: u64) -> Option<usize> {
+        self.cat.volumes.iter().position(|v| v.id == id)
+    }
+
+    pub fn vol(&self, id: u64) -> Option<&CatVolume> {
+        self.cat.volumes.iter().find(|v| v.id == id)
+    }
+
+    pub fn vol_mut(&mut self, id: u64) -> Option<&mut CatVolume> {
+        self.cat.volumes.iter_mut().find(|v| v.id == id)
+    }
+
+    pub fn id_of(&self, key: &str) -> Option<u64> {
+        self.by_key.get(key).copied()
+    }
+
+    /// Adds a volume with an empty map of `height` levels.
+    pub fn add_volume(&mut self, key: &str, size: u64, root: RootEntry) -> Result<u64, Error> {
+        let id = self.cat.next_id.max(1);
+        self.cat.next_id = id + 1;
+        self.set_root(
+            id,
+            RootEntry {
+                present: true,
+                ..root
+            },
+        )?;
+        self.cat.volumes.push(CatVolume {
+            id,
+            key: key.to_string(),
+            size,
+            attrs: BTreeMap::new(),
+            fingerprint: None,
+        });
+        self.by_key.insert(key.to_string(), id);
+        self.cat_dirty = true;
+        Ok(id)
+    }
+
+    pub fn remove_volume(&mut self, id: u64) -> Result<(), Error> {
+        let r = self.root(id)?;
+        if !r.root.is_null() {
+            self.page_dec(r.root.0, r.height - 1)?;
+        }
+        self.set_root(id, RootEntry::default())?;
+        if let Some(i) = self.vol_index(id) {
+            let v = self.cat.volumes.remove(i);
+            self.by_key.remove(&v.key);
+        }
+        self.cat_dirty = true;
+        Ok(())
+    }
+
+    pub fn snapshot(&mut self, src: u64, key: &str) -> Result<u64, Error> {
+        let r = self.root(src)?;
+        if !r.root.is_null() {
+            self.page_inc(r.root.0)?;
+        }
+        let (size, fp) = match self.vol(src) {
+            Some(v) => (v.size, v.fingerprint.clone()),
+            None => {
+                return Err(Error::Inconsistent(format!(
+                    "volume id {src} not in the catalogue"
+                )))
+            }
+        };
+        let id = self.add_volume(key, size, r)?;
+        if let Some(v) = self.vol_mut(id) {
+            v.fingerprint = fp;
+        }
+        Ok(id)
+    }
+
+    /// Forgets a cached fingerprint because the volume's content changes.
+    pub fn touch(&mut self, id: u64) {
+        *self.epochs.entry(id).or_insert(0) += 1;
+        if let Some(v) = self.vol_mut(id) {
+            if v.fingerprint.is_some() {
+                v.fingerprint = None;
+                self.cat_dirty = true;
+            }
+        }
+    }
+
+    pub fn epoch(&self, id: u64) -> u64 {
+        self.epochs.get(&id).copied().unwrap_or(0)
+    }
+
+    /// A new pool: the two superblock slots are in use forever.
+    pub fn init_superblock_pages(&mut self) -> Result<(), Error> {
+        self.set_meta_rc(0, 1)?;
+        self.set_meta_rc(1, 1)?;
+        self.meta_used = 2;
+        self.cat_dirty = true;
+        Ok(())
+    }
+
+    // ---- commit ----------------------------------------------------------------------
+
+    /// Writes every dirty page and the new superblock. The caller has synced the data
+    /// file and holds off all data I/O. On error the caller must poison the pool.
+    pub fn commit(&mut self) -> Result<(), Error> {
+        // Catalogue: a fresh chain whenever it changed.
+        let mut cat_writes: Vec<(u64, u64, Vec<u8>)> = Vec::new();
+        let (mut cat_first, mut cat_len) = (self.sb.catalogue, self.sb.catalogue_len);
+        if self.cat_dirty || self.cat_pages.is_empty() {
+            let doc = serde_json::to_vec(&self.cat)
+                .map_err(|e| Error::Inconsistent(format!("catalogue: {e}")))?;
+            let pieces: Vec<&[u8]> = if doc.is_empty() {
+                vec![&[][..]]
+            } else {
+                doc.chunks(CATALOGUE_BYTES).collect()
+            };
+            let mut pages = Vec::with_capacity(pieces.len());
+            for _ in 0..pieces.len() {
+                pages.push(self.alloc_meta_page()?);
+            }
+            for old in std::mem::take(&mut self.cat_pages) {
+                self.free_meta_page(old)?;
+            }
+            for (i, piece) in pieces.iter().enumerate() {
+                let next = pages.get(i + 1).copied().unwrap_or(0);
+                cat_writes.push((pages[i], next, piece.to_vec()));
+            }
+            cat_first = PageNo(pages[0]);
+            cat_len = doc.len() as u64;
+            self.cat_pages = pages;
+        }
+        // Array trees: give every dirty node its own page; that changes the metadata
+        // refcounts, so repeat until nothing new needs a page.
+        loop {
+            let mut work = Vec::new();
+            for t in 0..3 {
+                for k in self.trees[t].needing_pages() {
+                    work.push((t, k));
+                }
+            }
+            if work.is_empty() {
+                break;
+            }
+            for (t, (level, idx)) in work {
+                let new = self.alloc_meta_page()?;
+                let old = {
+                    let n = self.trees[t]
+                        .nodes
+                        .get_mut(&(level, idx))
+                        .expect("listed node");
+                    let old = n.page;
+                    n.page = new;
+                    n.fresh = true;
+                    old
+                };
+                if old != 0 {
+                    self.free_meta_page(old)?;
+                }
+                let tree_height = self.trees[t].height;
+                if level + 1 >= tree_height {
+                    self.trees[t].root = PageNo(new);
+                } else {
+                    let hw = self.meta_hw;
+                    let parent = self.trees[t].load(
+                        &*self.file,
+                        hw,
+                        level + 1,
+                        idx / INTERIOR_FANOUT as u64,
+                    )?;
+                    if let Body::Interior(c) = &mut parent.body {
+                        c[(idx % INTERIOR_FANOUT as u64) as usize] = new;
+                    }
+                    parent.dirty = true;
+                }
+            }
+        }
+        // Write: map nodes, array-tree nodes, catalogue.
+        let file = self.file.clone();
+        let mut fresh: Vec<u64> = self.fresh.iter().copied().collect();
+        fresh.sort_unstable();
+        for p in fresh {
+            let buf = match &self.nodes[&p] {
+                MapNode::Interior(c) => pack_interior(PageKind::MapInterior, PageNo(p), c),
+                MapNode::Leaf(es) => pack_map_leaf(PageNo(p), es),
+            };
+            file.write_at(&buf[..], PageNo(p).offset())
+                .map_err(io_err("writing a block-map page"))?;
+        }
+        for t in 0..3 {
+            let tree = &self.trees[t];
+            for ((level, _), n) in tree.nodes.iter().filter(|(_, n)| n.dirty) {
+                let page = PageNo(n.page);
+                let buf = match &n.body {
+                    Body::Interior(c) => pack_interior(tree.interior, page, c),
+                    Body::Rc(v) => pack_rc_leaf(tree.leaf, page, v),
+                    Body::Roots(v) => pack_roots_leaf(page, v),
+                };
+                debug_assert!(*level > 0 || !matches!(n.body, Body::Interior(_)));
+                file.write_at(&buf[..], page.offset())
+                    .map_err(io_err("writing a refcount or roots page"))?;
+            }
+        }
+        for (p, next, bytes) in &cat_writes {
+            let buf = pack_catalogue(PageNo(*p), PageNo(*next), bytes);
+            file.write_at(&buf[..], PageNo(*p).offset())
+                .map_err(io_err("writing a catalogue page"))?;
+        }
+        file.sync().map_err(io_err("syncing pool.meta"))?;
+        let sb = Superblock {
+            generation: self.sb.generation + 1,
+            chunk_size: self.geo.chunk_size,
+            data_chunks: self.geo.data_chunks,
+            meta_hw: self.meta_hw,
+            data_hw: self.data_hw,
+            data_used: self.data_used,
+            meta_used: self.meta_used,
+            meta_rc: self.trees[META_RC].tree_root(),
+            data_rc: self.trees[DATA_RC].tree_root(),
+            roots: self.trees[ROOTS].tree_root(),
+            catalogue: cat_first,
+            catalogue_len: cat_len,
+        };
+        let slot = PageNo(sb.generation % 2);
+        file.write_at(&sb.pack(slot)[..], slot.offset())
+            .map_err(io_err("writing the superblock"))?;
+        file.sync().map_err(io_err("syncing the superblock"))?;
+        // Durable: release what the previous commits freed.
+        self.sb = sb;
+        self.fresh.clear();
+        self.dropped_pages.clear();
+        self.dropped_chunks.clear();
+        for p in std::mem::take(&mut self.freed_meta_prev) {
+            self.meta_deferred.remove(&p);
+            self.free_meta.insert(p);
+        }
+        self.freed_meta_prev = std::mem::take(&mut self.freed_meta_txn);
+        self.free_chunks.extend(self.chunks_deferred.drain());
+        for t in &mut self.trees {
+            t.finish_commit();
+        }
+        self.cat_dirty = false;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::io::FaultyFile;
+
+    fn empty_meta(chunks: u64) -> Meta {
+        let file: Arc<dyn BlockFile> = Arc::new(FaultyFile::new());
+        let sb = Superblock {
+            generation: 0,
+            chunk_size: 4096,
+            data_chunks: chunks,
+            meta_hw: 2,
+            data_hw: 0,
+            data_used: 0,
+            meta_used: 0,
+            meta_rc: TreeRoot {
+                page: PageNo(0),
+                height: 1,
+            },
+            data_rc: TreeRoot {
+                page: PageNo(0),
+                height: 1,
+            },
+            roots: TreeRoot {
+                page: PageNo(0),
+                height: 1,
+            },
+            catalogue: PageNo(0),
+            catalogue_len: 0,
+        };
+        let mut m = Meta::new(file, sb, CatalogueDoc::default(), Vec::new());
+        m.init_superblock_pages().unwrap();
+        m
+    }
+
+    #[test]
+    fn heights() {
+        assert_eq!(map_height(0), 1);
+        assert_eq!(map_height(168), 1);
+        assert_eq!(map_height(169), 2);
+        assert_eq!(map_height(168 * 504), 2);
+        assert_eq!(map_height(168 * 504 + 1), 3);
+    }
+
+    #[test]
+    fn radix_map_set_lookup_unmap_across_commits() {
+        let mut m = empty_meta(100_000);
+        let id = m
+            .add_volume(
+                "v",
+                0,
+                RootEntry {
+                    height: map_height(200_000),
+                    ..Default::default()
+                },
+            )
+            .unwrap();
+        let vcs = [0u64, 1, 167, 168, 5000, 84_671, 84_672, 199_999];
+        for (i, &vc) in vcs.iter().enumerate() {
+            let leaf = m.shadow_path(id, vc).unwrap();
+            let (c, _) = m.alloc_chunk().unwrap();
+            m.leaf_mut(leaf).unwrap()[(vc % 168) as usize] = MapEntry {
+                chunk: c,
+                ..Default::default()
+            };
+            assert_eq!(c.0, i as u64 + 1);
+        }
+        let mut r = m.root(id).unwrap();
+        r.mapped = vcs.len() as u64;
+        m.set_root(id, r).unwrap();
+        m.commit().unwrap();
+        for (i, &vc) in vcs.iter().enumerate() {
+            assert_eq!(m.lookup(id, vc).unwrap().chunk, Chunk(i as u64 + 1));
+        }
+        assert_eq!(m.lookup(id, 2).unwrap(), MapEntry::UNMAPPED);
+        let got: Vec<u64> = m
+            .mapped_in(id, 1, 84_672)
+            .unwrap()
+            .iter()
+            .map(|x| x.0)
+            .collect();
+        assert_eq!(got, vec![1, 167, 168, 5000, 84_671]);
+        // Snapshot, then unmapping in the origin leaves the snapshot intact.
+        let snap = m.snapshot(id, "s").unwrap();
+        assert_eq!(m.unmap_range(id, 0, 200_000).unwrap(), vcs.len() as u64);
+        assert_eq!(m.lookup(id, 5000).unwrap(), MapEntry::UNMAPPED);
+        assert_eq!(m.lookup(snap, 5000).unwrap().chunk, Chunk(5));
+        assert_eq!(m.root(snap).unwrap().mapped, vcs.len() as u64);
+        m.commit().unwrap();
+        assert_eq!(m.lookup(snap, 199_999).unwrap().chunk, Chunk(8));
+    }
+
+    #[test]
+    fn refcounts_follow_sharing_and_free() {
+        let mut m = empty_meta(1000);
+        let a = m
+            .add_volume(
+                "a",
+                0,
+                RootEntry {
+                    height: 2,
+                    ..Default::default()
+                },
+            )
+            .unwrap();
+        let leaf = m.shadow_path(a, 200).unwrap();
+        let (c, _) = m.alloc_chunk().unwrap();
+        m.leaf_mut(leaf).unwrap()[200 % 168] = MapEntry {
+            chunk: c,
+            ..Default::default()
+        };
+        let mut r = m.root(a).unwrap();
+        r.mapped = 1;
+        m.set_root(a, r).unwrap();
+        m.commit().unwrap();
+        let b = m.snapshot(a, "b").unwrap();
+        let root = m.root(a).unwrap().root.0;
+        assert_eq!(m.meta_rc(root).unwrap(), 2);
+        // Writing a's path shadows root and leaf; the chunk becomes shared by two leaves.
+        let leaf_a = m.shadow_path(a, 200).unwrap();
+        assert_ne!(leaf_a, leaf);
+        assert_eq!(m.data_rc(c.0).unwrap(), 2);
+        assert_eq!(m.lookup(b, 200).unwrap().chunk, c);
+        m.remove_volume(b).unwrap();
+        assert_eq!(m.data_rc(c.0).unwrap(), 1);
+        assert!(
+            m.dropped_chunks.contains(&c.0),
+            "chunk shared at the last commit must not be written in place"
+        );
+        m.remove_volume(a).unwrap();
+        assert_eq!(m.data_rc(c.0).unwrap(), 0);
+        assert_eq!(m.data_used, 0);
+        // Freed in this transaction: not reusable before the commit.
+        let (c2, _) = m.alloc_chunk().unwrap();
+        assert_ne!(c2, c);
+        m.commit().unwrap();
+        let (c3, reused) = m.alloc_chunk().unwrap();
+        assert_eq!((c3, reused), (c, true));
+    }
+
+    #[test]
+    fn nospace_when_all_chunks_are_taken_or_deferred() {
+        let mut m = empty_meta(3);
+        let cs: Vec<Chunk> = (0..3).map(|_| m.alloc_chunk().unwrap().0).collect();
+        assert!(matches!(m.alloc_chunk(), Err(Error::NoSpace)));
+        m.chunk_dec(cs[0]).unwrap();
+        assert!(matches!(m.alloc_chunk(), Err(Error::NoSpace)));
+        m.commit().unwrap();
+        assert_eq!(m.alloc_chunk().unwrap().0, cs[0]);
+    }
+}
