@@ -39,7 +39,7 @@ pub struct Controller {
 fn detect_driver(dir: &Path) -> Option<&'static str> {
     if dir.join("pool.meta").exists() {
         Some("thin")
-    } else if dir.join("reflink-pool.json").exists() {
+    } else if dir.join("pool.json").exists() {
         Some("reflink")
     } else {
         None
@@ -85,7 +85,7 @@ pub fn init_pool(paths: &Paths, opts: &InitOptions) -> Result<Value> {
             &dir,
             storage::thin::ThinOptions { chunk_size: opts.chunk_size, capacity },
         )?,
-        "reflink" => storage::reflink::ReflinkPool::create(&dir)?,
+        "reflink" => Arc::new(storage::reflink::ReflinkPool::create(&dir)?),
         other => bail!("unknown pool driver {other:?}; use thin (default) or reflink"),
     };
     let info = pool.info()?;
@@ -96,7 +96,7 @@ fn open_pool(paths: &Paths) -> Result<Arc<dyn Pool>> {
     let dir = paths.pool_dir();
     match detect_driver(&dir) {
         Some("thin") => Ok(storage::thin::ThinPool::open(&dir)?),
-        Some("reflink") => Ok(storage::reflink::ReflinkPool::open(&dir)?),
+        Some("reflink") => Ok(Arc::new(storage::reflink::ReflinkPool::open(&dir)?)),
         _ => bail!("no pool at {}; create one with `qubes-ctl pool init`", dir.display()),
     }
 }
@@ -395,7 +395,6 @@ impl Controller {
             packages: rec.packages.clone(),
             build_date: rec.build_date.clone().unwrap_or_default(),
             kernel_cmdline: rec.kernel_cmdline.clone(),
-            fingerprint: rec.fingerprint.clone(),
         };
         let stats = template_builder::export_package(
             name,
@@ -415,7 +414,8 @@ impl Controller {
         let tname = name.unwrap_or_else(|| manifest.name.clone());
         storage::validate_name("template", &tname)?;
         let staging = tempfile::tempdir_in(self.paths.root()).context("creating a staging directory")?;
-        let (kernel, initrd) = pkg.write_kernel(staging.path())?;
+        let kernel = pkg.write_kernel(staging.path())?;
+        let initrd = pkg.write_initrd(staging.path())?;
         let rec = TemplateRecord {
             origin: "package".into(),
             recipe: None,
