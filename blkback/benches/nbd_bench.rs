@@ -27,10 +27,30 @@ struct Workload {
 }
 
 const WORKLOADS: &[Workload] = &[
-    Workload { name: "seq read 1M qd4", rw: "read", bs: "1M", iodepth: 4 },
-    Workload { name: "seq write 1M qd4", rw: "write", bs: "1M", iodepth: 4 },
-    Workload { name: "rand read 4k qd32", rw: "randread", bs: "4k", iodepth: 32 },
-    Workload { name: "rand write 4k qd32", rw: "randwrite", bs: "4k", iodepth: 32 },
+    Workload {
+        name: "seq read 1M qd4",
+        rw: "read",
+        bs: "1M",
+        iodepth: 4,
+    },
+    Workload {
+        name: "seq write 1M qd4",
+        rw: "write",
+        bs: "1M",
+        iodepth: 4,
+    },
+    Workload {
+        name: "rand read 4k qd32",
+        rw: "randread",
+        bs: "4k",
+        iodepth: 32,
+    },
+    Workload {
+        name: "rand write 4k qd32",
+        rw: "randwrite",
+        bs: "4k",
+        iodepth: 32,
+    },
 ];
 
 #[derive(Clone, Copy, Default)]
@@ -40,7 +60,13 @@ struct Figures {
 }
 
 fn tool(name: &str) -> Command {
-    if Command::new("which").arg(name).stdout(Stdio::null()).status().map(|s| !s.success()).unwrap_or(true) {
+    if Command::new("which")
+        .arg(name)
+        .stdout(Stdio::null())
+        .status()
+        .map(|s| !s.success())
+        .unwrap_or(true)
+    {
         panic!("{name} is not installed (see scripts/install-deps.sh)");
     }
     Command::new(name)
@@ -49,7 +75,11 @@ fn tool(name: &str) -> Command {
 fn wait_for_socket(p: &Path) {
     let deadline = Instant::now() + Duration::from_secs(30);
     while std::os::unix::net::UnixStream::connect(p).is_err() {
-        assert!(Instant::now() < deadline, "server on {} never came up", p.display());
+        assert!(
+            Instant::now() < deadline,
+            "server on {} never came up",
+            p.display()
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
 }
@@ -67,7 +97,13 @@ impl Drop for Peer {
 fn fio(uri: &str, w: &Workload, jobs: u32, secs: u64, size: u64, dir: &Path) -> Figures {
     let out = tool("fio")
         .current_dir(dir)
-        .args(["--name=bench", "--ioengine=nbd", "--time_based", "--group_reporting", "--output-format=json"])
+        .args([
+            "--name=bench",
+            "--ioengine=nbd",
+            "--time_based",
+            "--group_reporting",
+            "--output-format=json",
+        ])
         .arg(format!("--uri={uri}"))
         .arg(format!("--rw={}", w.rw))
         .arg(format!("--bs={}", w.bs))
@@ -79,12 +115,23 @@ fn fio(uri: &str, w: &Workload, jobs: u32, secs: u64, size: u64, dir: &Path) -> 
         .output()
         .expect("running fio");
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "fio failed on {uri}: {}\n{text}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "fio failed on {uri}: {}\n{text}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let start = text.find('{').expect("fio printed no JSON");
     let v: serde_json::Value = serde_json::from_str(&text[start..]).expect("fio JSON");
     let job = &v["jobs"][0];
-    let side = if w.rw.contains("read") { &job["read"] } else { &job["write"] };
-    Figures { mbps: side["bw_bytes"].as_f64().unwrap_or(0.0) / 1e6, iops: side["iops"].as_f64().unwrap_or(0.0) }
+    let side = if w.rw.contains("read") {
+        &job["read"]
+    } else {
+        &job["write"]
+    };
+    Figures {
+        mbps: side["bw_bytes"].as_f64().unwrap_or(0.0) / 1e6,
+        iops: side["iops"].as_f64().unwrap_or(0.0),
+    }
 }
 
 fn write_base(path: &Path, size: u64) {
@@ -104,14 +151,27 @@ fn write_base(path: &Path, size: u64) {
     f.into_inner().unwrap().sync_all().unwrap();
 }
 
-type Target = (String, Box<dyn Fn() -> (String, Option<Box<dyn std::any::Any>>)>);
+type Target = (
+    String,
+    Box<dyn Fn() -> (String, Option<Box<dyn std::any::Any>>)>,
+);
 
 fn main() {
     // `cargo bench` passes `--bench`; nothing to parse.
-    let secs: u64 = std::env::var("NBD_BENCH_SECS").ok().and_then(|s| s.parse().ok()).unwrap_or(5);
-    let size: u64 = std::env::var("NBD_BENCH_SIZE_MIB").ok().and_then(|s| s.parse().ok()).unwrap_or(1024) << 20;
+    let secs: u64 = std::env::var("NBD_BENCH_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(5);
+    let size: u64 = std::env::var("NBD_BENCH_SIZE_MIB")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(1024)
+        << 20;
     let only: Option<String> = std::env::var("NBD_BENCH_ONLY").ok();
-    let dir = tempfile::Builder::new().prefix("nbd-bench").tempdir_in("/var/tmp").unwrap();
+    let dir = tempfile::Builder::new()
+        .prefix("nbd-bench")
+        .tempdir_in("/var/tmp")
+        .unwrap();
     let d = dir.path().to_owned();
     let base = d.join("base.raw");
     eprintln!("writing {} MiB of test data...", size >> 20);
@@ -128,8 +188,19 @@ fn main() {
                 std::fs::copy(&base, &copy).unwrap();
                 let dev: Arc<dyn BlockDevice> = Arc::new(FileDevice::create(&copy, size).unwrap());
                 let sock = d.join("blkback-file.sock");
-                let server = NbdServer::bind_unix(&sock, vec![Export { name: "vol".into(), description: String::new(), device: dev }]).unwrap();
-                (nbd_uri(&sock, "vol"), Some(Box::new(server) as Box<dyn std::any::Any>))
+                let server = NbdServer::bind_unix(
+                    &sock,
+                    vec![Export {
+                        name: "vol".into(),
+                        description: String::new(),
+                        device: dev,
+                    }],
+                )
+                .unwrap();
+                (
+                    nbd_uri(&sock, "vol"),
+                    Some(Box::new(server) as Box<dyn std::any::Any>),
+                )
             }),
         ));
     }
@@ -141,14 +212,26 @@ fn main() {
             Box::new(move || {
                 let sock = d.join("qemu-raw.sock");
                 let child = tool("qemu-nbd")
-                    .args(["-f", "raw", "--cache=writeback", "--shared=8", "-t", "-x", "vol", "-k"])
+                    .args([
+                        "-f",
+                        "raw",
+                        "--cache=writeback",
+                        "--shared=8",
+                        "-t",
+                        "-x",
+                        "vol",
+                        "-k",
+                    ])
                     .arg(&sock)
                     .arg(&base)
                     .spawn()
                     .unwrap();
                 let peer = Peer(child);
                 wait_for_socket(&sock);
-                (nbd_uri(&sock, "vol"), Some(Box::new(peer) as Box<dyn std::any::Any>))
+                (
+                    nbd_uri(&sock, "vol"),
+                    Some(Box::new(peer) as Box<dyn std::any::Any>),
+                )
             }),
         ));
     }
@@ -169,14 +252,26 @@ fn main() {
                 assert!(st.success());
                 let sock = d.join("qemu-qcow2.sock");
                 let child = tool("qemu-nbd")
-                    .args(["-f", "qcow2", "--cache=writeback", "--shared=8", "-t", "-x", "vol", "-k"])
+                    .args([
+                        "-f",
+                        "qcow2",
+                        "--cache=writeback",
+                        "--shared=8",
+                        "-t",
+                        "-x",
+                        "vol",
+                        "-k",
+                    ])
                     .arg(&sock)
                     .arg(&ov)
                     .spawn()
                     .unwrap();
                 let peer = Peer(child);
                 wait_for_socket(&sock);
-                (nbd_uri(&sock, "vol"), Some(Box::new(peer) as Box<dyn std::any::Any>))
+                (
+                    nbd_uri(&sock, "vol"),
+                    Some(Box::new(peer) as Box<dyn std::any::Any>),
+                )
             }),
         ));
     }
@@ -196,14 +291,19 @@ fn main() {
                     .unwrap();
                 let peer = Peer(child);
                 wait_for_socket(&sock);
-                (nbd_uri(&sock, ""), Some(Box::new(peer) as Box<dyn std::any::Any>))
+                (
+                    nbd_uri(&sock, ""),
+                    Some(Box::new(peer) as Box<dyn std::any::Any>),
+                )
             }),
         ));
     }
 
     let names: Vec<String> = targets.iter().map(|t| t.0.clone()).collect();
     let mut results: Vec<Vec<Figures>> = vec![Vec::new(); targets.len()];
-    let rows: Vec<(usize, u32)> = (0..WORKLOADS.len()).flat_map(|w| [(w, 1), (w, 4)]).collect();
+    let rows: Vec<(usize, u32)> = (0..WORKLOADS.len())
+        .flat_map(|w| [(w, 1), (w, 4)])
+        .collect();
     for (ti, (name, start)) in targets.iter().enumerate() {
         if only.as_deref().is_some_and(|o| !name.contains(o)) {
             results[ti] = vec![Figures::default(); rows.len()];
@@ -212,14 +312,21 @@ fn main() {
         let (uri, guard) = start();
         for &(w, jobs) in &rows {
             let f = fio(&uri, &WORKLOADS[w], jobs, secs, size, &d);
-            eprintln!("{name:>24} | {:<20} x{jobs} | {:>9.1} MB/s {:>9.0} IOPS", WORKLOADS[w].name, f.mbps, f.iops);
+            eprintln!(
+                "{name:>24} | {:<20} x{jobs} | {:>9.1} MB/s {:>9.0} IOPS",
+                WORKLOADS[w].name, f.mbps, f.iops
+            );
             results[ti].push(f);
         }
         drop(guard);
     }
 
     let peer = |n: &str| names.iter().position(|x| x == n).unwrap();
-    let (raw, qcow, kit) = (peer("qemu-nbd raw"), peer("qemu-nbd qcow2 overlay"), peer("nbdkit file"));
+    let (raw, qcow, kit) = (
+        peer("qemu-nbd raw"),
+        peer("qemu-nbd qcow2 overlay"),
+        peer("nbdkit file"),
+    );
     println!();
     println!(
         "{:<24} {:<22} {:>10} {:>10} {:>10} {:>10} {:>10}",
@@ -230,7 +337,11 @@ fn main() {
             let f = results[ti][ri];
             let ratio = |p: usize| {
                 let b = results[p][ri].iops;
-                if b > 0.0 { format!("{:.2}x", f.iops / b) } else { "-".into() }
+                if b > 0.0 {
+                    format!("{:.2}x", f.iops / b)
+                } else {
+                    "-".into()
+                }
             };
             println!(
                 "{:<24} {:<22} {:>10.1} {:>10.0} {:>10} {:>10} {:>10}",

@@ -19,9 +19,11 @@ pub enum Backend {
     File,
     /// `storage::MemPool`, the simulation pool driver (chunked, refcounted, capacity).
     Mem,
+    /// `storage::ThinPool`, the real pool driver, in a directory of the fixture.
+    Thin,
 }
 
-pub const BACKENDS: &[Backend] = &[Backend::File, Backend::Mem];
+pub const BACKENDS: &[Backend] = &[Backend::File, Backend::Mem, Backend::Thin];
 
 const CHUNK: u64 = 64 << 10;
 
@@ -65,6 +67,24 @@ pub fn device(backend: Backend, dir: &Path, spec: &VolSpec) -> Arc<dyn BlockDevi
         Backend::Mem => {
             use storage::Pool;
             let pool = storage::MemPool::with_options(CHUNK, spec.space);
+            pool.create_volume(spec.name, spec.size).unwrap();
+            pool.commit().unwrap();
+            pool.open_volume(spec.name, spec.read_only).unwrap()
+        }
+        Backend::Thin => {
+            use storage::Pool;
+            let pdir = dir.join(format!("pool-{}", spec.name.replace('/', "_")));
+            std::fs::create_dir_all(&pdir).unwrap();
+            // Without a space limit the pool holds the whole volume plus room for CoW.
+            let capacity = spec.space.unwrap_or(spec.size * 2).max(CHUNK);
+            let pool = storage::ThinPool::create(
+                &pdir,
+                storage::ThinOptions {
+                    chunk_size: CHUNK,
+                    capacity,
+                },
+            )
+            .unwrap();
             pool.create_volume(spec.name, spec.size).unwrap();
             pool.commit().unwrap();
             pool.open_volume(spec.name, spec.read_only).unwrap()
