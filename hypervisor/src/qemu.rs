@@ -275,7 +275,7 @@ impl Qemu {
             if Instant::now() >= deadline {
                 return false;
             }
-            thread::sleep(Duration::from_millis(50));
+            thread::sleep(Duration::from_millis(10));
         }
     }
 }

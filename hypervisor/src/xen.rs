@@ -136,7 +136,8 @@ impl Hypervisor for Xen {
         if self.state(name, run_dir)? == DomainState::Halted {
             return Ok(());
         }
-        match self.xl(name, &["shutdown", "-w", name], timeout)? {
+        // -F: an HVM guest without PV drivers gets an ACPI power button press instead.
+        match self.xl(name, &["shutdown", "-F", "-w", name], timeout)? {
             Xl::Ok(_) => Ok(()),
             Xl::Failed { stderr, .. } => {
                 tracing::warn!(qube = name, "xl shutdown failed ({stderr}), destroying");

@@ -195,7 +195,7 @@ fn start_writes_the_config_and_drives_xl() {
         calls.contains(&format!("create {}\n", cfg.display())),
         "{calls}"
     );
-    assert!(calls.contains("shutdown -w work-1\n"), "{calls}");
+    assert!(calls.contains("shutdown -F -w work-1\n"), "{calls}");
     // kill of a halted domain does not call destroy.
     assert!(!calls.contains("destroy"), "{calls}");
 }
