@@ -12,6 +12,7 @@ use std::process::Command;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 
+use storage::thin::{ThinOptions, ThinPool};
 use storage::{MemPool, Pool, ReflinkPool};
 
 pub trait Backend {
@@ -208,11 +209,70 @@ impl Backend for Reflink {
     }
 }
 
+/// `ThinPool`, the default driver, in a temporary directory (64 KiB chunks).
+pub struct Thin {
+    dir: tempfile::TempDir,
+    pool: Option<Arc<ThinPool>>,
+}
+
+impl Default for Thin {
+    fn default() -> Self {
+        Self::with_options(64 * 1024, 8 << 30)
+    }
+}
+
+impl Thin {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn with_options(chunk_size: u64, capacity: u64) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let pool = ThinPool::create(
+            &dir.path().join("pool"),
+            ThinOptions {
+                chunk_size,
+                capacity,
+            },
+        )
+        .unwrap();
+        Thin {
+            dir,
+            pool: Some(pool),
+        }
+    }
+}
+
+impl Backend for Thin {
+    fn name(&self) -> &'static str {
+        "thin"
+    }
+
+    fn pool(&self) -> Arc<dyn Pool> {
+        self.pool.clone().expect("pool is open")
+    }
+
+    fn crash(&mut self) -> Arc<dyn Pool> {
+        let old = self.pool.take().expect("pool is open");
+        assert_eq!(
+            Arc::strong_count(&old),
+            1,
+            "drop every user of the pool before the crash"
+        );
+        drop(old);
+        self.pool = Some(ThinPool::open(&self.dir.path().join("pool")).unwrap());
+        self.pool()
+    }
+}
+
 #[test]
 fn fixtures_work() {
     let mut m = Mem::new();
     m.pool().create_volume("a", 4096).unwrap();
     assert!(!m.crash().exists("a").unwrap());
+    let mut t = Thin::new();
+    t.pool().create_volume("a", 4096).unwrap();
+    assert!(!t.crash().exists("a").unwrap());
     for mut b in [Reflink::xfs(), Reflink::btrfs()] {
         b.pool().create_volume("a", 4096).unwrap();
         assert!(!b.crash().exists("a").unwrap(), "{}", b.name());

@@ -584,6 +584,25 @@ pub fn crash_before_commit_loses_the_whole_operation(b: &mut dyn Backend) {
     v.stop("work").unwrap();
 }
 
+pub fn orphan_volumes_do_not_block_a_name(b: &mut dyn Backend) {
+    let v = Volumes::new(b.pool());
+    // What a create that crashed after its volumes became durable leaves behind.
+    v.pool().create_volume("ghost/private", MIB).unwrap();
+    v.pool()
+        .create_volume("ghost/private@1764160000.000001", MIB)
+        .unwrap();
+    v.pool().commit().unwrap();
+    v.create_qube("ghost", QubeClass::TemplateVM, None).unwrap();
+    let keys: Vec<String> = v.pool_keys("ghost").unwrap().into_iter().collect();
+    assert_eq!(keys, ["ghost/private", "ghost/root"]);
+    assert_eq!(v.volume_status("ghost", "private").unwrap().size, 2 << 30);
+    assert!(v
+        .volume_status("ghost", "private")
+        .unwrap()
+        .revisions
+        .is_empty());
+}
+
 pub fn import_commits_like_a_stop_and_export_round_trips(b: &mut dyn Backend) {
     let v = Volumes::new(b.pool());
     template_and_appvm(&v);
@@ -828,6 +847,7 @@ macro_rules! all_model_tests {
                 crash_while_running_resumes_then_commits,
                 crash_then_stop_commits_and_discard_drops,
                 crash_before_commit_loses_the_whole_operation,
+                orphan_volumes_do_not_block_a_name,
                 import_commits_like_a_stop_and_export_round_trips,
                 failed_import_leaves_the_pool_as_it_was,
                 resize_rules,
@@ -841,4 +861,5 @@ macro_rules! all_model_tests {
 }
 
 all_model_tests!(mem, backends::Mem::new());
+all_model_tests!(thin, backends::Thin::new());
 all_model_tests!(reflink_xfs, backends::Reflink::xfs());
