@@ -182,6 +182,53 @@ fn main() {
         let d = d.clone();
         let base = base.clone();
         targets.push((
+            "blkback (thin pool)".into(),
+            Box::new(move || {
+                use std::io::Read;
+                use storage::Pool;
+                let pdir = d.join("thin");
+                let _ = std::fs::remove_dir_all(&pdir);
+                std::fs::create_dir(&pdir).unwrap();
+                let pool = storage::ThinPool::create(
+                    &pdir,
+                    storage::ThinOptions {
+                        chunk_size: 64 << 10,
+                        capacity: size * 2,
+                    },
+                )
+                .unwrap();
+                pool.create_volume("vol", size).unwrap();
+                pool.commit().unwrap();
+                let dev = pool.open_volume("vol", false).unwrap();
+                // Fully written first, so reads hit data and writes overwrite mapped chunks.
+                let mut f = std::fs::File::open(&base).unwrap();
+                let mut buf = vec![0u8; 1 << 20];
+                for i in 0..size >> 20 {
+                    f.read_exact(&mut buf).unwrap();
+                    dev.write_at(&buf, i << 20).unwrap();
+                }
+                dev.flush().unwrap();
+                let sock = d.join("blkback-thin.sock");
+                let server = NbdServer::bind_unix(
+                    &sock,
+                    vec![Export {
+                        name: "vol".into(),
+                        description: String::new(),
+                        device: dev,
+                    }],
+                )
+                .unwrap();
+                (
+                    nbd_uri(&sock, "vol"),
+                    Some(Box::new(server) as Box<dyn std::any::Any>),
+                )
+            }),
+        ));
+    }
+    {
+        let d = d.clone();
+        let base = base.clone();
+        targets.push((
             "blkback (file)".into(),
             Box::new(move || {
                 let copy = d.join("blkback-file.raw");

@@ -33,8 +33,11 @@ use crate::negotiate::{ExportInfo, Negotiation, Outcome};
 use crate::proto::*;
 
 /// Requests one connection may have queued or running at once; the reader stops reading
-/// beyond this, so a client cannot make the server buffer unbounded write payloads.
+/// beyond this, so a client cannot make the server buffer unbounded work.
 pub const MAX_INFLIGHT: usize = 64;
+/// Request bytes (write payloads, read replies) one connection may have in flight; one
+/// request is always admitted, so a single maximum-size request still goes through.
+pub const MAX_INFLIGHT_BYTES: u64 = 128 << 20;
 /// The whole option haggling must progress at least this often.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
 /// Reads at least this long are checked with `block_status` so holes go out as
@@ -103,6 +106,8 @@ struct Job {
     conn: Arc<Conn>,
     req: Request,
     cmd: Command,
+    /// Bytes counted against the connection's in-flight budget.
+    cost: u64,
     payload: Option<Vec<u8>>,
 }
 
@@ -506,7 +511,7 @@ fn serve(stream: &UnixStream, shared: &Arc<Shared>) -> io::Result<()> {
         params: agreed.params,
         writer: Mutex::new(w),
         broken: AtomicBool::new(false),
-        inflight: Mutex::new(0),
+        inflight: Mutex::new((0, 0)),
         idle: Condvar::new(),
         shared: shared.clone(),
     });
@@ -525,7 +530,8 @@ struct Conn {
     params: SessionParams,
     writer: Mutex<UnixStream>,
     broken: AtomicBool,
-    inflight: Mutex<usize>,
+    /// (requests, bytes) queued or running.
+    inflight: Mutex<(usize, u64)>,
     idle: Condvar,
     shared: Arc<Shared>,
 }
@@ -562,25 +568,41 @@ impl Conn {
             if cmd == Command::Disc {
                 return Ok(());
             }
+            let cost = if matches!(cmd, Command::Read | Command::Write) {
+                u64::from(req.length)
+            } else {
+                0
+            };
+            {
+                // Admission before the payload is read: a client that pipelines faster
+                // than the device is slowed by TCP/socket backpressure, not server memory.
+                let mut n = lock(&self.inflight);
+                while n.0 >= MAX_INFLIGHT || (n.0 > 0 && n.1 + cost > MAX_INFLIGHT_BYTES) {
+                    n = self.idle.wait(n).unwrap_or_else(|p| p.into_inner());
+                }
+                n.0 += 1;
+                n.1 += cost;
+            }
             let payload = if cmd == Command::Write {
                 let mut b = self.shared.bufs.get(req.length as usize);
-                r.read_exact(&mut b[..req.length as usize])?;
+                if let Err(e) = r.read_exact(&mut b[..req.length as usize]) {
+                    self.done(cost);
+                    return if e.kind() == io::ErrorKind::UnexpectedEof {
+                        Ok(())
+                    } else {
+                        Err(e)
+                    };
+                }
                 Some(b)
             } else {
                 None
             };
-            {
-                let mut n = lock(&self.inflight);
-                while *n >= MAX_INFLIGHT {
-                    n = self.idle.wait(n).unwrap_or_else(|p| p.into_inner());
-                }
-                *n += 1;
-            }
             let sh = &self.shared;
             lock(&sh.queue).jobs.push_back(Job {
                 conn: self.clone(),
                 req,
                 cmd,
+                cost,
                 payload,
             });
             sh.queue_cv.notify_one();
@@ -589,14 +611,15 @@ impl Conn {
 
     fn wait_idle(&self) {
         let mut n = lock(&self.inflight);
-        while *n > 0 {
+        while n.0 > 0 {
             n = self.idle.wait(n).unwrap_or_else(|p| p.into_inner());
         }
     }
 
-    fn done(&self) {
+    fn done(&self, cost: u64) {
         let mut n = lock(&self.inflight);
-        *n -= 1;
+        n.0 -= 1;
+        n.1 -= cost;
         self.idle.notify_all();
     }
 
@@ -799,6 +822,6 @@ fn worker(sh: &Shared) {
         if ok.is_err() {
             conn.send_error(&job.req, EIO, "internal error", None);
         }
-        conn.done();
+        conn.done(job.cost);
     }
 }
