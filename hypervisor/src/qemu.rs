@@ -343,6 +343,8 @@ impl Hypervisor for Qemu {
                 detail: tail(&files.log, 5),
             });
         }
+        // The daemon child may already be gone if the guest powered off at once; that
+        // still counts as started when it got as far as opening its console.
         if self.live_pid(&spec.run_dir).is_none() && !files.console.exists() {
             return Err(HvError::Command {
                 name: spec.name.clone(),
@@ -623,7 +625,17 @@ fn boot_probe(
         thread::sleep(Duration::from_millis(50));
     };
     let _ = child.kill();
-    let _ = child.wait();
+    // A QEMU stuck in the kernel (the failure being probed for) may not die at once;
+    // do not let the probe hang on it.
+    if !matches!(
+        crate::util::wait_deadline(&mut child, Duration::from_secs(5)),
+        Ok(Some(_))
+    ) {
+        tracing::warn!(
+            pid = child.id(),
+            "KVM probe QEMU did not exit after SIGKILL"
+        );
+    }
     let usable = seen(&log);
     Ok(KvmVerdict {
         usable,

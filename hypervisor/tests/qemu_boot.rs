@@ -98,6 +98,27 @@ poweroff -f
     assert!(!spec.run_dir.join("qemu.pid").exists());
 }
 
+/// One QMP command from the test side, independent of the backend's client.
+fn qmp(socket: &std::path::Path, cmd: &str) {
+    use std::io::{BufRead, BufReader, Write};
+    let mut s = std::os::unix::net::UnixStream::connect(socket).expect("QMP connect");
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut r = BufReader::new(s.try_clone().unwrap());
+    let mut line = String::new();
+    r.read_line(&mut line).unwrap(); // greeting
+    for c in ["qmp_capabilities", cmd] {
+        writeln!(s, "{{\"execute\": \"{c}\"}}").unwrap();
+        loop {
+            line.clear();
+            r.read_line(&mut line).unwrap();
+            assert!(!line.contains("\"error\""), "QMP {c}: {line}");
+            if line.contains("\"return\"") {
+                break;
+            }
+        }
+    }
+}
+
 #[test]
 fn shutdown_of_a_guest_that_ignores_powerdown_ends_in_kill() {
     require("qemu-system-x86_64");
@@ -122,6 +143,17 @@ fn shutdown_of_a_guest_that_ignores_powerdown_ends_in_kill() {
             .map(|s| s.contains("LOOPING"))
             .unwrap_or(false)
     });
+    assert_eq!(
+        hv.state("loopq", &spec.run_dir).unwrap(),
+        DomainState::Running
+    );
+    // Paused vCPUs (QMP stop, as a debugger or a save would do) read as Paused.
+    qmp(&spec.run_dir.join("qmp.sock"), "stop");
+    assert_eq!(
+        hv.state("loopq", &spec.run_dir).unwrap(),
+        DomainState::Paused
+    );
+    qmp(&spec.run_dir.join("qmp.sock"), "cont");
     assert_eq!(
         hv.state("loopq", &spec.run_dir).unwrap(),
         DomainState::Running
