@@ -7,9 +7,10 @@
 //!   committed one. [`MemPool::crash`] returns a new pool holding only what was committed
 //!   (plus data made durable by [`BlockDevice::flush`] of a volume that existed at the last
 //!   commit), as a power cut would.
-//! * Volumes are maps of chunk index -> shared chunk. A snapshot clones the map (chunks are
-//!   shared, reference counted); a write into a chunk that anything else holds (another
-//!   volume, or the committed copy) copies it first, so a committed head never changes.
+//! * Volumes are shared maps of chunk index -> shared chunk. A snapshot and a commit share
+//!   the map (O(1)); the first write after either copies the map, and a write into a chunk
+//!   that anything else holds (another volume, or the committed copy) copies the chunk
+//!   first, so a committed head never changes.
 //! * Optional capacity: a chunk allocation beyond it fails with ENOSPC and nothing else
 //!   changes. Chunks still held by the committed copy count as used, as on disk.
 //! * `remove_volume` of a volume with open handles is refused with `Busy`; handles follow
@@ -46,7 +47,7 @@ impl Drop for Chunk {
 #[derive(Clone, Default)]
 struct Vol {
     size: u64,
-    chunks: BTreeMap<u64, Arc<Chunk>>,
+    chunks: Arc<BTreeMap<u64, Arc<Chunk>>>,
     attrs: BTreeMap<String, String>,
 }
 
@@ -162,7 +163,7 @@ impl MemPool {
         let mut copies: HashMap<*const Chunk, Arc<Chunk>> = HashMap::new();
         let mut cat = st.committed.clone();
         for vol in cat.vols.values_mut() {
-            for chunk in vol.chunks.values_mut() {
+            for chunk in Arc::make_mut(&mut vol.chunks).values_mut() {
                 let copy = copies.entry(Arc::as_ptr(chunk)).or_insert_with(|| {
                     used.fetch_add(chunk.data.len() as u64, Ordering::Relaxed);
                     Arc::new(Chunk {
@@ -328,11 +329,11 @@ impl Pool for MemPool {
                     to: size,
                 });
             }
-            vol.chunks.split_off(&keep);
+            Arc::make_mut(&mut vol.chunks).split_off(&keep);
             // Bytes past the new end must read as zeros if the volume grows again.
             let tail = (size % cs) as usize;
             if tail != 0 {
-                if let Some(last) = vol.chunks.get_mut(&(keep - 1)) {
+                if let Some(last) = Arc::make_mut(&mut vol.chunks).get_mut(&(keep - 1)) {
                     if let Some(c) = Arc::get_mut(last) {
                         c.data[tail..].fill(0);
                     } else {
@@ -420,7 +421,7 @@ impl Pool for MemPool {
                     .push(format!("volume {key}: id {id} has no block map"));
                 continue;
             };
-            for (idx, c) in &vol.chunks {
+            for (idx, c) in vol.chunks.iter() {
                 distinct.insert(Arc::as_ptr(c));
                 if *idx >= vol.size.div_ceil(cs) {
                     report.errors.push(format!(
@@ -523,7 +524,7 @@ impl Pool for MemPool {
             id,
             Vol {
                 size,
-                chunks,
+                chunks: Arc::new(chunks),
                 attrs: BTreeMap::new(),
             },
         );
@@ -646,7 +647,7 @@ impl MemVolume {
                 format!("the pool is full ({free} bytes free)"),
             )
         };
-        let slot = match vol.chunks.entry(idx) {
+        let slot = match Arc::make_mut(&mut vol.chunks).entry(idx) {
             std::collections::btree_map::Entry::Occupied(o) => o.into_mut(),
             std::collections::btree_map::Entry::Vacant(v) => {
                 v.insert(Arc::new(self.shared.alloc().map_err(nospace)?))
@@ -742,7 +743,13 @@ impl BlockDevice for MemVolume {
         if let Some(c) = st.committed.vols.get_mut(&self.id) {
             let keep = c.size.div_ceil(self.shared.chunk_size);
             c.chunks = chunks;
-            c.chunks.split_off(&keep);
+            if c.chunks
+                .keys()
+                .next_back()
+                .is_some_and(|&last| last >= keep)
+            {
+                Arc::make_mut(&mut c.chunks).split_off(&keep);
+            }
         }
         Ok(())
     }
@@ -751,8 +758,8 @@ impl BlockDevice for MemVolume {
         let cs = self.shared.chunk_size;
         self.with_vol("discard", offset, length, true, |vol| {
             for (idx, within, n) in pieces(offset, length, cs) {
-                if within == 0 && n as u64 == cs {
-                    vol.chunks.remove(&idx);
+                if within == 0 && n as u64 == cs && vol.chunks.contains_key(&idx) {
+                    Arc::make_mut(&mut vol.chunks).remove(&idx);
                 }
             }
             Ok(())
@@ -765,7 +772,9 @@ impl BlockDevice for MemVolume {
             for (idx, within, n) in pieces(offset, length, cs) {
                 let whole = within == 0 && n as u64 == cs;
                 if whole && may_unmap {
-                    vol.chunks.remove(&idx);
+                    if vol.chunks.contains_key(&idx) {
+                        Arc::make_mut(&mut vol.chunks).remove(&idx);
+                    }
                 } else if vol.chunks.contains_key(&idx) || whole {
                     let c = self.chunk_mut(vol, idx, offset, length)?;
                     c.data[within..within + n].fill(0);
