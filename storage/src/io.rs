@@ -9,6 +9,9 @@
 //!   fail with `EIO`, and [`FaultyFile::power_cut`] returns the durable image, on which a
 //!   test reopens the pool.
 //!
+//! Images are sparse (4 KiB pages, absent pages read as zeros), so a test can simulate a
+//! large, mostly empty disk cheaply.
+//!
 //! Contract: `write_at` may extend the file; `read_at` past the end is an error
 //! (`UnexpectedEof`); `punch_hole` makes the range read as zeros without changing the
 //! length; nothing is durable before `sync` returns `Ok`.
@@ -141,29 +144,100 @@ enum Pending {
     Punch(u64, u64),
 }
 
-#[derive(Default)]
-struct FaultyState {
-    current: Vec<u8>,
-    durable: Vec<u8>,
-    pending: Vec<Pending>,
+const IMG_PAGE: usize = 4096;
+
+/// A sparse in-memory disk image (absent pages read as zeros), as a power cut leaves it.
+#[derive(Clone, Default, Debug)]
+pub struct DiskImage {
+    len: u64,
+    pages: std::collections::HashMap<u64, Box<[u8; IMG_PAGE]>>,
 }
 
-fn apply(img: &mut Vec<u8>, op: &Pending) {
-    match op {
-        Pending::Write(off, data) => {
-            let off = *off as usize;
-            if img.len() < off + data.len() {
-                img.resize(off + data.len(), 0);
+impl DiskImage {
+    pub fn from_bytes(bytes: &[u8]) -> DiskImage {
+        let mut img = DiskImage::default();
+        img.write(0, bytes);
+        img
+    }
+
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let mut v = vec![0u8; self.len as usize];
+        self.read(0, &mut v);
+        v
+    }
+
+    fn read(&self, off: u64, buf: &mut [u8]) {
+        let mut done = 0;
+        while done < buf.len() {
+            let pos = off + done as u64;
+            let (pg, at) = (pos / IMG_PAGE as u64, (pos % IMG_PAGE as u64) as usize);
+            let n = (IMG_PAGE - at).min(buf.len() - done);
+            match self.pages.get(&pg) {
+                Some(p) => buf[done..done + n].copy_from_slice(&p[at..at + n]),
+                None => buf[done..done + n].fill(0),
             }
-            img[off..off + data.len()].copy_from_slice(data);
-        }
-        Pending::SetLen(len) => img.resize(*len as usize, 0),
-        Pending::Punch(off, len) => {
-            let end = ((off + len) as usize).min(img.len());
-            let off = (*off as usize).min(end);
-            img[off..end].fill(0);
+            done += n;
         }
     }
+
+    fn write(&mut self, off: u64, data: &[u8]) {
+        let mut done = 0;
+        while done < data.len() {
+            let pos = off + done as u64;
+            let (pg, at) = (pos / IMG_PAGE as u64, (pos % IMG_PAGE as u64) as usize);
+            let n = (IMG_PAGE - at).min(data.len() - done);
+            let p = self
+                .pages
+                .entry(pg)
+                .or_insert_with(|| Box::new([0u8; IMG_PAGE]));
+            p[at..at + n].copy_from_slice(&data[done..done + n]);
+            done += n;
+        }
+        self.len = self.len.max(off + data.len() as u64);
+    }
+
+    fn zero(&mut self, off: u64, len: u64) {
+        let end = (off + len).min(self.len);
+        let mut pos = off;
+        while pos < end {
+            let (pg, at) = (pos / IMG_PAGE as u64, (pos % IMG_PAGE as u64) as usize);
+            let n = ((IMG_PAGE - at) as u64).min(end - pos);
+            if at == 0 && n == IMG_PAGE as u64 {
+                self.pages.remove(&pg);
+            } else if let Some(p) = self.pages.get_mut(&pg) {
+                p[at..at + n as usize].fill(0);
+            }
+            pos += n;
+        }
+    }
+
+    fn apply(&mut self, op: &Pending) {
+        match op {
+            Pending::Write(off, data) => self.write(*off, data),
+            Pending::SetLen(len) => {
+                if *len < self.len {
+                    self.zero(*len, self.len - *len);
+                }
+                self.len = *len;
+            }
+            Pending::Punch(off, len) => self.zero(*off, *len),
+        }
+    }
+}
+
+#[derive(Default)]
+struct FaultyState {
+    current: DiskImage,
+    durable: DiskImage,
+    pending: Vec<Pending>,
 }
 
 /// In-memory file that loses unsynced writes at a simulated power cut. Clones share state.
@@ -181,11 +255,11 @@ impl Default for FaultyFile {
 
 impl FaultyFile {
     pub fn new() -> Self {
-        Self::with_faults(Vec::new(), Faults::new())
+        Self::with_faults(DiskImage::default(), Faults::new())
     }
 
     /// A file whose durable and current content is `image`, counting faults in `faults`.
-    pub fn with_faults(image: Vec<u8>, faults: Arc<Faults>) -> Self {
+    pub fn with_faults(image: DiskImage, faults: Arc<Faults>) -> Self {
         let st = FaultyState {
             current: image.clone(),
             durable: image,
@@ -197,7 +271,7 @@ impl FaultyFile {
         }
     }
 
-    pub fn from_image(image: Vec<u8>) -> Self {
+    pub fn from_image(image: DiskImage) -> Self {
         Self::with_faults(image, Faults::new())
     }
 
@@ -211,27 +285,26 @@ impl FaultyFile {
     }
 
     /// What the disk holds after a power cut now: the state at the last successful sync.
-    pub fn power_cut(&self) -> Vec<u8> {
+    pub fn power_cut(&self) -> DiskImage {
         self.state.lock().durable.clone()
     }
 
-    /// Current content (synced or not), for tests that inspect or damage the file.
-    pub fn image(&self) -> Vec<u8> {
+    /// Current content (synced or not).
+    pub fn image(&self) -> DiskImage {
         self.state.lock().current.clone()
     }
 
     /// Overwrites bytes in both images without counting a call (damage injection).
     pub fn corrupt(&self, offset: u64, bytes: &[u8]) {
         let mut st = self.state.lock();
-        let op = Pending::Write(offset, bytes.to_vec());
-        apply(&mut st.current, &op);
-        apply(&mut st.durable, &op);
+        st.current.write(offset, bytes);
+        st.durable.write(offset, bytes);
     }
 
     fn mutate(&self, op: Pending) -> io::Result<()> {
         self.faults.next()?;
         let mut st = self.state.lock();
-        apply(&mut st.current, &op);
+        st.current.apply(&op);
         st.pending.push(op);
         Ok(())
     }
@@ -240,14 +313,12 @@ impl FaultyFile {
 impl BlockFile for FaultyFile {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         let st = self.state.lock();
-        let off =
-            usize::try_from(offset).map_err(|_| io::Error::from(io::ErrorKind::UnexpectedEof))?;
-        let end = off
-            .checked_add(buf.len())
-            .filter(|&e| e <= st.current.len());
+        let end = offset
+            .checked_add(buf.len() as u64)
+            .filter(|&e| e <= st.current.len);
         match end {
-            Some(end) => {
-                buf.copy_from_slice(&st.current[off..end]);
+            Some(_) => {
+                st.current.read(offset, buf);
                 Ok(())
             }
             None => Err(io::Error::from(io::ErrorKind::UnexpectedEof)),
@@ -263,13 +334,13 @@ impl BlockFile for FaultyFile {
         let mut st = self.state.lock();
         let pending = std::mem::take(&mut st.pending);
         for op in &pending {
-            apply(&mut st.durable, op);
+            st.durable.apply(op);
         }
         Ok(())
     }
 
     fn len(&self) -> io::Result<u64> {
-        Ok(self.state.lock().current.len() as u64)
+        Ok(self.state.lock().current.len)
     }
 
     fn set_len(&self, len: u64) -> io::Result<()> {
@@ -295,7 +366,7 @@ mod tests {
         let mut b = [0u8; 5];
         f.read_at(&mut b, 0).unwrap();
         assert_eq!(&b, b"HEl\0\0");
-        assert_eq!(f.power_cut(), b"hello");
+        assert_eq!(f.power_cut().to_bytes(), b"hello");
     }
 
     #[test]
@@ -306,7 +377,7 @@ mod tests {
         f.sync().unwrap();
         assert!(f.write_at(b"b", 1).is_err());
         assert!(f.sync().is_err());
-        assert_eq!(f.power_cut(), b"a");
+        assert_eq!(f.power_cut().to_bytes(), b"a");
         assert_eq!(f.faults().ops(), 4);
     }
 
