@@ -144,6 +144,20 @@ pub fn names_are_validated(b: &mut dyn Backend) {
     ));
     assert!(matches!(v.start("a/b"), Err(ModelError::Name(_))));
     assert!(matches!(v.clone_qube("a", "b/c"), Err(ModelError::Name(_))));
+    v.create_qube("ok", QubeClass::TemplateVM, None).unwrap();
+    assert!(matches!(
+        v.volume_status("ok", "../root"),
+        Err(ModelError::Name(_))
+    ));
+    assert!(matches!(
+        v.revert("ok", "private", Some("../../x")),
+        Err(ModelError::Name(_))
+    ));
+    assert!(matches!(
+        v.resize("ok", "root\n", 1, false),
+        Err(ModelError::Name(_))
+    ));
+    v.remove_qube("ok").unwrap();
     assert!(v.pool().list_volumes().unwrap().is_empty());
 }
 

@@ -38,7 +38,7 @@ mod types;
 
 use std::collections::BTreeSet;
 use std::io::{Read, Write};
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use parking_lot::Mutex;
@@ -229,11 +229,26 @@ pub struct Volumes {
 }
 
 impl Volumes {
+    /// Every `Volumes` over the same pool object shares one lock, so a caller that makes a
+    /// new `Volumes` per request still gets one transaction at a time.
     pub fn new(pool: Arc<dyn Pool>) -> Self {
-        Volumes {
-            pool,
-            lock: Arc::new(Mutex::new(())),
-        }
+        static LOCKS: Mutex<Vec<(usize, Weak<Mutex<()>>)>> = Mutex::new(Vec::new());
+        let addr = Arc::as_ptr(&pool) as *const () as usize;
+        let mut locks = LOCKS.lock();
+        locks.retain(|(_, w)| w.strong_count() > 0);
+        let lock = match locks
+            .iter()
+            .find(|(a, _)| *a == addr)
+            .and_then(|(_, w)| w.upgrade())
+        {
+            Some(l) => l,
+            None => {
+                let l = Arc::new(Mutex::new(()));
+                locks.push((addr, Arc::downgrade(&l)));
+                l
+            }
+        };
+        Volumes { pool, lock }
     }
 
     pub fn pool(&self) -> &Arc<dyn Pool> {
@@ -282,6 +297,7 @@ impl Volumes {
     }
 
     fn volume_of<'q>(q: &'q QubeVolumes, vol: &str) -> Result<&'q VolumeConfig, ModelError> {
+        validate_name("volume", vol)?;
         q.volume(vol).ok_or_else(|| ModelError::NoSuchVolume {
             qube: q.qube.clone(),
             volume: vol.into(),
@@ -629,6 +645,7 @@ impl Volumes {
     }
 
     pub fn qube(&self, name: &str) -> Result<QubeVolumes, ModelError> {
+        let _g = self.lock.lock();
         self.load(name)
     }
 
@@ -644,6 +661,7 @@ impl Volumes {
     }
 
     pub fn list_qubes(&self) -> Result<Vec<QubeVolumes>, ModelError> {
+        let _g = self.lock.lock();
         self.list_qubes_unlocked()
     }
 
@@ -741,11 +759,13 @@ impl Volumes {
     }
 
     pub fn is_running(&self, name: &str) -> Result<bool, ModelError> {
+        let _g = self.lock.lock();
         self.load(name)?;
         self.marked_running(name)
     }
 
     pub fn running_qubes(&self) -> Result<Vec<String>, ModelError> {
+        let _g = self.lock.lock();
         let keys = self
             .p()
             .meta_keys(META_RUNNING)
@@ -758,6 +778,7 @@ impl Volumes {
     }
 
     pub fn volume_status(&self, qube: &str, vol: &str) -> Result<VolumeStatus, ModelError> {
+        let _g = self.lock.lock();
         let q = self.load(qube)?;
         let v = Self::volume_of(&q, vol)?;
         let head = head_key(qube, vol);
@@ -839,6 +860,9 @@ impl Volumes {
         let _g = self.lock.lock();
         let q = self.load(qube)?;
         let v = self.check_replaceable(&q, vol, "revert", "revert its volumes")?;
+        if let Some(id) = revision {
+            validate_name("revision", id)?;
+        }
         let revs = self.revisions(qube, vol)?;
         let chosen = match revision {
             None => revs.last().ok_or(ModelError::NoRevisions {
