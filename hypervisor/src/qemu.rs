@@ -9,7 +9,8 @@
 //!     console.log  the guest's serial console (previous boot: console.log.1)
 //! ```
 //!
-//! - Direct kernel boot (`-kernel/-initrd/-append`); disks are `-blockdev driver=nbd`
+//! - Direct kernel boot (`-kernel/-initrd/-append`), or, for a qube without a kernel,
+//!   the firmware (SeaBIOS) boots the root disk's own bootloader; disks are `-blockdev driver=nbd`
 //!   on the controller's unix sockets with `reconnect-delay` (a restarted NBD server
 //!   does not kill the guest), attached as virtio-blk in spec order (vda, vdb, vdc).
 //!   Read-only disks are read-only nodes, so the guest sees a read-only device.
@@ -174,10 +175,6 @@ impl Qemu {
                 .map(str::to_string)
                 .ok_or_else(|| bad(format!("{what} path {p:?} is not UTF-8")))
         };
-        let kernel = spec.kernel.as_deref().ok_or_else(|| {
-            bad("no kernel: QEMU boots the qube's kernel directly; set the qube's kernel".into())
-        })?;
-
         let mut a: Vec<String> = Vec::new();
         let mut push = |xs: &[&str]| a.extend(xs.iter().map(|s| s.to_string()));
         push(&[
@@ -198,11 +195,15 @@ impl Qemu {
             "none",
             "-no-reboot",
         ]);
-        push(&["-kernel", &utf8(kernel, "kernel")?]);
-        if let Some(initrd) = &spec.initrd {
-            push(&["-initrd", &utf8(initrd, "initrd")?]);
+        // Without a kernel the firmware (SeaBIOS) boots the first disk: images that
+        // bring their own bootloader, as Qubes' "kernel none" qubes do.
+        if let Some(kernel) = &spec.kernel {
+            push(&["-kernel", &utf8(kernel, "kernel")?]);
+            if let Some(initrd) = &spec.initrd {
+                push(&["-initrd", &utf8(initrd, "initrd")?]);
+            }
+            push(&["-append", &with_console(&spec.cmdline, "ttyS0")]);
         }
-        push(&["-append", &with_console(&spec.cmdline, "ttyS0")]);
         push(&[
             "-chardev",
             &format!(
@@ -233,12 +234,15 @@ impl Qemu {
             });
             // virtio-blk serials hold at most 20 bytes.
             let serial: String = d.vdev.chars().take(20).collect();
-            let device = json!({
+            let mut device = json!({
                 "driver": "virtio-blk-pci",
                 "id": format!("vd{i}"),
                 "drive": node,
                 "serial": serial,
             });
+            if i == 0 && spec.kernel.is_none() {
+                device["bootindex"] = json!(0);
+            }
             push(&["-blockdev", &blockdev.to_string()]);
             push(&["-device", &device.to_string()]);
         }
@@ -480,10 +484,11 @@ fn validate(spec: &DomainSpec) -> Result<(), HvError> {
             ));
         }
     }
-    if spec.kernel.is_none() {
-        return bad(
-            "no kernel: QEMU boots the qube's kernel directly; set the qube's kernel".into(),
-        );
+    if spec.kernel.is_none() && spec.disks.is_empty() {
+        return bad("nothing to boot: no kernel and no disks".into());
+    }
+    if spec.kernel.is_none() && spec.initrd.is_some() {
+        return bad("an initrd without a kernel; set the qube's kernel too".into());
     }
     Ok(())
 }
@@ -736,6 +741,24 @@ mod tests {
     }
 
     #[test]
+    fn without_a_kernel_the_firmware_boots_the_root_disk() {
+        let mut s = spec();
+        s.kernel = None;
+        s.initrd = None;
+        let args = Qemu::new().command_line(&s, Accel::Tcg).unwrap();
+        assert!(after(&args, "-kernel").is_empty());
+        assert!(after(&args, "-append").is_empty());
+        let first: serde_json::Value = serde_json::from_str(
+            after(&args, "-device")
+                .into_iter()
+                .find(|d| d.contains("\"vd0\""))
+                .unwrap(),
+        )
+        .unwrap();
+        assert_eq!(first["bootindex"], 0);
+    }
+
+    #[test]
     fn commas_in_paths_are_escaped() {
         let mut s = spec();
         s.run_dir = "/run/a,b".into();
@@ -751,7 +774,11 @@ mod tests {
         s.kernel = None;
         let e = Qemu::new().command_line(&s, Accel::Tcg).unwrap_err();
         assert!(e.to_string().contains("qube work"), "{e}");
-        assert!(e.to_string().contains("kernel"), "{e}");
+        assert!(e.to_string().contains("initrd without a kernel"), "{e}");
+        s.initrd = None;
+        s.disks.clear();
+        let e = Qemu::new().command_line(&s, Accel::Tcg).unwrap_err();
+        assert!(e.to_string().contains("nothing to boot"), "{e}");
         let mut s = spec();
         s.run_dir = PathBuf::from("/").join("x".repeat(120));
         let e = Qemu::new().command_line(&s, Accel::Tcg).unwrap_err();

@@ -287,3 +287,74 @@ fn start_errors_name_the_qube_and_the_fix() {
         DomainState::Halted
     );
 }
+
+/// A 512-byte MBR boot sector (16-bit real mode): prints a marker on COM1, then
+/// triple-faults (empty IDT + int3), which `-no-reboot` turns into QEMU exiting.
+fn boot_sector(marker: &str) -> Vec<u8> {
+    let mut code: Vec<u8> = vec![
+        0xFA, // cli
+        0x31, 0xC0, // xor ax, ax
+        0x8E, 0xD8, // mov ds, ax
+        0xBE, 0x22, 0x7C, // mov si, 0x7c22 (message, offset 34)
+        0xBA, 0xF8, 0x03, // mov dx, 0x3f8 (COM1)
+        0xAC, // next: lodsb
+        0x84, 0xC0, // test al, al
+        0x74, 0x03, // jz done
+        0xEE, // out dx, al
+        0xEB, 0xF8, // jmp next
+        0x0F, 0x01, 0x1E, 0x1C, 0x7C, // done: lidt [0x7c1c] (limit 0)
+        0xCC, // int3 -> #GP -> double fault -> triple fault -> reset
+        0xF4, // hlt
+        0xEB, 0xFE, // jmp $
+        0, 0, 0, 0, 0, 0, // offset 28: the empty IDT descriptor
+    ];
+    assert_eq!(code.len(), 34);
+    code.extend_from_slice(marker.as_bytes());
+    code.extend_from_slice(b"\r\n\0");
+    code.resize(510, 0);
+    code.extend_from_slice(&[0x55, 0xAA]);
+    code
+}
+
+#[test]
+fn a_qube_without_a_kernel_boots_its_disk_through_the_firmware() {
+    require("qemu-system-x86_64");
+    require("qemu-nbd");
+    let tmp = tempfile::Builder::new()
+        .prefix("hvf")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let image = tmp.path().join("root.img");
+    let mut disk = boot_sector("BOOTSECTOR-OK-5d2b");
+    disk.resize(1 << 20, 0);
+    fs::write(&image, &disk).unwrap();
+    let socket = tmp.path().join("root.sock");
+    let _server = NbdServer::start(&image, &socket, "fw/root", true);
+    let mut spec = boot_spec(
+        "fwq",
+        tmp.path(),
+        PathBuf::new(),
+        vec![DiskSpec {
+            vdev: "xvda".into(),
+            nbd_socket: socket.clone(),
+            export: "fw/root".into(),
+            read_only: true,
+        }],
+    );
+    spec.kernel = None;
+    spec.initrd = None;
+    let hv = Qemu::new().with_accel(Accel::Tcg);
+    let _guard = DomainGuard {
+        hv: &hv,
+        name: spec.name.clone(),
+        run_dir: spec.run_dir.clone(),
+    };
+    hv.start(&spec).expect("start");
+    wait_for(
+        "the boot sector to reset the machine",
+        BOOT_DEADLINE,
+        || hv.state("fwq", &spec.run_dir).unwrap() == DomainState::Halted,
+    );
+    let log = fs::read_to_string(hv.console_log(&spec.run_dir)).unwrap();
+    assert!(log.contains("BOOTSECTOR-OK-5d2b"), "console:\n{log}");
+}
