@@ -617,6 +617,26 @@ pub fn orphan_volumes_do_not_block_a_name(b: &mut dyn Backend) {
         .is_empty());
 }
 
+/// A driver that commits between two steps of a transaction (thin's flush does) can leave
+/// a revert half done: the head renamed to a revision, the chosen revision not yet the head.
+pub fn half_done_revert_is_repaired_by_revert(b: &mut dyn Backend) {
+    let v = Volumes::new(b.pool());
+    template_and_appvm(&v);
+    run_writing_private(&v, "work", b"one");
+    run_writing_private(&v, "work", b"two");
+    v.pool()
+        .rename_volume("work/private", "work/private@9999999999.000000")
+        .unwrap();
+    v.pool().commit().unwrap();
+    let e = v.start("work").unwrap_err();
+    assert!(matches!(e, ModelError::HeadMissing { .. }), "{e}");
+    assert!(e.to_string().contains("volume revert work:private"), "{e}");
+    assert!(!v.is_running("work").unwrap());
+    v.revert("work", "private", None).unwrap();
+    assert_eq!(private_head(&v, "work", 3), b"two");
+    run_writing_private(&v, "work", b"three");
+}
+
 pub fn import_commits_like_a_stop_and_export_round_trips(b: &mut dyn Backend) {
     let v = Volumes::new(b.pool());
     template_and_appvm(&v);
@@ -862,6 +882,7 @@ macro_rules! all_model_tests {
                 crash_then_stop_commits_and_discard_drops,
                 crash_before_commit_loses_the_whole_operation,
                 orphan_volumes_do_not_block_a_name,
+                half_done_revert_is_repaired_by_revert,
                 import_commits_like_a_stop_and_export_round_trips,
                 failed_import_leaves_the_pool_as_it_was,
                 resize_rules,

@@ -83,7 +83,7 @@ pub enum ModelError {
         volume: String,
         from: String,
     },
-    #[error("volume {qube}:{volume} has no committed head in the pool (pool key {key} is missing); `qubes-ctl pool verify`, then restore it with `qubes-ctl volume import {qube}:{volume}`")]
+    #[error("volume {qube}:{volume} has no committed head in the pool (pool key {key} is missing); restore the newest revision with `qubes-ctl volume revert {qube}:{volume}`, or import an image with `qubes-ctl volume import {qube}:{volume}`")]
     HeadMissing {
         qube: String,
         volume: String,
