@@ -2,11 +2,13 @@
 //! and the metadata to trust them.
 //!
 //! Contract: [`read_package`] returns a [`VerifiedPackage`] only after the header checksum,
-//! the manifest hash, and the blake3 of EVERY chunk (and of the kernel and initrd) have
-//! been checked; any damage is an error that names the region (header, manifest, chunk N,
-//! kernel, initrd) and nothing has been written anywhere. The verified compressed bytes
-//! are kept in memory, so what the caller then reads is what was verified (no re-read of
-//! a file that could change underneath).
+//! the manifest hash, and the blake3 of EVERY stored chunk (and of the kernel and initrd)
+//! have been checked against the manifest; any damage is an error that names the region
+//! (header, manifest, chunk N, kernel, initrd) and nothing has been written anywhere. The
+//! verified compressed bytes are kept in memory, so what the caller then reads is what
+//! was verified (no re-read of a file that could change underneath). Each chunk carries
+//! two hashes: of its stored (zstd) bytes, checked at open without decompressing, and of
+//! its content, checked again as [`VerifiedPackage::image_reader`] unpacks it.
 //!
 //! # File layout (format version 1, little endian)
 //!
@@ -160,6 +162,10 @@ pub struct BlobRef {
     /// blake3 of the decompressed bytes.
     #[serde(with = "hex32")]
     pub hash: [u8; 32],
+    /// blake3 of the stored (compressed) bytes: every blob is checked against it when
+    /// the package is opened, before anything is returned.
+    #[serde(with = "hex32")]
+    pub stored_hash: [u8; 32],
     /// Absolute file offset of the zstd frame.
     pub offset: u64,
     pub stored_len: u64,
@@ -349,18 +355,26 @@ pub fn export_package_with(
             i = j;
         }
         let batch: &[u8] = batch;
-        fp.update_rayon(batch);
-        let hashes: Vec<[u8; 32]> = batch
-            .par_chunks(cs)
-            .enumerate()
-            .map(|(k, c)| {
-                if holes[k] || is_zero(c) {
-                    ZERO_CHUNK
-                } else {
-                    *blake3::hash(c).as_bytes()
-                }
-            })
-            .collect();
+        // The whole-image fingerprint is sequential by nature; run it beside the
+        // per-chunk hashes instead of before them.
+        let ((), hashes) = rayon::join(
+            || {
+                fp.update_rayon(batch);
+            },
+            || -> Vec<[u8; 32]> {
+                batch
+                    .par_chunks(cs)
+                    .enumerate()
+                    .map(|(k, c)| {
+                        if holes[k] || is_zero(c) {
+                            ZERO_CHUNK
+                        } else {
+                            *blake3::hash(c).as_bytes()
+                        }
+                    })
+                    .collect()
+            },
+        );
         // First occurrence of each new hash in this batch gets compressed.
         let mut todo = Vec::new();
         for (k, h) in hashes.iter().enumerate() {
@@ -372,18 +386,24 @@ pub fn export_package_with(
                 todo.push(k);
             }
         }
-        let compressed: Vec<std::io::Result<Vec<u8>>> = todo
+        let compressed: Vec<std::io::Result<(Vec<u8>, [u8; 32])>> = todo
             .par_iter()
             .map(|&k| {
-                zstd::bulk::compress(&batch[k * cs..((k + 1) * cs).min(batch.len())], ZSTD_LEVEL)
+                let z = zstd::bulk::compress(
+                    &batch[k * cs..((k + 1) * cs).min(batch.len())],
+                    ZSTD_LEVEL,
+                )?;
+                let h = *blake3::hash(&z).as_bytes();
+                Ok((z, h))
             })
             .collect();
         for (&k, z) in todo.iter().zip(compressed) {
-            let z = z.map_err(io_err("compressing a chunk for", &tmp))?;
+            let (z, stored_hash) = z.map_err(io_err("compressing a chunk for", &tmp))?;
             f.write_all(&z).map_err(io_err("writing", &tmp))?;
             let len = (((k + 1) * cs).min(batch.len()) - k * cs) as u64;
             blobs.push(BlobRef {
                 hash: hashes[k],
+                stored_hash,
                 offset: pos,
                 stored_len: z.len() as u64,
                 len,
@@ -402,6 +422,7 @@ pub fn export_package_with(
         f.write_all(&z).map_err(io_err("writing", &tmp))?;
         let r = BlobRef {
             hash: *blake3::hash(&bytes).as_bytes(),
+            stored_hash: *blake3::hash(&z).as_bytes(),
             offset: pos,
             stored_len: z.len() as u64,
             len: bytes.len() as u64,
@@ -595,16 +616,21 @@ pub fn read_package(file: &Path) -> Result<VerifiedPackage, PackageError> {
 }
 
 fn check_blob(stored: &[u8], b: &BlobRef) -> Result<(), String> {
-    let plain = zstd::bulk::decompress(stored, b.len as usize).map_err(|e| format!("zstd: {e}"))?;
-    if plain.len() as u64 != b.len {
-        return Err(format!(
-            "decompresses to {} bytes, expected {}",
-            plain.len(),
-            b.len
-        ));
+    if blake3::hash(stored).as_bytes() != &b.stored_hash {
+        return Err("blake3 of the stored bytes does not match the manifest".into());
     }
-    if blake3::hash(&plain).as_bytes() != &b.hash {
-        return Err("blake3 mismatch".into());
+    Ok(())
+}
+
+/// Decompresses a verified blob into `out` (exactly `b.len` bytes) and checks the
+/// content hash too, so an exporter bug cannot pass as data.
+fn unpack_blob(stored: &[u8], b: &BlobRef, out: &mut [u8]) -> Result<(), String> {
+    let n = zstd::bulk::decompress_to_buffer(stored, out).map_err(|e| format!("zstd: {e}"))?;
+    if n as u64 != b.len || out.len() as u64 != b.len {
+        return Err(format!("decompresses to {n} bytes, expected {}", b.len));
+    }
+    if blake3::hash(out).as_bytes() != &b.hash {
+        return Err("blake3 of the content does not match the manifest".into());
     }
     Ok(())
 }
@@ -675,7 +701,8 @@ impl VerifiedPackage {
         &self.manifest
     }
 
-    /// The image bytes, in order (`manifest().size` bytes).
+    /// The image bytes, in order (`manifest().size` bytes). Chunks are decompressed in
+    /// parallel batches; each one's content hash is checked again as it is unpacked.
     pub fn image_reader(&self) -> impl Read + '_ {
         ImageReader {
             pkg: self,
@@ -685,25 +712,26 @@ impl VerifiedPackage {
         }
     }
 
-    fn blob(&self, b: &BlobRef) -> Result<Vec<u8>, PackageError> {
-        let s = &self.data
-            [(b.offset - HEADER_LEN) as usize..(b.offset - HEADER_LEN + b.stored_len) as usize];
-        zstd::bulk::decompress(s, b.len as usize).map_err(|e| PackageError::BlobCorrupt {
-            path: self.path.clone(),
-            what: "blob",
-            reason: e.to_string(),
-        })
+    fn stored(&self, b: &BlobRef) -> &[u8] {
+        &self.data
+            [(b.offset - HEADER_LEN) as usize..(b.offset - HEADER_LEN + b.stored_len) as usize]
     }
 
     fn write_blob(
         &self,
         b: Option<&BlobRef>,
+        what: &'static str,
         dir: &Path,
         file: &str,
     ) -> Result<Option<PathBuf>, PackageError> {
         let Some(b) = b else { return Ok(None) };
+        let mut bytes = vec![0u8; b.len as usize];
+        unpack_blob(self.stored(b), b, &mut bytes).map_err(|reason| PackageError::BlobCorrupt {
+            path: self.path.clone(),
+            what,
+            reason,
+        })?;
         fs::create_dir_all(dir).map_err(io_err("creating", dir))?;
-        let bytes = self.blob(b)?;
         let p = dir.join(file);
         let tmp = dir.join(format!(".{file}.partial"));
         fs::write(&tmp, bytes).map_err(io_err("writing", &tmp))?;
@@ -713,16 +741,16 @@ impl VerifiedPackage {
 
     /// Writes the kernel as `dir/vmlinuz`; `None` if the package has none.
     pub fn write_kernel(&self, dir: &Path) -> Result<Option<PathBuf>, PackageError> {
-        self.write_blob(self.manifest.kernel.as_ref(), dir, "vmlinuz")
+        self.write_blob(self.manifest.kernel.as_ref(), "kernel", dir, "vmlinuz")
     }
 
     /// Writes the initrd as `dir/initrd.img`; `None` if the package has none.
     pub fn write_initrd(&self, dir: &Path) -> Result<Option<PathBuf>, PackageError> {
-        self.write_blob(self.manifest.initrd.as_ref(), dir, "initrd.img")
+        self.write_blob(self.manifest.initrd.as_ref(), "initrd", dir, "initrd.img")
     }
 }
 
-/// Decompresses BATCH chunks at a time in parallel.
+/// Decompresses BATCH chunks at a time in parallel, straight into its buffer.
 struct ImageReader<'a> {
     pkg: &'a VerifiedPackage,
     next_chunk: u64,
@@ -732,25 +760,34 @@ struct ImageReader<'a> {
 
 impl ImageReader<'_> {
     fn refill(&mut self) -> std::io::Result<()> {
-        let m = &self.pkg.manifest;
+        let pkg = self.pkg;
+        let m = &pkg.manifest;
         let n = m.chunk_hashes.len() as u64;
         let end = (self.next_chunk + BATCH as u64).min(n);
-        let parts: Vec<std::io::Result<Vec<u8>>> = (self.next_chunk..end)
-            .into_par_iter()
-            .map(|i| {
+        let start_byte = self.next_chunk * m.chunk_size;
+        let end_byte = (end * m.chunk_size).min(m.size);
+        self.buf.resize((end_byte - start_byte) as usize, 0);
+        let first = self.next_chunk;
+        self.buf
+            .par_chunks_mut(m.chunk_size as usize)
+            .enumerate()
+            .try_for_each(|(k, out)| {
+                let i = first + k as u64;
                 let h = &m.chunk_hashes[i as usize];
-                let len = m.chunk_size.min(m.size - i * m.chunk_size) as usize;
                 if *h == ZERO_CHUNK {
-                    return Ok(vec![0u8; len]);
+                    out.fill(0);
+                    return Ok(());
                 }
-                let b = &m.blobs[self.pkg.blob_of[h]];
-                self.pkg.blob(b).map_err(std::io::Error::other)
-            })
-            .collect();
-        self.buf.clear();
-        for p in parts {
-            self.buf.extend_from_slice(&p?);
-        }
+                let b = &m.blobs[pkg.blob_of[h]];
+                unpack_blob(pkg.stored(b), b, out).map_err(|reason| {
+                    std::io::Error::other(PackageError::ChunkCorrupt {
+                        path: pkg.path.clone(),
+                        chunk: i,
+                        offset: i * m.chunk_size,
+                        reason,
+                    })
+                })
+            })?;
         self.pos = 0;
         self.next_chunk = end;
         Ok(())
