@@ -1,5 +1,6 @@
 //! The Qubes volume model's rules (DESIGN.md, "The volume model"), each checked on every
-//! pool backend: the simulation (`mem`) and the real default driver (`thin`).
+//! pool backend: the simulation (`mem`), the real default driver (`thin`), and `reflink` on
+//! XFS and btrfs loop mounts.
 
 #[path = "model_backends.rs"]
 mod backends;
@@ -898,3 +899,4 @@ macro_rules! all_model_tests {
 all_model_tests!(mem, backends::Mem::new());
 all_model_tests!(thin, backends::Thin::new());
 all_model_tests!(reflink_xfs, backends::Reflink::xfs());
+all_model_tests!(reflink_btrfs, backends::Reflink::btrfs());
