@@ -6,7 +6,8 @@
 //!                       rejects bad ones itself, queues the rest ──┐
 //!   worker pool (server-wide, a few threads) <────────────────────┘
 //!       runs the device call, builds the whole reply in one buffer (data read straight
-//!       into it behind the header) and writes it under the connection's writer lock
+//!       into it behind the header) and sends it; concurrent small replies are combined
+//!       into one write (see `Conn::send`)
 //! ```
 //!
 //! Contract: a socket serves exactly the exports it was bound with; the socket file is
@@ -509,7 +510,9 @@ fn serve(stream: &UnixStream, shared: &Arc<Shared>) -> io::Result<()> {
     let conn = Arc::new(Conn {
         device: shared.exports[agreed.export].device.clone(),
         params: agreed.params,
-        writer: Mutex::new(w),
+        stream: w,
+        out: Mutex::new(OutQueue::default()),
+        out_turn: Condvar::new(),
         broken: AtomicBool::new(false),
         inflight: Mutex::new((0, 0)),
         idle: Condvar::new(),
@@ -524,11 +527,26 @@ fn bad_data(msg: String) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, msg)
 }
 
+/// Replies waiting for the worker that is writing (see [`Conn::send`]).
+#[derive(Default)]
+struct OutQueue {
+    pending: Vec<u8>,
+    /// The writer's batch buffer between turns, so combining allocates nothing.
+    spare: Vec<u8>,
+    writing: bool,
+}
+
+/// Replies up to this size are copied into the combined batch; larger ones take a turn.
+const COMBINE_MAX: usize = 64 << 10;
+
 /// One connection in the transmission phase.
 struct Conn {
     device: Arc<dyn BlockDevice>,
     params: SessionParams,
-    writer: Mutex<UnixStream>,
+    /// Write side of the socket; see [`Conn::send`] for who may write.
+    stream: UnixStream,
+    out: Mutex<OutQueue>,
+    out_turn: Condvar,
     broken: AtomicBool,
     /// (requests, bytes) queued or running.
     inflight: Mutex<(usize, u64)>,
@@ -623,16 +641,54 @@ impl Conn {
         self.idle.notify_all();
     }
 
+    /// Sends one complete reply. Replies are combined: while one worker is writing, others
+    /// append their (small) replies to `pending` and return at once; the writing worker
+    /// sends everything that piled up in one syscall before it lets go. Large replies wait
+    /// for their turn instead of being copied.
     fn send(&self, bytes: &[u8]) {
         if self.broken.load(Ordering::Relaxed) {
             return;
         }
-        let mut w = lock(&self.writer);
-        if let Err(e) = w.write_all(bytes) {
+        let mut q = lock(&self.out);
+        if q.writing {
+            if bytes.len() <= COMBINE_MAX {
+                q.pending.extend_from_slice(bytes);
+                return;
+            }
+            while q.writing {
+                q = self.out_turn.wait(q).unwrap_or_else(|p| p.into_inner());
+            }
+        }
+        q.writing = true;
+        let mut batch = std::mem::take(&mut q.spare);
+        drop(q);
+        self.write_or_break(bytes);
+        loop {
+            let mut q = lock(&self.out);
+            if q.pending.is_empty() {
+                q.writing = false;
+                q.spare = batch;
+                drop(q);
+                self.out_turn.notify_all();
+                return;
+            }
+            std::mem::swap(&mut batch, &mut q.pending);
+            drop(q);
+            self.write_or_break(&batch);
+            batch.clear();
+        }
+    }
+
+    fn write_or_break(&self, bytes: &[u8]) {
+        if self.broken.load(Ordering::Relaxed) {
+            return;
+        }
+        // Only the worker holding `writing` gets here, so writes never interleave.
+        if let Err(e) = (&self.stream).write_all(bytes) {
             // The client vanished: stop the reader too, nothing more can be answered.
             tracing::debug!(error = %e, "NBD reply could not be sent");
             self.broken.store(true, Ordering::Relaxed);
-            let _ = w.shutdown(std::net::Shutdown::Both);
+            let _ = self.stream.shutdown(std::net::Shutdown::Both);
         }
     }
 
