@@ -4,6 +4,7 @@
 //!   run_dir/
 //!     qemu.args    the command line, one argument per line (for debugging)
 //!     qemu.log     QEMU's own stderr while it starts
+//!     qemu-runtime.log  QEMU's stderr once daemonized (-D keeps it off /dev/null)
 //!     qemu.pid     written by QEMU (-pidfile); the domain exists while this pid lives
 //!     qmp.sock     QMP: query-status, system_powerdown, quit
 //!     console.log  the guest's serial console (previous boot: console.log.1)
@@ -74,6 +75,7 @@ pub struct RunFiles {
     pub qmp: PathBuf,
     pub console: PathBuf,
     pub log: PathBuf,
+    pub runtime_log: PathBuf,
     pub args: PathBuf,
 }
 
@@ -84,6 +86,7 @@ impl RunFiles {
             qmp: run_dir.join("qmp.sock"),
             console: run_dir.join("console.log"),
             log: run_dir.join("qemu.log"),
+            runtime_log: run_dir.join("qemu-runtime.log"),
             args: run_dir.join("qemu.args"),
         }
     }
@@ -254,6 +257,9 @@ impl Qemu {
         // seccomp: elevateprivileges=deny and spawn=deny would also be wanted, but
         // QEMU 10 then fails to -daemonize (checked by hand), so they stay off.
         push(&["-sandbox", "on,obsolete=deny,resourcecontrol=deny"]);
+        // With a -D log, the daemonized QEMU keeps stderr there (NBD reconnects,
+        // block errors) instead of sending it to /dev/null.
+        push(&["-D", &utf8(&files.runtime_log, "runtime log")?]);
         push(&["-pidfile", &utf8(&files.pidfile, "pidfile")?, "-daemonize"]);
         Ok(a)
     }
@@ -728,6 +734,7 @@ mod tests {
             ["/var/lib/qubes/vm-kernels/6.1/vmlinuz"]
         );
         assert_eq!(after(&args, "-pidfile"), ["/run/qubes/work/qemu.pid"]);
+        assert_eq!(after(&args, "-D"), ["/run/qubes/work/qemu-runtime.log"]);
         assert!(args.iter().any(|a| a == "-no-reboot"));
         assert!(args.iter().any(|a| a == "-daemonize"));
         assert!(!args.iter().any(|a| a == "-no-shutdown"));
