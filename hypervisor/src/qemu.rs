@@ -312,6 +312,7 @@ impl Hypervisor for Qemu {
         if files.console.exists() {
             let _ = fs::rename(&files.console, spec.run_dir.join("console.log.1"));
         }
+        let _ = fs::remove_file(&files.runtime_log);
         let cache_dir = spec
             .run_dir
             .parent()
@@ -345,12 +346,20 @@ impl Hypervisor for Qemu {
                 fix: "see qemu.log in the qube's run dir",
             });
         };
+        // With -D, QEMU's own error messages land in the runtime log, not on stderr.
+        let detail = || {
+            [tail(&files.log, 5), tail(&files.runtime_log, 5)]
+                .into_iter()
+                .filter(|t| !t.is_empty())
+                .collect::<Vec<_>>()
+                .join(" | ")
+        };
         if !status.success() {
             return Err(HvError::Command {
                 name: spec.name.clone(),
                 cmd,
                 status: status.to_string(),
-                detail: tail(&files.log, 5),
+                detail: detail(),
             });
         }
         // The daemon child may already be gone if the guest powered off at once; that
@@ -360,7 +369,7 @@ impl Hypervisor for Qemu {
                 name: spec.name.clone(),
                 cmd,
                 status: "exited right after start".into(),
-                detail: tail(&files.log, 5),
+                detail: detail(),
             });
         }
         tracing::info!(qube = %spec.name, ?accel, "qemu domain started");

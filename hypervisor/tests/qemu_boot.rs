@@ -174,6 +174,8 @@ fn shutdown_of_a_cooperative_guest_is_clean() {
         .prefix("hvq")
         .tempdir_in("/tmp")
         .unwrap();
+    // evdev queues events only for open readers, so the device is opened before the
+    // marker that tells the test to press the button.
     // The guest's init waits for the ACPI power button (what system_powerdown
     // presses) and powers off: the path a real guest's systemd takes.
     let script = "\
@@ -181,8 +183,9 @@ dev=
 for e in /sys/class/input/event*; do
   grep -q 'Power Button' $e/device/name 2>/dev/null && dev=/dev/input/${e##*/}
 done
+exec 3< $dev
 echo \"WAITING-FOR-POWER-BUTTON $dev\"
-head -c 1 $dev > /dev/null
+head -c 1 <&3 > /dev/null
 echo GOT-POWER-BUTTON
 poweroff -f
 ";
