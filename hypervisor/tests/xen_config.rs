@@ -199,3 +199,43 @@ fn start_writes_the_config_and_drives_xl() {
     // kill of a halted domain does not call destroy.
     assert!(!calls.contains("destroy"), "{calls}");
 }
+
+proptest::proptest! {
+    #![proptest_config(proptest::test_runner::Config::with_cases(64))]
+
+    /// Whatever printable text reaches the config (command line, paths, export names),
+    /// libxlutil reads back exactly that text.
+    #[test]
+    fn any_printable_values_round_trip_through_libxlutil(
+        name in "[A-Za-z0-9][A-Za-z0-9_.-]{0,30}",
+        cmdline in "\\PC{0,80}",
+        kernel in "/\\PC{1,60}",
+        socket in "/\\PC{1,60}",
+        export in "\\PC{1,40}",
+        mode in proptest::sample::select(vec![VirtMode::Pv, VirtMode::Pvh, VirtMode::Hvm]),
+        ro in proptest::bool::ANY,
+    ) {
+        let mut s = spec(mode, Path::new("/run/qubes/x"), &socket);
+        s.name = name;
+        s.cmdline = cmdline.clone();
+        s.kernel = Some(PathBuf::from(&kernel));
+        for d in &mut s.disks {
+            d.export = export.clone();
+            d.read_only = ro;
+        }
+        let cfg = check(&s);
+        let has_console = cmdline.split_whitespace().any(|w| w.starts_with("console="));
+        let want = match mode {
+            VirtMode::Hvm => cmdline.trim().to_string(),
+            _ if has_console => cmdline.clone(),
+            _ if cmdline.trim().is_empty() => "console=hvc0".to_string(),
+            _ => format!("{} console=hvc0", cmdline.trim()),
+        };
+        let got = cfg.string("cmdline");
+        if want.is_empty() {
+            proptest::prop_assert_eq!(got, None);
+        } else {
+            proptest::prop_assert_eq!(got, Some(want));
+        }
+    }
+}
