@@ -139,19 +139,31 @@ impl ThinPool {
             let (_, sums) = rayon::join(
                 || hasher.update_rayon(&bytes[..want]),
                 || {
-                    bytes
-                        .par_chunks(cs as usize)
-                        .map(|c| {
-                            if is_zero(c) {
+                    let c = cs as usize;
+                    let mut sums: Vec<Option<Option<[u8; 32]>>> = (0..n as usize)
+                        .into_par_iter()
+                        .map(|i| {
+                            let chunk = &bytes[i * c..(i + 1) * c];
+                            if is_zero(chunk) {
                                 None
+                            } else if !dedup {
+                                Some(Some([0; 32]))
+                            } else if i > 0 && chunk == &bytes[(i - 1) * c..i * c] {
+                                // A run of identical chunks is hashed once (memcmp is
+                                // far cheaper than blake3).
+                                Some(None)
                             } else {
-                                Some(if dedup {
-                                    *blake3::hash(c).as_bytes()
-                                } else {
-                                    [0; 32]
-                                })
+                                Some(Some(*blake3::hash(chunk).as_bytes()))
                             }
                         })
+                        .collect();
+                    for i in 1..sums.len() {
+                        if let Some(None) = sums[i] {
+                            sums[i] = sums[i - 1];
+                        }
+                    }
+                    sums.into_iter()
+                        .map(|s| s.map(|h| h.expect("the first chunk of a run is hashed")))
                         .collect::<Vec<_>>()
                 },
             );
