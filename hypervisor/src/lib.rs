@@ -70,7 +70,7 @@ use serde::{Deserialize, Serialize};
 
 pub use none::NoneHv;
 pub use qemu::{Accel, KvmVerdict, Qemu};
-pub use xen::Xen;
+pub use xen::{Xen, XenDiskMode};
 
 /// How a Xen domain is virtualised. QEMU ignores it (always a full PC with KVM or TCG).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]

@@ -125,6 +125,7 @@ pub fn wait_for(what: &str, deadline: Duration, mut cond: impl FnMut() -> bool) 
 }
 
 /// A stand-in `xl`: records each call, and lists the domain while a marker exists.
+/// `xl create` fails while `xl.running.fail` exists.
 pub fn fake_xl(dir: &Path) -> PathBuf {
     let script = dir.join("xl");
     let log = dir.join("xl.calls");
@@ -135,7 +136,8 @@ pub fn fake_xl(dir: &Path) -> PathBuf {
             "#!/bin/sh\n\
              echo \"$*\" >> '{log}'\n\
              case \"$1\" in\n\
-             create) touch '{marker}' ;;\n\
+             create) if [ -e '{marker}.fail' ]; then echo 'libxl: error: boom' >&2; exit 1; fi\n\
+                     touch '{marker}' ;;\n\
              destroy) rm -f '{marker}' ;;\n\
              shutdown) rm -f '{marker}' ;;\n\
              list)\n\
