@@ -191,3 +191,65 @@ fn import_dedup_fingerprint() {
     let r = p.verify().unwrap();
     assert!(r.is_clean(), "{r:?}");
 }
+
+struct Failing(usize);
+
+impl std::io::Read for Failing {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        if self.0 == 0 {
+            return Err(std::io::Error::other("image source broke"));
+        }
+        let n = buf.len().min(self.0);
+        buf[..n].fill(7);
+        self.0 -= n;
+        Ok(n)
+    }
+}
+
+#[test]
+fn import_errors_leave_no_trace() {
+    let dir = tempfile::tempdir().unwrap();
+    let cs = 64 << 10;
+    let p = pool(dir.path(), cs, 64 * cs);
+    // A short image reads as zeros past its end.
+    let st = p
+        .import_volume(
+            "short",
+            &mut &[9u8; 1000][..],
+            3 * cs,
+            &ImportOptions::default(),
+        )
+        .unwrap();
+    assert_eq!((st.written_chunks, st.zero_chunks), (1, 2));
+    // A failing source, and a pool too small: the volume is gone, nothing leaks.
+    let e = p
+        .import_volume(
+            "broken",
+            &mut Failing(80 << 20),
+            200 << 20,
+            &ImportOptions {
+                dedup: true,
+                dedup_against: None,
+            },
+        )
+        .unwrap_err();
+    assert!(e.to_string().contains("image source broke"), "{e}");
+    let e = p
+        .import_volume(
+            "huge",
+            &mut Failing(usize::MAX),
+            100 * cs,
+            &ImportOptions::default(),
+        )
+        .unwrap_err();
+    assert!(matches!(e, PoolError::NoSpace { .. }), "{e}");
+    assert!(!p.exists("broken").unwrap() && !p.exists("huge").unwrap());
+    p.commit().unwrap();
+    let r = p.verify().unwrap();
+    assert!(r.is_clean(), "{r:?}");
+    assert_eq!(p.info().unwrap().data_used, cs);
+    let v = p.open_volume("short", true).unwrap();
+    let mut buf = vec![1u8; 3 * cs as usize];
+    v.read_at(&mut buf, 0).unwrap();
+    assert!(buf[..1000].iter().all(|&b| b == 9) && buf[1000..].iter().all(|&b| b == 0));
+}

@@ -120,96 +120,156 @@ impl ThinPool {
             }
         }
         let batch = (BATCH_BYTES / cs).max(1);
-        let mut buf = vec![0u8; (batch * cs).min(size.div_ceil(cs) * cs) as usize];
-        let mut hasher = blake3::Hasher::new();
-        let mut stats = ImportStats {
-            bytes: size,
-            ..Default::default()
-        };
         let total = size.div_ceil(cs);
-        let mut vc0 = 0;
-        while vc0 < total {
-            let n = batch.min(total - vc0);
-            let want = (n * cs).min(size - vc0 * cs) as usize;
-            let got = read_full(image, &mut buf[..want])
-                .map_err(|e| PoolError::io("reading the image", e))?;
-            buf[got..(n * cs) as usize].fill(0);
-            let bytes = &buf[..(n * cs) as usize];
-            let dedup = opts.dedup;
-            let (_, sums) = rayon::join(
-                || hasher.update_rayon(&bytes[..want]),
-                || {
-                    let c = cs as usize;
-                    let mut sums: Vec<Option<Option<[u8; 32]>>> = (0..n as usize)
-                        .into_par_iter()
-                        .map(|i| {
-                            let chunk = &bytes[i * c..(i + 1) * c];
-                            if is_zero(chunk) {
-                                None
-                            } else if !dedup {
-                                Some(Some([0; 32]))
-                            } else if i > 0 && chunk == &bytes[(i - 1) * c..i * c] {
-                                // A run of identical chunks is hashed once (memcmp is
-                                // far cheaper than blake3).
-                                Some(None)
-                            } else {
-                                Some(Some(*blake3::hash(chunk).as_bytes()))
-                            }
-                        })
-                        .collect();
-                    for i in 1..sums.len() {
-                        if let Some(None) = sums[i] {
-                            sums[i] = sums[i - 1];
+        let batch_len = (batch.min(total) * cs) as usize;
+        let dedup = opts.dedup;
+        // Two buffers: this thread reads batch k+1 while a worker hashes, maps and
+        // writes batch k.
+        std::thread::scope(|sc| {
+            let (full_tx, full_rx) = std::sync::mpsc::sync_channel::<(u64, usize, Vec<u8>)>(1);
+            let (free_tx, free_rx) = std::sync::mpsc::channel::<Vec<u8>>();
+            for _ in 0..total.div_ceil(batch).min(2) {
+                let _ = free_tx.send(vec![0u8; batch_len]);
+            }
+            let worker = sc.spawn(move || -> Result<ImportStats, PoolError> {
+                let mut hasher = blake3::Hasher::new();
+                let mut stats = ImportStats {
+                    bytes: size,
+                    ..Default::default()
+                };
+                for (vc0, want, buf) in full_rx {
+                    let n = batch.min(total - vc0);
+                    let bytes = &buf[..(n * cs) as usize];
+                    self.import_batch(
+                        id,
+                        vc0,
+                        bytes,
+                        want,
+                        dedup,
+                        &mut hasher,
+                        &mut known,
+                        &mut stats,
+                    )?;
+                    let _ = free_tx.send(buf);
+                }
+                stats.fingerprint = hasher.finalize().to_hex().to_string();
+                Ok(stats)
+            });
+            let mut read_err = None;
+            let mut vc0 = 0;
+            while vc0 < total {
+                // The worker stopped early (an error): it reports it below.
+                let Ok(mut buf) = free_rx.recv() else { break };
+                let n = batch.min(total - vc0);
+                let want = (n * cs).min(size - vc0 * cs) as usize;
+                match read_full(image, &mut buf[..want]) {
+                    Ok(got) => buf[got..(n * cs) as usize].fill(0),
+                    Err(e) => {
+                        read_err = Some(e);
+                        break;
+                    }
+                }
+                if full_tx.send((vc0, want, buf)).is_err() {
+                    break;
+                }
+                vc0 += n;
+            }
+            drop(full_tx);
+            let stats = worker
+                .join()
+                .unwrap_or_else(|p| std::panic::resume_unwind(p));
+            if let Some(e) = read_err {
+                return Err(PoolError::io("reading the image", e));
+            }
+            let stats = stats?;
+            let mut m = self.lock()?;
+            if let Some(v) = m.vol_mut(id) {
+                v.fingerprint = Some(stats.fingerprint.clone());
+            }
+            m.cat_dirty = true;
+            Ok(stats)
+        })
+    }
+
+    /// Hashes, maps and writes one batch of whole chunks starting at virtual chunk `vc0`;
+    /// the first `want` bytes belong to the volume (the rest is zero padding).
+    #[allow(clippy::too_many_arguments)]
+    fn import_batch(
+        &self,
+        id: u64,
+        vc0: u64,
+        bytes: &[u8],
+        want: usize,
+        dedup: bool,
+        hasher: &mut blake3::Hasher,
+        known: &mut HashMap<[u8; 32], Chunk>,
+        stats: &mut ImportStats,
+    ) -> Result<(), PoolError> {
+        let c = self.geo.chunk_size as usize;
+        let n = bytes.len() / c;
+        let (_, sums) = rayon::join(
+            || hasher.update_rayon(&bytes[..want]),
+            || {
+                let mut sums: Vec<Option<Option<[u8; 32]>>> = (0..n)
+                    .into_par_iter()
+                    .map(|i| {
+                        let chunk = &bytes[i * c..(i + 1) * c];
+                        if is_zero(chunk) {
+                            None
+                        } else if !dedup {
+                            Some(Some([0; 32]))
+                        } else if i > 0 && chunk == &bytes[(i - 1) * c..i * c] {
+                            // A run of identical chunks is hashed once (memcmp is far
+                            // cheaper than blake3).
+                            Some(None)
+                        } else {
+                            Some(Some(*blake3::hash(chunk).as_bytes()))
                         }
-                    }
-                    sums.into_iter()
-                        .map(|s| s.map(|h| h.expect("the first chunk of a run is hashed")))
-                        .collect::<Vec<_>>()
-                },
-            );
-            let placed = {
-                let mut m = self.lock()?;
-                let r = self.mutate(&mut m, |m| {
-                    place_batch(m, id, vc0, &sums, dedup, &mut known)
-                });
-                let placed = r.map_err(|e| self.perr(e))?;
-                for p in &placed {
-                    if let Placed::New(c, _) = p {
-                        m.inflight.insert(c.0);
+                    })
+                    .collect();
+                for i in 1..sums.len() {
+                    if let Some(None) = sums[i] {
+                        sums[i] = sums[i - 1];
                     }
                 }
-                placed
-            };
-            let r = self.write_batch(bytes, &placed);
-            {
-                let mut m = self.state.lock();
-                for p in &placed {
-                    if let Placed::New(c, _) = p {
-                        m.inflight.remove(&c.0);
-                    }
-                }
-                if r.is_err() {
-                    m.poisoned = Some("writing imported chunks failed".into());
-                }
-                self.cv.notify_all();
-            }
-            r.map_err(|e| self.perr(e))?;
+                sums.into_iter()
+                    .map(|s| s.map(|h| h.expect("the first chunk of a run is hashed")))
+                    .collect::<Vec<_>>()
+            },
+        );
+        let placed = {
+            let mut m = self.lock()?;
+            let r = self.mutate(&mut m, |m| place_batch(m, id, vc0, &sums, dedup, known));
+            let placed = r.map_err(|e| self.perr(e))?;
             for p in &placed {
-                match p {
-                    Placed::Zero => stats.zero_chunks += 1,
-                    Placed::Shared => stats.dedup_chunks += 1,
-                    Placed::New(..) => stats.written_chunks += 1,
+                if let Placed::New(c, _) = p {
+                    m.inflight.insert(c.0);
                 }
             }
-            vc0 += n;
+            placed
+        };
+        let r = self.write_batch(bytes, &placed);
+        {
+            let mut m = self.state.lock();
+            for p in &placed {
+                if let Placed::New(c, _) = p {
+                    m.inflight.remove(&c.0);
+                }
+            }
+            if r.is_err() {
+                m.poisoned = Some("writing imported chunks failed".into());
+            }
+            self.cv.notify_all();
         }
-        stats.fingerprint = hasher.finalize().to_hex().to_string();
-        let mut m = self.lock()?;
-        if let Some(v) = m.vol_mut(id) {
-            v.fingerprint = Some(stats.fingerprint.clone());
+        r.map_err(|e| self.perr(e))?;
+        for p in &placed {
+            match p {
+                Placed::Zero => stats.zero_chunks += 1,
+                Placed::Shared => stats.dedup_chunks += 1,
+                Placed::New(..) => stats.written_chunks += 1,
+            }
         }
-        m.cat_dirty = true;
-        Ok(stats)
+        Ok(())
     }
 
     fn write_batch(&self, bytes: &[u8], placed: &[Placed]) -> Result<(), Error> {
