@@ -3,7 +3,8 @@
 //! Needs root (loop mount for XFS), qemu-img, mkfs.xfs; scratch space under
 //! $POOL_BENCH_DIR (default /var/tmp), about 10 GiB, removed at the end.
 //!
-//! Prints one table; every figure is measured in this run.
+//! Prints one table; every figure is measured in this run. `POOL_BENCH_ONLY=snap,io,import`
+//! runs some sections only.
 
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
@@ -175,411 +176,419 @@ fn main() {
     let mut t = Table(Vec::new());
     let start = Instant::now();
 
-    // ---- Pool with a 64 GiB fully mapped volume: open time and snapshot latency. ----
-    let big_dir = s.join("big");
-    let pool = pool_at(&big_dir, 16 * GIB);
-    let t0 = Instant::now();
-    let st = pool
-        .import_volume(
-            "big",
-            &mut Pattern::new(64 * GIB),
-            64 * GIB,
+    let only = std::env::var("POOL_BENCH_ONLY").unwrap_or_default();
+    let want = |section: &str| only.is_empty() || only.split(',').any(|x| x == section);
+    if want("snap") {
+        // ---- Pool with a 64 GiB fully mapped volume: open time and snapshot latency. ----
+        let big_dir = s.join("big");
+        let pool = pool_at(&big_dir, 16 * GIB);
+        let t0 = Instant::now();
+        let st = pool
+            .import_volume(
+                "big",
+                &mut Pattern::new(64 * GIB),
+                64 * GIB,
+                &ImportOptions {
+                    dedup: true,
+                    dedup_against: None,
+                },
+            )
+            .unwrap();
+        pool.commit().unwrap();
+        let import64 = t0.elapsed();
+        assert_eq!(st.written_chunks, 1);
+        let info = pool.info().unwrap();
+        println!(
+            "mapped 64 GiB in {:.1} s; metadata {} MiB",
+            import64.as_secs_f64(),
+            info.metadata_used / MIB
+        );
+        let mut pool = pool;
+        let mut opens = Vec::new();
+        for _ in 0..11 {
+            let (p, d) = reopen(pool, &big_dir);
+            pool = p;
+            opens.push(d);
+        }
+        let open1 = median(opens);
+
+        let mut staged = Vec::new();
+        let mut committed = Vec::new();
+        for i in 0..25 {
+            let t0 = Instant::now();
+            pool.snapshot("big", &format!("big@{i}")).unwrap();
+            staged.push(t0.elapsed());
+            pool.commit().unwrap();
+            committed.push(t0.elapsed());
+        }
+        let (snap64, snap64c) = (median(staged), median(committed));
+
+        // 1,000 volumes.
+        for i in 25..999 {
+            pool.snapshot("big", &format!("big@{i}")).unwrap();
+        }
+        pool.commit().unwrap();
+        assert_eq!(pool.info().unwrap().volumes, 1000);
+        let mut opens = Vec::new();
+        for _ in 0..11 {
+            let (p, d) = reopen(pool, &big_dir);
+            pool = p;
+            opens.push(d);
+        }
+        let open1000 = median(opens);
+        let list = {
+            let t0 = Instant::now();
+            assert_eq!(pool.list_volumes().unwrap().len(), 1000);
+            t0.elapsed()
+        };
+        drop(pool);
+        std::fs::remove_dir_all(&big_dir).unwrap();
+
+        // 1 GiB fully mapped.
+        let small_dir = s.join("small");
+        let pool = pool_at(&small_dir, 4 * GIB);
+        pool.import_volume(
+            "v",
+            &mut Pattern::new(GIB),
+            GIB,
             &ImportOptions {
                 dedup: true,
                 dedup_against: None,
             },
         )
         .unwrap();
-    pool.commit().unwrap();
-    let import64 = t0.elapsed();
-    assert_eq!(st.written_chunks, 1);
-    let info = pool.info().unwrap();
-    println!(
-        "mapped 64 GiB in {:.1} s; metadata {} MiB",
-        import64.as_secs_f64(),
-        info.metadata_used / MIB
-    );
-    let mut pool = pool;
-    let mut opens = Vec::new();
-    for _ in 0..11 {
-        let (p, d) = reopen(pool, &big_dir);
-        pool = p;
-        opens.push(d);
-    }
-    let open1 = median(opens);
-
-    let mut staged = Vec::new();
-    let mut committed = Vec::new();
-    for i in 0..25 {
-        let t0 = Instant::now();
-        pool.snapshot("big", &format!("big@{i}")).unwrap();
-        staged.push(t0.elapsed());
         pool.commit().unwrap();
-        committed.push(t0.elapsed());
-    }
-    let (snap64, snap64c) = (median(staged), median(committed));
+        let mut staged = Vec::new();
+        let mut committed = Vec::new();
+        for i in 0..25 {
+            let t0 = Instant::now();
+            pool.snapshot("v", &format!("v@{i}")).unwrap();
+            staged.push(t0.elapsed());
+            pool.commit().unwrap();
+            committed.push(t0.elapsed());
+        }
+        let (snap1, snap1c) = (median(staged), median(committed));
+        drop(pool);
+        std::fs::remove_dir_all(&small_dir).unwrap();
 
-    // 1,000 volumes.
-    for i in 25..999 {
-        pool.snapshot("big", &format!("big@{i}")).unwrap();
-    }
-    pool.commit().unwrap();
-    assert_eq!(pool.info().unwrap().volumes, 1000);
-    let mut opens = Vec::new();
-    for _ in 0..11 {
-        let (p, d) = reopen(pool, &big_dir);
-        pool = p;
-        opens.push(d);
-    }
-    let open1000 = median(opens);
-    let list = {
-        let t0 = Instant::now();
-        assert_eq!(pool.list_volumes().unwrap().len(), 1000);
-        t0.elapsed()
-    };
-    drop(pool);
-    std::fs::remove_dir_all(&big_dir).unwrap();
+        // qemu-img overlays on a 1 GiB / 64 GiB base with all L2 tables allocated.
+        let qemu_create = |size: &str| {
+            let base = s.join(format!("base-{size}.qcow2"));
+            run(Command::new("qemu-img")
+                .args([
+                    "create",
+                    "-q",
+                    "-f",
+                    "qcow2",
+                    "-o",
+                    "preallocation=metadata",
+                ])
+                .arg(&base)
+                .arg(size));
+            let mut v = Vec::new();
+            for i in 0..11 {
+                let ovl = s.join(format!("ovl-{size}-{i}.qcow2"));
+                v.push(timed(
+                    Command::new("qemu-img")
+                        .args(["create", "-q", "-f", "qcow2", "-b"])
+                        .arg(&base)
+                        .args(["-F", "qcow2"])
+                        .arg(&ovl),
+                ));
+                std::fs::remove_file(&ovl).unwrap();
+            }
+            std::fs::remove_file(&base).unwrap();
+            median(v)
+        };
+        let q1 = qemu_create("1G");
+        let q64 = qemu_create("64G");
 
-    // 1 GiB fully mapped.
-    let small_dir = s.join("small");
-    let pool = pool_at(&small_dir, 4 * GIB);
-    pool.import_volume(
-        "v",
-        &mut Pattern::new(GIB),
-        GIB,
-        &ImportOptions {
-            dedup: true,
-            dedup_against: None,
-        },
-    )
-    .unwrap();
-    pool.commit().unwrap();
-    let mut staged = Vec::new();
-    let mut committed = Vec::new();
-    for i in 0..25 {
-        let t0 = Instant::now();
-        pool.snapshot("v", &format!("v@{i}")).unwrap();
-        staged.push(t0.elapsed());
+        // cp --reflink=always on XFS (loop-mounted 8 GiB image).
+        let (r1, r64, r64_extents) = reflink_bench(s);
+        t.row(
+            "snapshot 1 GiB mapped (staged / +commit)",
+            format!("{} / {}", ms(snap1), ms(snap1c)),
+            format!("qemu-img create -b {} / reflink {}", ms(q1), ms(r1)),
+            "median of 25 (ours) / 11 (qemu, incl. process start) / 5 (cp)".into(),
+        );
+        t.row(
+            "snapshot 64 GiB mapped (staged / +commit)",
+            format!("{} / {}", ms(snap64), ms(snap64c)),
+            format!("qemu-img create -b {} / reflink {}", ms(q64), ms(r64)),
+            format!("reflink file: 64 GiB sparse, {r64_extents} allocated 64 KiB extents"),
+        );
+        t.row(
+            "pool open, 1 volume, 64 GiB mapped",
+            ms(open1),
+            "-".into(),
+            "median of 11; target < 20 ms".into(),
+        );
+        t.row(
+            "pool open, 1000 volumes, 64 GiB mapped",
+            ms(open1000),
+            "-".into(),
+            format!("list_volumes {}", ms(list)),
+        );
+
+        t.row(
+            "map 64 GiB (import of a repeated pattern)",
+            format!("{:.1} s", import64.as_secs_f64()),
+            "-".into(),
+            "setup for the 64 GiB rows; blake3 fingerprint over all 64 GiB".into(),
+        );
+    }
+    if want("io") {
+        // ---- Sequential 1 MiB I/O vs plain pread/pwrite on the same disk. ----
+        let seq_dir = s.join("seq");
+        let pool = pool_at(&seq_dir, 4 * GIB);
+        pool.create_volume("seq", GIB).unwrap();
+        let vol = pool.open_volume("seq", false).unwrap();
+        let plain_path = s.join("plain.raw");
+        let plain = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&plain_path)
+            .unwrap();
+        let mut buf = vec![0u8; MIB as usize];
+        Rng(7).fill(&mut buf);
+        let seq_write = |w: &dyn Fn(&[u8], u64), sync: &dyn Fn()| {
+            let t0 = Instant::now();
+            for i in 0..GIB / MIB {
+                w(&buf, i * MIB);
+            }
+            sync();
+            GIB as f64 / t0.elapsed().as_secs_f64() / MIB as f64
+        };
+        // Fresh (allocating) writes, then overwrites in the other order.
+        let plain_w = seq_write(&|b, o| plain.write_all_at(b, o).unwrap(), &|| {
+            plain.sync_data().unwrap()
+        });
+        let ours_w = seq_write(&|b, o| vol.write_at(b, o).unwrap(), &|| {
+            vol.flush().unwrap()
+        });
+        let ours_w2 = seq_write(&|b, o| vol.write_at(b, o).unwrap(), &|| {
+            vol.flush().unwrap()
+        });
+        let plain_w2 = seq_write(&|b, o| plain.write_all_at(b, o).unwrap(), &|| {
+            plain.sync_data().unwrap()
+        });
+        let mut rbuf = vec![0u8; MIB as usize];
+        let mut seq_read = |r: &mut dyn FnMut(&mut [u8], u64)| {
+            let t0 = Instant::now();
+            for i in 0..GIB / MIB {
+                r(&mut rbuf, i * MIB);
+            }
+            GIB as f64 / t0.elapsed().as_secs_f64() / MIB as f64
+        };
+        let plain_r = seq_read(&mut |b, o| plain.read_exact_at(b, o).unwrap());
+        let ours_r = seq_read(&mut |b, o| vol.read_at(b, o).unwrap());
+        let ours_r = ours_r.max(seq_read(&mut |b, o| vol.read_at(b, o).unwrap()));
+        let plain_r = plain_r.max(seq_read(&mut |b, o| plain.read_exact_at(b, o).unwrap()));
+        t.row(
+            "sequential 1 MiB write, fresh 1 GiB + flush",
+            format!("{ours_w:.0} MiB/s"),
+            format!("pwrite {plain_w:.0} MiB/s"),
+            format!("ratio {:.0}% (target >= 70%)", 100.0 * ours_w / plain_w),
+        );
+        t.row(
+            "sequential 1 MiB overwrite, 1 GiB + flush",
+            format!("{ours_w2:.0} MiB/s"),
+            format!("pwrite {plain_w2:.0} MiB/s"),
+            format!("ratio {:.0}%", 100.0 * ours_w2 / plain_w2),
+        );
+        t.row(
+            "sequential 1 MiB read, 1 GiB (page cache)",
+            format!("{ours_r:.0} MiB/s"),
+            format!("pread {plain_r:.0} MiB/s"),
+            format!("ratio {:.0}%, best of 2", 100.0 * ours_r / plain_r),
+        );
+
+        // ---- 4 KiB writes: into a fresh snapshot (copy-on-write) vs into the origin. ----
+        const N: u64 = 20_000;
+        let mut rng = Rng(99);
+        let offsets: Vec<u64> = (0..N).map(|_| rng.next() % (GIB / 4096) * 4096).collect();
+        let small = vec![0x5Au8; 4096];
+        // IOPS without and with the final flush (a pool commit: fdatasync + metadata).
+        let iops = |vol: &dyn storage::BlockDevice, offs: &mut dyn Iterator<Item = u64>| {
+            let t0 = Instant::now();
+            let mut n = 0;
+            for o in offs {
+                vol.write_at(&small, o).unwrap();
+                n += 1;
+            }
+            let writes = t0.elapsed();
+            vol.flush().unwrap();
+            (
+                n as f64 / writes.as_secs_f64(),
+                n as f64 / t0.elapsed().as_secs_f64(),
+            )
+        };
+        let origin = iops(&*vol, &mut offsets.iter().copied());
+        pool.snapshot("seq", "seq@1").unwrap();
         pool.commit().unwrap();
-        committed.push(t0.elapsed());
-    }
-    let (snap1, snap1c) = (median(staged), median(committed));
-    drop(pool);
-    std::fs::remove_dir_all(&small_dir).unwrap();
+        let snap = pool.open_volume("seq@1", false).unwrap();
+        let cow = iops(&*snap, &mut offsets.iter().copied());
+        pool.snapshot("seq", "seq@2").unwrap();
+        pool.commit().unwrap();
+        let snap2 = pool.open_volume("seq@2", false).unwrap();
+        let cow_seq = iops(&*snap2, &mut (0..N).map(|i| i * 4096));
+        let data_used = pool.info().unwrap().data_used;
+        drop((vol, snap, snap2, pool));
 
-    // qemu-img overlays on a 1 GiB / 64 GiB base with all L2 tables allocated.
-    let qemu_create = |size: &str| {
-        let base = s.join(format!("base-{size}.qcow2"));
+        // qemu-img bench on a qcow2 overlay of a fully allocated base (the same 1 GiB).
+        let base = s.join("base.qcow2");
         run(Command::new("qemu-img")
-            .args([
-                "create",
-                "-q",
-                "-f",
-                "qcow2",
-                "-o",
-                "preallocation=metadata",
-            ])
-            .arg(&base)
-            .arg(size));
-        let mut v = Vec::new();
-        for i in 0..11 {
-            let ovl = s.join(format!("ovl-{size}-{i}.qcow2"));
-            v.push(timed(
-                Command::new("qemu-img")
-                    .args(["create", "-q", "-f", "qcow2", "-b"])
-                    .arg(&base)
-                    .args(["-F", "qcow2"])
-                    .arg(&ovl),
-            ));
+            .args(["convert", "-O", "qcow2"])
+            .arg(&plain_path)
+            .arg(&base));
+        let qbench = |cache: &str, extended: bool| -> f64 {
+            let ovl = s.join("bench-ovl.qcow2");
+            let mut c = Command::new("qemu-img");
+            c.args(["create", "-q", "-f", "qcow2", "-b"])
+                .arg(&base)
+                .args(["-F", "qcow2"]);
+            if extended {
+                c.args(["-o", "extended_l2=on"]);
+            }
+            run(c.arg(&ovl));
+            let out = run(Command::new("qemu-img")
+                .args([
+                    "bench", "-f", "qcow2", "-w", "-t", cache, "-s", "4k", "-d", "1", "-c",
+                ])
+                .arg(N.to_string())
+                .arg(&ovl));
             std::fs::remove_file(&ovl).unwrap();
-        }
+            let secs: f64 = out
+                .split("Run completed in ")
+                .nth(1)
+                .and_then(|r| r.split_whitespace().next())
+                .and_then(|x| x.parse().ok())
+                .unwrap_or_else(|| panic!("unexpected qemu-img bench output: {out}"));
+            N as f64 / secs
+        };
+        let q_wb = qbench("writeback", false);
+        let q_none = qbench("none", false);
+        let q_wb_x = qbench("writeback", true);
+        let q_none_x = qbench("none", true);
+        t.row(
+            "4 KiB random writes into the origin",
+            format!("{:.0} IOPS ({:.0} w/ flush)", origin.0, origin.1),
+            "-".into(),
+            "1 GiB fully mapped volume, chunks exclusive: in place".into(),
+        );
+        t.row(
+            "4 KiB random writes into a fresh snapshot",
+            format!("{:.0} IOPS ({:.0} w/ flush)", cow.0, cow.1),
+            format!("qcow2 overlay wb {q_wb:.0} / none {q_none:.0} IOPS"),
+            format!(
+                "{:.0}% of origin; qemu-img bench: sequential 4k, depth 1",
+                100.0 * cow.0 / origin.0
+            ),
+        );
+        t.row(
+            "4 KiB sequential writes into a fresh snapshot",
+            format!("{:.0} IOPS ({:.0} w/ flush)", cow_seq.0, cow_seq.1),
+            format!("extended_l2 wb {q_wb_x:.0} / none {q_none_x:.0} IOPS"),
+            format!(
+                "same pattern as qemu-img bench; pool data now {} MiB",
+                data_used / MIB
+            ),
+        );
+        std::fs::remove_dir_all(&seq_dir).unwrap();
         std::fs::remove_file(&base).unwrap();
-        median(v)
-    };
-    let q1 = qemu_create("1G");
-    let q64 = qemu_create("64G");
-
-    // cp --reflink=always on XFS (loop-mounted 8 GiB image).
-    let (r1, r64, r64_extents) = reflink_bench(s);
-    t.row(
-        "snapshot 1 GiB mapped (staged / +commit)",
-        format!("{} / {}", ms(snap1), ms(snap1c)),
-        format!("qemu-img create -b {} / reflink {}", ms(q1), ms(r1)),
-        "median of 25 (ours) / 11 (qemu, incl. process start) / 5 (cp)".into(),
-    );
-    t.row(
-        "snapshot 64 GiB mapped (staged / +commit)",
-        format!("{} / {}", ms(snap64), ms(snap64c)),
-        format!("qemu-img create -b {} / reflink {}", ms(q64), ms(r64)),
-        format!("reflink file: 64 GiB sparse, {r64_extents} allocated 64 KiB extents"),
-    );
-    t.row(
-        "pool open, 1 volume, 64 GiB mapped",
-        ms(open1),
-        "-".into(),
-        "median of 11; target < 20 ms".into(),
-    );
-    t.row(
-        "pool open, 1000 volumes, 64 GiB mapped",
-        ms(open1000),
-        "-".into(),
-        format!("list_volumes {}", ms(list)),
-    );
-
-    // ---- Sequential 1 MiB I/O vs plain pread/pwrite on the same disk. ----
-    let seq_dir = s.join("seq");
-    let pool = pool_at(&seq_dir, 4 * GIB);
-    pool.create_volume("seq", GIB).unwrap();
-    let vol = pool.open_volume("seq", false).unwrap();
-    let plain_path = s.join("plain.raw");
-    let plain = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(&plain_path)
-        .unwrap();
-    let mut buf = vec![0u8; MIB as usize];
-    Rng(7).fill(&mut buf);
-    let seq_write = |w: &dyn Fn(&[u8], u64), sync: &dyn Fn()| {
-        let t0 = Instant::now();
-        for i in 0..GIB / MIB {
-            w(&buf, i * MIB);
-        }
-        sync();
-        GIB as f64 / t0.elapsed().as_secs_f64() / MIB as f64
-    };
-    // Fresh (allocating) writes, then overwrites in the other order.
-    let plain_w = seq_write(&|b, o| plain.write_all_at(b, o).unwrap(), &|| {
-        plain.sync_data().unwrap()
-    });
-    let ours_w = seq_write(&|b, o| vol.write_at(b, o).unwrap(), &|| {
-        vol.flush().unwrap()
-    });
-    let ours_w2 = seq_write(&|b, o| vol.write_at(b, o).unwrap(), &|| {
-        vol.flush().unwrap()
-    });
-    let plain_w2 = seq_write(&|b, o| plain.write_all_at(b, o).unwrap(), &|| {
-        plain.sync_data().unwrap()
-    });
-    let mut rbuf = vec![0u8; MIB as usize];
-    let mut seq_read = |r: &mut dyn FnMut(&mut [u8], u64)| {
-        let t0 = Instant::now();
-        for i in 0..GIB / MIB {
-            r(&mut rbuf, i * MIB);
-        }
-        GIB as f64 / t0.elapsed().as_secs_f64() / MIB as f64
-    };
-    let plain_r = seq_read(&mut |b, o| plain.read_exact_at(b, o).unwrap());
-    let ours_r = seq_read(&mut |b, o| vol.read_at(b, o).unwrap());
-    let ours_r = ours_r.max(seq_read(&mut |b, o| vol.read_at(b, o).unwrap()));
-    let plain_r = plain_r.max(seq_read(&mut |b, o| plain.read_exact_at(b, o).unwrap()));
-    t.row(
-        "sequential 1 MiB write, fresh 1 GiB + flush",
-        format!("{ours_w:.0} MiB/s"),
-        format!("pwrite {plain_w:.0} MiB/s"),
-        format!("ratio {:.0}% (target >= 70%)", 100.0 * ours_w / plain_w),
-    );
-    t.row(
-        "sequential 1 MiB overwrite, 1 GiB + flush",
-        format!("{ours_w2:.0} MiB/s"),
-        format!("pwrite {plain_w2:.0} MiB/s"),
-        format!("ratio {:.0}%", 100.0 * ours_w2 / plain_w2),
-    );
-    t.row(
-        "sequential 1 MiB read, 1 GiB (page cache)",
-        format!("{ours_r:.0} MiB/s"),
-        format!("pread {plain_r:.0} MiB/s"),
-        format!("ratio {:.0}%, best of 2", 100.0 * ours_r / plain_r),
-    );
-
-    // ---- 4 KiB writes: into a fresh snapshot (copy-on-write) vs into the origin. ----
-    const N: u64 = 20_000;
-    let mut rng = Rng(99);
-    let offsets: Vec<u64> = (0..N).map(|_| rng.next() % (GIB / 4096) * 4096).collect();
-    let small = vec![0x5Au8; 4096];
-    // IOPS without and with the final flush (a pool commit: fdatasync + metadata).
-    let iops = |vol: &dyn storage::BlockDevice, offs: &mut dyn Iterator<Item = u64>| {
-        let t0 = Instant::now();
-        let mut n = 0;
-        for o in offs {
-            vol.write_at(&small, o).unwrap();
-            n += 1;
-        }
-        let writes = t0.elapsed();
-        vol.flush().unwrap();
-        (
-            n as f64 / writes.as_secs_f64(),
-            n as f64 / t0.elapsed().as_secs_f64(),
-        )
-    };
-    let origin = iops(&*vol, &mut offsets.iter().copied());
-    pool.snapshot("seq", "seq@1").unwrap();
-    pool.commit().unwrap();
-    let snap = pool.open_volume("seq@1", false).unwrap();
-    let cow = iops(&*snap, &mut offsets.iter().copied());
-    pool.snapshot("seq", "seq@2").unwrap();
-    pool.commit().unwrap();
-    let snap2 = pool.open_volume("seq@2", false).unwrap();
-    let cow_seq = iops(&*snap2, &mut (0..N).map(|i| i * 4096));
-    let data_used = pool.info().unwrap().data_used;
-    drop((vol, snap, snap2, pool));
-
-    // qemu-img bench on a qcow2 overlay of a fully allocated base (the same 1 GiB).
-    let base = s.join("base.qcow2");
-    run(Command::new("qemu-img")
-        .args(["convert", "-O", "qcow2"])
-        .arg(&plain_path)
-        .arg(&base));
-    let qbench = |cache: &str, extended: bool| -> f64 {
-        let ovl = s.join("bench-ovl.qcow2");
-        let mut c = Command::new("qemu-img");
-        c.args(["create", "-q", "-f", "qcow2", "-b"])
-            .arg(&base)
-            .args(["-F", "qcow2"]);
-        if extended {
-            c.args(["-o", "extended_l2=on"]);
-        }
-        run(c.arg(&ovl));
-        let out = run(Command::new("qemu-img")
-            .args([
-                "bench", "-f", "qcow2", "-w", "-t", cache, "-s", "4k", "-d", "1", "-c",
-            ])
-            .arg(N.to_string())
-            .arg(&ovl));
-        std::fs::remove_file(&ovl).unwrap();
-        let secs: f64 = out
-            .split("Run completed in ")
-            .nth(1)
-            .and_then(|r| r.split_whitespace().next())
-            .and_then(|x| x.parse().ok())
-            .unwrap_or_else(|| panic!("unexpected qemu-img bench output: {out}"));
-        N as f64 / secs
-    };
-    let q_wb = qbench("writeback", false);
-    let q_none = qbench("none", false);
-    let q_wb_x = qbench("writeback", true);
-    let q_none_x = qbench("none", true);
-    t.row(
-        "4 KiB random writes into the origin",
-        format!("{:.0} IOPS ({:.0} w/ flush)", origin.0, origin.1),
-        "-".into(),
-        "1 GiB fully mapped volume, chunks exclusive: in place".into(),
-    );
-    t.row(
-        "4 KiB random writes into a fresh snapshot",
-        format!("{:.0} IOPS ({:.0} w/ flush)", cow.0, cow.1),
-        format!("qcow2 overlay wb {q_wb:.0} / none {q_none:.0} IOPS"),
-        format!(
-            "{:.0}% of origin; qemu-img bench: sequential 4k, depth 1",
-            100.0 * cow.0 / origin.0
-        ),
-    );
-    t.row(
-        "4 KiB sequential writes into a fresh snapshot",
-        format!("{:.0} IOPS ({:.0} w/ flush)", cow_seq.0, cow_seq.1),
-        format!("extended_l2 wb {q_wb_x:.0} / none {q_none_x:.0} IOPS"),
-        format!(
-            "same pattern as qemu-img bench; pool data now {} MiB",
-            data_used / MIB
-        ),
-    );
-    std::fs::remove_dir_all(&seq_dir).unwrap();
-    std::fs::remove_file(&base).unwrap();
-    std::fs::remove_file(&plain_path).unwrap();
-
-    // ---- Import of a realistic 2 GiB image. ----
-    let img_path = s.join("image.raw");
-    {
-        let mut f = std::io::BufWriter::with_capacity(8 << 20, File::create(&img_path).unwrap());
-        let mut rng = Rng(12345);
-        let mut chunk = vec![0u8; CHUNK as usize];
-        let dups: Vec<Vec<u8>> = (0..16)
-            .map(|_| {
-                let mut c = vec![0u8; CHUNK as usize];
-                rng.fill(&mut c);
-                c
-            })
-            .collect();
-        for _ in 0..2 * GIB / CHUNK {
-            match rng.next() % 100 {
-                0..=29 => f.write_all(&[0u8; CHUNK as usize]).unwrap(),
-                30..=39 => f.write_all(&dups[(rng.next() % 16) as usize]).unwrap(),
-                _ => {
-                    rng.fill(&mut chunk);
-                    f.write_all(&chunk).unwrap();
+        std::fs::remove_file(&plain_path).unwrap();
+    }
+    if want("import") {
+        // ---- Import of a realistic 2 GiB image. ----
+        let img_path = s.join("image.raw");
+        {
+            let mut f =
+                std::io::BufWriter::with_capacity(8 << 20, File::create(&img_path).unwrap());
+            let mut rng = Rng(12345);
+            let mut chunk = vec![0u8; CHUNK as usize];
+            let dups: Vec<Vec<u8>> = (0..16)
+                .map(|_| {
+                    let mut c = vec![0u8; CHUNK as usize];
+                    rng.fill(&mut c);
+                    c
+                })
+                .collect();
+            for _ in 0..2 * GIB / CHUNK {
+                match rng.next() % 100 {
+                    0..=29 => f.write_all(&[0u8; CHUNK as usize]).unwrap(),
+                    30..=39 => f.write_all(&dups[(rng.next() % 16) as usize]).unwrap(),
+                    _ => {
+                        rng.fill(&mut chunk);
+                        f.write_all(&chunk).unwrap();
+                    }
                 }
             }
+            f.into_inner().unwrap().sync_all().unwrap();
         }
-        f.into_inner().unwrap().sync_all().unwrap();
-    }
-    let imp_dir = s.join("import");
-    let pool = pool_at(&imp_dir, 4 * GIB);
-    let mut img = File::open(&img_path).unwrap();
-    let t0 = Instant::now();
-    let st = pool
-        .import_volume(
-            "img",
-            &mut img,
-            2 * GIB,
-            &ImportOptions {
-                dedup: true,
-                dedup_against: None,
-            },
-        )
-        .unwrap();
-    let imp = t0.elapsed();
-    pool.commit().unwrap();
-    let imp_c = t0.elapsed();
-    let info = pool.info().unwrap();
-    let mapped = pool.volume("img").unwrap().mapped;
-    let b3 = {
-        let mut f = File::open(&img_path).unwrap();
-        let mut h = blake3::Hasher::new();
-        let mut b = vec![0u8; 32 << 20];
+        let imp_dir = s.join("import");
+        let pool = pool_at(&imp_dir, 4 * GIB);
+        let mut img = File::open(&img_path).unwrap();
         let t0 = Instant::now();
-        loop {
-            let n = f.read(&mut b).unwrap();
-            if n == 0 {
-                break;
+        let st = pool
+            .import_volume(
+                "img",
+                &mut img,
+                2 * GIB,
+                &ImportOptions {
+                    dedup: true,
+                    dedup_against: None,
+                },
+            )
+            .unwrap();
+        let imp = t0.elapsed();
+        pool.commit().unwrap();
+        let imp_c = t0.elapsed();
+        let info = pool.info().unwrap();
+        let mapped = pool.volume("img").unwrap().mapped;
+        let b3 = {
+            let mut f = File::open(&img_path).unwrap();
+            let mut h = blake3::Hasher::new();
+            let mut b = vec![0u8; 32 << 20];
+            let t0 = Instant::now();
+            loop {
+                let n = f.read(&mut b).unwrap();
+                if n == 0 {
+                    break;
+                }
+                h.update_rayon(&b[..n]);
             }
-            h.update_rayon(&b[..n]);
-        }
-        assert_eq!(h.finalize().to_hex().as_str(), st.fingerprint);
-        t0.elapsed()
-    };
-    t.row(
-        "import 2 GiB image (30% zero, 10% dup)",
-        format!("{:.2} GB/s", 2.0 * GIB as f64 / imp.as_secs_f64() / 1e9),
-        format!(
-            "blake3 alone {:.2} GB/s",
-            2.0 * GIB as f64 / b3.as_secs_f64() / 1e9
-        ),
-        format!(
-            "+commit (fdatasync) {:.2} GB/s; {} zero, {} dedup, {} written chunks",
-            2.0 * GIB as f64 / imp_c.as_secs_f64() / 1e9,
-            st.zero_chunks,
-            st.dedup_chunks,
-            st.written_chunks
-        ),
-    );
-    t.row(
-        "metadata bytes per mapped data",
-        format!("{:.4}%", 100.0 * info.metadata_used as f64 / mapped as f64),
-        "-".into(),
-        format!(
-            "{} KiB metadata for {} MiB mapped (target <= 0.1%)",
-            info.metadata_used >> 10,
-            mapped / MIB
-        ),
-    );
-    t.row(
-        "map 64 GiB (import of a repeated pattern)",
-        format!("{:.1} s", import64.as_secs_f64()),
-        "-".into(),
-        "setup for the 64 GiB rows; blake3 fingerprint over all 64 GiB".into(),
-    );
-    drop(pool);
+            assert_eq!(h.finalize().to_hex().as_str(), st.fingerprint);
+            t0.elapsed()
+        };
+        t.row(
+            "import 2 GiB image (30% zero, 10% dup)",
+            format!("{:.2} GB/s", 2.0 * GIB as f64 / imp.as_secs_f64() / 1e9),
+            format!(
+                "blake3 alone {:.2} GB/s",
+                2.0 * GIB as f64 / b3.as_secs_f64() / 1e9
+            ),
+            format!(
+                "+commit (fdatasync) {:.2} GB/s; {} zero, {} dedup, {} written chunks",
+                2.0 * GIB as f64 / imp_c.as_secs_f64() / 1e9,
+                st.zero_chunks,
+                st.dedup_chunks,
+                st.written_chunks
+            ),
+        );
+        t.row(
+            "metadata bytes per mapped data",
+            format!("{:.4}%", 100.0 * info.metadata_used as f64 / mapped as f64),
+            "-".into(),
+            format!(
+                "{} KiB metadata for {} MiB mapped (target <= 0.1%)",
+                info.metadata_used >> 10,
+                mapped / MIB
+            ),
+        );
+        drop(pool);
+    }
     t.print();
     println!(
         "\ntotal benchmark time {:.0} s",
