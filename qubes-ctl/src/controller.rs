@@ -299,13 +299,13 @@ impl Controller {
         let built = template_builder::build(&recipe_obj, &opts)?;
         let tname = name.unwrap_or_else(|| built.name.clone());
         storage::validate_name("template", &tname)?;
-        if let Ok(old) = self.catalogue().template(&tname) {
-            if let Some(old) = old {
-                if old.fingerprint == built.fingerprint && self.vols.qube(&tname).is_ok() {
-                    let mut v = self.template_info(&tname)?;
-                    v["unchanged"] = json!(true);
-                    return Ok(v);
-                }
+        // A rebuild that produced the same image changes nothing (no new revision).
+        if let Ok(Some(old)) = self.catalogue().template(&tname) {
+            if old.fingerprint == built.fingerprint && self.vols.qube(&tname).is_ok() {
+                let mut v = self.template_info(&tname)?;
+                v["unchanged"] = json!(true);
+                v["cache_hit"] = json!(built.cache_hit);
+                return Ok(v);
             }
         }
         let rec = TemplateRecord {
@@ -678,8 +678,8 @@ impl Controller {
             });
         }
         let socket = self.paths.nbd_socket(name);
-        Ok(blkback::NbdServer::bind_unix(&socket, exports)
-            .with_context(|| format!("serving {name}'s volumes on {}", socket.display()))?)
+        blkback::NbdServer::bind_unix(&socket, exports)
+            .with_context(|| format!("serving {name}'s volumes on {}", socket.display()))
     }
 
     fn domain_spec(
