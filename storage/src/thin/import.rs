@@ -296,7 +296,17 @@ impl ThinPool {
                 }
             }
         }
-        runs.par_iter().try_for_each(|&(i, c, len)| {
+        // Pieces of at most 2 MiB, so the copies into the page cache use every core.
+        let per = ((2 << 20) / cs as usize).max(1);
+        let pieces: Vec<(usize, Chunk, usize)> = runs
+            .iter()
+            .flat_map(|&(i, c, len)| {
+                (0..len)
+                    .step_by(per)
+                    .map(move |k| (i + k, Chunk(c.0 + k as u64), per.min(len - k)))
+            })
+            .collect();
+        pieces.par_iter().try_for_each(|&(i, c, len)| {
             let from = i * cs as usize;
             self.data
                 .write_at(&bytes[from..from + len * cs as usize], c.offset(cs))
