@@ -19,7 +19,7 @@
 //!   (as the legacy xen_disk did); see the crate report.
 //! - `cmdline` is written as `cmdline =` (xl.cfg(5): preferred over root/extra, which
 //!   it overrides). PV and PVH get `console=hvc0` unless the command line names one.
-//! - [`XenDiskMode::KernelNbd`] (opt-in, `QUBES_XEN_DISKS=kernel-nbd`) avoids that
+//! - [`XenDiskMode::KernelNbd`] (the default; `QUBES_XEN_DISKS=qdisk` opts out) avoids that
 //!   caveat: dom0's kernel NBD client attaches each export to a `/dev/nbdN`
 //!   (`qemu-nbd --connect`, recorded in `run_dir/nbd-devices`) and the domain gets
 //!   `backendtype=phy` disks; the devices are detached after shutdown/kill.
@@ -71,11 +71,14 @@ impl Default for Xen {
 
 impl Xen {
     /// `QUBES_XL` overrides the `xl` binary (tests use a stand-in script).
-    /// `QUBES_XEN_DISKS=kernel-nbd` selects [`XenDiskMode::KernelNbd`].
+    /// Disks default to [`XenDiskMode::KernelNbd`]; `QUBES_XEN_DISKS=qdisk` selects
+    /// [`XenDiskMode::Qdisk`] (for a QEMU whose qdisk accepts NBD targets).
     pub fn new() -> Self {
+        // Stock QEMU's xen-block opens qdisk targets only as files, so the kernel NBD
+        // client (which works with stock Xen and QEMU) is the default.
         let disk_mode = match std::env::var("QUBES_XEN_DISKS").ok().as_deref() {
-            Some("kernel-nbd") => XenDiskMode::KernelNbd,
-            _ => XenDiskMode::Qdisk,
+            Some("qdisk") => XenDiskMode::Qdisk,
+            _ => XenDiskMode::KernelNbd,
         };
         Xen {
             xl: std::env::var("QUBES_XL").unwrap_or_else(|_| "xl".into()),

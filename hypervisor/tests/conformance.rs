@@ -7,7 +7,7 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use hypervisor::{Accel, DomainSpec, NoneHv, Qemu, VirtMode, Xen};
+use hypervisor::{Accel, DomainSpec, NoneHv, Qemu, VirtMode, Xen, XenDiskMode};
 
 fn plain_spec(name: &str, root: &std::path::Path) -> DomainSpec {
     DomainSpec {
@@ -40,7 +40,7 @@ fn none_keeps_the_contract() {
 fn xen_keeps_the_contract_against_a_stand_in_xl() {
     let tmp = tempfile::tempdir().unwrap();
     let xl = fake_xl(tmp.path());
-    let hv = Xen::with_xl(xl.to_string_lossy());
+    let hv = Xen::with_xl(xl.to_string_lossy()).with_disk_mode(XenDiskMode::Qdisk);
     lifecycle_contract(
         &hv,
         &plain_spec("c-xen", tmp.path()),

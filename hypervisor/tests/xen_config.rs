@@ -168,7 +168,7 @@ fn libxlutil_rejects_what_xl_would_reject() {
 fn start_writes_the_config_and_drives_xl() {
     let tmp = tempfile::tempdir().unwrap();
     let xl = fake_xl(tmp.path());
-    let hv = Xen::with_xl(xl.to_string_lossy());
+    let hv = Xen::with_xl(xl.to_string_lossy()).with_disk_mode(XenDiskMode::Qdisk);
     let run_dir = tmp.path().join("work-1");
     let s = spec(VirtMode::Pvh, &run_dir, "/run/qubes/work-1/nbd.sock");
     assert_eq!(hv.state("work-1", &run_dir).unwrap(), DomainState::Halted);
