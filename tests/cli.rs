@@ -22,7 +22,12 @@ fn export(ctl: &Ctl, vol: &str) -> Vec<u8> {
 }
 
 fn revisions(v: &Value) -> Vec<String> {
-    v["revisions"].as_array().unwrap().iter().map(|r| r["id"].as_str().unwrap().to_string()).collect()
+    v["revisions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["id"].as_str().unwrap().to_string())
+        .collect()
 }
 
 /// qemu-io against an NBD URI: runs the given commands, asserts success.
@@ -35,15 +40,27 @@ fn qemu_io(uri: &str, cmds: &[&str]) -> String {
     c.arg(uri);
     let out = c.output().expect("qemu-io (install qemu-utils)");
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(out.status.success(), "qemu-io {cmds:?} on {uri}: {stdout}{}", String::from_utf8_lossy(&out.stderr));
-    assert!(!stdout.contains("Pattern verification failed"), "qemu-io {cmds:?}: {stdout}");
+    assert!(
+        out.status.success(),
+        "qemu-io {cmds:?} on {uri}: {stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        !stdout.contains("Pattern verification failed"),
+        "qemu-io {cmds:?}: {stdout}"
+    );
     assert!(!stdout.contains("failed"), "qemu-io {cmds:?}: {stdout}");
     stdout
 }
 
 fn state_of(ctl: &Ctl, qube: &str) -> String {
     let list = ctl.json(&["qube", "list"]);
-    let q = list.as_array().unwrap().iter().find(|q| q["name"] == qube).unwrap_or_else(|| panic!("{qube} not in {list}"));
+    let q = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|q| q["name"] == qube)
+        .unwrap_or_else(|| panic!("{qube} not in {list}"));
     q["state"].as_str().unwrap().to_string()
 }
 
@@ -75,12 +92,22 @@ fn pool_templates_qubes_and_volumes_end_to_end() {
     // A template from a raw image.
     let img = ctl.root.join("tpl.img");
     let tpl_data = write_image(&img, 1, 8 * MIB as usize);
-    let t = ctl.json(&["template", "create", "tpl", "--from-image", img.to_str().unwrap()]);
+    let t = ctl.json(&[
+        "template",
+        "create",
+        "tpl",
+        "--from-image",
+        img.to_str().unwrap(),
+    ]);
     assert_eq!(t["name"], "tpl");
     let list = ctl.json(&["template", "list"]);
     assert_eq!(list.as_array().unwrap().len(), 1);
     let root_export = export(&ctl, "tpl:root");
-    assert_eq!(&root_export[..tpl_data.len()], &tpl_data[..], "template root holds the image");
+    assert_eq!(
+        &root_export[..tpl_data.len()],
+        &tpl_data[..],
+        "template root holds the image"
+    );
     assert!(root_export[tpl_data.len()..].iter().all(|&b| b == 0));
 
     // Name validation.
@@ -92,12 +119,27 @@ fn pool_templates_qubes_and_volumes_end_to_end() {
     assert!(err.contains("nosuch"), "{err}");
 
     // An AppVM on it.
-    let q = ctl.json(&["qube", "create", "work", "--class", "AppVM", "--template", "tpl", "--label", "blue"]);
+    let q = ctl.json(&[
+        "qube",
+        "create",
+        "work",
+        "--class",
+        "AppVM",
+        "--template",
+        "tpl",
+        "--label",
+        "blue",
+    ]);
     assert_eq!(q["class"], "AppVM");
     assert_eq!(q["label"], "blue");
     assert_eq!(q["state"], "halted");
     let vols = ctl.json(&["volume", "list", "work"]);
-    let names: Vec<&str> = vols.as_array().unwrap().iter().map(|v| v["name"].as_str().unwrap()).collect();
+    let names: Vec<&str> = vols
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["name"].as_str().unwrap())
+        .collect();
     assert_eq!(names, ["root", "private", "volatile"]);
     assert_eq!(vols[0]["config"]["source"], "tpl:root");
     assert_eq!(vols[1]["size"], 2u64 << 30, "Qubes' default private size");
@@ -107,7 +149,10 @@ fn pool_templates_qubes_and_volumes_end_to_end() {
     let err = ctl.fails(&["volume", "resize", "work:private", "64M"]);
     assert!(err.contains("allow-shrink"), "{err}");
     ctl.ok(&["volume", "resize", "work:private", "64M", "--allow-shrink"]);
-    assert_eq!(ctl.json(&["volume", "info", "work:private"])["size"], 64 * MIB);
+    assert_eq!(
+        ctl.json(&["volume", "info", "work:private"])["size"],
+        64 * MIB
+    );
 
     let a = ctl.root.join("a.img");
     let a_data = write_image(&a, 2, 64 * MIB as usize);
@@ -119,25 +164,46 @@ fn pool_templates_qubes_and_volumes_end_to_end() {
     ctl.ok(&["volume", "import", "work:private", b.to_str().unwrap()]);
     assert_eq!(export(&ctl, "work:private"), b_data);
     let info = ctl.json(&["volume", "info", "work:private"]);
-    assert!(!revisions(&info).is_empty(), "import keeps the old head as a revision: {info}");
+    assert!(
+        !revisions(&info).is_empty(),
+        "import keeps the old head as a revision: {info}"
+    );
     ctl.ok(&["volume", "revert", "work:private"]);
-    assert_eq!(export(&ctl, "work:private"), a_data, "revert restores the previous contents byte for byte");
+    assert_eq!(
+        export(&ctl, "work:private"),
+        a_data,
+        "revert restores the previous contents byte for byte"
+    );
     // The revert itself can be undone: the head it replaced is a revision now.
     ctl.ok(&["volume", "revert", "work:private"]);
-    assert_eq!(export(&ctl, "work:private"), b_data, "a revert can be undone");
+    assert_eq!(
+        export(&ctl, "work:private"),
+        b_data,
+        "a revert can be undone"
+    );
     // Import from stdin.
     let out = ctl
         .cmd(&["volume", "import", "work:private", "-"])
         .stdin(std::fs::File::open(&a).unwrap())
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert_eq!(export(&ctl, "work:private"), a_data);
     // revisions_to_keep 0 keeps none after the next commit.
     ctl.ok(&["volume", "config", "work:private", "revisions_to_keep", "0"]);
     ctl.ok(&["volume", "import", "work:private", b.to_str().unwrap()]);
     assert!(revisions(&ctl.json(&["volume", "info", "work:private"])).is_empty());
-    let err = ctl.fails(&["volume", "config", "work:private", "revisions_to_keep", "many"]);
+    let err = ctl.fails(&[
+        "volume",
+        "config",
+        "work:private",
+        "revisions_to_keep",
+        "many",
+    ]);
     assert!(err.contains("revisions_to_keep"), "{err}");
     let err = ctl.fails(&["volume", "info", "work:nosuch"]);
     assert!(err.contains("nosuch"), "{err}");
@@ -150,11 +216,19 @@ fn pool_templates_qubes_and_volumes_end_to_end() {
     assert_eq!(started["state"], "running");
     let priv_uri = uri_of(&started, "private");
     let root_uri = uri_of(&started, "root");
-    assert!(priv_uri.starts_with("nbd+unix:///work/private?socket="), "{priv_uri}");
-    assert_eq!(ctl.json(&["volume", "info", "work:private"])["nbd_uri"], priv_uri.as_str());
+    assert!(
+        priv_uri.starts_with("nbd+unix:///work/private?socket="),
+        "{priv_uri}"
+    );
+    assert_eq!(
+        ctl.json(&["volume", "info", "work:private"])["nbd_uri"],
+        priv_uri.as_str()
+    );
     assert_eq!(state_of(&ctl, "work"), "running");
     // Revert/import/remove of a running qube are refused.
-    assert!(ctl.fails(&["volume", "revert", "work:private"]).contains("shut it down"));
+    assert!(ctl
+        .fails(&["volume", "revert", "work:private"])
+        .contains("shut it down"));
     assert!(ctl.fails(&["qube", "remove", "work"]).contains("running"));
     // The AppVM's root is the template's, writable, and its writes vanish at stop.
     qemu_io(&root_uri, &["write -P 0x5a 0 64k", "flush"]);
@@ -164,12 +238,25 @@ fn pool_templates_qubes_and_volumes_end_to_end() {
     ctl.ok(&["qube", "shutdown", "work"]);
     assert_eq!(state_of(&ctl, "work"), "halted");
     let p = export(&ctl, "work:private");
-    assert!(p[MIB as usize..2 * MIB as usize].iter().all(|&x| x == 0x77), "private writes are committed at stop");
-    assert_eq!(&export(&ctl, "tpl:root")[..tpl_data.len()], &tpl_data[..], "the template root is untouched");
+    assert!(
+        p[MIB as usize..2 * MIB as usize].iter().all(|&x| x == 0x77),
+        "private writes are committed at stop"
+    );
+    assert_eq!(
+        &export(&ctl, "tpl:root")[..tpl_data.len()],
+        &tpl_data[..],
+        "the template root is untouched"
+    );
     let started = ctl.json(&["qube", "start", "work", "--hypervisor", "none"]);
     let got = qemu_io(&uri_of(&started, "root"), &["read -v 0 16"]);
-    assert!(!got.contains("5a 5a"), "root writes are discarded at stop: {got}");
-    qemu_io(&uri_of(&started, "private"), &["read -P 0x77 1M 1M", "write -P 0x88 1M 1M", "flush"]);
+    assert!(
+        !got.contains("5a 5a"),
+        "root writes are discarded at stop: {got}"
+    );
+    qemu_io(
+        &uri_of(&started, "private"),
+        &["read -P 0x77 1M 1M", "write -P 0x88 1M 1M", "flush"],
+    );
     ctl.ok(&["qube", "shutdown", "work"]);
     let p = export(&ctl, "work:private");
     assert!(p[MIB as usize..2 * MIB as usize].iter().all(|&x| x == 0x88));
@@ -180,22 +267,51 @@ fn pool_templates_qubes_and_volumes_end_to_end() {
 
     // Prefs.
     ctl.ok(&["qube", "prefs", "work", "memory", "800"]);
-    assert_eq!(ctl.json(&["qube", "prefs", "work", "memory"])["memory"], "800");
-    assert!(ctl.fails(&["qube", "prefs", "work", "label", "pink"]).contains("label"));
-    assert!(ctl.fails(&["qube", "prefs", "work", "colour", "x"]).contains("unknown property"));
+    assert_eq!(
+        ctl.json(&["qube", "prefs", "work", "memory"])["memory"],
+        "800"
+    );
+    assert!(ctl
+        .fails(&["qube", "prefs", "work", "label", "pink"])
+        .contains("label"));
+    assert!(ctl
+        .fails(&["qube", "prefs", "work", "colour", "x"])
+        .contains("unknown property"));
 
     // Clone, StandaloneVM, DispVM.
     ctl.ok(&["qube", "clone", "work", "work2"]);
     assert_eq!(export(&ctl, "work2:private"), export(&ctl, "work:private"));
-    ctl.ok(&["qube", "create", "sa", "--class", "StandaloneVM", "--template", "tpl"]);
+    ctl.ok(&[
+        "qube",
+        "create",
+        "sa",
+        "--class",
+        "StandaloneVM",
+        "--template",
+        "tpl",
+    ]);
     ctl.ok(&["qube", "prefs", "work", "template_for_dispvms", "true"]);
-    ctl.ok(&["qube", "create", "disp1", "--class", "DispVM", "--template", "work"]);
+    ctl.ok(&[
+        "qube",
+        "create",
+        "disp1",
+        "--class",
+        "DispVM",
+        "--template",
+        "work",
+    ]);
     let started = ctl.json(&["qube", "start", "disp1", "--hypervisor", "none"]);
-    qemu_io(&uri_of(&started, "private"), &["write -P 0x33 0 64k", "flush"]);
+    qemu_io(
+        &uri_of(&started, "private"),
+        &["write -P 0x33 0 64k", "flush"],
+    );
     ctl.ok(&["qube", "shutdown", "disp1"]);
     let started = ctl.json(&["qube", "start", "disp1", "--hypervisor", "none"]);
     let got = qemu_io(&uri_of(&started, "private"), &["read -v 0 16"]);
-    assert!(!got.contains("33 33 33 33"), "nothing a DispVM writes survives: {got}");
+    assert!(
+        !got.contains("33 33 33 33"),
+        "nothing a DispVM writes survives: {got}"
+    );
     ctl.ok(&["qube", "shutdown", "disp1"]);
 
     // A template in use cannot go; the error names the users.

@@ -12,7 +12,12 @@ use e2e_tests::{pattern, Ctl};
 use serde_json::Value;
 
 fn uri_of(started: &Value, vol: &str) -> String {
-    started["volumes"].as_array().unwrap().iter().find(|v| v["volume"] == vol).unwrap()["nbd_uri"]
+    started["volumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["volume"] == vol)
+        .unwrap()["nbd_uri"]
         .as_str()
         .unwrap()
         .to_string()
@@ -38,7 +43,13 @@ fn setup() -> Ctl {
     ctl.ok(&["pool", "init", "--size", "4G"]);
     let img = ctl.root.join("tpl.img");
     std::fs::write(&img, pattern(9, 4 << 20)).unwrap();
-    ctl.ok(&["template", "create", "tpl", "--from-image", img.to_str().unwrap()]);
+    ctl.ok(&[
+        "template",
+        "create",
+        "tpl",
+        "--from-image",
+        img.to_str().unwrap(),
+    ]);
     ctl.ok(&["qube", "create", "work", "--template", "tpl"]);
     ctl.ok(&["qube", "create", "other", "--template", "tpl"]);
     ctl.ok(&["volume", "resize", "work:private", "64M", "--allow-shrink"]);
@@ -54,28 +65,54 @@ fn exports_are_private_to_their_qube_and_work_with_real_clients() {
     let mode = std::fs::metadata(&sock).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o600, "qube sockets are 0600");
     let admin = ctl.root.join("run/admin.sock");
-    assert_eq!(std::fs::metadata(&admin).unwrap().permissions().mode() & 0o777, 0o600);
+    assert_eq!(
+        std::fs::metadata(&admin).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
 
     // nbdinfo --list shows exactly this qube's volumes.
-    let list = run(Command::new("nbdinfo").args(["--list", "--json", &format!("nbd+unix:///?socket={sock}")]));
+    let list = run(Command::new("nbdinfo").args([
+        "--list",
+        "--json",
+        &format!("nbd+unix:///?socket={sock}"),
+    ]));
     let list: Value = serde_json::from_str(&list).unwrap();
-    let mut names: Vec<String> =
-        list["exports"].as_array().unwrap().iter().map(|e| e["export-name"].as_str().unwrap().to_string()).collect();
+    let mut names: Vec<String> = list["exports"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["export-name"].as_str().unwrap().to_string())
+        .collect();
     names.sort();
     assert_eq!(names, ["work/private", "work/root", "work/volatile"]);
     // Another qube's export name on this socket: refused.
-    let out = Command::new("nbdinfo").arg(format!("nbd+unix:///other/private?socket={sock}")).output().unwrap();
-    assert!(!out.status.success(), "work's socket served other's private volume");
+    let out = Command::new("nbdinfo")
+        .arg(format!("nbd+unix:///other/private?socket={sock}"))
+        .output()
+        .unwrap();
+    assert!(
+        !out.status.success(),
+        "work's socket served other's private volume"
+    );
     assert_ne!(socket_of(&uri_of(&other, "private")), sock);
 
     // qemu-img convert into the export and back, compare.
     let src = ctl.root.join("src.img");
     std::fs::write(&src, pattern(5, 64 << 20)).unwrap();
     let uri = uri_of(&work, "private");
-    run(Command::new("qemu-img").args(["convert", "-n", "-f", "raw", "-O", "raw"]).arg(&src).arg(&uri));
-    run(Command::new("qemu-img").args(["compare", "-f", "raw", "-F", "raw"]).arg(&src).arg(&uri));
+    run(Command::new("qemu-img")
+        .args(["convert", "-n", "-f", "raw", "-O", "raw"])
+        .arg(&src)
+        .arg(&uri));
+    run(Command::new("qemu-img")
+        .args(["compare", "-f", "raw", "-F", "raw"])
+        .arg(&src)
+        .arg(&uri));
     let back = ctl.root.join("back.img");
-    run(Command::new("qemu-img").args(["convert", "-f", "raw", "-O", "raw"]).arg(&uri).arg(&back));
+    run(Command::new("qemu-img")
+        .args(["convert", "-f", "raw", "-O", "raw"])
+        .arg(&uri)
+        .arg(&back));
     assert_eq!(std::fs::read(&back).unwrap(), std::fs::read(&src).unwrap());
     // Holes show in the map of the (thin, mostly empty) volatile volume.
     let map = run(Command::new("nbdinfo").args(["--map", &uri_of(&work, "volatile")]));
@@ -83,7 +120,10 @@ fn exports_are_private_to_their_qube_and_work_with_real_clients() {
 
     ctl.ok(&["qube", "shutdown", "work"]);
     ctl.ok(&["qube", "shutdown", "other"]);
-    assert!(!std::path::Path::new(&sock).exists(), "the socket goes with the qube");
+    assert!(
+        !std::path::Path::new(&sock).exists(),
+        "the socket goes with the qube"
+    );
     // Committed at shutdown.
     let out = ctl.root.join("out.img");
     ctl.ok(&["volume", "export", "work:private", out.to_str().unwrap()]);
@@ -98,18 +138,29 @@ fn sigkill_of_the_daemon_keeps_flushed_writes_and_serves_again() {
     let uri = uri_of(&work, "private");
     let sock = socket_of(&uri);
     // Acknowledged by a flush: must survive.
-    run(Command::new("qemu-io").args(["-f", "raw", "-c", "write -P 0xa1 0 4M", "-c", "flush"]).arg(&uri));
+    run(Command::new("qemu-io")
+        .args(["-f", "raw", "-c", "write -P 0xa1 0 4M", "-c", "flush"])
+        .arg(&uri));
     // A writer hammering the volatile volume while the daemon dies.
     let mut writer = Command::new("qemu-io")
         .args(["-f", "raw"])
-        .args((0..200).flat_map(|i| ["-c".to_string(), format!("write -P 0x{:02x} {}M 1M", i % 250 + 1, i % 60)]))
+        .args((0..200).flat_map(|i| {
+            [
+                "-c".to_string(),
+                format!("write -P 0x{:02x} {}M 1M", i % 250 + 1, i % 60),
+            ]
+        }))
         .arg(uri_of(&work, "volatile"))
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
     std::thread::sleep(Duration::from_millis(300));
-    let pid: i32 = std::fs::read_to_string(ctl.root.join("run/daemon.pid")).unwrap().trim().parse().unwrap();
+    let pid: i32 = std::fs::read_to_string(ctl.root.join("run/daemon.pid"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
     // SAFETY: plain kill(2) on a pid we read from the daemon's pid file.
     assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
     let _ = writer.wait();
@@ -124,11 +175,16 @@ fn sigkill_of_the_daemon_keeps_flushed_writes_and_serves_again() {
     // A new daemon serves the exports again at the same socket path.
     ctl.ok(&["daemon", "start"]);
     assert!(std::path::Path::new(&sock).exists());
-    run(Command::new("qemu-io").args(["-f", "raw", "-c", "read -P 0xa1 0 4M"]).arg(&uri));
+    run(Command::new("qemu-io")
+        .args(["-f", "raw", "-c", "read -P 0xa1 0 4M"])
+        .arg(&uri));
     ctl.ok(&["qube", "shutdown", "work"]);
     let out = ctl.root.join("out.img");
     ctl.ok(&["volume", "export", "work:private", out.to_str().unwrap()]);
     let data = std::fs::read(&out).unwrap();
-    assert!(data[..4 << 20].iter().all(|&b| b == 0xa1), "flushed writes are committed at the next stop");
+    assert!(
+        data[..4 << 20].iter().all(|&b| b == 0xa1),
+        "flushed writes are committed at the next stop"
+    );
     assert_eq!(ctl.json(&["pool", "verify"])["clean"], true);
 }

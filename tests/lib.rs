@@ -33,12 +33,21 @@ pub struct Ctl {
 impl Ctl {
     /// A new root in a temporary directory (short path: unix socket paths are limited).
     pub fn new() -> Ctl {
-        let tmp = tempfile::Builder::new().prefix("qc").tempdir_in("/tmp").expect("tempdir");
-        Ctl { root: tmp.path().to_path_buf(), _tmp: Some(tmp) }
+        let tmp = tempfile::Builder::new()
+            .prefix("qc")
+            .tempdir_in("/tmp")
+            .expect("tempdir");
+        Ctl {
+            root: tmp.path().to_path_buf(),
+            _tmp: Some(tmp),
+        }
     }
 
     pub fn at(root: &Path) -> Ctl {
-        Ctl { root: root.to_path_buf(), _tmp: None }
+        Ctl {
+            root: root.to_path_buf(),
+            _tmp: None,
+        }
     }
 
     pub fn cmd(&self, args: &[&str]) -> Command {
@@ -49,7 +58,10 @@ impl Ctl {
     }
 
     pub fn output(&self, args: &[&str]) -> Output {
-        self.cmd(args).stdin(Stdio::null()).output().expect("running qubes-ctl")
+        self.cmd(args)
+            .stdin(Stdio::null())
+            .output()
+            .expect("running qubes-ctl")
     }
 
     /// Runs a command that must succeed; returns stdout.
@@ -70,7 +82,8 @@ impl Ctl {
         let mut a = vec!["--format", "json"];
         a.extend_from_slice(args);
         let s = self.ok(&a);
-        serde_json::from_str(&s).unwrap_or_else(|e| panic!("qubes-ctl {args:?}: bad JSON ({e}): {s}"))
+        serde_json::from_str(&s)
+            .unwrap_or_else(|e| panic!("qubes-ctl {args:?}: bad JSON ({e}): {s}"))
     }
 
     /// Runs a command that must fail; returns stderr.
@@ -101,7 +114,10 @@ impl Drop for Ctl {
         if self._tmp.is_some() {
             self.stop_daemon();
             // Kill any QEMU left behind by a failed test.
-            let _ = Command::new("pkill").arg("-f").arg(self.root.to_string_lossy().as_ref()).status();
+            let _ = Command::new("pkill")
+                .arg("-f")
+                .arg(self.root.to_string_lossy().as_ref())
+                .status();
         }
     }
 }
@@ -127,7 +143,9 @@ pub fn apt_mirror() -> Option<String> {
         files.extend(rd.flatten().map(|e| e.path()));
     }
     for f in files {
-        let Ok(text) = std::fs::read_to_string(&f) else { continue };
+        let Ok(text) = std::fs::read_to_string(&f) else {
+            continue;
+        };
         for line in text.lines() {
             let line = line.trim();
             let uri = if let Some(rest) = line.strip_prefix("URIs:") {

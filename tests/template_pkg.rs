@@ -15,7 +15,13 @@ fn export_import_round_trip_and_tamper_refusal() {
     let dup = data[8 << 20..9 << 20].to_vec();
     data[12 << 20..13 << 20].copy_from_slice(&dup);
     std::fs::write(&img, &data).unwrap();
-    ctl.ok(&["template", "create", "tpl", "--from-image", img.to_str().unwrap()]);
+    ctl.ok(&[
+        "template",
+        "create",
+        "tpl",
+        "--from-image",
+        img.to_str().unwrap(),
+    ]);
     let info = ctl.json(&["template", "info", "tpl"]);
     let fp = info["fingerprint"].as_str().unwrap().to_string();
     assert_eq!(fp.len(), 64, "{info}");
@@ -23,7 +29,10 @@ fn export_import_round_trip_and_tamper_refusal() {
     let pkg = ctl.root.join("tpl.qtpl");
     ctl.ok(&["template", "export", "tpl", pkg.to_str().unwrap()]);
     let size = std::fs::metadata(&pkg).unwrap().len();
-    assert!(size < data.len() as u64, "the package is compressed and deduplicated ({size} bytes)");
+    assert!(
+        size < data.len() as u64,
+        "the package is compressed and deduplicated ({size} bytes)"
+    );
 
     // Tampered copies are refused and leave the pool as it was.
     let bytes = std::fs::read(&pkg).unwrap();
@@ -33,18 +42,42 @@ fn export_import_round_trip_and_tamper_refusal() {
         bad[pos] ^= 0x01;
         let bad_path = ctl.root.join("bad.qtpl");
         std::fs::write(&bad_path, &bad).unwrap();
-        let err = ctl.fails(&["template", "import", bad_path.to_str().unwrap(), "--name", "evil"]);
-        assert!(!err.is_empty(), "a flipped byte at {pos} must be refused with a message");
+        let err = ctl.fails(&[
+            "template",
+            "import",
+            bad_path.to_str().unwrap(),
+            "--name",
+            "evil",
+        ]);
+        assert!(
+            !err.is_empty(),
+            "a flipped byte at {pos} must be refused with a message"
+        );
         assert!(ctl.fails(&["template", "info", "evil"]).contains("evil"));
     }
     let truncated = ctl.root.join("trunc.qtpl");
     std::fs::write(&truncated, &bytes[..bytes.len() / 2]).unwrap();
-    ctl.fails(&["template", "import", truncated.to_str().unwrap(), "--name", "evil"]);
+    ctl.fails(&[
+        "template",
+        "import",
+        truncated.to_str().unwrap(),
+        "--name",
+        "evil",
+    ]);
     let after = ctl.json(&["pool", "info"]);
-    assert_eq!(before["data_used"], after["data_used"], "refused imports leave the pool untouched");
+    assert_eq!(
+        before["data_used"], after["data_used"],
+        "refused imports leave the pool untouched"
+    );
     assert_eq!(before["volumes"], after["volumes"]);
 
-    ctl.ok(&["template", "import", pkg.to_str().unwrap(), "--name", "copy"]);
+    ctl.ok(&[
+        "template",
+        "import",
+        pkg.to_str().unwrap(),
+        "--name",
+        "copy",
+    ]);
     let copy = ctl.json(&["template", "info", "copy"]);
     assert_eq!(copy["fingerprint"], fp.as_str(), "{copy}");
     let out = ctl.root.join("copy.img");

@@ -68,12 +68,21 @@ fn console_path(ctl: &Ctl, qube: &str) -> PathBuf {
 }
 
 fn console(ctl: &Ctl, qube: &str) -> String {
-    std::fs::read(console_path(ctl, qube)).map(|b| String::from_utf8_lossy(&b).into_owned()).unwrap_or_default()
+    std::fs::read(console_path(ctl, qube))
+        .map(|b| String::from_utf8_lossy(&b).into_owned())
+        .unwrap_or_default()
 }
 
 fn state(ctl: &Ctl, qube: &str) -> String {
     let list = ctl.json(&["qube", "list"]);
-    list.as_array().unwrap().iter().find(|q| q["name"] == qube).unwrap()["state"].as_str().unwrap().to_string()
+    list.as_array()
+        .unwrap()
+        .iter()
+        .find(|q| q["name"] == qube)
+        .unwrap()["state"]
+        .as_str()
+        .unwrap()
+        .to_string()
 }
 
 fn wait_for<F: FnMut() -> bool>(what: &str, timeout: Duration, mut f: F) {
@@ -94,15 +103,23 @@ fn boot(ctl: &Ctl, qube: &str, expect_halt: bool) -> String {
     let started = ctl.json(&["qube", "start", qube]);
     assert_eq!(started["state"], "running", "{started}");
     let mut line = String::new();
-    wait_for(&format!("{qube}'s report on its console"), BOOT_TIMEOUT, || {
-        let log = console(ctl, qube);
-        if let Some(l) = log.lines().find(|l| l.starts_with("QTEST ")) {
-            line = l.trim().to_string();
-        }
-        log.contains("QTEST-DONE") || log.contains("QTEST-TEMPLATE-UPDATED")
-    });
+    wait_for(
+        &format!("{qube}'s report on its console"),
+        BOOT_TIMEOUT,
+        || {
+            let log = console(ctl, qube);
+            if let Some(l) = log.lines().find(|l| l.starts_with("QTEST ")) {
+                line = l.trim().to_string();
+            }
+            log.contains("QTEST-DONE") || log.contains("QTEST-TEMPLATE-UPDATED")
+        },
+    );
     if expect_halt {
-        wait_for(&format!("{qube} to power off and be reaped"), BOOT_TIMEOUT, || state(ctl, qube) == "halted");
+        wait_for(
+            &format!("{qube} to power off and be reaped"),
+            BOOT_TIMEOUT,
+            || state(ctl, qube) == "halted",
+        );
     }
     line
 }
@@ -117,7 +134,11 @@ fn fingerprint(ctl: &Ctl, vol: &str) -> String {
 
 /// Reads a file out of an ext4 image (exported volume) with debugfs; None if absent.
 fn ext4_cat(image: &Path, path: &str) -> Option<String> {
-    let out = Command::new("debugfs").args(["-R", &format!("cat {path}")]).arg(image).output().unwrap();
+    let out = Command::new("debugfs")
+        .args(["-R", &format!("cat {path}")])
+        .arg(image)
+        .output()
+        .unwrap();
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     let err = String::from_utf8_lossy(&out.stderr).into_owned();
     if err.contains("File not found") || !out.status.success() {
@@ -139,7 +160,13 @@ fn debian_qubes_boot_persist_update_revert_and_survive_a_daemon_kill() {
     ctl.ok(&["pool", "init", "--size", "40G"]);
 
     let recipe = Path::new(env!("CARGO_MANIFEST_DIR")).join("../recipes/debian/minimal.toml");
-    let mut args = vec!["template", "build", recipe.to_str().unwrap(), "--name", "deb"];
+    let mut args = vec![
+        "template",
+        "build",
+        recipe.to_str().unwrap(),
+        "--name",
+        "deb",
+    ];
     let mirror = apt_mirror();
     if let Some(m) = mirror.as_deref() {
         args.extend(["--mirror", m]);
@@ -149,22 +176,64 @@ fn debian_qubes_boot_persist_update_revert_and_survive_a_daemon_kill() {
     assert_eq!(t["fingerprint"].as_str().unwrap().len(), 64);
 
     // Private volumes with the test's rc.local hook.
-    ctl.ok(&["qube", "create", "work", "--template", "deb", "--label", "blue"]);
-    ctl.ok(&["qube", "create", "work2", "--template", "deb", "--label", "green"]);
-    ctl.ok(&["qube", "create", "sa", "--class", "StandaloneVM", "--template", "deb"]);
-    for (q, rc) in [("work", RC_LOCAL), ("work2", RC_LOCAL), ("deb", TEMPLATE_RC_LOCAL)] {
+    ctl.ok(&[
+        "qube",
+        "create",
+        "work",
+        "--template",
+        "deb",
+        "--label",
+        "blue",
+    ]);
+    ctl.ok(&[
+        "qube",
+        "create",
+        "work2",
+        "--template",
+        "deb",
+        "--label",
+        "green",
+    ]);
+    ctl.ok(&[
+        "qube",
+        "create",
+        "sa",
+        "--class",
+        "StandaloneVM",
+        "--template",
+        "deb",
+    ]);
+    for (q, rc) in [
+        ("work", RC_LOCAL),
+        ("work2", RC_LOCAL),
+        ("deb", TEMPLATE_RC_LOCAL),
+    ] {
         let img = private_image(&work, q, rc);
-        ctl.ok(&["volume", "import", &format!("{q}:private"), img.to_str().unwrap()]);
+        ctl.ok(&[
+            "volume",
+            "import",
+            &format!("{q}:private"),
+            img.to_str().unwrap(),
+        ]);
     }
     ctl.ok(&["volume", "config", "work:private", "revisions_to_keep", "5"]);
-    let initial_revisions = ctl.json(&["volume", "info", "work:private"])["revisions"].as_array().unwrap().len();
+    let initial_revisions = ctl.json(&["volume", "info", "work:private"])["revisions"]
+        .as_array()
+        .unwrap()
+        .len();
 
     // 1. First boot writes the markers.
     let r = boot(&ctl, "work", true);
-    assert!(r.contains("host=work ") && r.contains("rw=none") && r.contains("etc=none"), "{r}");
+    assert!(
+        r.contains("host=work ") && r.contains("rw=none") && r.contains("etc=none"),
+        "{r}"
+    );
     // 2. /rw persists, /etc does not.
     let r = boot(&ctl, "work", true);
-    assert!(r.contains("rw=1") && r.contains("etc=none") && r.contains("tpl=none"), "{r}");
+    assert!(
+        r.contains("rw=1") && r.contains("etc=none") && r.contains("tpl=none"),
+        "{r}"
+    );
 
     // 3. Template update while work2 runs.
     ctl.ok(&["qube", "prefs", "work2", "kernelopts", "qtest.stay"]);
@@ -173,14 +242,29 @@ fn debian_qubes_boot_persist_update_revert_and_survive_a_daemon_kill() {
     boot(&ctl, "deb", true);
     let tpl_root = work.join("tpl-root.img");
     export_to(&ctl, "deb:root", &tpl_root);
-    assert_eq!(ext4_cat(&tpl_root, "/etc/tpl-marker").as_deref(), Some("v2"), "the template committed its change");
+    assert_eq!(
+        ext4_cat(&tpl_root, "/etc/tpl-marker").as_deref(),
+        Some("v2"),
+        "the template committed its change"
+    );
     // work2, running across the update, still has the old root under it.
     let info = ctl.json(&["volume", "info", "work2:root"]);
-    let uri = info["nbd_uri"].as_str().expect("running volume has an nbd_uri").to_string();
+    let uri = info["nbd_uri"]
+        .as_str()
+        .expect("running volume has an nbd_uri")
+        .to_string();
     let w2_root = work.join("w2-root.img");
-    let st = Command::new("nbdcopy").arg(&uri).arg(&w2_root).status().unwrap();
+    let st = Command::new("nbdcopy")
+        .arg(&uri)
+        .arg(&w2_root)
+        .status()
+        .unwrap();
     assert!(st.success());
-    assert_eq!(ext4_cat(&w2_root, "/etc/tpl-marker"), None, "a running qube keeps its old root");
+    assert_eq!(
+        ext4_cat(&w2_root, "/etc/tpl-marker"),
+        None,
+        "a running qube keeps its old root"
+    );
     ctl.ok(&["qube", "shutdown", "work2"]);
     // work sees the update at its next start.
     let r = boot(&ctl, "work", true);
@@ -194,38 +278,70 @@ fn debian_qubes_boot_persist_update_revert_and_survive_a_daemon_kill() {
     // after boot 2]: the one after the initial ones is the image, before any marker.
     let mut sorted: Vec<(f64, String)> = revs
         .iter()
-        .map(|r| (r["timestamp"].as_f64().unwrap(), r["id"].as_str().unwrap().to_string()))
+        .map(|r| {
+            (
+                r["timestamp"].as_f64().unwrap(),
+                r["id"].as_str().unwrap().to_string(),
+            )
+        })
         .collect();
     sorted.sort_by(|a, b| a.0.total_cmp(&b.0));
     let before_markers = &sorted[initial_revisions].1;
     ctl.ok(&["volume", "revert", "work:private", before_markers]);
     let priv_img = work.join("priv.img");
     export_to(&ctl, "work:private", &priv_img);
-    assert_eq!(ext4_cat(&priv_img, "/marker"), None, "the marker from step 1 is gone again");
+    assert_eq!(
+        ext4_cat(&priv_img, "/marker"),
+        None,
+        "the marker from step 1 is gone again"
+    );
     assert!(ext4_cat(&priv_img, "/config/rc.local").is_some());
 
     // 5. A DispVM (on work as its disposable template) leaves nothing behind.
     ctl.ok(&["qube", "prefs", "work", "template_for_dispvms", "true"]);
-    ctl.ok(&["qube", "create", "disp1", "--class", "DispVM", "--template", "work"]);
+    ctl.ok(&[
+        "qube",
+        "create",
+        "disp1",
+        "--class",
+        "DispVM",
+        "--template",
+        "work",
+    ]);
     let work_priv = fingerprint(&ctl, "work:private");
     let deb_root = fingerprint(&ctl, "deb:root");
     let r = boot(&ctl, "disp1", true);
     assert!(r.contains("host=disp1") && r.contains("tpl=v2"), "{r}");
-    assert_eq!(fingerprint(&ctl, "work:private"), work_priv, "the DispVM's writes did not reach work:private");
+    assert_eq!(
+        fingerprint(&ctl, "work:private"),
+        work_priv,
+        "the DispVM's writes did not reach work:private"
+    );
     assert_eq!(fingerprint(&ctl, "deb:root"), deb_root, "nor the template");
     let r = boot(&ctl, "disp1", true);
-    assert!(r.contains("rw=none") && r.contains("etc=none"), "nothing survives a DispVM: {r}");
+    assert!(
+        r.contains("rw=none") && r.contains("etc=none"),
+        "nothing survives a DispVM: {r}"
+    );
     // The StandaloneVM, copied before the update, does not follow it.
     let sa_root = work.join("sa-root.img");
     export_to(&ctl, "sa:root", &sa_root);
-    assert_eq!(ext4_cat(&sa_root, "/etc/tpl-marker"), None, "a StandaloneVM does not follow its template");
+    assert_eq!(
+        ext4_cat(&sa_root, "/etc/tpl-marker"),
+        None,
+        "a StandaloneVM does not follow its template"
+    );
 
     // 6. SIGKILL the daemon while work runs.
     let head_before = fingerprint(&ctl, "work:private");
     ctl.ok(&["qube", "prefs", "work", "kernelopts", "qtest.stay"]);
     let r = boot(&ctl, "work", false);
     assert!(r.contains("host=work"), "{r}");
-    let pid: i32 = std::fs::read_to_string(ctl.root.join("run/daemon.pid")).unwrap().trim().parse().unwrap();
+    let pid: i32 = std::fs::read_to_string(ctl.root.join("run/daemon.pid"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
     // SAFETY: kill(2) of the daemon's pid, read from its pid file.
     assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
     std::thread::sleep(Duration::from_millis(500));
@@ -233,7 +349,11 @@ fn debian_qubes_boot_persist_update_revert_and_survive_a_daemon_kill() {
     assert_eq!(v["clean"], true, "{v}");
     let info = ctl.json(&["volume", "info", "work:private"]);
     assert_eq!(info["dirty"], true, "{info}");
-    assert_eq!(fingerprint(&ctl, "work:private"), head_before, "the head is what it was before that start");
+    assert_eq!(
+        fingerprint(&ctl, "work:private"),
+        head_before,
+        "the head is what it was before that start"
+    );
     // A new daemon picks the qube up again; then it shuts down cleanly.
     ctl.ok(&["daemon", "start"]);
     assert_eq!(state(&ctl, "work"), "running");

@@ -15,29 +15,99 @@ pub enum Request {
     Ping,
     PoolInfo,
     PoolVerify,
-    TemplateCreate { name: String, image: PathBuf },
-    TemplateBuild { recipe: PathBuf, name: Option<String>, mirror: Option<String> },
+    TemplateCreate {
+        name: String,
+        image: PathBuf,
+    },
+    TemplateBuild {
+        recipe: PathBuf,
+        name: Option<String>,
+        mirror: Option<String>,
+    },
     TemplateList,
-    TemplateInfo { name: String },
-    TemplateRemove { name: String },
-    TemplateExport { name: String, file: PathBuf },
-    TemplateImport { file: PathBuf, name: Option<String> },
-    QubeCreate { name: String, class: String, template: Option<String>, label: Option<String> },
+    TemplateInfo {
+        name: String,
+    },
+    TemplateRemove {
+        name: String,
+    },
+    TemplateExport {
+        name: String,
+        file: PathBuf,
+    },
+    TemplateImport {
+        file: PathBuf,
+        name: Option<String>,
+    },
+    QubeCreate {
+        name: String,
+        class: String,
+        template: Option<String>,
+        label: Option<String>,
+    },
     QubeList,
-    QubeRemove { name: String },
-    QubeClone { src: String, dst: String },
-    QubePrefs { name: String, key: Option<String>, value: Option<String> },
-    QubeStart { name: String, hypervisor: Option<String> },
-    QubeShutdown { name: String, timeout_secs: u64, kill: bool },
-    QubeConsole { name: String },
-    VolumeList { qube: Option<String> },
-    VolumeInfo { qube: String, vol: String },
-    VolumeRevert { qube: String, vol: String, revision: Option<String> },
-    VolumeResize { qube: String, vol: String, size: u64, allow_shrink: bool },
-    VolumeImport { qube: String, vol: String, file: PathBuf },
-    VolumeExport { qube: String, vol: String, file: PathBuf },
-    VolumeConfig { qube: String, vol: String, key: String, value: String },
-    VolumeDiscard { qube: String, vol: String },
+    QubeRemove {
+        name: String,
+    },
+    QubeClone {
+        src: String,
+        dst: String,
+    },
+    QubePrefs {
+        name: String,
+        key: Option<String>,
+        value: Option<String>,
+    },
+    QubeStart {
+        name: String,
+        hypervisor: Option<String>,
+    },
+    QubeShutdown {
+        name: String,
+        timeout_secs: u64,
+        kill: bool,
+    },
+    QubeConsole {
+        name: String,
+    },
+    VolumeList {
+        qube: Option<String>,
+    },
+    VolumeInfo {
+        qube: String,
+        vol: String,
+    },
+    VolumeRevert {
+        qube: String,
+        vol: String,
+        revision: Option<String>,
+    },
+    VolumeResize {
+        qube: String,
+        vol: String,
+        size: u64,
+        allow_shrink: bool,
+    },
+    VolumeImport {
+        qube: String,
+        vol: String,
+        file: PathBuf,
+    },
+    VolumeExport {
+        qube: String,
+        vol: String,
+        file: PathBuf,
+    },
+    VolumeConfig {
+        qube: String,
+        vol: String,
+        key: String,
+        value: String,
+    },
+    VolumeDiscard {
+        qube: String,
+        vol: String,
+    },
     DaemonStop,
 }
 
@@ -78,7 +148,9 @@ pub fn call(socket: &Path, req: &Request) -> std::io::Result<Reply> {
 
 /// True if a daemon answers on `socket` within `timeout`.
 pub fn daemon_alive(socket: &Path, timeout: Duration) -> bool {
-    let Ok(stream) = UnixStream::connect(socket) else { return false };
+    let Ok(stream) = UnixStream::connect(socket) else {
+        return false;
+    };
     let _ = stream.set_read_timeout(Some(timeout));
     drop(stream);
     matches!(call(socket, &Request::Ping), Ok(Reply::Ok(_)))

@@ -13,7 +13,9 @@ use thiserror::Error;
 pub enum CatalogueError {
     #[error(transparent)]
     Pool(#[from] PoolError),
-    #[error("stored record {key} is unreadable ({source}); it was written by an incompatible version")]
+    #[error(
+        "stored record {key} is unreadable ({source}); it was written by an incompatible version"
+    )]
     Decode {
         key: String,
         #[source]
@@ -51,18 +53,18 @@ impl FromStr for Label {
             "blue" => Label::Blue,
             "purple" => Label::Purple,
             "black" => Label::Black,
-            _ => {
-                return Err(CatalogueError::BadValue(format!(
-                    "label {s:?} is not one of red, orange, yellow, green, gray, blue, purple, black"
-                )))
-            }
+            _ => return Err(CatalogueError::BadValue(format!(
+                "label {s:?} is not one of red, orange, yellow, green, gray, blue, purple, black"
+            ))),
         })
     }
 }
 
 impl std::fmt::Display for Label {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let s = serde_json::to_value(self).ok().and_then(|v| v.as_str().map(str::to_string));
+        let s = serde_json::to_value(self)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_string));
         f.write_str(s.as_deref().unwrap_or("?"))
     }
 }
@@ -154,7 +156,8 @@ impl QubePrefs {
                 if value.is_empty() || value == "none" {
                     self.netvm = None
                 } else {
-                    storage::validate_name("netvm", value).map_err(|e| CatalogueError::BadValue(e.to_string()))?;
+                    storage::validate_name("netvm", value)
+                        .map_err(|e| CatalogueError::BadValue(e.to_string()))?;
                     self.netvm = Some(value.to_string())
                 }
             }
@@ -226,12 +229,18 @@ const PREFS: &str = "qube-prefs/";
 const TEMPLATE: &str = "template/";
 const RUNTIME: &str = "runtime/";
 
-fn get<T: for<'de> Deserialize<'de>>(pool: &dyn Pool, key: &str) -> Result<Option<T>, CatalogueError> {
+fn get<T: for<'de> Deserialize<'de>>(
+    pool: &dyn Pool,
+    key: &str,
+) -> Result<Option<T>, CatalogueError> {
     match pool.get_meta(key)? {
         None => Ok(None),
         Some(s) => serde_json::from_str(&s)
             .map(Some)
-            .map_err(|source| CatalogueError::Decode { key: key.to_string(), source }),
+            .map_err(|source| CatalogueError::Decode {
+                key: key.to_string(),
+                source,
+            }),
     }
 }
 
@@ -260,13 +269,21 @@ impl<'p> Catalogue<'p> {
     pub fn template(&self, name: &str) -> Result<Option<TemplateRecord>, CatalogueError> {
         get(self.pool, &format!("{TEMPLATE}{name}"))
     }
-    pub fn set_template(&self, name: &str, rec: Option<&TemplateRecord>) -> Result<(), CatalogueError> {
+    pub fn set_template(
+        &self,
+        name: &str,
+        rec: Option<&TemplateRecord>,
+    ) -> Result<(), CatalogueError> {
         put(self.pool, &format!("{TEMPLATE}{name}"), rec)
     }
     pub fn runtime(&self, qube: &str) -> Result<Option<RuntimeRecord>, CatalogueError> {
         get(self.pool, &format!("{RUNTIME}{qube}"))
     }
-    pub fn set_runtime(&self, qube: &str, rec: Option<&RuntimeRecord>) -> Result<(), CatalogueError> {
+    pub fn set_runtime(
+        &self,
+        qube: &str,
+        rec: Option<&RuntimeRecord>,
+    ) -> Result<(), CatalogueError> {
         put(self.pool, &format!("{RUNTIME}{qube}"), rec)
     }
 }
@@ -291,7 +308,10 @@ mod tests {
         assert_eq!(p.netvm.as_deref(), Some("sys-net"));
         p.set("netvm", "none").unwrap();
         assert_eq!(p.netvm, None);
-        assert!(matches!(p.set("colour", "x"), Err(CatalogueError::UnknownProperty(_))));
+        assert!(matches!(
+            p.set("colour", "x"),
+            Err(CatalogueError::UnknownProperty(_))
+        ));
         for k in QubePrefs::KEYS {
             p.get(k).unwrap();
         }

@@ -14,7 +14,11 @@ use crate::paths::Paths;
 use crate::units::{human_size, parse_size};
 
 #[derive(Parser, Debug)]
-#[command(name = "qubes-ctl", version, about = "Templates, qubes and their copy-on-write volumes")]
+#[command(
+    name = "qubes-ctl",
+    version,
+    about = "Templates, qubes and their copy-on-write volumes"
+)]
 pub struct Cli {
     /// Where the pool, kernels, cache and run files live.
     #[arg(long, global = true, env = "QUBES_CTL_ROOT")]
@@ -90,10 +94,17 @@ pub enum TemplateCmd {
         from_image: PathBuf,
     },
     List,
-    Info { name: String },
-    Remove { name: String },
+    Info {
+        name: String,
+    },
+    Remove {
+        name: String,
+    },
     /// Write a portable, verified template package.
-    Export { name: String, file: PathBuf },
+    Export {
+        name: String,
+        file: PathBuf,
+    },
     /// Import a template package (verified before anything is written).
     Import {
         file: PathBuf,
@@ -114,11 +125,20 @@ pub enum QubeCmd {
         label: Option<String>,
     },
     List,
-    Remove { name: String },
+    Remove {
+        name: String,
+    },
     /// Copy a qube (O(1) snapshots of its volumes).
-    Clone { src: String, dst: String },
+    Clone {
+        src: String,
+        dst: String,
+    },
     /// Show or set properties: `qube prefs work`, `qube prefs work memory 800`.
-    Prefs { name: String, key: Option<String>, value: Option<String> },
+    Prefs {
+        name: String,
+        key: Option<String>,
+        value: Option<String>,
+    },
     Start {
         name: String,
         /// xen | qemu | none (default: xen where /proc/xen exists, else qemu).
@@ -135,15 +155,24 @@ pub enum QubeCmd {
         kill: bool,
     },
     /// Print the qube's serial console log.
-    Console { name: String },
+    Console {
+        name: String,
+    },
 }
 
 #[derive(Subcommand, Debug)]
 pub enum VolumeCmd {
-    List { qube: Option<String> },
-    Info { volume: String },
+    List {
+        qube: Option<String>,
+    },
+    Info {
+        volume: String,
+    },
     /// Make a revision the head again (default: the newest); the head is kept as a revision.
-    Revert { volume: String, revision: Option<String> },
+    Revert {
+        volume: String,
+        revision: Option<String>,
+    },
     Resize {
         volume: String,
         size: String,
@@ -151,13 +180,25 @@ pub enum VolumeCmd {
         allow_shrink: bool,
     },
     /// Replace the volume's content with a raw image (`-` for stdin).
-    Import { volume: String, file: String },
+    Import {
+        volume: String,
+        file: String,
+    },
     /// Write the volume's content as a raw image (`-` for stdout).
-    Export { volume: String, file: String },
+    Export {
+        volume: String,
+        file: String,
+    },
     /// Set a volume property: `volume config work:private revisions_to_keep 3`.
-    Config { volume: String, key: String, value: String },
+    Config {
+        volume: String,
+        key: String,
+        value: String,
+    },
     /// Drop the uncommitted writes of a dirty volume (left by a crash).
-    Discard { volume: String },
+    Discard {
+        volume: String,
+    },
 }
 
 #[derive(Subcommand, Debug, Clone, Copy)]
@@ -175,9 +216,16 @@ pub fn main_with(cli: Cli) -> Result<()> {
     let paths = Paths::new(cli.root.clone().unwrap_or_else(Paths::default_root));
     let format = cli.format;
     let (req, mutating) = match cli.cmd {
-        Cmd::Pool(PoolCmd::Init { chunk_size, size, driver }) => {
+        Cmd::Pool(PoolCmd::Init {
+            chunk_size,
+            size,
+            driver,
+        }) => {
             if crate::daemon::is_running(&paths) {
-                bail!("a daemon owns the pool at {}; stop it first", paths.root().display());
+                bail!(
+                    "a daemon owns the pool at {}; stop it first",
+                    paths.root().display()
+                );
             }
             let opts = InitOptions {
                 driver,
@@ -187,32 +235,81 @@ pub fn main_with(cli: Cli) -> Result<()> {
             let v = controller::init_pool(&paths, &opts)?;
             return print(format, "pool-info", &v);
         }
-        Cmd::Daemon { action } => return daemon_cmd(&paths, action.unwrap_or(DaemonCmd::Run), format),
+        Cmd::Daemon { action } => {
+            return daemon_cmd(&paths, action.unwrap_or(DaemonCmd::Run), format)
+        }
         Cmd::Pool(PoolCmd::Info) => (Request::PoolInfo, false),
         Cmd::Pool(PoolCmd::Verify) => (Request::PoolVerify, false),
         Cmd::Template(t) => match t {
-            TemplateCmd::Build { recipe, name, mirror } => {
-                (Request::TemplateBuild { recipe: absolute(&recipe)?, name, mirror }, true)
-            }
-            TemplateCmd::Create { name, from_image } => {
-                (Request::TemplateCreate { name, image: absolute(&from_image)? }, true)
-            }
+            TemplateCmd::Build {
+                recipe,
+                name,
+                mirror,
+            } => (
+                Request::TemplateBuild {
+                    recipe: absolute(&recipe)?,
+                    name,
+                    mirror,
+                },
+                true,
+            ),
+            TemplateCmd::Create { name, from_image } => (
+                Request::TemplateCreate {
+                    name,
+                    image: absolute(&from_image)?,
+                },
+                true,
+            ),
             TemplateCmd::List => (Request::TemplateList, false),
             TemplateCmd::Info { name } => (Request::TemplateInfo { name }, false),
             TemplateCmd::Remove { name } => (Request::TemplateRemove { name }, true),
-            TemplateCmd::Export { name, file } => (Request::TemplateExport { name, file: absolute(&file)? }, false),
-            TemplateCmd::Import { file, name } => (Request::TemplateImport { file: absolute(&file)?, name }, true),
+            TemplateCmd::Export { name, file } => (
+                Request::TemplateExport {
+                    name,
+                    file: absolute(&file)?,
+                },
+                false,
+            ),
+            TemplateCmd::Import { file, name } => (
+                Request::TemplateImport {
+                    file: absolute(&file)?,
+                    name,
+                },
+                true,
+            ),
         },
         Cmd::Qube(q) => match q {
-            QubeCmd::Create { name, class, template, label } => {
-                (Request::QubeCreate { name, class, template, label }, true)
-            }
+            QubeCmd::Create {
+                name,
+                class,
+                template,
+                label,
+            } => (
+                Request::QubeCreate {
+                    name,
+                    class,
+                    template,
+                    label,
+                },
+                true,
+            ),
             QubeCmd::List => (Request::QubeList, false),
             QubeCmd::Remove { name } => (Request::QubeRemove { name }, true),
             QubeCmd::Clone { src, dst } => (Request::QubeClone { src, dst }, true),
             QubeCmd::Prefs { name, key, value } => (Request::QubePrefs { name, key, value }, true),
             QubeCmd::Start { name, hypervisor } => (Request::QubeStart { name, hypervisor }, true),
-            QubeCmd::Shutdown { name, timeout, kill } => (Request::QubeShutdown { name, timeout_secs: timeout, kill }, true),
+            QubeCmd::Shutdown {
+                name,
+                timeout,
+                kill,
+            } => (
+                Request::QubeShutdown {
+                    name,
+                    timeout_secs: timeout,
+                    kill,
+                },
+                true,
+            ),
             QubeCmd::Console { name } => (Request::QubeConsole { name }, false),
         },
         Cmd::Volume(v) => match v {
@@ -223,11 +320,30 @@ pub fn main_with(cli: Cli) -> Result<()> {
             }
             VolumeCmd::Revert { volume, revision } => {
                 let (qube, vol) = parse_volume_ref(&volume)?;
-                (Request::VolumeRevert { qube, vol, revision }, true)
+                (
+                    Request::VolumeRevert {
+                        qube,
+                        vol,
+                        revision,
+                    },
+                    true,
+                )
             }
-            VolumeCmd::Resize { volume, size, allow_shrink } => {
+            VolumeCmd::Resize {
+                volume,
+                size,
+                allow_shrink,
+            } => {
                 let (qube, vol) = parse_volume_ref(&volume)?;
-                (Request::VolumeResize { qube, vol, size: parse_size(&size)?, allow_shrink }, true)
+                (
+                    Request::VolumeResize {
+                        qube,
+                        vol,
+                        size: parse_size(&size)?,
+                        allow_shrink,
+                    },
+                    true,
+                )
             }
             VolumeCmd::Import { volume, file } => {
                 let (qube, vol) = parse_volume_ref(&volume)?;
@@ -239,7 +355,15 @@ pub fn main_with(cli: Cli) -> Result<()> {
             }
             VolumeCmd::Config { volume, key, value } => {
                 let (qube, vol) = parse_volume_ref(&volume)?;
-                (Request::VolumeConfig { qube, vol, key, value }, true)
+                (
+                    Request::VolumeConfig {
+                        qube,
+                        vol,
+                        key,
+                        value,
+                    },
+                    true,
+                )
             }
             VolumeCmd::Discard { volume } => {
                 let (qube, vol) = parse_volume_ref(&volume)?;
@@ -272,33 +396,71 @@ pub fn execute(paths: &Paths, req: Request, mutating: bool) -> Result<Value> {
     ctl.handle(req)
 }
 
-fn volume_import(paths: &Paths, format: Format, qube: String, vol: String, file: &str) -> Result<()> {
+fn volume_import(
+    paths: &Paths,
+    format: Format,
+    qube: String,
+    vol: String,
+    file: &str,
+) -> Result<()> {
     // Stdin is spooled into a file first so that a daemon can read it and so that a short
     // read is caught before the pool is touched.
     let (path, _spool) = if file == "-" {
         std::fs::create_dir_all(paths.run_dir())?;
         let mut tmp = tempfile::NamedTempFile::new_in(paths.run_dir())?;
         let mut stdin = std::io::stdin().lock();
-        std::io::copy(&mut stdin as &mut dyn Read, &mut tmp).context("reading the image from stdin")?;
+        std::io::copy(&mut stdin as &mut dyn Read, &mut tmp)
+            .context("reading the image from stdin")?;
         let p = tmp.path().to_path_buf();
         (p, Some(tmp))
     } else {
         (absolute(Path::new(file))?, None)
     };
-    let v = execute(paths, Request::VolumeImport { qube, vol, file: path }, true)?;
+    let v = execute(
+        paths,
+        Request::VolumeImport {
+            qube,
+            vol,
+            file: path,
+        },
+        true,
+    )?;
     print(format, "volume", &v)
 }
 
-fn volume_export(paths: &Paths, format: Format, qube: String, vol: String, file: &str) -> Result<()> {
+fn volume_export(
+    paths: &Paths,
+    format: Format,
+    qube: String,
+    vol: String,
+    file: &str,
+) -> Result<()> {
     if file == "-" {
         std::fs::create_dir_all(paths.run_dir())?;
         let tmp = tempfile::NamedTempFile::new_in(paths.run_dir())?;
-        execute(paths, Request::VolumeExport { qube, vol, file: tmp.path().to_path_buf() }, false)?;
+        execute(
+            paths,
+            Request::VolumeExport {
+                qube,
+                vol,
+                file: tmp.path().to_path_buf(),
+            },
+            false,
+        )?;
         let mut f = std::fs::File::open(tmp.path())?;
-        std::io::copy(&mut f, &mut std::io::stdout().lock()).context("writing the image to stdout")?;
+        std::io::copy(&mut f, &mut std::io::stdout().lock())
+            .context("writing the image to stdout")?;
         return Ok(());
     }
-    let v = execute(paths, Request::VolumeExport { qube, vol, file: absolute(Path::new(file))? }, false)?;
+    let v = execute(
+        paths,
+        Request::VolumeExport {
+            qube,
+            vol,
+            file: absolute(Path::new(file))?,
+        },
+        false,
+    )?;
     print(format, "plain", &v)
 }
 
@@ -309,11 +471,19 @@ fn daemon_cmd(paths: &Paths, action: DaemonCmd, format: Format) -> Result<()> {
             if !crate::daemon::is_running(paths) {
                 crate::daemon::spawn(paths)?;
             }
-            print(format, "plain", &serde_json::json!({"daemon": "running", "socket": paths.admin_socket()}))
+            print(
+                format,
+                "plain",
+                &serde_json::json!({"daemon": "running", "socket": paths.admin_socket()}),
+            )
         }
         DaemonCmd::Stop => {
             if !crate::daemon::is_running(paths) {
-                return print(format, "plain", &serde_json::json!({"daemon": "not running"}));
+                return print(
+                    format,
+                    "plain",
+                    &serde_json::json!({"daemon": "not running"}),
+                );
             }
             let v = match api::call(&paths.admin_socket(), &Request::DaemonStop)? {
                 Reply::Ok(v) => v,
@@ -323,7 +493,11 @@ fn daemon_cmd(paths: &Paths, action: DaemonCmd, format: Format) -> Result<()> {
         }
         DaemonCmd::Status => {
             let up = crate::daemon::is_running(paths);
-            print(format, "plain", &serde_json::json!({"daemon": if up { "running" } else { "not running" }}))
+            print(
+                format,
+                "plain",
+                &serde_json::json!({"daemon": if up { "running" } else { "not running" }}),
+            )
         }
     }
 }
@@ -333,9 +507,10 @@ fn kind_of(req: &Request) -> &'static str {
         Request::PoolInfo => "pool-info",
         Request::PoolVerify => "verify",
         Request::TemplateList => "template-list",
-        Request::TemplateInfo { .. } | Request::TemplateBuild { .. } | Request::TemplateCreate { .. } | Request::TemplateImport { .. } => {
-            "template"
-        }
+        Request::TemplateInfo { .. }
+        | Request::TemplateBuild { .. }
+        | Request::TemplateCreate { .. }
+        | Request::TemplateImport { .. } => "template",
         Request::QubeList => "qube-list",
         Request::QubeCreate { .. } | Request::QubeClone { .. } => "qube",
         Request::QubeStart { .. } => "started",
@@ -371,7 +546,11 @@ fn table(headers: &[&str], rows: Vec<Vec<String>>) {
         }
     }
     let line = |cells: Vec<String>| {
-        let parts: Vec<String> = cells.iter().enumerate().map(|(i, c)| format!("{c:<width$}", width = w[i])).collect();
+        let parts: Vec<String> = cells
+            .iter()
+            .enumerate()
+            .map(|(i, c)| format!("{c:<width$}", width = w[i]))
+            .collect();
         println!("{}", parts.join("  ").trim_end());
     };
     line(headers.iter().map(|h| h.to_string()).collect());
@@ -392,7 +571,15 @@ fn print(format: Format, kind: &str, v: &Value) -> Result<()> {
             v.as_array()
                 .unwrap_or(&empty)
                 .iter()
-                .map(|q| vec![s(q, "name"), s(q, "class"), s(q, "state"), s(q, "label"), s(q, "template")])
+                .map(|q| {
+                    vec![
+                        s(q, "name"),
+                        s(q, "class"),
+                        s(q, "state"),
+                        s(q, "label"),
+                        s(q, "template"),
+                    ]
+                })
                 .collect(),
         ),
         "template-list" => table(
@@ -402,7 +589,13 @@ fn print(format: Format, kind: &str, v: &Value) -> Result<()> {
                 .iter()
                 .map(|t| {
                     let fp = s(t, "fingerprint");
-                    vec![s(t, "name"), s(t, "origin"), size(t, "size"), size(t, "usage"), fp.chars().take(16).collect()]
+                    vec![
+                        s(t, "name"),
+                        s(t, "origin"),
+                        size(t, "size"),
+                        size(t, "usage"),
+                        fp.chars().take(16).collect(),
+                    ]
                 })
                 .collect(),
         ),
@@ -417,7 +610,11 @@ fn print(format: Format, kind: &str, v: &Value) -> Result<()> {
                         size(x, "size"),
                         size(x, "usage"),
                         s(x, "dirty"),
-                        x["revisions"].as_array().map(|a| a.len()).unwrap_or(0).to_string(),
+                        x["revisions"]
+                            .as_array()
+                            .map(|a| a.len())
+                            .unwrap_or(0)
+                            .to_string(),
                         s(&x["config"], "source"),
                     ]
                 })
@@ -430,7 +627,10 @@ fn print(format: Format, kind: &str, v: &Value) -> Result<()> {
             println!("dirty      {}", s(v, "dirty"));
             println!("running    {}", s(v, "running"));
             println!("source     {}", s(&v["config"], "source"));
-            println!("keep       {} revisions", s(&v["config"], "revisions_to_keep"));
+            println!(
+                "keep       {} revisions",
+                s(&v["config"], "revisions_to_keep")
+            );
             if let Some(uri) = v["nbd_uri"].as_str() {
                 println!("nbd_uri    {uri}");
             }
@@ -452,7 +652,11 @@ fn print(format: Format, kind: &str, v: &Value) -> Result<()> {
             let r = &v["report"];
             println!(
                 "{}: {} volumes, {} metadata pages, {} data chunks",
-                if v["clean"].as_bool() == Some(true) { "clean" } else { "PROBLEMS FOUND" },
+                if v["clean"].as_bool() == Some(true) {
+                    "clean"
+                } else {
+                    "PROBLEMS FOUND"
+                },
                 s(r, "volumes"),
                 s(r, "metadata_pages"),
                 s(r, "data_chunks")
@@ -478,10 +682,15 @@ fn print_kv(v: &Value, prefix: &str) {
             for (k, x) in m {
                 match x {
                     Value::Object(_) => print_kv(x, &format!("{prefix}{k}.")),
-                    Value::Array(a) if a.len() > 8 => println!("{prefix}{k:<14} [{} items]", a.len()),
+                    Value::Array(a) if a.len() > 8 => {
+                        println!("{prefix}{k:<14} [{} items]", a.len())
+                    }
                     Value::Array(a) => println!(
                         "{prefix}{k:<14} {}",
-                        a.iter().map(|e| e.as_str().map(str::to_string).unwrap_or(e.to_string())).collect::<Vec<_>>().join(", ")
+                        a.iter()
+                            .map(|e| e.as_str().map(str::to_string).unwrap_or(e.to_string()))
+                            .collect::<Vec<_>>()
+                            .join(", ")
                     ),
                     Value::String(s) => println!("{prefix}{k:<14} {s}"),
                     Value::Null => println!("{prefix}{k:<14} -"),

@@ -47,7 +47,10 @@ fn detect_driver(dir: &Path) -> Option<&'static str> {
 }
 
 fn now_secs() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 /// Free bytes of the filesystem holding `dir` (the default pool capacity).
@@ -64,7 +67,11 @@ pub struct InitOptions {
 
 impl Default for InitOptions {
     fn default() -> Self {
-        InitOptions { driver: "thin".into(), chunk_size: 64 << 10, capacity: None }
+        InitOptions {
+            driver: "thin".into(),
+            chunk_size: 64 << 10,
+            capacity: None,
+        }
     }
 }
 
@@ -83,7 +90,10 @@ pub fn init_pool(paths: &Paths, opts: &InitOptions) -> Result<Value> {
     let pool: Arc<dyn Pool> = match opts.driver.as_str() {
         "thin" => storage::thin::ThinPool::create(
             &dir,
-            storage::thin::ThinOptions { chunk_size: opts.chunk_size, capacity },
+            storage::thin::ThinOptions {
+                chunk_size: opts.chunk_size,
+                capacity,
+            },
         )?,
         "reflink" => Arc::new(storage::reflink::ReflinkPool::create(&dir)?),
         other => bail!("unknown pool driver {other:?}; use thin (default) or reflink"),
@@ -97,7 +107,10 @@ fn open_pool(paths: &Paths) -> Result<Arc<dyn Pool>> {
     match detect_driver(&dir) {
         Some("thin") => Ok(storage::thin::ThinPool::open(&dir)?),
         Some("reflink") => Ok(Arc::new(storage::reflink::ReflinkPool::open(&dir)?)),
-        _ => bail!("no pool at {}; create one with `qubes-ctl pool init`", dir.display()),
+        _ => bail!(
+            "no pool at {}; create one with `qubes-ctl pool init`",
+            dir.display()
+        ),
     }
 }
 
@@ -126,7 +139,12 @@ impl Controller {
             eprintln!("created a new thin pool at {}", paths.pool_dir().display());
         }
         let pool = open_pool(paths)?;
-        Ok(Controller { paths: paths.clone(), vols: Volumes::new(pool), served: BTreeMap::new(), in_daemon })
+        Ok(Controller {
+            paths: paths.clone(),
+            vols: Volumes::new(pool),
+            served: BTreeMap::new(),
+            in_daemon,
+        })
     }
 
     pub fn pool(&self) -> &Arc<dyn Pool> {
@@ -146,41 +164,67 @@ impl Controller {
                 Ok(json!({"clean": report.is_clean(), "report": report}))
             }
             Request::TemplateCreate { name, image } => self.template_create(&name, &image),
-            Request::TemplateBuild { recipe, name, mirror } => self.template_build(&recipe, name, mirror),
+            Request::TemplateBuild {
+                recipe,
+                name,
+                mirror,
+            } => self.template_build(&recipe, name, mirror),
             Request::TemplateList => self.template_list(),
             Request::TemplateInfo { name } => self.template_info(&name),
             Request::TemplateRemove { name } => self.template_remove(&name),
             Request::TemplateExport { name, file } => self.template_export(&name, &file),
             Request::TemplateImport { file, name } => self.template_import(&file, name),
-            Request::QubeCreate { name, class, template, label } => {
-                self.qube_create(&name, &class, template.as_deref(), label.as_deref())
-            }
+            Request::QubeCreate {
+                name,
+                class,
+                template,
+                label,
+            } => self.qube_create(&name, &class, template.as_deref(), label.as_deref()),
             Request::QubeList => self.qube_list(),
             Request::QubeRemove { name } => self.qube_remove(&name),
             Request::QubeClone { src, dst } => self.qube_clone(&src, &dst),
             Request::QubePrefs { name, key, value } => self.qube_prefs(&name, key, value),
             Request::QubeStart { name, hypervisor } => self.qube_start(&name, hypervisor),
-            Request::QubeShutdown { name, timeout_secs, kill } => self.qube_shutdown(&name, timeout_secs, kill),
+            Request::QubeShutdown {
+                name,
+                timeout_secs,
+                kill,
+            } => self.qube_shutdown(&name, timeout_secs, kill),
             Request::QubeConsole { name } => self.qube_console(&name),
             Request::VolumeList { qube } => self.volume_list(qube.as_deref()),
             Request::VolumeInfo { qube, vol } => self.volume_info(&qube, &vol),
-            Request::VolumeRevert { qube, vol, revision } => {
+            Request::VolumeRevert {
+                qube,
+                vol,
+                revision,
+            } => {
                 self.refuse_if_served(&qube, "revert a volume of")?;
                 self.vols.revert(&qube, &vol, revision.as_deref())?;
                 self.volume_info(&qube, &vol)
             }
-            Request::VolumeResize { qube, vol, size, allow_shrink } => {
+            Request::VolumeResize {
+                qube,
+                vol,
+                size,
+                allow_shrink,
+            } => {
                 self.vols.resize(&qube, &vol, size, allow_shrink)?;
                 self.volume_info(&qube, &vol)
             }
             Request::VolumeImport { qube, vol, file } => self.volume_import(&qube, &vol, &file),
             Request::VolumeExport { qube, vol, file } => {
-                let mut out = fs::File::create(&file).with_context(|| format!("creating {}", file.display()))?;
+                let mut out = fs::File::create(&file)
+                    .with_context(|| format!("creating {}", file.display()))?;
                 let n = self.vols.export(&qube, &vol, &mut out)?;
                 out.sync_all()?;
                 Ok(json!({"volume": format!("{qube}:{vol}"), "file": file, "bytes": n}))
             }
-            Request::VolumeConfig { qube, vol, key, value } => {
+            Request::VolumeConfig {
+                qube,
+                vol,
+                key,
+                value,
+            } => {
                 match key.as_str() {
                     "revisions_to_keep" => {
                         let n: u32 = value
@@ -188,7 +232,9 @@ impl Controller {
                             .map_err(|_| anyhow!("revisions_to_keep must be a whole number (0 keeps none), not {value:?}"))?;
                         self.vols.set_revisions_to_keep(&qube, &vol, n)?;
                     }
-                    other => bail!("volume property {other:?} cannot be set; settable: revisions_to_keep"),
+                    other => bail!(
+                        "volume property {other:?} cannot be set; settable: revisions_to_keep"
+                    ),
                 }
                 self.volume_info(&qube, &vol)
             }
@@ -203,7 +249,9 @@ impl Controller {
     // ---------------------------------------------------------------- templates
 
     fn require_template(&self, name: &str) -> Result<QubeVolumes> {
-        let q = self.vols.qube(name).with_context(|| format!("template {name} does not exist; see `qubes-ctl template list`"))?;
+        let q = self.vols.qube(name).with_context(|| {
+            format!("template {name} does not exist; see `qubes-ctl template list`")
+        })?;
         if q.class != QubeClass::TemplateVM {
             bail!("{name} is a {}, not a template", class_name(&q.class));
         }
@@ -212,11 +260,18 @@ impl Controller {
 
     fn template_create(&mut self, name: &str, image: &Path) -> Result<Value> {
         storage::validate_name("template", name)?;
-        let meta = fs::metadata(image).with_context(|| format!("reading image {}", image.display()))?;
+        let meta =
+            fs::metadata(image).with_context(|| format!("reading image {}", image.display()))?;
         if !meta.is_file() {
-            bail!("{} is not a regular file; give a raw disk image", image.display());
+            bail!(
+                "{} is not a regular file; give a raw disk image",
+                image.display()
+            );
         }
-        let rec = TemplateRecord { origin: "image".into(), ..Default::default() };
+        let rec = TemplateRecord {
+            origin: "image".into(),
+            ..Default::default()
+        };
         self.install_root(name, ImageSource::File(image), rec, None, None)?;
         self.template_info(name)
     }
@@ -247,7 +302,10 @@ impl Controller {
             rec.has_kernel = true;
         }
         if !exists {
-            let mut prefs = QubePrefs { label: crate::catalogue::Label::Black, ..Default::default() };
+            let mut prefs = QubePrefs {
+                label: crate::catalogue::Label::Black,
+                ..Default::default()
+            };
             if !rec.has_kernel {
                 prefs.kernel = "none".into();
                 prefs.virt_mode = "hvm".into();
@@ -287,7 +345,12 @@ impl Controller {
         Ok(())
     }
 
-    fn template_build(&mut self, recipe: &Path, name: Option<String>, mirror: Option<String>) -> Result<Value> {
+    fn template_build(
+        &mut self,
+        recipe: &Path,
+        name: Option<String>,
+        mirror: Option<String>,
+    ) -> Result<Value> {
         let recipe_obj = template_builder::Recipe::load(recipe)?;
         let opts = template_builder::BuildOptions {
             name: name.clone(),
@@ -318,7 +381,13 @@ impl Controller {
             has_kernel: false,
             kernel_cmdline: built.kernel_cmdline.clone(),
         };
-        self.install_root(&tname, ImageSource::File(&built.image), rec, built.kernel.as_deref(), built.initrd.as_deref())?;
+        self.install_root(
+            &tname,
+            ImageSource::File(&built.image),
+            rec,
+            built.kernel.as_deref(),
+            built.initrd.as_deref(),
+        )?;
         let mut v = self.template_info(&tname)?;
         v["cache_hit"] = json!(built.cache_hit);
         Ok(v)
@@ -385,7 +454,10 @@ impl Controller {
         self.require_template(name)?;
         let rec = self.catalogue().template(name)?.unwrap_or_default();
         let root = self.vols.volume_status(name, "root")?;
-        let head = root.head_key.clone().ok_or_else(|| anyhow!("template {name} has no root head to export"))?;
+        let head = root
+            .head_key
+            .clone()
+            .ok_or_else(|| anyhow!("template {name} has no root head to export"))?;
         let dev = self.pool().open_volume(&head, true)?;
         let kdir = self.paths.kernels_dir(name);
         let kernel = kdir.join("vmlinuz");
@@ -413,7 +485,8 @@ impl Controller {
         let manifest = pkg.manifest().clone();
         let tname = name.unwrap_or_else(|| manifest.name.clone());
         storage::validate_name("template", &tname)?;
-        let staging = tempfile::tempdir_in(self.paths.root()).context("creating a staging directory")?;
+        let staging =
+            tempfile::tempdir_in(self.paths.root()).context("creating a staging directory")?;
         let kernel = pkg.write_kernel(staging.path())?;
         let initrd = pkg.write_initrd(staging.path())?;
         let rec = TemplateRecord {
@@ -437,11 +510,17 @@ impl Controller {
 
     // ---------------------------------------------------------------- qubes
 
-    fn qube_create(&mut self, name: &str, class: &str, template: Option<&str>, label: Option<&str>) -> Result<Value> {
+    fn qube_create(
+        &mut self,
+        name: &str,
+        class: &str,
+        template: Option<&str>,
+        label: Option<&str>,
+    ) -> Result<Value> {
         storage::validate_name("qube", name)?;
-        let class: QubeClass = class
-            .parse()
-            .map_err(|_| anyhow!("class {class:?} is not one of AppVM, DispVM, StandaloneVM, TemplateVM"))?;
+        let class: QubeClass = class.parse().map_err(|_| {
+            anyhow!("class {class:?} is not one of AppVM, DispVM, StandaloneVM, TemplateVM")
+        })?;
         if self.vols.qube(name).is_ok() {
             bail!("qube {name} already exists; pick another name or remove it first");
         }
@@ -554,7 +633,12 @@ impl Controller {
         self.qube_show(dst)
     }
 
-    fn qube_prefs(&mut self, name: &str, key: Option<String>, value: Option<String>) -> Result<Value> {
+    fn qube_prefs(
+        &mut self,
+        name: &str,
+        key: Option<String>,
+        value: Option<String>,
+    ) -> Result<Value> {
         self.vols.qube(name)?;
         let mut prefs = self.catalogue().prefs(name)?;
         match (key, value) {
@@ -594,7 +678,12 @@ impl Controller {
 
     /// The qube whose kernel boots `q` (itself, its template, or its root's source).
     fn kernel_owner(&self, q: &QubeVolumes) -> String {
-        if let Some(src) = q.volumes.iter().find(|v| v.name == "root").and_then(|v| v.source.clone()) {
+        if let Some(src) = q
+            .volumes
+            .iter()
+            .find(|v| v.name == "root")
+            .and_then(|v| v.source.clone())
+        {
             if let Some((owner, _)) = src.split_once(':') {
                 return owner.to_string();
             }
@@ -618,8 +707,13 @@ impl Controller {
         let run_dir = self.paths.qube_run_dir(name);
         fs::create_dir_all(&run_dir).with_context(|| format!("creating {}", run_dir.display()))?;
 
-        self.catalogue()
-            .set_runtime(name, Some(&RuntimeRecord { hypervisor: hv_name.clone(), started_at: now_secs() }))?;
+        self.catalogue().set_runtime(
+            name,
+            Some(&RuntimeRecord {
+                hypervisor: hv_name.clone(),
+                started_at: now_secs(),
+            }),
+        )?;
         let started = match self.vols.start(name) {
             Ok(s) => s,
             Err(e) => {
@@ -637,7 +731,10 @@ impl Controller {
         };
         let socket = served.path().to_path_buf();
         if hv_name != "none" {
-            let spec = self.domain_spec(&q, &prefs, &started, &socket, &run_dir)?;
+            let mut spec = self.domain_spec(&q, &prefs, &started, &socket, &run_dir)?;
+            if hv_name == "xen" {
+                spec.cmdline = xen_cmdline(&spec.cmdline);
+            }
             if let Err(e) = hv.start(&spec) {
                 let _ = served.shutdown(Duration::from_secs(1));
                 let _ = self.catalogue().set_runtime(name, None);
@@ -645,7 +742,13 @@ impl Controller {
                 return Err(anyhow!(e).context(format!("starting {name} on {hv_name}")));
             }
         }
-        self.served.insert(name.to_string(), Served { server: served, hypervisor: hv_name.clone() });
+        self.served.insert(
+            name.to_string(),
+            Served {
+                server: served,
+                hypervisor: hv_name.clone(),
+            },
+        );
         let vols: Vec<Value> = started
             .iter()
             .map(|s| {
@@ -703,13 +806,25 @@ impl Controller {
                 );
             }
             let rec = self.catalogue().template(&owner)?.unwrap_or_default();
-            let base = if rec.kernel_cmdline.is_empty() { DEFAULT_CMDLINE.to_string() } else { rec.kernel_cmdline };
+            let base = if rec.kernel_cmdline.is_empty() {
+                DEFAULT_CMDLINE.to_string()
+            } else {
+                rec.kernel_cmdline
+            };
             let initrd = Some(kdir.join("initrd.img")).filter(|p| p.exists());
-            (Some(kernel), initrd, format!("{base} qubes.hostname={}", q.qube))
+            (
+                Some(kernel),
+                initrd,
+                format!("{base} qubes.hostname={}", q.qube),
+            )
         } else {
             (None, None, String::new())
         };
-        let cmdline = if prefs.kernelopts.is_empty() { cmdline } else { format!("{cmdline} {}", prefs.kernelopts) };
+        let cmdline = if prefs.kernelopts.is_empty() {
+            cmdline
+        } else {
+            format!("{cmdline} {}", prefs.kernelopts)
+        };
         let vdevs = ["xvda", "xvdb", "xvdc", "xvdd"];
         let disks = started
             .iter()
@@ -742,7 +857,11 @@ impl Controller {
         let timeout = Duration::from_secs(timeout_secs);
         let run_dir = self.paths.qube_run_dir(name);
         let rt = self.catalogue().runtime(name)?.unwrap_or_default();
-        let hv_name = self.served.get(name).map(|s| s.hypervisor.clone()).unwrap_or(rt.hypervisor);
+        let hv_name = self
+            .served
+            .get(name)
+            .map(|s| s.hypervisor.clone())
+            .unwrap_or(rt.hypervisor);
         if !self.vols.is_running(name)? && !self.served.contains_key(name) {
             bail!("{name} is not running");
         }
@@ -751,7 +870,8 @@ impl Controller {
             if kill {
                 hv.kill(name, &run_dir)?;
             } else {
-                hv.shutdown(name, &run_dir, timeout).with_context(|| format!("shutting down {name}"))?;
+                hv.shutdown(name, &run_dir, timeout)
+                    .with_context(|| format!("shutting down {name}"))?;
             }
         }
         self.stop_storage(name, timeout)?;
@@ -761,7 +881,9 @@ impl Controller {
     /// Waits for the NBD clients to flush and go, then commits the volumes (stop).
     fn stop_storage(&mut self, name: &str, grace: Duration) -> Result<()> {
         if let Some(s) = self.served.remove(name) {
-            s.server.shutdown(grace).with_context(|| format!("closing {name}'s exports"))?;
+            s.server
+                .shutdown(grace)
+                .with_context(|| format!("closing {name}'s exports"))?;
         }
         self.catalogue().set_runtime(name, None)?;
         self.vols.stop(name)?;
@@ -772,9 +894,15 @@ impl Controller {
         self.vols.qube(name)?;
         let run_dir = self.paths.qube_run_dir(name);
         let rt = self.catalogue().runtime(name)?.unwrap_or_default();
-        let hv = hypervisor::by_name(if rt.hypervisor.is_empty() { "qemu" } else { &rt.hypervisor })?;
+        let hv = hypervisor::by_name(if rt.hypervisor.is_empty() {
+            "qemu"
+        } else {
+            &rt.hypervisor
+        })?;
         let log = hv.console_log(&run_dir);
-        let text = fs::read(&log).map(|b| String::from_utf8_lossy(&b).into_owned()).unwrap_or_default();
+        let text = fs::read(&log)
+            .map(|b| String::from_utf8_lossy(&b).into_owned())
+            .unwrap_or_default();
         Ok(json!({"name": name, "log": log, "text": text}))
     }
 
@@ -811,7 +939,9 @@ impl Controller {
 
     fn volume_import(&mut self, qube: &str, vol: &str, file: &Path) -> Result<Value> {
         self.refuse_if_served(qube, "import into")?;
-        let size = fs::metadata(file).with_context(|| format!("reading {}", file.display()))?.len();
+        let size = fs::metadata(file)
+            .with_context(|| format!("reading {}", file.display()))?
+            .len();
         let mut f = fs::File::open(file).with_context(|| format!("opening {}", file.display()))?;
         let stats = self.vols.import(qube, vol, &mut f, size)?;
         let mut v = self.volume_info(qube, vol)?;
@@ -829,8 +959,18 @@ impl Controller {
             let rt = self.catalogue().runtime(&name)?.unwrap_or_default();
             let started = self.running_volumes(&name)?;
             let server = self.serve(&name, &started)?;
-            let hv = if rt.hypervisor.is_empty() { "none".to_string() } else { rt.hypervisor };
-            self.served.insert(name.clone(), Served { server, hypervisor: hv });
+            let hv = if rt.hypervisor.is_empty() {
+                "none".to_string()
+            } else {
+                rt.hypervisor
+            };
+            self.served.insert(
+                name.clone(),
+                Served {
+                    server,
+                    hypervisor: hv,
+                },
+            );
             resumed.push(name);
         }
         Ok(resumed)
@@ -851,7 +991,12 @@ impl Controller {
             let info = self.pool().volume(&key).with_context(|| {
                 format!("{name} is marked running but its volume {key} is missing; stop it with `qubes-ctl qube shutdown {name} --kill`")
             })?;
-            out.push(StartedVolume { name: v.name.clone(), key, read_only: !v.rw, size: info.size });
+            out.push(StartedVolume {
+                name: v.name.clone(),
+                key,
+                read_only: !v.rw,
+                size: info.size,
+            });
         }
         Ok(out)
     }
@@ -863,8 +1008,12 @@ impl Controller {
             if s.hypervisor == "none" {
                 continue;
             }
-            let Ok(hv) = hypervisor::by_name(&s.hypervisor) else { continue };
-            if let Ok(hypervisor::DomainState::Halted) = hv.state(name, &self.paths.qube_run_dir(name)) {
+            let Ok(hv) = hypervisor::by_name(&s.hypervisor) else {
+                continue;
+            };
+            if let Ok(hypervisor::DomainState::Halted) =
+                hv.state(name, &self.paths.qube_run_dir(name))
+            {
                 gone.push(name.clone());
             }
         }
@@ -890,11 +1039,29 @@ impl Controller {
     }
 }
 
+/// Templates record a QEMU command line (virtio disks, serial console); under Xen the
+/// same disks are xvd* and the PV console is hvc0.
+fn xen_cmdline(cmdline: &str) -> String {
+    cmdline
+        .split_whitespace()
+        .map(|w| match w {
+            "root=/dev/vda" => "root=/dev/xvda",
+            "console=ttyS0" => "console=hvc0",
+            other => other,
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
 /// Where a template's root image comes from.
 enum ImageSource<'a> {
     File(&'a Path),
     /// A verified package's chunk stream (no temporary copy of the image).
-    Stream { what: String, size: u64, reader: Box<dyn std::io::Read + 'a> },
+    Stream {
+        what: String,
+        size: u64,
+        reader: Box<dyn std::io::Read + 'a>,
+    },
 }
 
 /// NBD export name of a qube's volume: `QUBE/VOLUME`.
@@ -904,8 +1071,33 @@ pub fn export_name(qube: &str, vol: &str) -> String {
 
 fn copy_atomic(src: &Path, dst: &Path) -> Result<()> {
     let tmp: PathBuf = dst.with_extension("tmp");
-    fs::copy(src, &tmp).with_context(|| format!("copying {} to {}", src.display(), tmp.display()))?;
+    fs::copy(src, &tmp)
+        .with_context(|| format!("copying {} to {}", src.display(), tmp.display()))?;
     fs::File::open(&tmp)?.sync_all()?;
     fs::rename(&tmp, dst)?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn xen_command_line_uses_xen_devices() {
+        assert_eq!(
+            xen_cmdline("root=/dev/vda rw console=ttyS0 qubes.hostname=work"),
+            "root=/dev/xvda rw console=hvc0 qubes.hostname=work"
+        );
+    }
+
+    #[test]
+    fn volume_refs() {
+        assert_eq!(
+            parse_volume_ref("work:private").unwrap(),
+            ("work".into(), "private".into())
+        );
+        assert!(parse_volume_ref("work").is_err());
+        assert!(parse_volume_ref("work:swap").is_err());
+        assert!(parse_volume_ref("../x:root").is_err());
+    }
 }

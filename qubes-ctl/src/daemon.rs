@@ -28,18 +28,31 @@ pub fn run(paths: &Paths) -> Result<()> {
     std::fs::create_dir_all(&run_dir).with_context(|| format!("creating {}", run_dir.display()))?;
     let sock = paths.admin_socket();
     if api::daemon_alive(&sock, Duration::from_secs(2)) {
-        bail!("a daemon already serves {}; stop it with `qubes-ctl daemon stop`", paths.root().display());
+        bail!(
+            "a daemon already serves {}; stop it with `qubes-ctl daemon stop`",
+            paths.root().display()
+        );
     }
     let mut ctl = Controller::open(paths, true, true)?;
-    let resumed = ctl.resume_running().context("serving the qubes that were running")?;
+    let resumed = ctl
+        .resume_running()
+        .context("serving the qubes that were running")?;
     if !resumed.is_empty() {
-        eprintln!("qubes-ctl daemon: serving again the exports of {}", resumed.join(", "));
+        eprintln!(
+            "qubes-ctl daemon: serving again the exports of {}",
+            resumed.join(", ")
+        );
     }
     let _ = std::fs::remove_file(&sock);
-    let listener = UnixListener::bind(&sock).with_context(|| format!("binding {}", sock.display()))?;
+    let listener =
+        UnixListener::bind(&sock).with_context(|| format!("binding {}", sock.display()))?;
     std::fs::set_permissions(&sock, std::fs::Permissions::from_mode(0o600))?;
     std::fs::write(paths.daemon_pid(), format!("{}\n", std::process::id()))?;
-    eprintln!("qubes-ctl daemon: pid {} serving {}", std::process::id(), sock.display());
+    eprintln!(
+        "qubes-ctl daemon: pid {} serving {}",
+        std::process::id(),
+        sock.display()
+    );
 
     let shared: Shared = Arc::new(Mutex::new(ctl));
     spawn_monitor(shared.clone());
@@ -70,7 +83,9 @@ fn serve_admin(conn: UnixStream, shared: &Shared, paths: &Paths) -> Result<()> {
         Ok(Request::DaemonStop) => {
             let mut ctl = shared.lock().unwrap_or_else(|p| p.into_inner());
             let served = ctl.served_qubes();
-            let mut out = serde_json::to_string(&Reply::Ok(serde_json::json!({"stopping": true, "detached": served})))?;
+            let mut out = serde_json::to_string(&Reply::Ok(
+                serde_json::json!({"stopping": true, "detached": served}),
+            ))?;
             out.push('\n');
             writer.write_all(out.as_bytes())?;
             ctl.detach_all();
@@ -103,8 +118,12 @@ fn spawn_monitor(shared: Shared) {
         let mut ctl = shared.lock().unwrap_or_else(|p| p.into_inner());
         for (name, res) in ctl.reap_halted() {
             match res {
-                Ok(()) => eprintln!("qubes-ctl daemon: {name} powered off; its volumes are stopped"),
-                Err(e) => eprintln!("qubes-ctl daemon: {name} powered off but stopping its volumes failed: {e:#}"),
+                Ok(()) => {
+                    eprintln!("qubes-ctl daemon: {name} powered off; its volumes are stopped")
+                }
+                Err(e) => eprintln!(
+                    "qubes-ctl daemon: {name} powered off but stopping its volumes failed: {e:#}"
+                ),
             }
         }
     });
@@ -112,7 +131,10 @@ fn spawn_monitor(shared: Shared) {
 
 /// SIGTERM/SIGINT: close the exports, commit, leave running qubes marked running.
 fn spawn_signal_handler(shared: Shared, paths: Paths) -> Result<()> {
-    let mut signals = signal_hook::iterator::Signals::new([signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT])?;
+    let mut signals = signal_hook::iterator::Signals::new([
+        signal_hook::consts::SIGTERM,
+        signal_hook::consts::SIGINT,
+    ])?;
     std::thread::spawn(move || {
         if signals.forever().next().is_some() {
             let mut ctl = shared.lock().unwrap_or_else(|p| p.into_inner());
@@ -135,7 +157,9 @@ pub fn spawn(paths: &Paths) -> Result<()> {
     let exe = std::env::current_exe().context("locating the qubes-ctl binary")?;
     let mut cmd = Command::new(exe);
     cmd.arg("--root").arg(paths.root()).arg("daemon").arg("run");
-    cmd.stdin(Stdio::null()).stdout(log.try_clone()?).stderr(log);
+    cmd.stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log);
     std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
     let mut child = cmd.spawn().context("starting qubes-ctl daemon")?;
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -151,10 +175,12 @@ pub fn spawn(paths: &Paths) -> Result<()> {
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-    bail!("the daemon did not answer within 30 s; see {}", paths.daemon_log().display())
+    bail!(
+        "the daemon did not answer within 30 s; see {}",
+        paths.daemon_log().display()
+    )
 }
 
 pub fn is_running(paths: &Paths) -> bool {
     api::daemon_alive(&paths.admin_socket(), Duration::from_secs(2))
 }
-

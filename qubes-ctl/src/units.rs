@@ -11,7 +11,10 @@ pub struct SizeError {
 
 /// Parses a byte count with an optional binary suffix (K, M, G, T; with or without `iB`/`B`).
 pub fn parse_size(input: &str) -> Result<u64, SizeError> {
-    let err = |reason| SizeError { input: input.to_string(), reason };
+    let err = |reason| SizeError {
+        input: input.to_string(),
+        reason,
+    };
     let s = input.trim();
     let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
     let (digits, suffix) = s.split_at(split);
@@ -27,7 +30,8 @@ pub fn parse_size(input: &str) -> Result<u64, SizeError> {
         "T" | "TB" | "TIB" => 40,
         _ => return Err(err("unknown unit")),
     };
-    n.checked_mul(1u64 << shift).ok_or_else(|| err("the size overflows 64 bits"))
+    n.checked_mul(1u64 << shift)
+        .ok_or_else(|| err("the size overflows 64 bits"))
 }
 
 /// `1.5 GiB`-style rendering for tables.
