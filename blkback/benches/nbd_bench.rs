@@ -9,6 +9,8 @@
 //! with 1 and 4 connections, `NBD_BENCH_SECS` (default 5) seconds each. Prints MB/s, IOPS
 //! and the ratios against each peer. `NBD_BENCH_SIZE_MIB` (default 1024) sizes the volume.
 //! Every server is a separate process except blkback, which runs in this process.
+//! `NBD_BENCH_ONLY` / `NBD_BENCH_WORKLOAD` restrict the run to servers / workloads whose
+//! names contain one of the given comma-separated texts.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -57,6 +59,35 @@ const WORKLOADS: &[Workload] = &[
 struct Figures {
     mbps: f64,
     iops: f64,
+    /// Server CPU time (user + system, all threads) per I/O: less sensitive than
+    /// throughput to other load on a shared machine.
+    cpu_us_per_io: f64,
+}
+
+/// CPU seconds used so far by this process (the in-process blkback servers).
+fn self_cpu() -> f64 {
+    // SAFETY: getrusage only writes into the zeroed struct we pass.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: `ru` is a valid, writable rusage for the duration of the call.
+    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) };
+    let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    tv(ru.ru_utime) + tv(ru.ru_stime)
+}
+
+/// CPU seconds used so far by a peer process (utime + stime from /proc).
+fn proc_cpu(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let after = stat.rsplit_once(')').map(|x| x.1).unwrap_or("");
+    let f: Vec<&str> = after.split_whitespace().collect();
+    // Fields 14 and 15 of stat(5); `after` starts at field 3.
+    let ticks = |i: usize| {
+        f.get(i - 3)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    // SAFETY: sysconf has no memory effects.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    (ticks(14) + ticks(15)) / hz
 }
 
 fn tool(name: &str) -> Command {
@@ -129,6 +160,7 @@ fn fio(uri: &str, w: &Workload, jobs: u32, secs: u64, size: u64, dir: &Path) -> 
         &job["write"]
     };
     Figures {
+        cpu_us_per_io: 0.0,
         mbps: side["bw_bytes"].as_f64().unwrap_or(0.0) / 1e6,
         iops: side["iops"].as_f64().unwrap_or(0.0),
     }
@@ -167,7 +199,9 @@ fn main() {
         .and_then(|s| s.parse().ok())
         .unwrap_or(1024)
         << 20;
+    // Substring filters on server and workload names, for profiling one case.
     let only: Option<String> = std::env::var("NBD_BENCH_ONLY").ok();
+    let workload: Option<String> = std::env::var("NBD_BENCH_WORKLOAD").ok();
     let dir = tempfile::Builder::new()
         .prefix("nbd-bench")
         .tempdir_in("/var/tmp")
@@ -347,26 +381,60 @@ fn main() {
     }
 
     let names: Vec<String> = targets.iter().map(|t| t.0.clone()).collect();
-    let mut results: Vec<Vec<Figures>> = vec![Vec::new(); targets.len()];
     let rows: Vec<(usize, u32)> = (0..WORKLOADS.len())
         .flat_map(|w| [(w, 1), (w, 4)])
+        .filter(|&(w, _)| {
+            workload
+                .as_deref()
+                .is_none_or(|f| f.split(',').any(|f| WORKLOADS[w].name.contains(f)))
+        })
         .collect();
-    for (ti, (name, start)) in targets.iter().enumerate() {
-        if only.as_deref().is_some_and(|o| !name.contains(o)) {
-            results[ti] = vec![Figures::default(); rows.len()];
+    // All servers up at once (idle ones cost nothing), then each row runs against every
+    // server back to back, so load from elsewhere on the machine hits all of them alike.
+    let mut uris = Vec::new();
+    let mut guards: Vec<Option<Box<dyn std::any::Any>>> = Vec::new();
+    for (name, start) in &targets {
+        if only
+            .as_deref()
+            .is_some_and(|o| !o.split(',').any(|o| name.contains(o)))
+        {
+            uris.push(None);
+            guards.push(None);
             continue;
         }
         let (uri, guard) = start();
-        for &(w, jobs) in &rows {
-            let f = fio(&uri, &WORKLOADS[w], jobs, secs, size, &d);
+        uris.push(Some(uri));
+        guards.push(guard);
+    }
+    let cpu = |ti: usize| match guards[ti].as_ref().and_then(|g| g.downcast_ref::<Peer>()) {
+        Some(p) => proc_cpu(p.0.id()),
+        None => self_cpu(),
+    };
+    let mut results: Vec<Vec<Figures>> = vec![Vec::new(); targets.len()];
+    for &(w, jobs) in &rows {
+        for (ti, name) in names.iter().enumerate() {
+            let f = match &uris[ti] {
+                Some(uri) => {
+                    let c0 = cpu(ti);
+                    let mut f = fio(uri, &WORKLOADS[w], jobs, secs, size, &d);
+                    let ios = f.iops * secs as f64;
+                    f.cpu_us_per_io = if ios > 0.0 {
+                        (cpu(ti) - c0) * 1e6 / ios
+                    } else {
+                        0.0
+                    };
+                    f
+                }
+                None => Figures::default(),
+            };
             eprintln!(
-                "{name:>24} | {:<20} x{jobs} | {:>9.1} MB/s {:>9.0} IOPS",
-                WORKLOADS[w].name, f.mbps, f.iops
+                "{name:>24} | {:<20} x{jobs} | {:>9.1} MB/s {:>9.0} IOPS {:>7.1} CPU us/IO",
+                WORKLOADS[w].name, f.mbps, f.iops, f.cpu_us_per_io
             );
             results[ti].push(f);
         }
-        drop(guard);
     }
+    drop(guards);
 
     let peer = |n: &str| names.iter().position(|x| x == n).unwrap();
     let (raw, qcow, kit) = (
@@ -376,8 +444,8 @@ fn main() {
     );
     println!();
     println!(
-        "{:<24} {:<22} {:>10} {:>10} {:>10} {:>10} {:>10}",
-        "server", "workload", "MB/s", "IOPS", "vs raw", "vs qcow2", "vs nbdkit"
+        "{:<24} {:<22} {:>10} {:>10} {:>9} {:>10} {:>10} {:>10}",
+        "server", "workload", "MB/s", "IOPS", "CPU us/IO", "vs raw", "vs qcow2", "vs nbdkit"
     );
     for (ri, &(w, jobs)) in rows.iter().enumerate() {
         for (ti, name) in names.iter().enumerate() {
@@ -391,11 +459,12 @@ fn main() {
                 }
             };
             println!(
-                "{:<24} {:<22} {:>10.1} {:>10.0} {:>10} {:>10} {:>10}",
+                "{:<24} {:<22} {:>10.1} {:>10.0} {:>9.1} {:>10} {:>10} {:>10}",
                 name,
                 format!("{} x{jobs}", WORKLOADS[w].name),
                 f.mbps,
                 f.iops,
+                f.cpu_us_per_io,
                 ratio(raw),
                 ratio(qcow),
                 ratio(kit)

@@ -1,13 +1,16 @@
 //! The NBD server: a Unix socket, its exports, and the threads that serve them.
 //!
 //! ```text
-//!   accept thread ──> per connection: handshake, then the reader thread
-//!                       reads request headers (+ WRITE payloads into pooled buffers),
-//!                       rejects bad ones itself, queues the rest ──┐
-//!   worker pool (server-wide, a few threads) <────────────────────┘
-//!       runs the device call, builds the whole reply in one buffer (data read straight
-//!       into it behind the header) and sends it; concurrent small replies are combined
-//!       into one write (see `Conn::send`)
+//!   accept thread ──> per connection: handshake, then the reader thread, which
+//!     - parses request headers and rejects bad ones itself (error reply, payload skipped),
+//!     - runs small READ/WRITE (<= 64 KiB, no FUA) inline, batching their replies into
+//!       one send per burst of pipelined requests, unless a worker is idle and more
+//!       requests are already buffered (then it shares the load),
+//!     - queues everything else (large transfers, FLUSH/FUA, TRIM, WRITE_ZEROES,
+//!       BLOCK_STATUS, CACHE) ──┐
+//!   worker pool (server-wide) <┘ runs the device call, builds the whole reply in one
+//!       buffer (read data lands straight behind its header) and sends it; concurrent
+//!       small replies are combined into one write (see `Conn::send`)
 //! ```
 //!
 //! Contract: a socket serves exactly the exports it was bound with; the socket file is
@@ -127,6 +130,8 @@ struct Shared {
     next_id: AtomicU64,
     queue: Mutex<QueueState>,
     queue_cv: Condvar,
+    /// Workers waiting for a job (a hint for [`Conn::offload`]).
+    idle_workers: std::sync::atomic::AtomicUsize,
     bufs: BufPool,
 }
 
@@ -269,6 +274,7 @@ impl NbdServer {
             next_id: AtomicU64::new(0),
             queue: Mutex::new(QueueState::default()),
             queue_cv: Condvar::new(),
+            idle_workers: std::sync::atomic::AtomicUsize::new(0),
             bufs: BufPool {
                 free: Mutex::new(Vec::new()),
             },
@@ -539,6 +545,46 @@ struct OutQueue {
 /// Replies up to this size are copied into the combined batch; larger ones take a turn.
 const COMBINE_MAX: usize = 64 << 10;
 
+/// Small uncomplicated requests (READ/WRITE up to this size, no FUA) are run by the
+/// reader itself and their replies batched: at high queue depth one `recv` brings in many
+/// requests and one `send` carries all their replies, with no thread handoff. Everything
+/// else (large transfers, FLUSH, FUA, TRIM, block status) goes to the worker pool, so a
+/// slow commit never stalls the pipeline.
+const INLINE_MAX: u32 = 64 << 10;
+/// Batched inline replies are sent once they reach this size (or the reader would block).
+const BATCH_MAX: usize = 256 << 10;
+
+/// A reply buffer whose backing `Vec` only ever grows: `len` marks the bytes in use, so
+/// reusing it never re-zeroes memory that a device read will overwrite anyway.
+#[derive(Default)]
+struct ReplyBuf {
+    buf: Vec<u8>,
+    len: usize,
+}
+
+impl ReplyBuf {
+    fn from_vec(buf: Vec<u8>) -> Self {
+        ReplyBuf { buf, len: 0 }
+    }
+    /// `n` writable bytes at the end; [`ReplyBuf::commit`] them once filled.
+    fn tail(&mut self, n: usize) -> &mut [u8] {
+        if self.buf.len() < self.len + n {
+            self.buf.resize(self.len + n, 0);
+        }
+        &mut self.buf[self.len..self.len + n]
+    }
+    fn commit(&mut self, n: usize) {
+        self.len += n;
+    }
+    fn push(&mut self, b: &[u8]) {
+        self.tail(b.len()).copy_from_slice(b);
+        self.commit(b.len());
+    }
+    fn bytes(&self) -> &[u8] {
+        &self.buf[..self.len]
+    }
+}
+
 /// One connection in the transmission phase.
 struct Conn {
     device: Arc<dyn BlockDevice>,
@@ -556,13 +602,54 @@ struct Conn {
 
 impl Conn {
     fn read_requests(self: &Arc<Self>, r: &mut BufReader<UnixStream>) -> io::Result<()> {
+        let mut batch = ReplyBuf::default();
+        let mut wbuf = Vec::new();
+        let result = self.read_loop(r, &mut batch, &mut wbuf);
+        self.flush_batch(&mut batch);
+        result
+    }
+
+    /// Whether to hand a small request to an idle worker instead of running it inline:
+    /// only when the client has already pipelined more requests behind it (so the reader
+    /// has work of its own) and a worker is idle (so nothing queues behind a busy one).
+    fn offload(&self, buffered: usize, cmd: Command, length: u32) -> bool {
+        let own = if cmd == Command::Write {
+            length as usize
+        } else {
+            0
+        };
+        buffered >= own + REQUEST_LEN && self.shared.idle_workers.load(Ordering::Relaxed) > 0
+    }
+
+    fn flush_batch(&self, batch: &mut ReplyBuf) {
+        if batch.len > 0 {
+            self.send(batch.bytes());
+            batch.len = 0;
+        }
+    }
+
+    fn read_loop(
+        self: &Arc<Self>,
+        r: &mut BufReader<UnixStream>,
+        batch: &mut ReplyBuf,
+        wbuf: &mut Vec<u8>,
+    ) -> io::Result<()> {
         let mut hdr = [0u8; REQUEST_LEN];
+        let eof_ok = |e: io::Error| {
+            if e.kind() == io::ErrorKind::UnexpectedEof {
+                Ok(())
+            } else {
+                Err(e)
+            }
+        };
         loop {
-            match r.read_exact(&mut hdr) {
-                Ok(()) => {}
+            if r.buffer().len() < REQUEST_LEN || batch.len >= BATCH_MAX {
+                // About to block on the socket (or the batch is big): let replies go first.
+                self.flush_batch(batch);
+            }
+            if let Err(e) = r.read_exact(&mut hdr) {
                 // The client closed (cleanly between requests, or mid-frame): nothing to answer.
-                Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(()),
-                Err(e) => return Err(e),
+                return eof_ok(e);
             }
             if self.broken.load(Ordering::Relaxed) {
                 return Ok(());
@@ -572,9 +659,10 @@ impl Conn {
                 Ok(c) => c,
                 Err(rej) => {
                     if let Payload::Skip(n) = rej.payload {
+                        self.flush_batch(batch);
                         io::copy(&mut r.by_ref().take(u64::from(n)), &mut io::sink())?;
                     }
-                    self.send_error(&req, rej.errno, rej.message, None);
+                    self.error_reply(&req, rej.errno, rej.message, None, batch);
                     if rej.payload == Payload::Disconnect {
                         return Err(bad_data(
                             "write payload over the maximum; framing cannot be trusted".into(),
@@ -583,8 +671,30 @@ impl Conn {
                     continue;
                 }
             };
-            if cmd == Command::Disc {
-                return Ok(());
+            match cmd {
+                Command::Disc => return Ok(()),
+                Command::Read | Command::Write
+                    if req.length <= INLINE_MAX
+                        && req.flags & CMD_FLAG_FUA == 0
+                        && !self.offload(r.buffer().len(), cmd, req.length) =>
+                {
+                    if cmd == Command::Read {
+                        self.read_reply(&req, batch);
+                    } else {
+                        let n = req.length as usize;
+                        if r.buffer().len() < n {
+                            self.flush_batch(batch);
+                        }
+                        if wbuf.len() < n {
+                            wbuf.resize(n, 0);
+                        }
+                        r.read_exact(&mut wbuf[..n]).or_else(eof_ok)?;
+                        let res = self.device.write_at(&wbuf[..n], req.offset);
+                        self.status_reply(&req, res, batch);
+                    }
+                    continue;
+                }
+                _ => {}
             }
             let cost = if matches!(cmd, Command::Read | Command::Write) {
                 u64::from(req.length)
@@ -593,8 +703,13 @@ impl Conn {
             };
             {
                 // Admission before the payload is read: a client that pipelines faster
-                // than the device is slowed by TCP/socket backpressure, not server memory.
+                // than the device is slowed by socket backpressure, not server memory.
                 let mut n = lock(&self.inflight);
+                if n.0 >= MAX_INFLIGHT || (n.0 > 0 && n.1 + cost > MAX_INFLIGHT_BYTES) {
+                    drop(n);
+                    self.flush_batch(batch);
+                    n = lock(&self.inflight);
+                }
                 while n.0 >= MAX_INFLIGHT || (n.0 > 0 && n.1 + cost > MAX_INFLIGHT_BYTES) {
                     n = self.idle.wait(n).unwrap_or_else(|p| p.into_inner());
                 }
@@ -602,14 +717,14 @@ impl Conn {
                 n.1 += cost;
             }
             let payload = if cmd == Command::Write {
-                let mut b = self.shared.bufs.get(req.length as usize);
-                if let Err(e) = r.read_exact(&mut b[..req.length as usize]) {
+                let n = req.length as usize;
+                if r.buffer().len() < n {
+                    self.flush_batch(batch);
+                }
+                let mut b = self.shared.bufs.get(n);
+                if let Err(e) = r.read_exact(&mut b[..n]) {
                     self.done(cost);
-                    return if e.kind() == io::ErrorKind::UnexpectedEof {
-                        Ok(())
-                    } else {
-                        Err(e)
-                    };
+                    return eof_ok(e);
                 }
                 Some(b)
             } else {
@@ -692,77 +807,108 @@ impl Conn {
         }
     }
 
-    fn send_error(&self, req: &Request, errno: u32, message: &str, offset: Option<u64>) {
+    fn error_reply(
+        &self,
+        req: &Request,
+        errno: u32,
+        message: &str,
+        offset: Option<u64>,
+        out: &mut ReplyBuf,
+    ) {
         if self.params.structured {
-            let mut out = Vec::with_capacity(64 + message.len().min(1024));
-            push_error_chunk(&mut out, req.handle, errno, message, offset);
-            self.send(&out);
+            let msg = truncate_utf8(message, 1024).as_bytes();
+            let extra = if offset.is_some() { 8 } else { 0 };
+            let kind = if offset.is_some() {
+                REPLY_TYPE_ERROR_OFFSET
+            } else {
+                REPLY_TYPE_ERROR
+            };
+            let t = out.tail(CHUNK_HEADER_LEN + 6 + msg.len() + extra);
+            put_chunk_header(
+                t,
+                REPLY_FLAG_DONE,
+                kind,
+                req.handle,
+                (6 + msg.len() + extra) as u32,
+            );
+            t[20..24].copy_from_slice(&errno.max(1).to_be_bytes());
+            t[24..26].copy_from_slice(&(msg.len() as u16).to_be_bytes());
+            t[26..26 + msg.len()].copy_from_slice(msg);
+            if let Some(o) = offset {
+                t[26 + msg.len()..].copy_from_slice(&o.to_be_bytes());
+            }
+            out.commit(CHUNK_HEADER_LEN + 6 + msg.len() + extra);
         } else {
-            self.send(&simple_reply(errno, req.handle));
+            out.push(&simple_reply(errno, req.handle));
         }
     }
 
-    fn send_status(&self, req: &Request, r: Result<(), BlockError>) {
+    fn status_reply(&self, req: &Request, r: Result<(), BlockError>, out: &mut ReplyBuf) {
         match r {
-            Ok(()) => self.send(&simple_reply(0, req.handle)),
-            Err(e) => self.send_error(req, wire_errno(&e), &e.to_string(), None),
+            Ok(()) => out.push(&simple_reply(0, req.handle)),
+            Err(e) => self.error_reply(req, wire_errno(&e), &e.to_string(), None, out),
         }
     }
 
+    /// Runs one queued request on a worker and sends its reply.
     fn run(&self, req: Request, cmd: Command, payload: Option<Vec<u8>>) {
         let fua = req.flags & CMD_FLAG_FUA != 0;
         let dev = &*self.device;
         let then_flush =
             |r: Result<(), BlockError>| if fua { r.and_then(|()| dev.flush()) } else { r };
+        let bufs = &self.shared.bufs;
+        let mut out = ReplyBuf::from_vec(bufs.get(0));
         match cmd {
-            Command::Read => self.read(&req),
+            Command::Read => self.read_reply(&req, &mut out),
             Command::Write => {
                 let buf = payload.unwrap_or_default();
                 let r = dev.write_at(&buf[..req.length as usize], req.offset);
-                self.shared.bufs.put(buf);
-                self.send_status(&req, then_flush(r));
+                bufs.put(buf);
+                self.status_reply(&req, then_flush(r), &mut out);
             }
-            Command::Flush => self.send_status(&req, dev.flush()),
+            Command::Flush => self.status_reply(&req, dev.flush(), &mut out),
             Command::Trim => {
-                self.send_status(&req, then_flush(dev.discard(req.offset, req.length.into())))
+                let r = then_flush(dev.discard(req.offset, req.length.into()));
+                self.status_reply(&req, r, &mut out)
             }
             Command::WriteZeroes => {
                 let may_unmap = req.flags & CMD_FLAG_NO_HOLE == 0;
-                self.send_status(
-                    &req,
-                    then_flush(dev.write_zeroes(req.offset, req.length.into(), may_unmap)),
-                )
+                let r = then_flush(dev.write_zeroes(req.offset, req.length.into(), may_unmap));
+                self.status_reply(&req, r, &mut out)
             }
             // Reads go through the page cache or the pool's own cache anyway; prefetching
             // would only duplicate that, so CACHE is acknowledged after the range check.
-            Command::Cache => self.send_status(&req, Ok(())),
-            Command::BlockStatus => self.block_status(&req),
+            Command::Cache => self.status_reply(&req, Ok(()), &mut out),
+            Command::BlockStatus => self.block_status_reply(&req, &mut out),
             Command::Disc => {}
         }
+        self.send(out.bytes());
+        bufs.put(out.buf);
     }
 
-    fn read(&self, req: &Request) {
+    /// Appends the whole reply to a READ, data read straight into place behind its header.
+    fn read_reply(&self, req: &Request, out: &mut ReplyBuf) {
         let len = req.length as usize;
-        let bufs = &self.shared.bufs;
         if !self.params.structured {
-            let mut buf = bufs.get(SIMPLE_REPLY_LEN + len);
-            match self.device.read_at(
-                &mut buf[SIMPLE_REPLY_LEN..SIMPLE_REPLY_LEN + len],
-                req.offset,
-            ) {
+            let t = out.tail(SIMPLE_REPLY_LEN + len);
+            match self.device.read_at(&mut t[SIMPLE_REPLY_LEN..], req.offset) {
                 Ok(()) => {
-                    put_simple_reply(&mut buf, 0, req.handle);
-                    self.send(&buf[..SIMPLE_REPLY_LEN + len]);
+                    put_simple_reply(t, 0, req.handle);
+                    out.commit(SIMPLE_REPLY_LEN + len);
                 }
-                Err(e) => self.send(&simple_reply(wire_errno(&e), req.handle)),
+                Err(e) => out.push(&simple_reply(wire_errno(&e), req.handle)),
             }
-            bufs.put(buf);
             return;
         }
         if len == 0 {
-            let mut b = [0u8; CHUNK_HEADER_LEN];
-            put_chunk_header(&mut b, REPLY_FLAG_DONE, REPLY_TYPE_NONE, req.handle, 0);
-            self.send(&b);
+            put_chunk_header(
+                out.tail(CHUNK_HEADER_LEN),
+                REPLY_FLAG_DONE,
+                REPLY_TYPE_NONE,
+                req.handle,
+                0,
+            );
+            out.commit(CHUNK_HEADER_LEN);
             return;
         }
         // Segments (offset, length, reads-as-zero) covering the request.
@@ -771,8 +917,11 @@ impl Conn {
             if let Ok(ext) = self.device.block_status(req.offset, req.length.into()) {
                 let mut pos = 0u32;
                 for d in extents_to_descriptors(&ext, req.offset, req.length, false) {
-                    let zero = d.flags & STATE_ZERO != 0;
-                    segs.push((req.offset + u64::from(pos), d.length, zero));
+                    segs.push((
+                        req.offset + u64::from(pos),
+                        d.length,
+                        d.flags & STATE_ZERO != 0,
+                    ));
                     pos += d.length;
                 }
                 if pos < req.length {
@@ -783,75 +932,53 @@ impl Conn {
         if segs.is_empty() {
             segs.push((req.offset, req.length, false));
         }
-        let total: usize = segs
-            .iter()
-            .map(|&(_, l, z)| CHUNK_HEADER_LEN + if z { 12 } else { 8 + l as usize })
-            .sum();
-        let mut buf = bufs.get(total);
-        let mut at = 0;
+        let start = out.len;
         let last = segs.len() - 1;
         for (i, &(off, l, zero)) in segs.iter().enumerate() {
             let flags = if i == last { REPLY_FLAG_DONE } else { 0 };
             if zero {
-                put_chunk_header(
-                    &mut buf[at..],
-                    flags,
-                    REPLY_TYPE_OFFSET_HOLE,
-                    req.handle,
-                    12,
-                );
-                buf[at + 20..at + 28].copy_from_slice(&off.to_be_bytes());
-                buf[at + 28..at + 32].copy_from_slice(&l.to_be_bytes());
-                at += 32;
+                let t = out.tail(32);
+                put_chunk_header(t, flags, REPLY_TYPE_OFFSET_HOLE, req.handle, 12);
+                t[20..28].copy_from_slice(&off.to_be_bytes());
+                t[28..32].copy_from_slice(&l.to_be_bytes());
+                out.commit(32);
             } else {
-                put_chunk_header(
-                    &mut buf[at..],
-                    flags,
-                    REPLY_TYPE_OFFSET_DATA,
-                    req.handle,
-                    8 + l,
-                );
-                buf[at + 20..at + 28].copy_from_slice(&off.to_be_bytes());
-                let data = &mut buf[at + 28..at + 28 + l as usize];
-                if let Err(e) = self.device.read_at(data, off) {
-                    // Nothing has been sent yet: report the failing segment alone.
-                    bufs.put(buf);
-                    self.send_error(req, wire_errno(&e), &e.to_string(), Some(off));
+                let t = out.tail(28 + l as usize);
+                put_chunk_header(t, flags, REPLY_TYPE_OFFSET_DATA, req.handle, 8 + l);
+                t[20..28].copy_from_slice(&off.to_be_bytes());
+                if let Err(e) = self.device.read_at(&mut t[28..], off) {
+                    // Nothing of this reply has been sent: replace it by the error alone.
+                    out.len = start;
+                    self.error_reply(req, wire_errno(&e), &e.to_string(), Some(off), out);
                     return;
                 }
-                at += 28 + l as usize;
+                out.commit(28 + l as usize);
             }
         }
-        self.send(&buf[..at]);
-        bufs.put(buf);
     }
 
-    fn block_status(&self, req: &Request) {
+    fn block_status_reply(&self, req: &Request, out: &mut ReplyBuf) {
         match self.device.block_status(req.offset, req.length.into()) {
             Ok(ext) => {
-                let descs = extents_to_descriptors(
-                    &ext,
-                    req.offset,
-                    req.length,
-                    req.flags & CMD_FLAG_REQ_ONE != 0,
-                );
+                let req_one = req.flags & CMD_FLAG_REQ_ONE != 0;
+                let descs = extents_to_descriptors(&ext, req.offset, req.length, req_one);
                 let len = 4 + 8 * descs.len();
-                let mut out = vec![0u8; CHUNK_HEADER_LEN];
+                let t = out.tail(CHUNK_HEADER_LEN + len);
                 put_chunk_header(
-                    &mut out,
+                    t,
                     REPLY_FLAG_DONE,
                     REPLY_TYPE_BLOCK_STATUS,
                     req.handle,
                     len as u32,
                 );
-                out.extend_from_slice(&BASE_ALLOCATION_ID.to_be_bytes());
-                for d in descs {
-                    out.extend_from_slice(&d.length.to_be_bytes());
-                    out.extend_from_slice(&d.flags.to_be_bytes());
+                t[20..24].copy_from_slice(&BASE_ALLOCATION_ID.to_be_bytes());
+                for (i, d) in descs.iter().enumerate() {
+                    t[24 + 8 * i..28 + 8 * i].copy_from_slice(&d.length.to_be_bytes());
+                    t[28 + 8 * i..32 + 8 * i].copy_from_slice(&d.flags.to_be_bytes());
                 }
-                self.send(&out);
+                out.commit(CHUNK_HEADER_LEN + len);
             }
-            Err(e) => self.send_error(req, wire_errno(&e), &e.to_string(), None),
+            Err(e) => self.error_reply(req, wire_errno(&e), &e.to_string(), None, out),
         }
     }
 }
@@ -867,7 +994,9 @@ fn worker(sh: &Shared) {
                 if q.closed {
                     return;
                 }
+                sh.idle_workers.fetch_add(1, Ordering::Relaxed);
                 q = sh.queue_cv.wait(q).unwrap_or_else(|p| p.into_inner());
+                sh.idle_workers.fetch_sub(1, Ordering::Relaxed);
             }
         };
         let conn = job.conn;
@@ -876,7 +1005,9 @@ fn worker(sh: &Shared) {
             conn.run(job.req, job.cmd, job.payload)
         }));
         if ok.is_err() {
-            conn.send_error(&job.req, EIO, "internal error", None);
+            let mut out = ReplyBuf::default();
+            conn.error_reply(&job.req, EIO, "internal error", None, &mut out);
+            conn.send(out.bytes());
         }
         conn.done(job.cost);
     }
