@@ -688,7 +688,10 @@ impl Conn {
                         if wbuf.len() < n {
                             wbuf.resize(n, 0);
                         }
-                        r.read_exact(&mut wbuf[..n]).or_else(eof_ok)?;
+                        if let Err(e) = r.read_exact(&mut wbuf[..n]) {
+                            // Client gone mid-payload: the partial write is never applied.
+                            return eof_ok(e);
+                        }
                         let res = self.device.write_at(&wbuf[..n], req.offset);
                         self.status_reply(&req, res, batch);
                     }

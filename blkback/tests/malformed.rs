@@ -312,6 +312,19 @@ fn transmission_abuse() {
     c.request(CMD_WRITE, 0, 30, 0, MIB as u32);
     c.s.write_all(&[7u8; 1000]).unwrap();
     drop(c);
+    // The same with a small (inline) write: the partial payload must never be applied.
+    c = Raw::connect(&fx, flags());
+    assert_eq!(c.go("vol"), REP_ACK);
+    c.request(CMD_WRITE, 0, 31, 2 * MIB, 8192);
+    c.s.write_all(&[7u8; 100]).unwrap();
+    drop(c);
+    wait_for_no_connections(&fx);
+    let mut probe = vec![0xffu8; 8192];
+    fx.devices[0].read_at(&mut probe, 2 * MIB).unwrap();
+    assert!(
+        probe.iter().all(|&b| b == 0),
+        "a truncated write reached the device"
+    );
     // Vanish with replies in flight (large reads nobody collects).
     c = Raw::connect(&fx, flags());
     assert_eq!(c.go("vol"), REP_ACK);
