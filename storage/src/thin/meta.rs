@@ -403,6 +403,9 @@ pub(crate) struct Meta {
     pub handles: HashMap<u64, usize>,
     /// Bumped on every change of a volume's content (fingerprint cache validity).
     epochs: HashMap<u64, u64>,
+    /// Metadata refcounts of the older superblock slot (and its high-water mark) until
+    /// the first commit overwrites it: pages it uses are not reused before then.
+    older_rc: Option<(ArrayTree, u64)>,
     pub poisoned: Option<String>,
 }
 
@@ -449,7 +452,37 @@ impl Meta {
             inflight: HashSet::new(),
             handles: HashMap::new(),
             epochs: HashMap::new(),
+            older_rc: None,
             poisoned: None,
+        }
+    }
+
+    /// Protects the pages of the previous commit `older` (the fallback superblock slot)
+    /// from reuse until this process's first commit replaces that slot.
+    pub fn keep_older(&mut self, older: Option<Superblock>) {
+        self.older_rc = older.map(|o| {
+            (
+                ArrayTree::new(PageKind::MetaRcInterior, PageKind::MetaRcLeaf, o.meta_rc),
+                o.meta_hw,
+            )
+        });
+    }
+
+    /// Whether page `p` is in use in the older slot's commit. A damaged older tree
+    /// protects nothing (the fallback is best effort).
+    fn used_by_older(&mut self, p: u64) -> bool {
+        let Some((tree, hw)) = &mut self.older_rc else {
+            return false;
+        };
+        if p >= *hw {
+            return false;
+        }
+        match tree.get_rc(&*self.file, *hw, p) {
+            Ok(rc) => rc > 0,
+            Err(_) => {
+                self.older_rc = None;
+                false
+            }
         }
     }
 
@@ -593,7 +626,13 @@ impl Meta {
                     if counts[(q % RC_LEAF_ENTRIES as u64) as usize] == 0
                         && !self.meta_deferred.contains(&q)
                     {
-                        self.free_meta.insert(q);
+                        if self.used_by_older(q) {
+                            // Free after our first commit, which replaces the older slot.
+                            self.meta_deferred.insert(q);
+                            self.freed_meta_prev.push(q);
+                        } else {
+                            self.free_meta.insert(q);
+                        }
                     }
                 }
                 self.meta_scan = end;
@@ -1150,6 +1189,7 @@ impl Meta {
         file.sync().map_err(io_err("syncing the superblock"))?;
         // Durable: release what the previous commits freed.
         self.sb = sb;
+        self.older_rc = None;
         self.fresh.clear();
         self.dropped_pages.clear();
         self.dropped_chunks.clear();

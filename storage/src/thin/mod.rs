@@ -315,16 +315,21 @@ impl ThinPool {
                 "{META_FILE} is {len} bytes, too short for the superblocks"
             )));
         }
-        let mut best: Option<Superblock> = None;
+        let mut valid: Vec<Superblock> = Vec::new();
         let mut problems = Vec::new();
         for slot in [PageNo(0), PageNo(1)] {
             let buf = meta::read_page(&*meta_file, slot).map_err(|e| e.into_pool(4096))?;
             match Superblock::unpack(slot, &buf[..]) {
-                Ok(sb) if best.is_none_or(|b| sb.generation > b.generation) => best = Some(sb),
-                Ok(_) => {}
+                Ok(sb) => valid.push(sb),
                 Err(e) => problems.push(e.to_string()),
             }
         }
+        valid.sort_by_key(|sb| sb.generation);
+        let best = valid.pop();
+        // The previous commit, kept readable (its pages are not reused) until our first commit.
+        let older = valid
+            .pop()
+            .filter(|o| best.is_some_and(|b| o.generation < b.generation));
         let Some(sb) = best else {
             return Err(PoolError::Corrupt(format!(
                 "no valid superblock: {}",
@@ -351,7 +356,8 @@ impl ThinPool {
             .map_err(|e| PoolError::io("punching unused chunks", e))?;
         data.sync()
             .map_err(|e| PoolError::io("syncing pool.data", e))?;
-        let m = Meta::new(meta_file.clone(), sb, cat, pages);
+        let mut m = Meta::new(meta_file.clone(), sb, cat, pages);
+        m.keep_older(older);
         Ok(Self::assemble(dir, lock, meta_file, data, m))
     }
 
