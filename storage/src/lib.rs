@@ -24,8 +24,8 @@ pub mod thin;
 pub use mem::MemPool;
 pub use names::{validate_name, NameError};
 pub use pool::{
-    BlockDevice, BlockError, BlockErrorKind, Extent, ImportOptions, ImportStats, Pool, PoolError,
-    PoolInfo, VerifyReport, VolumeInfo,
+    BatchGuard, BlockDevice, BlockError, BlockErrorKind, Extent, ImportOptions, ImportStats, Pool,
+    PoolError, PoolInfo, VerifyReport, VolumeInfo,
 };
 pub use qubes::{ModelError, QubeClass, QubeVolumes, Volumes};
 pub use reflink::ReflinkPool;

@@ -87,6 +87,8 @@ struct Shared {
     chunk_size: u64,
     capacity: Option<u64>,
     used: Arc<AtomicU64>,
+    /// See `Pool::batch`.
+    batch: parking_lot::ReentrantMutex<()>,
 }
 
 impl Shared {
@@ -148,6 +150,7 @@ impl MemPool {
                 chunk_size,
                 capacity,
                 used: Arc::new(AtomicU64::new(0)),
+                batch: parking_lot::ReentrantMutex::new(()),
             }),
         }
     }
@@ -399,7 +402,12 @@ impl Pool for MemPool {
             .collect())
     }
 
+    fn batch(&self) -> crate::pool::BatchGuard<'_> {
+        crate::pool::BatchGuard(Some(self.shared.batch.lock()))
+    }
+
     fn commit(&self) -> Result<(), PoolError> {
+        let _batch = self.shared.batch.lock();
         let mut st = self.shared.state.lock();
         st.committed = st.staged.clone();
         st.generation += 1;

@@ -13,9 +13,18 @@ pub enum NameError {
     #[error("{what} name is empty; give a name such as `work`")]
     Empty { what: &'static str },
     #[error("{what} name {name:?} is too long ({len} bytes, at most {max})")]
-    TooLong { what: &'static str, name: String, len: usize, max: usize },
+    TooLong {
+        what: &'static str,
+        name: String,
+        len: usize,
+        max: usize,
+    },
     #[error("{what} name {name:?} contains {bad:?}; use letters, digits, `-`, `_` and `.` only")]
-    BadChar { what: &'static str, name: String, bad: char },
+    BadChar {
+        what: &'static str,
+        name: String,
+        bad: char,
+    },
     #[error("{what} name {name:?} must start with a letter or a digit")]
     BadStart { what: &'static str, name: String },
     #[error("{what} name {name:?} is reserved (`.` and `..` are path components)")]
@@ -38,16 +47,26 @@ pub fn validate_name(what: &'static str, name: &str) -> Result<(), NameError> {
         });
     }
     if name == "." || name == ".." || name.contains("..") {
-        return Err(NameError::Reserved { what, name: name.to_string() });
+        return Err(NameError::Reserved {
+            what,
+            name: name.to_string(),
+        });
     }
     if let Some(bad) = name
         .chars()
         .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.')))
     {
-        return Err(NameError::BadChar { what, name: name.escape_debug().to_string(), bad });
+        return Err(NameError::BadChar {
+            what,
+            name: name.escape_debug().to_string(),
+            bad,
+        });
     }
     if !name.starts_with(|c: char| c.is_ascii_alphanumeric()) {
-        return Err(NameError::BadStart { what, name: name.to_string() });
+        return Err(NameError::BadStart {
+            what,
+            name: name.to_string(),
+        });
     }
     Ok(())
 }
@@ -65,15 +84,42 @@ mod tests {
 
     #[test]
     fn refuses_path_tricks_and_control_chars() {
-        assert!(matches!(validate_name("qube", ""), Err(NameError::Empty { .. })));
-        assert!(matches!(validate_name("qube", ".."), Err(NameError::Reserved { .. })));
-        assert!(matches!(validate_name("qube", "a..b"), Err(NameError::Reserved { .. })));
-        assert!(matches!(validate_name("qube", "a/b"), Err(NameError::BadChar { bad: '/', .. })));
-        assert!(matches!(validate_name("qube", "a\nb"), Err(NameError::BadChar { .. })));
-        assert!(matches!(validate_name("qube", "a\u{1b}[31m"), Err(NameError::BadChar { .. })));
-        assert!(matches!(validate_name("qube", "-rf"), Err(NameError::BadStart { .. })));
-        assert!(matches!(validate_name("qube", ".hidden"), Err(NameError::BadStart { .. })));
+        assert!(matches!(
+            validate_name("qube", ""),
+            Err(NameError::Empty { .. })
+        ));
+        assert!(matches!(
+            validate_name("qube", ".."),
+            Err(NameError::Reserved { .. })
+        ));
+        assert!(matches!(
+            validate_name("qube", "a..b"),
+            Err(NameError::Reserved { .. })
+        ));
+        assert!(matches!(
+            validate_name("qube", "a/b"),
+            Err(NameError::BadChar { bad: '/', .. })
+        ));
+        assert!(matches!(
+            validate_name("qube", "a\nb"),
+            Err(NameError::BadChar { .. })
+        ));
+        assert!(matches!(
+            validate_name("qube", "a\u{1b}[31m"),
+            Err(NameError::BadChar { .. })
+        ));
+        assert!(matches!(
+            validate_name("qube", "-rf"),
+            Err(NameError::BadStart { .. })
+        ));
+        assert!(matches!(
+            validate_name("qube", ".hidden"),
+            Err(NameError::BadStart { .. })
+        ));
         let long = "a".repeat(MAX_NAME_LEN + 1);
-        assert!(matches!(validate_name("qube", &long), Err(NameError::TooLong { .. })));
+        assert!(matches!(
+            validate_name("qube", &long),
+            Err(NameError::TooLong { .. })
+        ));
     }
 }

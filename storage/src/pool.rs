@@ -128,7 +128,10 @@ pub enum PoolError {
 
 impl PoolError {
     pub fn io(op: impl Into<String>, source: std::io::Error) -> Self {
-        PoolError::Io { op: op.into(), source }
+        PoolError::Io {
+            op: op.into(),
+            source,
+        }
     }
 }
 
@@ -197,6 +200,9 @@ pub struct ImportStats {
     pub fingerprint: String,
 }
 
+/// See [`Pool::batch`]; dropping it lets other threads' commits through again.
+pub struct BatchGuard<'a>(pub Option<parking_lot::ReentrantMutexGuard<'a, ()>>);
+
 /// A pool driver. Implementations: `thin` (default), `reflink`, `mem` (simulation).
 /// All methods are callable from several threads.
 pub trait Pool: Send + Sync {
@@ -238,6 +244,14 @@ pub trait Pool: Send + Sync {
     /// Makes every staged change and every acknowledged write durable, atomically.
     fn commit(&self) -> Result<(), PoolError>;
 
+    /// Holds commits from other threads (a guest's FLUSH, which commits the pool) off
+    /// while the caller stages a multi-step change, so none of it becomes durable before
+    /// the caller's own commit. Re-entrant: the holder's own `commit` goes through. Hold
+    /// it only for the staging and the commit, never while waiting on a guest.
+    fn batch(&self) -> BatchGuard<'_> {
+        BatchGuard(None)
+    }
+
     /// Thorough check (like thin_check): walks every structure.
     fn verify(&self) -> Result<VerifyReport, PoolError>;
 
@@ -258,17 +272,22 @@ pub trait Pool: Send + Sync {
 /// Checks a pool-level volume key: 1..=200 bytes of `[A-Za-z0-9._@:+/-]`, no empty path
 /// segment, no `.`/`..` segment, no leading `/`.
 pub fn validate_volume_key(key: &str) -> Result<(), PoolError> {
-    let bad = |reason: &str| PoolError::BadVolumeKey { key: key.escape_debug().to_string(), reason: reason.into() };
+    let bad = |reason: &str| PoolError::BadVolumeKey {
+        key: key.escape_debug().to_string(),
+        reason: reason.into(),
+    };
     if key.is_empty() || key.len() > 200 {
         return Err(bad("length must be 1 to 200 bytes"));
     }
-    if let Some(c) = key
-        .chars()
-        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '@' | ':' | '+' | '/' | '-')))
-    {
+    if let Some(c) = key.chars().find(|c| {
+        !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '@' | ':' | '+' | '/' | '-'))
+    }) {
         return Err(bad(&format!("character {c:?} is not allowed")));
     }
-    if key.split('/').any(|seg| seg.is_empty() || seg == "." || seg == "..") {
+    if key
+        .split('/')
+        .any(|seg| seg.is_empty() || seg == "." || seg == "..")
+    {
         return Err(bad("empty, `.` or `..` path segment"));
     }
     Ok(())

@@ -110,6 +110,9 @@ struct Txn<'a> {
     pool: &'a dyn Pool,
     undo: Vec<Undo>,
     committed: bool,
+    /// Keeps a guest's FLUSH (a pool commit from another thread) from making half of
+    /// this transaction durable. Declared last: released after the undo in `Drop`.
+    _batch: crate::pool::BatchGuard<'a>,
 }
 
 impl<'a> Txn<'a> {
@@ -118,6 +121,7 @@ impl<'a> Txn<'a> {
             pool,
             undo: Vec::new(),
             committed: false,
+            _batch: pool.batch(),
         }
     }
 

@@ -118,6 +118,9 @@ pub struct ThinPool {
     /// Data I/O holds this shared from planning to completion; commit, snapshot, remove
     /// and resize hold it exclusively.
     gate: RwLock<()>,
+    /// `Pool::batch`: taken by every commit before the gate, so a guest's FLUSH waits
+    /// while the volume model stages a multi-step transaction.
+    batch: parking_lot::ReentrantMutex<()>,
     state: Mutex<Meta>,
     /// Signalled when in-flight chunks complete.
     cv: Condvar,
@@ -376,6 +379,7 @@ impl ThinPool {
             meta_file,
             geo: m.geo,
             gate: RwLock::new(()),
+            batch: parking_lot::ReentrantMutex::new(()),
             state: Mutex::new(m),
             cv: Condvar::new(),
         })
@@ -1319,7 +1323,12 @@ impl Pool for ThinPool {
             .collect())
     }
 
+    fn batch(&self) -> crate::pool::BatchGuard<'_> {
+        crate::pool::BatchGuard(Some(self.batch.lock()))
+    }
+
     fn commit(&self) -> Result<(), PoolError> {
+        let _b = self.batch.lock();
         let _g = self.gate.write();
         let mut m = self.state.lock();
         self.commit_locked(&mut m)
