@@ -107,10 +107,26 @@ fn used_bytes(path: &Path) -> u64 {
     fs::metadata(path).unwrap().blocks() * 512
 }
 
-fn time<T>(f: impl FnOnce() -> T) -> (T, f64) {
-    let t = Instant::now();
+/// CPU seconds (user + system) of this process and its waited-for children.
+fn cpu_seconds() -> f64 {
+    let mut total = 0.0;
+    for who in [libc::RUSAGE_SELF, libc::RUSAGE_CHILDREN] {
+        // SAFETY: getrusage only writes the struct we pass, which is plain data.
+        let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+        // SAFETY: `ru` is a valid, writable rusage for the duration of the call.
+        unsafe { libc::getrusage(who, &mut ru) };
+        let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+        total += tv(ru.ru_utime) + tv(ru.ru_stime);
+    }
+    total
+}
+
+/// Wall seconds and CPU seconds. The machine is shared, so wall time swings with the
+/// load; CPU seconds say what the work itself costs.
+fn time<T>(f: impl FnOnce() -> T) -> (T, (f64, f64)) {
+    let (t, c) = (Instant::now(), cpu_seconds());
     let r = f();
-    (r, t.elapsed().as_secs_f64())
+    (r, (t.elapsed().as_secs_f64(), cpu_seconds() - c))
 }
 
 fn run(cmd: &mut Command) {
@@ -130,8 +146,8 @@ fn drop_caches() {
 struct Row {
     tool: &'static str,
     bytes: u64,
-    export_s: f64,
-    import_s: f64,
+    export_s: (f64, f64),
+    import_s: (f64, f64),
 }
 
 fn bench(label: &str, img: &Path) {
@@ -228,18 +244,23 @@ fn bench(label: &str, img: &Path) {
         stats.dedup_chunks,
         stats.stored_chunks
     );
-    println!("| tool | output MiB | % of used | export s | export MB/s | import s | import MB/s |");
-    println!("|---|---:|---:|---:|---:|---:|---:|");
+    println!("| tool | output MiB | % of used | export wall s | export MB/s | export CPU s | MB per CPU s | import wall s | import MB/s | import CPU s | MB per CPU s |");
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    let mb = size as f64 / 1e6;
     for r in rows {
         println!(
-            "| {} | {:.1} | {:.1}% | {:.2} | {:.0} | {:.2} | {:.0} |",
+            "| {} | {:.1} | {:.1}% | {:.2} | {:.0} | {:.2} | {:.0} | {:.2} | {:.0} | {:.2} | {:.0} |",
             r.tool,
             mib(r.bytes),
             100.0 * r.bytes as f64 / used as f64,
-            r.export_s,
-            size as f64 / 1e6 / r.export_s,
-            r.import_s,
-            size as f64 / 1e6 / r.import_s
+            r.export_s.0,
+            mb / r.export_s.0,
+            r.export_s.1,
+            mb / r.export_s.1,
+            r.import_s.0,
+            mb / r.import_s.0,
+            r.import_s.1,
+            mb / r.import_s.1,
         );
     }
     let _ = std::io::stdout().flush();

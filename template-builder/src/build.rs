@@ -376,7 +376,7 @@ fn remove_tree(root: &Path) -> Result<(), BuildError> {
 /// Builds (or fetches from the cache) the template described by `recipe`.
 pub fn build(recipe: &Recipe, opts: &BuildOptions) -> Result<BuiltTemplate, BuildError> {
     let name = opts.name.clone().unwrap_or_else(|| recipe.name.clone());
-    let recipe_hash = recipe.hash()?;
+    let recipe_hash = recipe.hash();
     let mirror = effective_mirror(recipe, opts);
     let key = cache_key(&recipe_hash, &mirror);
     let cache_dir =
@@ -638,6 +638,12 @@ fn customize(recipe: &Recipe, tree: &Path, steps: &Steps) -> Result<(), BuildErr
     write_file(&in_tree(tree, "/etc/fstab"), FSTAB.as_bytes(), 0o644)?;
     for f in &recipe.files {
         let bytes = fs::read(&f.src).map_err(io_err("reading recipe file", &f.src))?;
+        if blake3::hash(&bytes).to_hex().as_str() != f.content_hash {
+            return Err(BuildError::BadPath {
+                path: f.src.clone(),
+                reason: "changed since the recipe was loaded (load the recipe again)".into(),
+            });
+        }
         steps.line(&format!(
             "install {} -> {} ({:o})",
             f.src.display(),

@@ -218,6 +218,9 @@ pub struct FileSpec {
     /// Absolute path inside the image.
     pub dest: String,
     pub mode: u32,
+    /// blake3 (hex) of the file's bytes when the recipe was loaded; the build refuses a
+    /// file that changed since, so the recipe hash always describes what was installed.
+    pub content_hash: String,
 }
 
 /// A resolved recipe (see the module doc).
@@ -338,6 +341,7 @@ fn load_layer(path: &Path, depth: usize) -> Result<Layer, RecipeError> {
             src: dir.join(&f.src),
             dest: f.dest,
             mode: f.mode.map(|m| m.0).unwrap_or(0o644),
+            content_hash: String::new(),
         })
         .collect();
     let mut gpg_keys: Vec<String> = raw
@@ -458,6 +462,16 @@ impl Recipe {
                 return Err(incomplete(&format!("package name {p:?} is not valid")));
             }
         }
+        let mut files = files;
+        for f in &mut files {
+            let bytes = std::fs::read(&f.src).map_err(|source| RecipeError::MissingFile {
+                recipe: path.clone(),
+                src: f.src.clone(),
+                dest: f.dest.clone(),
+                source,
+            })?;
+            f.content_hash = blake3::hash(&bytes).to_hex().to_string();
+        }
         let mut seen = BTreeSet::new();
         for f in &files {
             if !seen.insert(f.dest.clone()) {
@@ -488,9 +502,10 @@ impl Recipe {
         })
     }
 
-    /// blake3 (hex) over the resolved recipe and the content of every file it installs.
-    /// Host paths of the files do not count, so a moved checkout hashes the same.
-    pub fn hash(&self) -> Result<String, RecipeError> {
+    /// blake3 (hex) over the resolved recipe and the content of every file it installs
+    /// (as read by [`Recipe::load`]). Host paths of the files do not count, so a moved
+    /// checkout hashes the same.
+    pub fn hash(&self) -> String {
         let mut h = blake3::Hasher::new();
         h.update(b"qubes-template-recipe v1\0");
         let mut doc = serde_json::to_value(self).expect("recipe serialises");
@@ -502,23 +517,12 @@ impl Recipe {
             }
         }
         h.update(doc.to_string().as_bytes());
-        for f in &self.files {
-            let bytes = std::fs::read(&f.src).map_err(|source| RecipeError::MissingFile {
-                recipe: self.path.clone(),
-                src: f.src.clone(),
-                dest: f.dest.clone(),
-                source,
-            })?;
-            h.update(f.dest.as_bytes());
-            h.update(&(bytes.len() as u64).to_le_bytes());
-            h.update(&bytes);
-        }
         for k in self.gpg_keys.iter().filter(|k| !k.contains("://")) {
             if let Ok(bytes) = std::fs::read(k) {
                 h.update(&bytes);
             }
         }
-        Ok(h.finalize().to_hex().to_string())
+        h.finalize().to_hex().to_string()
     }
 }
 

@@ -37,7 +37,7 @@ fn shipped_recipes_load() {
     let fed = Recipe::load(root.join("fedora/minimal.toml")).unwrap();
     assert_eq!(fed.distribution, Distribution::Fedora);
     assert_eq!(fed.gpg_keys.len(), 1);
-    assert_ne!(min.hash().unwrap(), std.hash().unwrap());
+    assert_ne!(min.hash(), std.hash());
 }
 
 fn load_text(text: &str) -> Result<Recipe, RecipeError> {
@@ -146,11 +146,32 @@ mode = 0o600
         (d.join("b2.conf"), 0o600)
     );
 
-    let h1 = r.hash().unwrap();
+    let h1 = r.hash();
     fs::write(d.join("b2.conf"), "child b, edited").unwrap();
-    assert_ne!(h1, r.hash().unwrap(), "hash must cover installed files");
+    let edited = Recipe::load(d.join("child.toml")).unwrap();
+    assert_ne!(h1, edited.hash(), "hash must cover installed files");
     fs::write(d.join("b2.conf"), "child b").unwrap();
-    assert_eq!(h1, r.hash().unwrap());
+    assert_eq!(h1, Recipe::load(d.join("child.toml")).unwrap().hash());
+    // A moved checkout hashes the same.
+    let moved = tempfile::tempdir().unwrap();
+    let status = std::process::Command::new("cp")
+        .arg("-a")
+        .arg(format!("{}/.", d.display()))
+        .arg(moved.path())
+        .status()
+        .unwrap();
+    assert!(status.success());
+    assert_eq!(
+        h1,
+        Recipe::load(moved.path().join("child.toml"))
+            .unwrap()
+            .hash()
+    );
+    fs::remove_file(d.join("b2.conf")).unwrap();
+    assert!(matches!(
+        Recipe::load(d.join("child.toml")).unwrap_err(),
+        RecipeError::MissingFile { .. }
+    ));
 }
 
 #[test]
