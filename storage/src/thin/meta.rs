@@ -1063,6 +1063,24 @@ impl Meta {
 
     // ---- commit ----------------------------------------------------------------------
 
+    /// Nothing staged since the last commit: no new or changed page, no catalogue change,
+    /// no freed page or chunk waiting for a commit to become reusable. A commit would
+    /// only rewrite the superblock.
+    pub fn is_clean(&self) -> bool {
+        self.fresh.is_empty()
+            && self.chunks_deferred.is_empty()
+            && self.freed_meta_prev.is_empty()
+            && self.freed_meta_txn.is_empty()
+            && self.dropped_pages.is_empty()
+            && self.dropped_chunks.is_empty()
+            && !self.cat_dirty
+            && !self.cat_pages.is_empty()
+            && self
+                .trees
+                .iter()
+                .all(|t| t.nodes.values().all(|n| !n.dirty))
+    }
+
     /// Writes every dirty page and the new superblock. The caller has synced the data
     /// file and holds off all data I/O. On error the caller must poison the pool.
     pub fn commit(&mut self) -> Result<(), Error> {

@@ -108,6 +108,42 @@ const META_FILE: &str = "pool.meta";
 const DATA_FILE: &str = "pool.data";
 const LOCK_FILE: &str = "lock";
 
+/// The data file, noting whether anything was written since the last commit.
+struct DirtyTracking {
+    inner: Arc<dyn BlockFile>,
+    dirty: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl DirtyTracking {
+    fn mark(&self) {
+        self.dirty.store(true, std::sync::atomic::Ordering::Release);
+    }
+}
+
+impl BlockFile for DirtyTracking {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        self.inner.read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
+        self.mark();
+        self.inner.write_at(buf, offset)
+    }
+    fn sync(&self) -> std::io::Result<()> {
+        self.inner.sync()
+    }
+    fn len(&self) -> std::io::Result<u64> {
+        self.inner.len()
+    }
+    fn set_len(&self, len: u64) -> std::io::Result<()> {
+        self.mark();
+        self.inner.set_len(len)
+    }
+    fn punch_hole(&self, offset: u64, len: u64) -> std::io::Result<()> {
+        self.mark();
+        self.inner.punch_hole(offset, len)
+    }
+}
+
 /// An open thin pool. Share it as `Arc<ThinPool>`; volumes keep it alive.
 pub struct ThinPool {
     path: PathBuf,
@@ -118,6 +154,8 @@ pub struct ThinPool {
     /// Data I/O holds this shared from planning to completion; commit, snapshot, remove
     /// and resize hold it exclusively.
     gate: RwLock<()>,
+    /// Set by every write to the data file (through `DirtyTracking`), taken by commit.
+    data_dirty: Arc<std::sync::atomic::AtomicBool>,
     /// `Pool::batch`: taken by every commit before the gate, so a guest's FLUSH waits
     /// while the volume model stages a multi-step transaction.
     batch: parking_lot::ReentrantMutex<()>,
@@ -371,11 +409,17 @@ impl ThinPool {
         data: Arc<dyn BlockFile>,
         m: Meta,
     ) -> Arc<ThinPool> {
+        let data_dirty = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let data: Arc<dyn BlockFile> = Arc::new(DirtyTracking {
+            inner: data,
+            dirty: data_dirty.clone(),
+        });
         Arc::new_cyclic(|me| ThinPool {
             me: me.clone(),
             path: dir.to_path_buf(),
             _lock: lock,
             data,
+            data_dirty,
             meta_file,
             geo: m.geo,
             gate: RwLock::new(()),
@@ -422,14 +466,25 @@ impl ThinPool {
 
     fn commit_locked(&self, m: &mut Meta) -> Result<(), PoolError> {
         m.check_poison().map_err(|e| self.perr(e))?;
-        let r = self
-            .data
-            .sync()
-            .map_err(|source| Error::Io {
+        // Every sync costs milliseconds on a real disk (a start or stop is a few metadata
+        // updates; a guest flushes often): sync the data file only when something was
+        // written to it, and skip the commit when nothing at all changed. The gate is held
+        // exclusively, so no data write is in flight while the flag is taken.
+        let data_dirty = self
+            .data_dirty
+            .swap(false, std::sync::atomic::Ordering::AcqRel);
+        if !data_dirty && m.is_clean() {
+            return Ok(());
+        }
+        let synced = if data_dirty {
+            self.data.sync().map_err(|source| Error::Io {
                 op: "syncing pool.data",
                 source,
             })
-            .and_then(|_| m.commit());
+        } else {
+            Ok(())
+        };
+        let r = synced.and_then(|_| m.commit());
         if let Err(e) = r {
             m.poisoned = Some(e.to_string());
             return Err(self.perr(e));
