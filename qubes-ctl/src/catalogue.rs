@@ -53,9 +53,11 @@ impl FromStr for Label {
             "blue" => Label::Blue,
             "purple" => Label::Purple,
             "black" => Label::Black,
-            _ => return Err(CatalogueError::BadValue(format!(
+            _ => {
+                return Err(CatalogueError::BadValue(format!(
                 "label {s:?} is not one of red, orange, yellow, green, gray, blue, purple, black"
-            ))),
+            )))
+            }
         })
     }
 }
