@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 qube=${1:-work}
 bash scripts/install-deps.sh
 cargo build --release -p qubes-ctl
-ctl=target/release/qubes-ctl
+ctl=${CARGO_TARGET_DIR:-target}/release/qubes-ctl
 # The embedded default pool lives under the user's data directory
 # (/var/lib/qubes-ctl for root); it is created on first use.
 $ctl template build recipes/debian/minimal.toml --name debian-12-minimal
