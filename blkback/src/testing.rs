@@ -56,14 +56,7 @@ impl FileDevice {
         length: u64,
         detail: String,
     ) -> BlockError {
-        BlockError {
-            kind,
-            op,
-            volume: self.name.clone(),
-            offset,
-            length,
-            detail,
-        }
+        BlockError::new(kind, op, &self.name, offset, length, detail)
     }
 
     fn check(

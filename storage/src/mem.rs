@@ -588,14 +588,7 @@ impl MemVolume {
         length: u64,
         detail: impl Into<String>,
     ) -> BlockError {
-        BlockError {
-            kind,
-            op,
-            volume: self.name.clone(),
-            offset,
-            length,
-            detail: detail.into(),
-        }
+        BlockError::new(kind, op, &self.name, offset, length, detail)
     }
 
     /// Runs `f` on the staged block map after the common checks.

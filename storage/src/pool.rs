@@ -60,6 +60,24 @@ pub struct BlockError {
 }
 
 impl BlockError {
+    pub fn new(
+        kind: BlockErrorKind,
+        op: &'static str,
+        volume: &str,
+        offset: u64,
+        length: u64,
+        detail: impl Into<String>,
+    ) -> Self {
+        BlockError {
+            kind,
+            op,
+            volume: volume.to_string(),
+            offset,
+            length,
+            detail: detail.into(),
+        }
+    }
+
     pub fn errno(&self) -> i32 {
         match self.kind {
             BlockErrorKind::NoSpace => libc::ENOSPC,

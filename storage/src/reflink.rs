@@ -490,14 +490,7 @@ fn map_io(
         Some(libc::ENOSPC) | Some(libc::EDQUOT) => BlockErrorKind::NoSpace,
         _ => BlockErrorKind::Io,
     };
-    BlockError {
-        kind,
-        op,
-        volume: volume.to_string(),
-        offset,
-        length,
-        detail: e.to_string(),
-    }
+    BlockError::new(kind, op, volume, offset, length, e.to_string())
 }
 
 fn read_full(r: &mut dyn Read, buf: &mut [u8]) -> std::io::Result<usize> {
@@ -944,14 +937,7 @@ impl ReflinkVolume {
         length: u64,
         detail: impl Into<String>,
     ) -> BlockError {
-        BlockError {
-            kind,
-            op,
-            volume: self.name.clone(),
-            offset,
-            length,
-            detail: detail.into(),
-        }
+        BlockError::new(kind, op, &self.name, offset, length, detail)
     }
 
     /// The volume's current file and size, after the common checks; I/O happens on the

@@ -836,14 +836,7 @@ impl RawImageFile {
         kind: storage::BlockErrorKind,
         detail: String,
     ) -> BlockError {
-        BlockError {
-            kind,
-            op,
-            volume: self.name.clone(),
-            offset,
-            length,
-            detail,
-        }
+        BlockError::new(kind, op, &self.name, offset, length, detail)
     }
 }
 

@@ -932,14 +932,7 @@ impl ThinVolume {
         length: u64,
         detail: impl Into<String>,
     ) -> BlockError {
-        BlockError {
-            kind,
-            op,
-            volume: self.name.clone(),
-            offset,
-            length,
-            detail: detail.into(),
-        }
+        BlockError::new(kind, op, &self.name, offset, length, detail)
     }
 
     fn check(
