@@ -685,7 +685,7 @@ pub fn pool_full_is_a_clean_error(b: &mut dyn Backend, capacity: u64) {
 }
 
 macro_rules! conformance {
-    ($backend:ident, $make:expr $(, flush_commits_everything = $why:literal)?) => {
+    ($backend:ident, $make:expr) => {
         mod $backend {
             use super::backends;
 
@@ -729,7 +729,6 @@ macro_rules! conformance {
                 run(super::commit_is_atomic_across_a_crash)
             }
             #[test]
-            $(#[ignore = $why])?
             fn flush_leaves_staged_catalogue_changes_staged() {
                 run(super::flush_leaves_staged_catalogue_changes_staged)
             }
