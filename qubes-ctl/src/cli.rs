@@ -71,6 +71,7 @@ pub enum PoolCmd {
         #[arg(long, default_value = "thin")]
         driver: String,
     },
+    /// Capacity, usage, chunk size, volume count, commit generation.
     Info,
     /// Walk every structure, recompute refcounts and checksums.
     Verify,
@@ -93,18 +94,14 @@ pub enum TemplateCmd {
         #[arg(long)]
         from_image: PathBuf,
     },
+    /// Templates with their origin, size and fingerprint.
     List,
-    Info {
-        name: String,
-    },
-    Remove {
-        name: String,
-    },
+    /// Recipe hash, packages, build date, fingerprint, kernel, revisions, users.
+    Info { name: String },
+    /// Remove a template no qube uses any more.
+    Remove { name: String },
     /// Write a portable, verified template package.
-    Export {
-        name: String,
-        file: PathBuf,
-    },
+    Export { name: String, file: PathBuf },
     /// Import a template package (verified before anything is written).
     Import {
         file: PathBuf,
@@ -115,6 +112,7 @@ pub enum TemplateCmd {
 
 #[derive(Subcommand, Debug)]
 pub enum QubeCmd {
+    /// Create a qube (AppVM on a template by default).
     Create {
         name: String,
         #[arg(long, default_value = "AppVM")]
@@ -124,27 +122,26 @@ pub enum QubeCmd {
         #[arg(long)]
         label: Option<String>,
     },
+    /// Qubes with class, state, label and template.
     List,
-    Remove {
-        name: String,
-    },
+    /// Remove a halted qube and its volumes (revisions included).
+    Remove { name: String },
     /// Copy a qube (O(1) snapshots of its volumes).
-    Clone {
-        src: String,
-        dst: String,
-    },
+    Clone { src: String, dst: String },
     /// Show or set properties: `qube prefs work`, `qube prefs work memory 800`.
     Prefs {
         name: String,
         key: Option<String>,
         value: Option<String>,
     },
+    /// Snapshot and export its volumes, then boot the domain.
     Start {
         name: String,
         /// xen | qemu | none (default: xen where /proc/xen exists, else qemu).
         #[arg(long)]
         hypervisor: Option<String>,
     },
+    /// Shut the domain down, close its exports, commit private as a new revision.
     Shutdown {
         name: String,
         /// Seconds to wait for a clean shutdown before giving up.
@@ -155,24 +152,21 @@ pub enum QubeCmd {
         kill: bool,
     },
     /// Print the qube's serial console log.
-    Console {
-        name: String,
-    },
+    Console { name: String },
 }
 
 #[derive(Subcommand, Debug)]
 pub enum VolumeCmd {
-    List {
-        qube: Option<String>,
-    },
-    Info {
-        volume: String,
-    },
+    /// Volumes of one qube or of all: size, usage, dirty flag, revisions.
+    List { qube: Option<String> },
+    /// One volume: size, usage, dirty, revisions, source, NBD URI while running.
+    Info { volume: String },
     /// Make a revision the head again (default: the newest); the head is kept as a revision.
     Revert {
         volume: String,
         revision: Option<String>,
     },
+    /// Grow a volume (or shrink it, with --allow-shrink).
     Resize {
         volume: String,
         size: String,
@@ -180,15 +174,9 @@ pub enum VolumeCmd {
         allow_shrink: bool,
     },
     /// Replace the volume's content with a raw image (`-` for stdin).
-    Import {
-        volume: String,
-        file: String,
-    },
+    Import { volume: String, file: String },
     /// Write the volume's content as a raw image (`-` for stdout).
-    Export {
-        volume: String,
-        file: String,
-    },
+    Export { volume: String, file: String },
     /// Set a volume property: `volume config work:private revisions_to_keep 3`.
     Config {
         volume: String,
@@ -196,9 +184,7 @@ pub enum VolumeCmd {
         value: String,
     },
     /// Drop the uncommitted writes of a dirty volume (left by a crash).
-    Discard {
-        volume: String,
-    },
+    Discard { volume: String },
 }
 
 #[derive(Subcommand, Debug, Clone, Copy)]
