@@ -383,23 +383,15 @@ impl Pool for MemPool {
     }
 
     fn set_meta(&self, key: &str, value: Option<&str>) -> Result<(), PoolError> {
-        let mut st = self.shared.state.lock();
-        match value {
-            Some(v) => st.staged.meta.insert(key.into(), v.into()),
-            None => st.staged.meta.remove(key),
-        };
+        crate::pool::bookkeeping::set_meta(&mut self.shared.state.lock().staged.meta, key, value);
         Ok(())
     }
 
     fn meta_keys(&self, prefix: &str) -> Result<Vec<String>, PoolError> {
-        let st = self.shared.state.lock();
-        Ok(st
-            .staged
-            .meta
-            .range(prefix.to_string()..)
-            .take_while(|(k, _)| k.starts_with(prefix))
-            .map(|(k, _)| k.clone())
-            .collect())
+        Ok(crate::pool::bookkeeping::meta_keys(
+            &self.shared.state.lock().staged.meta,
+            prefix,
+        ))
     }
 
     fn batch(&self) -> crate::pool::BatchGuard<'_> {
@@ -569,13 +561,7 @@ struct MemVolume {
 
 impl Drop for MemVolume {
     fn drop(&mut self) {
-        let mut st = self.shared.state.lock();
-        if let Some(n) = st.open.get_mut(&self.id) {
-            *n -= 1;
-            if *n == 0 {
-                st.open.remove(&self.id);
-            }
-        }
+        crate::pool::bookkeeping::release_handle(&mut self.shared.state.lock().open, self.id);
     }
 }
 

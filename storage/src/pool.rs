@@ -287,6 +287,36 @@ pub trait Pool: Send + Sync {
     fn fingerprint(&self, key: &str) -> Result<String, PoolError>;
 }
 
+/// In-memory bookkeeping every driver keeps the same way: the pool key/value store (a
+/// sorted map, so prefix listing is a range scan) and live handle counts per volume id.
+pub(crate) mod bookkeeping {
+    use std::collections::{BTreeMap, HashMap};
+
+    pub fn set_meta(meta: &mut BTreeMap<String, String>, key: &str, value: Option<&str>) {
+        match value {
+            Some(v) => meta.insert(key.to_string(), v.to_string()),
+            None => meta.remove(key),
+        };
+    }
+
+    pub fn meta_keys(meta: &BTreeMap<String, String>, prefix: &str) -> Vec<String> {
+        meta.range(prefix.to_string()..)
+            .take_while(|(k, _)| k.starts_with(prefix))
+            .map(|(k, _)| k.clone())
+            .collect()
+    }
+
+    /// One handle of volume `id` went away.
+    pub fn release_handle(open: &mut HashMap<u64, usize>, id: u64) {
+        if let Some(n) = open.get_mut(&id) {
+            *n -= 1;
+            if *n == 0 {
+                open.remove(&id);
+            }
+        }
+    }
+}
+
 /// Checks a pool-level volume key: 1..=200 bytes of `[A-Za-z0-9._@:+/-]`, no empty path
 /// segment, no `.`/`..` segment, no leading `/`.
 pub fn validate_volume_key(key: &str) -> Result<(), PoolError> {

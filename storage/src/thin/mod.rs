@@ -913,13 +913,7 @@ pub struct ThinVolume {
 
 impl Drop for ThinVolume {
     fn drop(&mut self) {
-        let mut m = self.pool.state.lock();
-        if let Some(n) = m.handles.get_mut(&self.id) {
-            *n -= 1;
-            if *n == 0 {
-                m.handles.remove(&self.id);
-            }
-        }
+        crate::pool::bookkeeping::release_handle(&mut self.pool.state.lock().handles, self.id);
     }
 }
 
@@ -1352,23 +1346,16 @@ impl Pool for ThinPool {
 
     fn set_meta(&self, key: &str, value: Option<&str>) -> Result<(), PoolError> {
         let mut m = self.lock()?;
-        match value {
-            Some(v) => m.cat.meta.insert(key.to_string(), v.to_string()),
-            None => m.cat.meta.remove(key),
-        };
+        crate::pool::bookkeeping::set_meta(&mut m.cat.meta, key, value);
         m.cat_dirty = true;
         Ok(())
     }
 
     fn meta_keys(&self, prefix: &str) -> Result<Vec<String>, PoolError> {
-        Ok(self
-            .lock()?
-            .cat
-            .meta
-            .keys()
-            .filter(|k| k.starts_with(prefix))
-            .cloned()
-            .collect())
+        Ok(crate::pool::bookkeeping::meta_keys(
+            &self.lock()?.cat.meta,
+            prefix,
+        ))
     }
 
     fn batch(&self) -> crate::pool::BatchGuard<'_> {
