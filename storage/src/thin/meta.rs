@@ -647,6 +647,11 @@ impl Meta {
         Ok(p)
     }
 
+    /// Chunks freed in this transaction, reusable after the next commit.
+    pub fn deferred_chunks(&self) -> usize {
+        self.chunks_deferred.len()
+    }
+
     /// A free data chunk with refcount 1, and whether it held data before (then the
     /// caller punches it before anything can read it).
     pub fn alloc_chunk(&mut self) -> Result<(Chunk, bool), Error> {

@@ -459,6 +459,11 @@ impl ThinPool {
         r
     }
 
+    /// Chunks freed since the last commit exist (a commit would make them reusable).
+    fn has_deferred_chunks(&self) -> bool {
+        self.state.lock().deferred_chunks() > 0
+    }
+
     fn id(&self, m: &Meta, key: &str) -> Result<u64, PoolError> {
         m.id_of(key)
             .ok_or_else(|| PoolError::NoSuchVolume(key.to_string()))
@@ -983,6 +988,59 @@ impl ThinVolume {
         (off.div_ceil(cs), hi)
     }
 
+    /// Runs a data operation under the shared gate. Chunks freed since the last commit
+    /// become reusable only at the next one, so a guest that overwrites and discards
+    /// without flushing can find the pool "full" while half of it waits for a commit:
+    /// then commit (whole-pool, after any staged volume-model transaction, as a guest
+    /// FLUSH would) and try once more, as dm-thin's `alloc_data_block` does.
+    fn reclaiming_on_nospace<T>(
+        &self,
+        op: &'static str,
+        offset: u64,
+        length: u64,
+        f: impl Fn() -> Result<T, BlockError>,
+    ) -> Result<T, BlockError> {
+        let first = {
+            let _g = self.pool.gate.read();
+            f()
+        };
+        match first {
+            Err(e) if e.kind == BlockErrorKind::NoSpace && self.pool.has_deferred_chunks() => {
+                self.pool
+                    .commit()
+                    .map_err(|c| self.err(BlockErrorKind::Io, op, offset, length, c.to_string()))?;
+                let _g = self.pool.gate.read();
+                f()
+            }
+            r => r,
+        }
+    }
+
+    fn write_zeroes_gated(
+        &self,
+        offset: u64,
+        length: u64,
+        may_unmap: bool,
+    ) -> Result<(), BlockError> {
+        let size = self.check("write_zeroes", offset, length, true)?;
+        if !may_unmap {
+            return self.zero_fill("write_zeroes", offset, length, false);
+        }
+        let cs = self.pool.geo.chunk_size;
+        let (lo, hi) = self.unmap("write_zeroes", offset, length, size)?;
+        let end = offset + length;
+        if lo >= hi {
+            return self.zero_fill("write_zeroes", offset, length, true);
+        }
+        if offset < lo * cs {
+            self.zero_fill("write_zeroes", offset, lo * cs - offset, true)?;
+        }
+        if hi * cs < end {
+            self.zero_fill("write_zeroes", hi * cs, end - hi * cs, true)?;
+        }
+        Ok(())
+    }
+
     fn unmap(
         &self,
         op: &'static str,
@@ -1066,11 +1124,12 @@ impl BlockDevice for ThinVolume {
     }
 
     fn write_at(&self, buf: &[u8], offset: u64) -> Result<(), BlockError> {
-        let _g = self.pool.gate.read();
-        self.check("write", offset, buf.len() as u64, true)?;
-        self.pool
-            .write_locked(self.id, buf, offset)
-            .map_err(self.map_err("write", offset, buf.len() as u64))
+        self.reclaiming_on_nospace("write", offset, buf.len() as u64, || {
+            self.check("write", offset, buf.len() as u64, true)?;
+            self.pool
+                .write_locked(self.id, buf, offset)
+                .map_err(self.map_err("write", offset, buf.len() as u64))
+        })
     }
 
     fn flush(&self) -> Result<(), BlockError> {
@@ -1086,24 +1145,9 @@ impl BlockDevice for ThinVolume {
     }
 
     fn write_zeroes(&self, offset: u64, length: u64, may_unmap: bool) -> Result<(), BlockError> {
-        let _g = self.pool.gate.read();
-        let size = self.check("write_zeroes", offset, length, true)?;
-        if !may_unmap {
-            return self.zero_fill("write_zeroes", offset, length, false);
-        }
-        let cs = self.pool.geo.chunk_size;
-        let (lo, hi) = self.unmap("write_zeroes", offset, length, size)?;
-        let end = offset + length;
-        if lo >= hi {
-            return self.zero_fill("write_zeroes", offset, length, true);
-        }
-        if offset < lo * cs {
-            self.zero_fill("write_zeroes", offset, lo * cs - offset, true)?;
-        }
-        if hi * cs < end {
-            self.zero_fill("write_zeroes", hi * cs, end - hi * cs, true)?;
-        }
-        Ok(())
+        self.reclaiming_on_nospace("write_zeroes", offset, length, || {
+            self.write_zeroes_gated(offset, length, may_unmap)
+        })
     }
 
     fn block_status(&self, offset: u64, length: u64) -> Result<Vec<Extent>, BlockError> {
