@@ -856,6 +856,8 @@ fn cleanup(tree: &Path) -> Result<(), BuildError> {
         "var/cache/apt",
         "var/cache/dnf",
         "var/lib/dnf/history.sqlite",
+        "var/lib/dnf/history.sqlite-shm",
+        "var/lib/dnf/history.sqlite-wal",
         "tmp",
         "var/tmp",
     ] {

@@ -216,4 +216,33 @@ commands = ["echo built-in-chroot > /etc/tb-marker"]
     .unwrap();
     assert!(again.cache_hit);
     assert_eq!(again.fingerprint, t.fingerprint);
+    // An independent build (own output cache and work dir) from the same downloaded rpms,
+    // under another name, gives the same image bit for bit.
+    let second = dir.path().join("second");
+    fs::create_dir_all(&second).unwrap();
+    std::os::unix::fs::symlink(dir.path().join("cache/dnf"), second.join("dnf")).unwrap();
+    let independent = build(
+        &recipe,
+        &BuildOptions {
+            name: Some("fedora-again".into()),
+            mirror: None,
+            cache_dir: second.clone(),
+            work_dir: dir.path().join("work2"),
+            progress: false,
+        },
+    )
+    .unwrap();
+    assert!(!independent.cache_hit);
+    assert_eq!(independent.packages, t.packages);
+    if independent.fingerprint != t.fingerprint {
+        let keep = std::path::PathBuf::from("/var/tmp/fedora-repro-diff");
+        let _ = fs::remove_dir_all(&keep);
+        fs::create_dir_all(&keep).unwrap();
+        fs::copy(&t.image, keep.join("first.img")).unwrap();
+        fs::copy(&independent.image, keep.join("second.img")).unwrap();
+        panic!(
+            "two builds of the same Fedora recipe differ: images kept in {}",
+            keep.display()
+        );
+    }
 }
