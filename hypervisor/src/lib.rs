@@ -200,6 +200,12 @@ pub enum HvError {
     UnknownBackend(String),
     #[error("unknown virt_mode {0:?}: expected \"pv\", \"pvh\" or \"hvm\"")]
     UnknownVirtMode(String),
+    #[error("qube {name}: cannot set memory to {mib} MiB: {reason}")]
+    Memory {
+        name: String,
+        mib: u64,
+        reason: String,
+    },
     #[error("KVM probe failed to run: {0}")]
     Probe(String),
 }
@@ -215,6 +221,9 @@ pub trait Hypervisor: Send + Sync {
     /// Ends the domain at once. Succeeds on a halted domain.
     fn kill(&self, name: &str, run_dir: &Path) -> Result<(), HvError>;
     fn state(&self, name: &str, run_dir: &Path) -> Result<DomainState, HvError>;
+    /// Sets the memory a running guest may use, between its `memory` and `maxmem`:
+    /// what a memory balancer (Qubes' qmemman) adjusts while qubes run.
+    fn set_memory(&self, name: &str, run_dir: &Path, mib: u64) -> Result<(), HvError>;
     /// Where the domain's console output is (or will be) logged.
     fn console_log(&self, run_dir: &Path) -> PathBuf;
 }

@@ -46,6 +46,14 @@ impl Hypervisor for NoneHv {
         self.kill(name, run_dir)
     }
 
+    fn set_memory(&self, name: &str, _run_dir: &Path, mib: u64) -> Result<(), HvError> {
+        Err(HvError::Memory {
+            name: name.to_string(),
+            mib,
+            reason: "hypervisor none runs no guest".into(),
+        })
+    }
+
     fn kill(&self, name: &str, run_dir: &Path) -> Result<(), HvError> {
         match fs::remove_file(run_dir.join(MARKER)) {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => {

@@ -23,7 +23,11 @@
 //! - netvm: QEMU has no netvm qubes; a qube with a netvm gets a user-mode (slirp)
 //!   virtio NIC as a stand-in, a qube without one gets no NIC.
 //! - QEMU runs under its seccomp sandbox (`-sandbox on,obsolete=deny,resourcecontrol=deny`).
-//! - maxmem is not applied (no balloon driver management yet): the guest gets `memory_mib`.
+//! - memory/maxmem as on Xen: the guest boots with `memory`; with `maxmem > memory` a
+//!   virtio-mem device holds the difference, plugged on demand by
+//!   [`Hypervisor::set_memory`] (QMP `qom-set requested-size`), which is what a memory
+//!   balancer calls, as qmemman does with Xen's balloon. Hot-added memory is onlined by
+//!   the kernel (`memhp_default_state=online_movable` is added to the command line).
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -189,7 +193,25 @@ impl Qemu {
             Accel::Kvm => push(&["-accel", "kvm", "-cpu", "host"]),
             Accel::Tcg => push(&["-accel", "tcg", "-cpu", "max"]),
         }
-        push(&["-m", &format!("{}M", spec.memory_mib)]);
+        match hotplug_mib(spec) {
+            0 => push(&["-m", &format!("{}M", spec.memory_mib)]),
+            extra => {
+                push(&[
+                    "-m",
+                    &format!("{}M,maxmem={}M", spec.memory_mib, spec.memory_mib + extra),
+                ]);
+                push(&[
+                    "-object",
+                    &format!("memory-backend-ram,id={HOTPLUG_MEM},size={extra}M"),
+                ]);
+                push(&[
+                    "-device",
+                    &format!(
+                        "virtio-mem-pci,id={HOTPLUG_DEV},memdev={HOTPLUG_MEM},requested-size=0"
+                    ),
+                ]);
+            }
+        }
         push(&["-smp", &spec.vcpus.to_string()]);
         push(&[
             "-nodefaults",
@@ -205,7 +227,11 @@ impl Qemu {
             if let Some(initrd) = &spec.initrd {
                 push(&["-initrd", &utf8(initrd, "initrd")?]);
             }
-            push(&["-append", &with_console(&spec.cmdline, "ttyS0")]);
+            let mut cmdline = with_console(&spec.cmdline, "ttyS0");
+            if hotplug_mib(spec) > 0 && !cmdline.contains("memhp_default_state=") {
+                cmdline.push_str(" memhp_default_state=online_movable");
+            }
+            push(&["-append", &cmdline]);
         }
         push(&[
             "-chardev",
@@ -436,6 +462,66 @@ impl Hypervisor for Qemu {
         })
     }
 
+    /// Plugs or unplugs virtio-mem blocks so the guest has `mib` in all: `memory` is
+    /// the floor (boot memory cannot be taken back), `maxmem` the ceiling.
+    fn set_memory(&self, name: &str, run_dir: &Path, mib: u64) -> Result<(), HvError> {
+        let fail = |reason: String| HvError::Memory {
+            name: name.to_string(),
+            mib,
+            reason,
+        };
+        if self.live_pid(run_dir).is_none() {
+            return Err(fail("the qube is not running".into()));
+        }
+        let files = RunFiles::new(run_dir);
+        let qmp_err = |op: &str| {
+            let op = op.to_string();
+            move |reason: String| HvError::Qmp {
+                name: name.to_string(),
+                op,
+                reason,
+            }
+        };
+        let mut q = Qmp::connect(&files.qmp, QMP_TIMEOUT).map_err(qmp_err("connect"))?;
+        let summary = q
+            .execute("query-memory-size-summary", None)
+            .map_err(qmp_err("query-memory-size-summary"))?;
+        let base = summary["base-memory"].as_u64().unwrap_or(0) >> 20;
+        let devices = q
+            .execute("query-memory-devices", None)
+            .map_err(qmp_err("query-memory-devices"))?;
+        let hotplug = devices.as_array().and_then(|ds| {
+            ds.iter()
+                .find(|d| d["type"] == "virtio-mem" && d["data"]["id"] == HOTPLUG_DEV)
+        });
+        let max_extra = hotplug
+            .and_then(|d| d["data"]["max-size"].as_u64())
+            .unwrap_or(0)
+            >> 20;
+        if mib < base || mib > base + max_extra {
+            return Err(fail(format!(
+                "out of range: the qube started with memory {base} MiB and maxmem {} MiB; \
+                 change the prefs and restart it for more",
+                base + max_extra
+            )));
+        }
+        let extra = mib - base;
+        let extra = extra - extra % HOTPLUG_BLOCK_MIB;
+        if hotplug.is_none() {
+            return Ok(());
+        }
+        q.execute(
+            "qom-set",
+            Some(json!({
+                "path": format!("/machine/peripheral/{HOTPLUG_DEV}"),
+                "property": "requested-size",
+                "value": extra << 20,
+            })),
+        )
+        .map_err(qmp_err("qom-set requested-size"))?;
+        Ok(())
+    }
+
     fn console_log(&self, run_dir: &Path) -> PathBuf {
         RunFiles::new(run_dir).console
     }
@@ -470,6 +556,17 @@ pub(crate) fn with_console(cmdline: &str, dev: &str) -> String {
 }
 
 /// Checks what QEMU would otherwise reject with a less helpful message.
+const HOTPLUG_MEM: &str = "mem-hotplug";
+const HOTPLUG_DEV: &str = "mem-hotplug-dev";
+/// virtio-mem plugs memory in blocks of this size (x86's default).
+const HOTPLUG_BLOCK_MIB: u64 = 2;
+
+/// MiB the guest may be given on top of `memory` (Qubes' maxmem), in whole blocks.
+fn hotplug_mib(spec: &DomainSpec) -> u64 {
+    let extra = spec.maxmem_mib.saturating_sub(spec.memory_mib);
+    extra - extra % HOTPLUG_BLOCK_MIB
+}
+
 fn validate(spec: &DomainSpec) -> Result<(), HvError> {
     let bad = |reason: String| {
         Err(HvError::InvalidSpec {
@@ -735,8 +832,24 @@ mod tests {
         let args = Qemu::new().command_line(&spec(), Accel::Tcg).unwrap();
         assert_eq!(after(&args, "-accel"), ["tcg"]);
         assert_eq!(after(&args, "-cpu"), ["max"]);
-        assert_eq!(after(&args, "-m"), ["400M"]);
+        // maxmem 4000: boot memory plus a virtio-mem device for the rest.
+        assert_eq!(after(&args, "-m"), ["400M,maxmem=4000M"]);
+        assert_eq!(
+            after(&args, "-object"),
+            ["memory-backend-ram,id=mem-hotplug,size=3600M"]
+        );
+        assert!(after(&args, "-device")
+            .contains(&"virtio-mem-pci,id=mem-hotplug-dev,memdev=mem-hotplug,requested-size=0"));
         assert_eq!(after(&args, "-smp"), ["2"]);
+        assert_eq!(
+            after(&args, "-append"),
+            ["root=/dev/xvda ro console=ttyS0 memhp_default_state=online_movable"]
+        );
+        let mut fixed = spec();
+        fixed.maxmem_mib = fixed.memory_mib;
+        let args = Qemu::new().command_line(&fixed, Accel::Tcg).unwrap();
+        assert_eq!(after(&args, "-m"), ["400M"]);
+        assert!(after(&args, "-object").is_empty());
         assert_eq!(after(&args, "-append"), ["root=/dev/xvda ro console=ttyS0"]);
         assert_eq!(
             after(&args, "-kernel"),

@@ -354,6 +354,24 @@ impl Hypervisor for Xen {
         self.detach_kernel_nbd(name, run_dir)
     }
 
+    /// `xl mem-set`: the guest's balloon driver follows, up to the config's maxmem.
+    fn set_memory(&self, name: &str, _run_dir: &Path, mib: u64) -> Result<(), HvError> {
+        match self.xl(name, &["mem-set", name, &format!("{mib}m")], XL_TIMEOUT)? {
+            Xl::Ok(_) => Ok(()),
+            Xl::Failed { stderr, .. } => Err(HvError::Memory {
+                name: name.to_string(),
+                mib,
+                reason: stderr,
+            }),
+            Xl::TimedOut(cmd) => Err(HvError::CommandTimeout {
+                name: name.to_string(),
+                cmd,
+                timeout: XL_TIMEOUT,
+                fix: "check that xenstored runs",
+            }),
+        }
+    }
+
     fn kill(&self, name: &str, run_dir: &Path) -> Result<(), HvError> {
         self.destroy_domain(name, run_dir)?;
         self.detach_kernel_nbd(name, run_dir)

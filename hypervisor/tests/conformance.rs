@@ -7,7 +7,7 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use hypervisor::{Accel, DomainSpec, NoneHv, Qemu, VirtMode, Xen, XenDiskMode};
+use hypervisor::{Accel, DomainSpec, Hypervisor, NoneHv, Qemu, VirtMode, Xen, XenDiskMode};
 
 fn plain_spec(name: &str, root: &std::path::Path) -> DomainSpec {
     DomainSpec {
@@ -64,4 +64,30 @@ fn qemu_keeps_the_contract() {
         run_dir: spec.run_dir.clone(),
     };
     lifecycle_contract(&hv, &spec, Duration::from_secs(2));
+}
+
+#[test]
+fn xen_sets_memory_with_xl_mem_set() {
+    let tmp = tempfile::tempdir().unwrap();
+    let xl = fake_xl(tmp.path());
+    let hv = Xen::with_xl(xl.to_string_lossy()).with_disk_mode(XenDiskMode::Qdisk);
+    let spec = plain_spec("c-xenmem", tmp.path());
+    hv.start(&spec).unwrap();
+    hv.set_memory("c-xenmem", &spec.run_dir, 1000).unwrap();
+    hv.kill("c-xenmem", &spec.run_dir).unwrap();
+    let calls = std::fs::read_to_string(tmp.path().join("xl.calls")).unwrap();
+    assert!(
+        calls.lines().any(|l| l == "mem-set c-xenmem 1000m"),
+        "{calls}"
+    );
+}
+
+#[test]
+fn none_refuses_to_set_memory() {
+    let tmp = tempfile::tempdir().unwrap();
+    let spec = plain_spec("c-nonemem", tmp.path());
+    let hv = NoneHv::new();
+    hv.start(&spec).unwrap();
+    let e = hv.set_memory("c-nonemem", &spec.run_dir, 800).unwrap_err();
+    assert!(e.to_string().contains("runs no guest"), "{e}");
 }

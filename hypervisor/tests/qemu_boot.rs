@@ -361,3 +361,102 @@ fn a_qube_without_a_kernel_boots_its_disk_through_the_firmware() {
     let log = fs::read_to_string(hv.console_log(&spec.run_dir)).unwrap();
     assert!(log.contains("BOOTSECTOR-OK-5d2b"), "console:\n{log}");
 }
+
+/// Qubes' memory/maxmem: the guest boots with `memory`, and `set_memory` (what a memory
+/// balancer calls) plugs more, up to maxmem, which the running guest then uses.
+#[test]
+fn a_running_qube_grows_from_memory_towards_maxmem() {
+    require("qemu-system-x86_64");
+    let tmp = tempfile::Builder::new()
+        .prefix("hvq")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let (_, mods) = kernel_and_modules();
+    let mut chain: Vec<&str> = VIRTIO_BLK_MODULES[..VIRTIO_BLK_MODULES.len() - 1].to_vec();
+    chain.push("kernel/drivers/virtio/virtio_mem.ko");
+    let base = |m: &str| m.rsplit('/').next().unwrap().to_string();
+    let insmods: String = chain
+        .iter()
+        .map(|m| format!("insmod /lib/modules/{}\n", base(m)))
+        .collect();
+    let script = format!(
+        "total() {{ sed -n 's/^MemTotal: *\\([0-9]*\\) kB/\\1/p' /proc/meminfo; }}\n\
+         b=$(total); echo \"MEM-AT-BOOT $b\"\n\
+         {insmods}\
+         echo READY-FOR-MEMORY\n\
+         i=0; while [ $(total) -lt $((b + 200000)) ] && [ $i -lt 600 ]; do sleep 0.1; i=$((i+1)); done\n\
+         echo \"MEM-AFTER-PLUG $(total)\"\n\
+         poweroff -f\n"
+    );
+    let files: Vec<(String, PathBuf)> = chain
+        .iter()
+        .map(|m| (format!("lib/modules/{}", base(m)), mods.join(m)))
+        .collect();
+    let extra: Vec<(&str, &std::path::Path)> = files
+        .iter()
+        .map(|(d, s)| (d.as_str(), s.as_path()))
+        .collect();
+    let img = hypervisor::initramfs::busybox_initramfs(&script, &extra).unwrap();
+    let initrd = tmp.path().join("initramfs.cpio");
+    fs::write(&initrd, img).unwrap();
+    let mut spec = boot_spec("memq", tmp.path(), initrd, vec![]);
+    spec.memory_mib = 256;
+    spec.maxmem_mib = 768;
+    let hv = Qemu::new().with_accel(Accel::Tcg);
+    let args = hv.command_line(&spec, Accel::Tcg).unwrap();
+    assert!(
+        args.windows(2).any(|w| w == ["-m", "256M,maxmem=768M"]),
+        "{args:?}"
+    );
+    let _guard = DomainGuard {
+        hv: &hv,
+        name: spec.name.clone(),
+        run_dir: spec.run_dir.clone(),
+    };
+    hv.start(&spec).expect("start");
+    let console = hv.console_log(&spec.run_dir);
+    let log = || fs::read_to_string(&console).unwrap_or_default();
+    wait_for("the guest to load virtio-mem", BOOT_DEADLINE, || {
+        log().contains("READY-FOR-MEMORY")
+    });
+    for bad in [128, 1024] {
+        let e = hv.set_memory("memq", &spec.run_dir, bad).unwrap_err();
+        assert!(
+            e.to_string().contains("memory 256 MiB and maxmem 768 MiB"),
+            "{e}"
+        );
+    }
+    hv.set_memory("memq", &spec.run_dir, 512)
+        .expect("set_memory");
+    let deadline = Instant::now() + BOOT_DEADLINE;
+    while hv.state("memq", &spec.run_dir).unwrap() != DomainState::Halted {
+        assert!(
+            Instant::now() < deadline,
+            "the guest did not power off; console:\n{}",
+            log()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let log = log();
+    let kib = |tag: &str| -> u64 {
+        log.lines()
+            .find_map(|l| l.trim().strip_prefix(tag))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {tag} in console:\n{log}"))
+    };
+    let at_boot = kib("MEM-AT-BOOT");
+    let after = kib("MEM-AFTER-PLUG");
+    assert!(
+        at_boot < 256 * 1024,
+        "booted with {at_boot} KiB, want memory (256 MiB)"
+    );
+    // 256 MiB plugged: MemTotal grows by that (less the new memmap), never more.
+    assert!(
+        after >= at_boot + 200_000 && after <= at_boot + 256 * 1024,
+        "booted with {at_boot} KiB, after set_memory(512) the guest has {after} KiB"
+    );
+    assert!(
+        hv.set_memory("memq", &spec.run_dir, 512).is_err(),
+        "a halted qube takes no memory"
+    );
+}
