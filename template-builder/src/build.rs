@@ -105,6 +105,12 @@ pub enum BuildError {
     Service { unit: String, reason: String },
     #[error("path {path} cannot be used: {reason}")]
     BadPath { path: PathBuf, reason: String },
+    #[error("recipe {recipe}: removing {removed} would also remove {lost}, which the recipe installs; drop {removed} from remove_packages or {lost} from packages")]
+    RemovalConflict {
+        recipe: String,
+        removed: String,
+        lost: String,
+    },
     #[error("cached build {path} is unreadable: {reason}; remove that directory to rebuild")]
     BadCache { path: PathBuf, reason: String },
 }
@@ -412,6 +418,7 @@ pub fn build(recipe: &Recipe, opts: &BuildOptions) -> Result<BuiltTemplate, Buil
             bootstrap_fedora(recipe, &mirror, &cache_dir, &work, &tree, &steps)?;
         }
     }
+    remove_packages(recipe, &work, &tree, &steps)?;
     steps.step("customize (files, services, commands)");
     customize(recipe, &tree, &steps)?;
     let packages = list_packages(recipe.distribution, &tree, &steps)?;
@@ -587,6 +594,143 @@ fn bootstrap_fedora(
         .env("LC_ALL", "C.UTF-8")
         .env("HOME", rpm_home(work)?);
     steps.run(cmd, "installing packages with dnf")
+}
+
+/// Purges `remove_packages` that the bootstrap brought in anyway (as dependencies, or
+/// with the base variant): the list filter alone cannot keep those out. The package
+/// manager removes what depends on them too; if that would take a package the recipe
+/// installs, the build stops and names both.
+fn remove_packages(
+    recipe: &Recipe,
+    work: &Path,
+    tree: &Path,
+    steps: &Steps,
+) -> Result<(), BuildError> {
+    if recipe.remove_packages.is_empty() {
+        return Ok(());
+    }
+    let names = |pkgs: &[String]| -> std::collections::BTreeSet<String> {
+        pkgs.iter()
+            .filter_map(|p| p.split('=').next())
+            .map(str::to_string)
+            .collect()
+    };
+    let before = names(&list_packages(recipe.distribution, tree, steps)?);
+    let present: Vec<&String> = recipe
+        .remove_packages
+        .iter()
+        .filter(|p| before.contains(*p))
+        .collect();
+    if present.is_empty() {
+        steps.line("remove_packages: none of them is installed");
+        return Ok(());
+    }
+    let wanted = names(&recipe.packages);
+    match recipe.distribution {
+        Distribution::Debian => {
+            let mounts = ChrootMounts::new(tree, steps)?;
+            let mut cmd = Command::new("chroot");
+            cmd.arg(tree)
+                .args(["apt-get", "-y", "--purge", "remove"])
+                .args(&present);
+            cmd.env_clear()
+                .env(
+                    "PATH",
+                    "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+                )
+                .env("LC_ALL", "C.UTF-8")
+                .env("DEBIAN_FRONTEND", "noninteractive")
+                .env("SOURCE_DATE_EPOCH", recipe.source_date_epoch.to_string());
+            // Simulate first: a removal that drags out a wanted package fails before
+            // anything changes.
+            let mut sim = Command::new("chroot");
+            sim.arg(tree)
+                .args(["apt-get", "-s", "--purge", "remove"])
+                .args(&present)
+                .env_clear()
+                .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+                .env("LC_ALL", "C.UTF-8");
+            steps.line(&format!("$ {sim:?}"));
+            let out = sim.output().map_err(|source| BuildError::SpawningTool {
+                tool: "chroot apt-get".into(),
+                source,
+            })?;
+            let plan = String::from_utf8_lossy(&out.stdout);
+            if !out.status.success() {
+                let text = format!("{plan}{}", String::from_utf8_lossy(&out.stderr));
+                steps.line(&text);
+                let lines: Vec<&str> = text.lines().collect();
+                return Err(BuildError::Tool {
+                    tool: "apt-get".into(),
+                    step: format!("planning the removal of {}", join(&present)),
+                    status: out.status.to_string(),
+                    log: steps.log_path.clone(),
+                    tail: lines[lines.len().saturating_sub(12)..].join("\n"),
+                });
+            }
+            // "Purg NAME [VERSION]" / "Remv NAME [VERSION]" lines.
+            for l in plan.lines() {
+                let mut w = l.split_whitespace();
+                if let (Some("Purg" | "Remv"), Some(name)) = (w.next(), w.next()) {
+                    let name = name.split(':').next().unwrap_or(name);
+                    if wanted.contains(name) {
+                        return Err(BuildError::RemovalConflict {
+                            recipe: recipe.name.clone(),
+                            removed: join(&present),
+                            lost: name.to_string(),
+                        });
+                    }
+                }
+            }
+            steps.run(cmd, "removing remove_packages with apt-get")?;
+            drop(mounts);
+        }
+        Distribution::Fedora => {
+            let no_repos = work.join("no-repos");
+            fs::create_dir_all(&no_repos).map_err(io_err("creating", &no_repos))?;
+            let mut cmd = Command::new("dnf");
+            cmd.arg("-y")
+                .arg("--installroot")
+                .arg(tree)
+                .arg("--releasever")
+                .arg(&recipe.release)
+                .arg(format!("--setopt=reposdir={}", no_repos.display()))
+                .arg("--setopt=protected_packages=")
+                .arg("--setopt=clean_requirements_on_remove=False")
+                .arg("remove")
+                .args(&present);
+            cmd.env("SOURCE_DATE_EPOCH", recipe.source_date_epoch.to_string())
+                .env("LC_ALL", "C.UTF-8")
+                .env("HOME", rpm_home(work)?);
+            steps.run(cmd, "removing remove_packages with dnf")?;
+        }
+    }
+    let after = names(&list_packages(recipe.distribution, tree, steps)?);
+    if let Some(lost) = wanted
+        .iter()
+        .find(|p| before.contains(*p) && !after.contains(*p))
+    {
+        return Err(BuildError::RemovalConflict {
+            recipe: recipe.name.clone(),
+            removed: join(&present),
+            lost: lost.clone(),
+        });
+    }
+    if let Some(still) = present.iter().find(|p| after.contains(p.as_str())) {
+        return Err(BuildError::BadPath {
+            path: recipe.path.clone(),
+            reason: format!("remove_packages: {still} is still installed after the removal"),
+        });
+    }
+    steps.line(&format!("removed {}", join(&present)));
+    Ok(())
+}
+
+fn join(pkgs: &[&String]) -> String {
+    pkgs.iter()
+        .map(|s| s.as_str())
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// Where Fedora keeps its rpm database. Hosts' rpm may default elsewhere (Debian's rpm

@@ -10,7 +10,8 @@
 //! `packages`, `services` and `gpg_keys` are unions (parent order first); `commands` are
 //! the parent's then the child's; `files` are the parent's then the child's, a child entry
 //! with the same `dest` replacing the parent's; `remove_packages` (of any level) are taken
-//! out of the merged package list.
+//! out of the merged package list, and the build purges any of them that the bootstrap
+//! installed anyway (as a dependency, or with the base variant).
 
 use std::collections::BTreeSet;
 use std::fmt;
@@ -234,6 +235,7 @@ pub struct Recipe {
     pub architecture: String,
     /// Merged, de-duplicated, minus `remove_packages`.
     pub packages: Vec<String>,
+    /// Purged after the bootstrap if installed anyway (apt-get purge / dnf remove).
     pub remove_packages: Vec<String>,
     /// mmdebstrap `--variant` (Debian only; default `minbase`).
     pub variant: String,

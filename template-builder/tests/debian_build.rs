@@ -191,3 +191,65 @@ fn same_recipe_under_another_name_is_bit_identical() {
     let k2 = std::fs::read(second.kernel.as_ref().unwrap()).unwrap();
     assert!(k1 == k2);
 }
+
+/// `remove_packages` purges what the bootstrap brought in anyway (here tzdata, which
+/// minbase installs as priority required), and refuses a removal that would take a
+/// package the recipe lists.
+#[test]
+fn remove_packages_purges_what_the_bootstrap_brought_in() {
+    common::need_tool("mmdebstrap");
+    let base = PathBuf::from(common::TEST_CACHE);
+    let sub = "removal";
+    let cache = base.join(sub);
+    let _ = std::fs::remove_dir_all(&cache);
+    std::fs::create_dir_all(&cache).unwrap();
+    // Reuse the shared build's .debs when they exist (CI runs this file's tests together).
+    std::fs::create_dir_all(base.join("a/debs")).unwrap();
+    std::os::unix::fs::symlink(base.join("a/debs"), cache.join("debs")).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let write = |name: &str, extra: &str| {
+        let p = dir.path().join(format!("{name}.toml"));
+        std::fs::write(
+            &p,
+            format!(
+                "name = \"{name}\"\ndistribution = \"debian\"\nrelease = \"bookworm\"\n\
+                 architecture = \"amd64\"\nvariant = \"minbase\"\nimage_size = \"1G\"\n\
+                 kernel = false\n{extra}"
+            ),
+        )
+        .unwrap();
+        Recipe::load(&p).unwrap()
+    };
+    let r = write(
+        "no-tzdata",
+        "packages = [\"less\"]\nremove_packages = [\"tzdata\"]\n",
+    );
+    let t = build(&r, &opts("no-tzdata", sub)).unwrap_or_else(|e| panic!("{e}"));
+    assert!(
+        !t.packages.iter().any(|p| p.starts_with("tzdata=")),
+        "{:?}",
+        t.packages
+    );
+    assert!(t.packages.iter().any(|p| p.starts_with("less=")));
+    assert!(common::debugfs(&t.image, "stat /usr/share/zoneinfo/UTC").is_empty());
+    // vim-tiny depends on vim-common: removing that would take vim-tiny with it.
+    let r = write(
+        "conflict",
+        "packages = [\"vim-tiny\"]\nremove_packages = [\"vim-common\"]\n",
+    );
+    let err = build(&r, &opts("conflict", sub)).unwrap_err().to_string();
+    assert!(
+        err.contains("removing vim-common would also remove vim-tiny"),
+        "{err}"
+    );
+    // What apt itself refuses (bash pre-depends on libtinfo6) comes back as apt's words.
+    let r = write(
+        "essential",
+        "packages = [\"less\"]\nremove_packages = [\"libtinfo6\"]\n",
+    );
+    let err = build(&r, &opts("essential", sub)).unwrap_err().to_string();
+    assert!(
+        err.contains("planning the removal of libtinfo6") && err.contains("libtinfo6"),
+        "{err}"
+    );
+}

@@ -21,7 +21,11 @@ fn spec(
 ) -> String {
     let req: String = requires
         .iter()
-        .map(|r| format!("Requires: {r}\n"))
+        .map(|r| match r.strip_prefix('(') {
+            // "(pre): name" gives Requires(pre): name
+            Some(ctx) => format!("Requires({ctx}\n"),
+            None => format!("Requires: {r}\n"),
+        })
         .collect();
     let prov: String = provides
         .iter()
@@ -75,10 +79,20 @@ fn make_repo(dir: &Path) -> std::path::PathBuf {
             ),
             "/usr/bin/busybox\n/usr/bin/sh\n/usr/bin/cat\n/usr/bin/echo",
         ),
+        // Needed only while tb-hello installs: a remove_packages candidate that the
+        // package list alone cannot keep out.
+        spec(
+            "tb-installer",
+            "1.0",
+            &["tb-filesystem"],
+            &[],
+            "mkdir -p %{buildroot}/usr/bin\nprintf '#!/bin/sh\\n' > %{buildroot}/usr/bin/tb-installer",
+            "/usr/bin/tb-installer",
+        ),
         spec(
             "tb-hello",
             "2.0",
-            &["tb-shell", "tb-release"],
+            &["tb-shell", "tb-release", "(pre): tb-installer"],
             &[],
             "mkdir -p %{buildroot}/usr/bin\nprintf '#!/bin/sh\\necho hello\\n' > %{buildroot}/usr/bin/tb-hello\n\
              chmod 755 %{buildroot}/usr/bin/tb-hello",
@@ -140,6 +154,7 @@ image_size = "64M"
 kernel = false
 mirror = "file://{repo}"
 commands = ["echo built-in-chroot > /etc/tb-marker"]
+remove_packages = ["tb-installer"]
 "#,
             guest = guest.display(),
             repo = repo.display()
@@ -165,9 +180,21 @@ commands = ["echo built-in-chroot > /etc/tb-marker"]
             "tb-release=41-1",
             "tb-shell=5.2-1"
         ],
-        "rpm database not where Fedora expects it?"
+        "rpm database not where Fedora expects it? (tb-installer must be removed)"
+    );
+    let logs: Vec<String> = fs::read_dir(dir.path().join("work"))
+        .unwrap()
+        .filter_map(|e| fs::read_to_string(e.unwrap().path().join("build.log")).ok())
+        .collect();
+    assert!(
+        logs.iter().any(|l| l.contains("removed tb-installer")),
+        "tb-installer was never installed and removed: {logs:?}"
     );
     let img = &t.image;
+    assert!(
+        common::debugfs(img, "stat /usr/bin/tb-installer").is_empty(),
+        "remove_packages left tb-installer's files"
+    );
     let fsck = Command::new("e2fsck").arg("-fn").arg(img).output().unwrap();
     assert!(
         fsck.status.success(),
@@ -245,4 +272,47 @@ commands = ["echo built-in-chroot > /etc/tb-marker"]
             keep.display()
         );
     }
+}
+
+/// Removing a package that a listed package needs is refused, naming both.
+#[test]
+fn removing_what_a_listed_package_needs_is_refused() {
+    common::need_tool("dnf");
+    let dir = tempfile::tempdir_in("/var/tmp").unwrap();
+    let repo = make_repo(dir.path());
+    let recipe_path = dir.path().join("conflict.toml");
+    fs::write(
+        &recipe_path,
+        format!(
+            r#"name = "fedora-conflict"
+distribution = "fedora"
+release = "41"
+architecture = "x86_64"
+packages = ["tb-hello"]
+remove_packages = ["tb-release"]
+image_size = "64M"
+kernel = false
+mirror = "file://{repo}"
+"#,
+            repo = repo.display()
+        ),
+    )
+    .unwrap();
+    let recipe = Recipe::load(&recipe_path).unwrap();
+    let err = build(
+        &recipe,
+        &BuildOptions {
+            name: None,
+            mirror: None,
+            cache_dir: dir.path().join("cache"),
+            work_dir: dir.path().join("work"),
+            progress: false,
+        },
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("removing tb-release would also remove tb-hello"),
+        "{err}"
+    );
 }
