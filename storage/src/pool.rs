@@ -274,7 +274,9 @@ pub trait Pool: Send + Sync {
     fn verify(&self) -> Result<VerifyReport, PoolError>;
 
     /// Creates `key` from a raw image: zero chunks are skipped, identical chunks shared
-    /// when `opts.dedup`. The volume is created staged; the caller commits.
+    /// when `opts.dedup`. The volume is created staged; the caller commits. Data I/O of
+    /// other volumes and commits (guest FLUSHes) go on during the import, so a commit
+    /// may make a partly imported `key` durable: import under a staging key.
     fn import_volume(
         &self,
         key: &str,

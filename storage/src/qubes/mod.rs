@@ -8,7 +8,8 @@
 //!                volatile volume, the snapshot / fresh volume that exists only while Q runs
 //!   Q/V@run      running snapshot of a save_on_stop volume (the dirty marker)
 //!   Q/V@<id>     revision; id = unix time with microseconds of when it was superseded
-//!   Q/V@import   an import in progress (staged only, never committed)
+//!   Q/V@import   an import in progress (a guest's flush may commit it part-way; a
+//!                stale one is dropped by the next import or removal of the qube)
 //! ```
 //!
 //! ```text

@@ -34,6 +34,13 @@ fn read_full(r: &mut dyn Read, buf: &mut [u8]) -> std::io::Result<usize> {
     Ok(got)
 }
 
+/// Content already in the pool, by blake3: a chunk and, for chunks of the volume
+/// deduplicated against, where that volume maps it (checked again before sharing, since
+/// commits between batches can free and reuse a chunk).
+type Known = HashMap<[u8; 32], KnownChunk>;
+/// A chunk and where (volume id, virtual chunk) the deduplicated-against volume maps it.
+type KnownChunk = (Chunk, Option<(u64, u64)>);
+
 /// What one chunk of a batch became.
 enum Placed {
     Zero,
@@ -50,7 +57,10 @@ impl ThinPool {
         opts: &ImportOptions,
     ) -> Result<ImportStats, PoolError> {
         validate_volume_key(key)?;
-        let _g = self.gate.read();
+        // The I/O gate is held per batch, not for the whole import: a guest's FLUSH (a
+        // pool commit) must not wait for an image of many GiB. A commit between batches
+        // makes the partly imported volume durable under `key`, every mapped chunk
+        // written; callers import under a staging key and rename once complete.
         let id = {
             let mut m = self.lock()?;
             if m.id_of(key).is_some() {
@@ -77,25 +87,26 @@ impl ThinPool {
         r
     }
 
-    fn known_chunks(&self, other: &str) -> Result<HashMap<[u8; 32], Chunk>, PoolError> {
+    fn known_chunks(&self, other: &str) -> Result<Known, PoolError> {
         let cs = self.geo.chunk_size;
-        let entries = {
+        let (oid, entries) = {
             let mut m = self.lock()?;
             let oid = self.id(&m, other)?;
-            m.mapped_in(oid, 0, u64::MAX).map_err(|e| self.perr(e))?
+            let e = m.mapped_in(oid, 0, u64::MAX).map_err(|e| self.perr(e))?;
+            (oid, e)
         };
-        let plain: Vec<Chunk> = entries
+        let plain: Vec<(u64, Chunk)> = entries
             .iter()
             .filter(|(_, e)| e.backing.is_none())
-            .map(|(_, e)| e.chunk)
+            .map(|(vc, e)| (*vc, e.chunk))
             .collect();
-        let hashed: Result<Vec<([u8; 32], Chunk)>, std::io::Error> = plain
+        let hashed: Result<Vec<([u8; 32], KnownChunk)>, std::io::Error> = plain
             .par_iter()
             .map_init(
                 || vec![0u8; cs as usize],
-                |buf, &c| {
+                |buf, &(vc, c)| {
                     self.data.read_at(buf, c.offset(cs))?;
-                    Ok((*blake3::hash(buf).as_bytes(), c))
+                    Ok((*blake3::hash(buf).as_bytes(), (c, Some((oid, vc)))))
                 },
             )
             .collect();
@@ -202,7 +213,7 @@ impl ThinPool {
         want: usize,
         dedup: bool,
         hasher: &mut blake3::Hasher,
-        known: &mut HashMap<[u8; 32], Chunk>,
+        known: &mut Known,
         stats: &mut ImportStats,
     ) -> Result<(), PoolError> {
         let c = self.geo.chunk_size as usize;
@@ -237,6 +248,7 @@ impl ThinPool {
                     .collect::<Vec<_>>()
             },
         );
+        let _g = self.gate.read();
         let placed = {
             let mut m = self.lock()?;
             let r = self.mutate(&mut m, |m| place_batch(m, id, vc0, &sums, dedup, known));
@@ -324,7 +336,7 @@ fn place_batch(
     vc0: u64,
     sums: &[Option<[u8; 32]>],
     dedup: bool,
-    known: &mut HashMap<[u8; 32], Chunk>,
+    known: &mut Known,
 ) -> Result<Vec<Placed>, Error> {
     let mut placed = Vec::with_capacity(sums.len());
     let mut leaf = None;
@@ -338,9 +350,24 @@ fn place_batch(
         };
         let mut entry_chunk = None;
         if dedup {
-            if let Some(&c) = known.get(sum) {
-                // A chunk freed meanwhile (discarded in the source) is no candidate.
-                if m.data_rc(c.0)? > 0 {
+            if let Some(&(c, src)) = known.get(sum) {
+                // Only a chunk still mapped where it was hashed: one freed meanwhile
+                // (discarded in the source, the volume removed) may have been reused by
+                // another volume after a commit.
+                let still = match src {
+                    None => m.data_rc(c.0)? > 0,
+                    Some((sid, svc)) => {
+                        let cs = m.geo.chunk_size;
+                        match m.vol(sid).map(|v| v.size.div_ceil(cs)) {
+                            Some(n) if svc < n => {
+                                let e = m.lookup(sid, svc)?;
+                                e.is_mapped() && e.chunk == c && e.backing.is_none()
+                            }
+                            _ => false,
+                        }
+                    }
+                };
+                if still {
                     m.chunk_inc(c)?;
                     entry_chunk = Some(c);
                     placed.push(Placed::Shared);
@@ -352,7 +379,7 @@ fn place_batch(
             None => match m.alloc_chunk() {
                 Ok((c, reused)) => {
                     if dedup {
-                        known.insert(*sum, c);
+                        known.insert(*sum, (c, None));
                     }
                     placed.push(Placed::New(c, reused));
                     c
