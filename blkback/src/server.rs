@@ -132,6 +132,11 @@ struct Shared {
     queue_cv: Condvar,
     /// Workers waiting for a job (a hint for [`Conn::offload`]).
     idle_workers: std::sync::atomic::AtomicUsize,
+    /// Connection readers with requests in hand (not waiting on their socket): once they
+    /// alone can keep every core busy, handing work to a worker only adds a context
+    /// switch (a hint for [`Conn::offload`]).
+    busy_readers: std::sync::atomic::AtomicUsize,
+    cores: usize,
     bufs: BufPool,
 }
 
@@ -275,6 +280,8 @@ impl NbdServer {
             queue: Mutex::new(QueueState::default()),
             queue_cv: Condvar::new(),
             idle_workers: std::sync::atomic::AtomicUsize::new(0),
+            busy_readers: std::sync::atomic::AtomicUsize::new(0),
+            cores: std::thread::available_parallelism().map_or(2, |n| n.get()),
             bufs: BufPool {
                 free: Mutex::new(Vec::new()),
             },
@@ -618,7 +625,9 @@ impl Conn {
         } else {
             0
         };
-        buffered >= own + REQUEST_LEN && self.shared.idle_workers.load(Ordering::Relaxed) > 0
+        buffered >= own + REQUEST_LEN
+            && self.shared.idle_workers.load(Ordering::Relaxed) > 0
+            && self.shared.busy_readers.load(Ordering::Relaxed) < self.shared.cores
     }
 
     fn flush_batch(&self, batch: &mut ReplyBuf) {
@@ -642,12 +651,25 @@ impl Conn {
                 Err(e)
             }
         };
+        let busy = &self.shared.busy_readers;
+        busy.fetch_add(1, Ordering::Relaxed);
+        let _not_busy = Defer(|| {
+            busy.fetch_sub(1, Ordering::Relaxed);
+        });
         loop {
             if r.buffer().len() < REQUEST_LEN || batch.len >= BATCH_MAX {
                 // About to block on the socket (or the batch is big): let replies go first.
                 self.flush_batch(batch);
             }
-            if let Err(e) = r.read_exact(&mut hdr) {
+            let read = if r.buffer().len() < REQUEST_LEN {
+                busy.fetch_sub(1, Ordering::Relaxed);
+                let read = r.read_exact(&mut hdr);
+                busy.fetch_add(1, Ordering::Relaxed);
+                read
+            } else {
+                r.read_exact(&mut hdr)
+            };
+            if let Err(e) = read {
                 // The client closed (cleanly between requests, or mid-frame): nothing to answer.
                 return eof_ok(e);
             }
@@ -1013,5 +1035,14 @@ fn worker(sh: &Shared) {
             conn.send(out.bytes());
         }
         conn.done(job.cost);
+    }
+}
+
+/// Runs a closure when dropped.
+struct Defer<F: FnMut()>(F);
+
+impl<F: FnMut()> Drop for Defer<F> {
+    fn drop(&mut self) {
+        (self.0)()
     }
 }
