@@ -24,7 +24,7 @@
 //!   virtio NIC as a stand-in, a qube without one gets no NIC.
 //! - QEMU runs under its seccomp sandbox (`-sandbox on,obsolete=deny,resourcecontrol=deny`).
 //! - memory/maxmem as on Xen: the guest boots with `memory`; with `maxmem > memory` a
-//!   virtio-mem device holds the difference, plugged on demand by
+//!   virtio-mem device holds the difference (in whole 128 MiB sections), plugged on demand by
 //!   [`Hypervisor::set_memory`] (QMP `qom-set requested-size`), which is what a memory
 //!   balancer calls, as qmemman does with Xen's balloon. Hot-added memory is onlined by
 //!   the kernel (`memhp_default_state=online_movable` is added to the command line).
@@ -560,11 +560,14 @@ const HOTPLUG_MEM: &str = "mem-hotplug";
 const HOTPLUG_DEV: &str = "mem-hotplug-dev";
 /// virtio-mem plugs memory in blocks of this size (x86's default).
 const HOTPLUG_BLOCK_MIB: u64 = 2;
+/// Linux onlines hot-added memory in sections of this size (x86-64); a device region
+/// that ends mid-section leaves its tail unusable, so the region is whole sections.
+const HOTPLUG_REGION_ALIGN_MIB: u64 = 128;
 
-/// MiB the guest may be given on top of `memory` (Qubes' maxmem), in whole blocks.
+/// MiB the guest may be given on top of `memory` (Qubes' maxmem), in whole sections.
 fn hotplug_mib(spec: &DomainSpec) -> u64 {
     let extra = spec.maxmem_mib.saturating_sub(spec.memory_mib);
-    extra - extra % HOTPLUG_BLOCK_MIB
+    extra - extra % HOTPLUG_REGION_ALIGN_MIB
 }
 
 fn validate(spec: &DomainSpec) -> Result<(), HvError> {
@@ -833,10 +836,11 @@ mod tests {
         assert_eq!(after(&args, "-accel"), ["tcg"]);
         assert_eq!(after(&args, "-cpu"), ["max"]);
         // maxmem 4000: boot memory plus a virtio-mem device for the rest.
-        assert_eq!(after(&args, "-m"), ["400M,maxmem=4000M"]);
+        // 3600 MiB rounded down to whole 128 MiB sections.
+        assert_eq!(after(&args, "-m"), ["400M,maxmem=3984M"]);
         assert_eq!(
             after(&args, "-object"),
-            ["memory-backend-ram,id=mem-hotplug,size=3600M"]
+            ["memory-backend-ram,id=mem-hotplug,size=3584M"]
         );
         assert!(after(&args, "-device")
             .contains(&"virtio-mem-pci,id=mem-hotplug-dev,memdev=mem-hotplug,requested-size=0"));
