@@ -225,6 +225,9 @@ fn pool_templates_qubes_and_volumes_end_to_end() {
         priv_uri.as_str()
     );
     assert_eq!(state_of(&ctl, "work"), "running");
+    // With no guest there is nothing to pause.
+    let err = ctl.fails(&["qube", "pause", "work"]);
+    assert!(err.contains("hypervisor none"), "{err}");
     // Revert/import/remove of a running qube are refused.
     assert!(ctl
         .fails(&["volume", "revert", "work:private"])
@@ -237,6 +240,8 @@ fn pool_templates_qubes_and_volumes_end_to_end() {
     qemu_io(&priv_uri, &["write -P 0x77 1M 1M", "flush"]);
     ctl.ok(&["qube", "shutdown", "work"]);
     assert_eq!(state_of(&ctl, "work"), "halted");
+    let err = ctl.fails(&["qube", "unpause", "work"]);
+    assert!(err.contains("not running"), "{err}");
     let p = export(&ctl, "work:private");
     assert!(
         p[MIB as usize..2 * MIB as usize].iter().all(|&x| x == 0x77),

@@ -239,6 +239,12 @@ fn debian_qubes_boot_persist_update_revert_and_survive_a_daemon_kill() {
     ctl.ok(&["qube", "prefs", "work2", "kernelopts", "qtest.stay"]);
     let r = boot(&ctl, "work2", false);
     assert!(r.contains("tpl=none"), "{r}");
+    // qvm-pause: the guest freezes (QMP stop), its volumes stay served.
+    let paused = ctl.json(&["qube", "pause", "work2"]);
+    assert_eq!(paused["state"], "paused", "{paused}");
+    assert_eq!(state(&ctl, "work2"), "paused");
+    let resumed = ctl.json(&["qube", "unpause", "work2"]);
+    assert_eq!(resumed["state"], "running", "{resumed}");
     boot(&ctl, "deb", true);
     let tpl_root = work.join("tpl-root.img");
     export_to(&ctl, "deb:root", &tpl_root);

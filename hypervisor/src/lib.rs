@@ -200,6 +200,12 @@ pub enum HvError {
     UnknownBackend(String),
     #[error("unknown virt_mode {0:?}: expected \"pv\", \"pvh\" or \"hvm\"")]
     UnknownVirtMode(String),
+    #[error("qube {name}: cannot {op}: {reason}")]
+    NotRunning {
+        name: String,
+        op: &'static str,
+        reason: String,
+    },
     #[error("qube {name}: cannot set memory to {mib} MiB: {reason}")]
     Memory {
         name: String,
@@ -221,6 +227,10 @@ pub trait Hypervisor: Send + Sync {
     /// Ends the domain at once. Succeeds on a halted domain.
     fn kill(&self, name: &str, run_dir: &Path) -> Result<(), HvError>;
     fn state(&self, name: &str, run_dir: &Path) -> Result<DomainState, HvError>;
+    /// Freezes the guest's vCPUs (`qvm-pause`); memory and devices stay.
+    fn pause(&self, name: &str, run_dir: &Path) -> Result<(), HvError>;
+    /// Resumes a paused guest.
+    fn unpause(&self, name: &str, run_dir: &Path) -> Result<(), HvError>;
     /// Sets the memory a running guest may use, between its `memory` and `maxmem`:
     /// what a memory balancer (Qubes' qmemman) adjusts while qubes run.
     fn set_memory(&self, name: &str, run_dir: &Path, mib: u64) -> Result<(), HvError>;

@@ -46,6 +46,22 @@ impl Hypervisor for NoneHv {
         self.kill(name, run_dir)
     }
 
+    fn pause(&self, name: &str, _run_dir: &Path) -> Result<(), HvError> {
+        Err(HvError::NotRunning {
+            name: name.to_string(),
+            op: "pause",
+            reason: "hypervisor none runs no guest".into(),
+        })
+    }
+
+    fn unpause(&self, name: &str, _run_dir: &Path) -> Result<(), HvError> {
+        Err(HvError::NotRunning {
+            name: name.to_string(),
+            op: "unpause",
+            reason: "hypervisor none runs no guest".into(),
+        })
+    }
+
     fn set_memory(&self, name: &str, _run_dir: &Path, mib: u64) -> Result<(), HvError> {
         Err(HvError::Memory {
             name: name.to_string(),

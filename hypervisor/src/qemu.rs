@@ -290,6 +290,31 @@ impl Qemu {
         Ok(a)
     }
 
+    /// One QMP command without arguments on a running domain.
+    fn qmp_simple(
+        &self,
+        name: &str,
+        run_dir: &Path,
+        op: &'static str,
+        cmd: &str,
+    ) -> Result<(), HvError> {
+        if self.live_pid(run_dir).is_none() {
+            return Err(HvError::NotRunning {
+                name: name.to_string(),
+                op,
+                reason: "the qube is not running".into(),
+            });
+        }
+        Qmp::connect(&RunFiles::new(run_dir).qmp, QMP_TIMEOUT)
+            .and_then(|mut q| q.execute(cmd, None))
+            .map(|_| ())
+            .map_err(|reason| HvError::Qmp {
+                name: name.to_string(),
+                op: cmd.to_string(),
+                reason,
+            })
+    }
+
     fn live_pid(&self, run_dir: &Path) -> Option<i32> {
         let files = RunFiles::new(run_dir);
         let pid = read_pidfile(&files.pidfile)?;
@@ -460,6 +485,14 @@ impl Hypervisor for Qemu {
             // The process lives; QMP may just be busy with another client.
             Err(_) => DomainState::Running,
         })
+    }
+
+    fn pause(&self, name: &str, run_dir: &Path) -> Result<(), HvError> {
+        self.qmp_simple(name, run_dir, "pause", "stop")
+    }
+
+    fn unpause(&self, name: &str, run_dir: &Path) -> Result<(), HvError> {
+        self.qmp_simple(name, run_dir, "unpause", "cont")
     }
 
     /// Plugs or unplugs virtio-mem blocks so the guest has `mib` in all: `memory` is

@@ -272,6 +272,24 @@ impl Xen {
         }
     }
 
+    /// `xl OP NAME` for pause/unpause.
+    fn xl_simple(&self, name: &str, op: &'static str) -> Result<(), HvError> {
+        match self.xl(name, &[op, name], XL_TIMEOUT)? {
+            Xl::Ok(_) => Ok(()),
+            Xl::Failed { stderr, .. } => Err(HvError::NotRunning {
+                name: name.to_string(),
+                op,
+                reason: stderr,
+            }),
+            Xl::TimedOut(cmd) => Err(HvError::CommandTimeout {
+                name: name.to_string(),
+                cmd,
+                timeout: XL_TIMEOUT,
+                fix: "check that xenstored runs",
+            }),
+        }
+    }
+
     fn destroy_domain(&self, name: &str, run_dir: &Path) -> Result<(), HvError> {
         if self.state(name, run_dir)? == DomainState::Halted {
             return Ok(());
@@ -352,6 +370,14 @@ impl Hypervisor for Xen {
     fn shutdown(&self, name: &str, run_dir: &Path, timeout: Duration) -> Result<(), HvError> {
         self.shutdown_domain(name, run_dir, timeout)?;
         self.detach_kernel_nbd(name, run_dir)
+    }
+
+    fn pause(&self, name: &str, _run_dir: &Path) -> Result<(), HvError> {
+        self.xl_simple(name, "pause")
+    }
+
+    fn unpause(&self, name: &str, _run_dir: &Path) -> Result<(), HvError> {
+        self.xl_simple(name, "unpause")
     }
 
     /// `xl mem-set`: the guest's balloon driver follows, up to the config's maxmem.

@@ -7,7 +7,9 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use hypervisor::{Accel, DomainSpec, Hypervisor, NoneHv, Qemu, VirtMode, Xen, XenDiskMode};
+use hypervisor::{
+    Accel, DomainSpec, DomainState, Hypervisor, NoneHv, Qemu, VirtMode, Xen, XenDiskMode,
+};
 
 fn plain_spec(name: &str, root: &std::path::Path) -> DomainSpec {
     DomainSpec {
@@ -67,6 +69,32 @@ fn qemu_keeps_the_contract() {
 }
 
 #[test]
+fn qemu_pauses_and_resumes_a_guest() {
+    require("qemu-system-x86_64");
+    let tmp = tempfile::Builder::new()
+        .prefix("hvc")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let initrd = initramfs(tmp.path(), "while true; do sleep 1; done\n", &[]);
+    let spec = boot_spec("c-pause", tmp.path(), initrd, vec![]);
+    let hv = Qemu::new().with_accel(Accel::Tcg);
+    let _guard = DomainGuard {
+        hv: &hv,
+        name: spec.name.clone(),
+        run_dir: spec.run_dir.clone(),
+    };
+    let rd = spec.run_dir.as_path();
+    assert!(hv.pause("c-pause", rd).is_err(), "pausing a halted qube");
+    hv.start(&spec).unwrap();
+    hv.pause("c-pause", rd).unwrap();
+    assert_eq!(hv.state("c-pause", rd).unwrap(), DomainState::Paused);
+    hv.unpause("c-pause", rd).unwrap();
+    assert_eq!(hv.state("c-pause", rd).unwrap(), DomainState::Running);
+    hv.kill("c-pause", rd).unwrap();
+    assert_eq!(hv.state("c-pause", rd).unwrap(), DomainState::Halted);
+}
+
+#[test]
 fn xen_sets_memory_with_xl_mem_set() {
     let tmp = tempfile::tempdir().unwrap();
     let xl = fake_xl(tmp.path());
@@ -74,12 +102,17 @@ fn xen_sets_memory_with_xl_mem_set() {
     let spec = plain_spec("c-xenmem", tmp.path());
     hv.start(&spec).unwrap();
     hv.set_memory("c-xenmem", &spec.run_dir, 1000).unwrap();
+    hv.pause("c-xenmem", &spec.run_dir).unwrap();
+    hv.unpause("c-xenmem", &spec.run_dir).unwrap();
     hv.kill("c-xenmem", &spec.run_dir).unwrap();
     let calls = std::fs::read_to_string(tmp.path().join("xl.calls")).unwrap();
-    assert!(
-        calls.lines().any(|l| l == "mem-set c-xenmem 1000m"),
-        "{calls}"
-    );
+    for want in [
+        "mem-set c-xenmem 1000m",
+        "pause c-xenmem",
+        "unpause c-xenmem",
+    ] {
+        assert!(calls.lines().any(|l| l == want), "{want} not in {calls}");
+    }
 }
 
 #[test]

@@ -70,6 +70,12 @@ pub enum Request {
     QubeConsole {
         name: String,
     },
+    QubePause {
+        name: String,
+    },
+    QubeUnpause {
+        name: String,
+    },
     VolumeList {
         qube: Option<String>,
     },

@@ -153,6 +153,10 @@ pub enum QubeCmd {
     },
     /// Print the qube's serial console log.
     Console { name: String },
+    /// Freeze a running qube's vCPUs (its volumes stay exported).
+    Pause { name: String },
+    /// Resume a paused qube.
+    Unpause { name: String },
 }
 
 #[derive(Subcommand, Debug)]
@@ -297,6 +301,8 @@ pub fn main_with(cli: Cli) -> Result<()> {
                 true,
             ),
             QubeCmd::Console { name } => (Request::QubeConsole { name }, false),
+            QubeCmd::Pause { name } => (Request::QubePause { name }, true),
+            QubeCmd::Unpause { name } => (Request::QubeUnpause { name }, true),
         },
         Cmd::Volume(v) => match v {
             VolumeCmd::List { qube } => (Request::VolumeList { qube }, false),
@@ -498,7 +504,10 @@ fn kind_of(req: &Request) -> &'static str {
         | Request::TemplateCreate { .. }
         | Request::TemplateImport { .. } => "template",
         Request::QubeList => "qube-list",
-        Request::QubeCreate { .. } | Request::QubeClone { .. } => "qube",
+        Request::QubeCreate { .. }
+        | Request::QubeClone { .. }
+        | Request::QubePause { .. }
+        | Request::QubeUnpause { .. } => "qube",
         Request::QubeStart { .. } => "started",
         Request::QubeConsole { .. } => "console",
         Request::VolumeList { .. } => "volume-list",

@@ -191,6 +191,8 @@ impl Controller {
                 kill,
             } => self.qube_shutdown(&name, timeout_secs, kill),
             Request::QubeConsole { name } => self.qube_console(&name),
+            Request::QubePause { name } => self.qube_pause(&name, true),
+            Request::QubeUnpause { name } => self.qube_pause(&name, false),
             Request::VolumeList { qube } => self.volume_list(qube.as_deref()),
             Request::VolumeInfo { qube, vol } => self.volume_info(&qube, &vol),
             Request::VolumeRevert {
@@ -563,11 +565,44 @@ impl Controller {
     }
 
     fn qube_state(&self, name: &str) -> Result<&'static str> {
-        if self.vols.is_running(name)? {
-            Ok("running")
-        } else {
-            Ok("halted")
+        if !self.vols.is_running(name)? {
+            return Ok("halted");
         }
+        // Volumes started; the hypervisor knows whether the guest is paused.
+        let rt = self.catalogue().runtime(name)?.unwrap_or_default();
+        if rt.hypervisor.is_empty() || rt.hypervisor == "none" {
+            return Ok("running");
+        }
+        let hv = hypervisor::by_name(&rt.hypervisor)?;
+        Ok(match hv.state(name, &self.paths.qube_run_dir(name)) {
+            Ok(hypervisor::DomainState::Paused) => "paused",
+            _ => "running",
+        })
+    }
+
+    /// `qube pause` / `qube unpause`: the guest stops or resumes; storage is untouched.
+    fn qube_pause(&mut self, name: &str, pause: bool) -> Result<Value> {
+        self.vols.qube(name)?;
+        let rt = self.catalogue().runtime(name)?.unwrap_or_default();
+        let hv_name = self
+            .served
+            .get(name)
+            .map(|s| s.hypervisor.clone())
+            .unwrap_or(rt.hypervisor);
+        if !self.vols.is_running(name)? {
+            bail!("{name} is not running; start it first");
+        }
+        if hv_name.is_empty() || hv_name == "none" {
+            bail!("{name} runs no guest (hypervisor none): there is nothing to pause");
+        }
+        let hv = hypervisor::by_name(&hv_name)?;
+        let run_dir = self.paths.qube_run_dir(name);
+        if pause {
+            hv.pause(name, &run_dir)?;
+        } else {
+            hv.unpause(name, &run_dir)?;
+        }
+        self.qube_show(name)
     }
 
     fn qube_show(&self, name: &str) -> Result<Value> {
