@@ -377,6 +377,8 @@ pub(crate) struct Meta {
     pub meta_used: u64,
     pub trees: [ArrayTree; 3],
     nodes: HashMap<u64, MapNode>,
+    /// Map nodes cached before clean ones are evicted ([`NODE_CACHE_LIMIT`]).
+    node_cache_limit: usize,
     fresh: HashSet<u64>,
     pub cat: CatalogueDoc,
     /// Volume id -> index in `cat.volumes`, and key -> id.
@@ -432,6 +434,7 @@ impl Meta {
                 ArrayTree::new(PageKind::MetaRcInterior, PageKind::MetaRcLeaf, sb.meta_rc),
             ],
             nodes: HashMap::new(),
+            node_cache_limit: NODE_CACHE_LIMIT,
             fresh: HashSet::new(),
             cat,
             by_key,
@@ -700,9 +703,8 @@ impl Meta {
                     "block-map pointer to page {p} out of range"
                 )));
             }
-            if self.nodes.len() >= NODE_CACHE_LIMIT {
-                let fresh = &self.fresh;
-                self.nodes.retain(|k, _| fresh.contains(k));
+            if self.nodes.len() >= self.node_cache_limit {
+                self.evict_clean_nodes();
             }
             let buf = read_page(&*self.file, PageNo(p))?;
             let n = if level == 0 {
@@ -723,6 +725,30 @@ impl Meta {
             self.nodes.insert(p, n);
         }
         Ok(&self.nodes[&p])
+    }
+
+    /// Makes room in the node cache: drops clean leaves (in hash order, which is as good
+    /// as random) down to 3/4 of the limit, keeping interior nodes, which every lookup
+    /// walks and which are ~1/168 of the leaves. Fresh (dirty) nodes always stay.
+    fn evict_clean_nodes(&mut self) {
+        let target = self.node_cache_limit * 3 / 4;
+        let excess = self.nodes.len().saturating_sub(target);
+        let fresh = &self.fresh;
+        let victims: Vec<u64> = self
+            .nodes
+            .iter()
+            .filter(|(k, n)| matches!(n, MapNode::Leaf(_)) && !fresh.contains(k))
+            .map(|(k, _)| *k)
+            .take(excess)
+            .collect();
+        for k in victims {
+            self.nodes.remove(&k);
+        }
+        if self.nodes.len() >= self.node_cache_limit {
+            // Nothing but interior and fresh nodes left: drop the clean interior ones.
+            let fresh = &self.fresh;
+            self.nodes.retain(|k, _| fresh.contains(k));
+        }
     }
 
     fn new_node(&mut self, level: u32) -> Result<u64, Error> {
@@ -1263,6 +1289,47 @@ mod tests {
         let mut m = Meta::new(file, sb, CatalogueDoc::default(), Vec::new());
         m.init_superblock_pages().unwrap();
         m
+    }
+
+    /// A cache far smaller than the tree: lookups stay right, the cache stays bounded,
+    /// and the interior nodes every lookup walks are not thrown out with the leaves.
+    #[test]
+    fn node_cache_evicts_leaves_and_keeps_interiors() {
+        let mut m = empty_meta(100_000);
+        let vcs = 168 * 40;
+        let id = m
+            .add_volume(
+                "v",
+                0,
+                RootEntry {
+                    height: map_height(vcs),
+                    ..Default::default()
+                },
+            )
+            .unwrap();
+        let mut want = Vec::new();
+        for vc in (0..vcs).step_by(7) {
+            let leaf = m.shadow_path(id, vc).unwrap();
+            let (c, _) = m.alloc_chunk().unwrap();
+            m.leaf_mut(leaf).unwrap()[(vc % 168) as usize] = MapEntry {
+                chunk: c,
+                ..Default::default()
+            };
+            want.push((vc, c));
+        }
+        m.commit().unwrap();
+        assert!(m.fresh.is_empty());
+        m.nodes.clear();
+        m.node_cache_limit = 16;
+        let root = m.root(id).unwrap().root.0;
+        for round in 0..3 {
+            for &(vc, c) in want.iter().rev() {
+                let e = m.lookup(id, vc).unwrap();
+                assert_eq!(e.chunk, c, "round {round}, vc {vc}");
+                assert!(m.nodes.len() <= 16, "cache grew to {}", m.nodes.len());
+            }
+            assert!(m.nodes.contains_key(&root), "the root node was evicted");
+        }
     }
 
     #[test]
