@@ -316,3 +316,124 @@ mirror = "file://{repo}"
         "{err}"
     );
 }
+
+/// Signs every rpm of `repo` with a fresh key and refreshes the metadata; returns the
+/// signing key's public part and an unrelated key's, both armored files.
+fn sign_repo(dir: &Path, repo: &Path) -> (std::path::PathBuf, std::path::PathBuf) {
+    common::need_tool("gpg");
+    common::need_tool("rpmsign");
+    let home = dir.join("gnupg");
+    fs::create_dir_all(&home).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    fs::set_permissions(&home, fs::Permissions::from_mode(0o700)).unwrap();
+    let gpg = |args: &[&str]| {
+        let out = Command::new("gpg")
+            .env("GNUPGHOME", &home)
+            .args([
+                "--batch",
+                "--yes",
+                "--passphrase",
+                "",
+                "--pinentry-mode",
+                "loopback",
+            ])
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "gpg {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out.stdout
+    };
+    let mut keys = Vec::new();
+    for uid in ["tb-signer <signer@tb.test>", "tb-other <other@tb.test>"] {
+        gpg(&["--quick-gen-key", uid, "rsa2048", "sign", "never"]);
+        let armored = gpg(&["--armor", "--export", uid]);
+        let path = dir.join(format!("{}.asc", uid.split(' ').next().unwrap()));
+        fs::write(&path, armored).unwrap();
+        keys.push(path);
+    }
+    let rpms: Vec<std::path::PathBuf> = fs::read_dir(repo)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "rpm"))
+        .collect();
+    let out = Command::new("rpmsign")
+        .env("GNUPGHOME", &home)
+        .arg("--define")
+        // Debian's rpm looks for gpg2; the gnupg package installs gpg.
+        .arg("__gpg /usr/bin/gpg")
+        .arg("--define")
+        .arg("_gpg_name tb-signer")
+        .arg("--define")
+        .arg("_gpg_sign_cmd_extra_args --batch --pinentry-mode loopback --passphrase ''")
+        .arg("--addsign")
+        .args(&rpms)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "rpmsign: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = Command::new("createrepo_c")
+        .arg("-q")
+        .arg(repo)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    (keys[0].clone(), keys[1].clone())
+}
+
+/// With gpg_keys, dnf checks every package: a repository signed by that key builds,
+/// the same repository checked against an unrelated key is refused.
+#[test]
+fn packages_are_gpg_checked_against_the_recipe_keys() {
+    common::need_tool("dnf");
+    let dir = tempfile::tempdir_in("/var/tmp").unwrap();
+    let repo = make_repo(dir.path());
+    let (signer, other) = sign_repo(dir.path(), &repo);
+    let build_with = |name: &str, key: &Path| {
+        let path = dir.path().join(format!("{name}.toml"));
+        fs::write(
+            &path,
+            format!(
+                r#"name = "{name}"
+distribution = "fedora"
+release = "41"
+architecture = "x86_64"
+packages = ["tb-hello"]
+image_size = "64M"
+kernel = false
+mirror = "file://{repo}"
+gpg_keys = ["{key}"]
+"#,
+                repo = repo.display(),
+                key = key.display()
+            ),
+        )
+        .unwrap();
+        build(
+            &Recipe::load(&path).unwrap(),
+            &BuildOptions {
+                name: None,
+                mirror: None,
+                cache_dir: dir.path().join(format!("cache-{name}")),
+                work_dir: dir.path().join(format!("work-{name}")),
+                progress: false,
+            },
+        )
+    };
+    let t = build_with("signed", &signer).unwrap_or_else(|e| panic!("signed build: {e}"));
+    assert!(t.packages.iter().any(|p| p.starts_with("tb-hello=")));
+    let err = build_with("wrong-key", &other)
+        .expect_err("packages signed by another key were installed")
+        .to_string();
+    assert!(
+        err.contains("dnf failed") && err.contains("wrong key"),
+        "{err}"
+    );
+}
