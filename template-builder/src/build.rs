@@ -515,7 +515,10 @@ fn bootstrap_debian(
     cmd.arg(&recipe.release).arg(tree).arg(mirror);
     cmd.env("SOURCE_DATE_EPOCH", recipe.source_date_epoch.to_string())
         .env("LC_ALL", "C.UTF-8");
-    steps.run(cmd, "bootstrapping with mmdebstrap")
+    steps.run(
+        cmd,
+        &format!("bootstrapping with mmdebstrap from {mirror} (another mirror: --mirror URL)"),
+    )
 }
 
 fn bootstrap_fedora(
@@ -586,6 +589,8 @@ fn bootstrap_fedora(
         .arg(format!("--setopt=reposdir={}", repos.display()))
         .arg("--setopt=keepcache=True")
         .arg("--setopt=install_weak_deps=False")
+        // An unreachable mirror is the error, not "no match for argument".
+        .arg("--setopt=skip_if_unavailable=False")
         .arg("--setopt=tsflags=nodocs")
         .arg("--repo=tb-fedora")
         .arg("install")
@@ -593,7 +598,10 @@ fn bootstrap_fedora(
     cmd.env("SOURCE_DATE_EPOCH", recipe.source_date_epoch.to_string())
         .env("LC_ALL", "C.UTF-8")
         .env("HOME", rpm_home(work)?);
-    steps.run(cmd, "installing packages with dnf")
+    steps.run(
+        cmd,
+        &format!("installing packages with dnf from {mirror} (another mirror: --mirror URL)"),
+    )
 }
 
 /// Purges `remove_packages` that the bootstrap brought in anyway (as dependencies, or
