@@ -188,3 +188,59 @@ fn sigkill_of_the_daemon_keeps_flushed_writes_and_serves_again() {
     );
     assert_eq!(ctl.json(&["pool", "verify"])["clean"], true);
 }
+
+/// After qubes-ctl is rebuilt or upgraded, a daemon started by the old binary is not
+/// left serving old code: idle, it is stopped by the next command (and a `qube start`
+/// brings up the new one); with qubes running, the user is told how to switch.
+#[test]
+fn a_daemon_of_another_build_is_replaced_when_idle() {
+    let ctl = setup();
+    let started = ctl.json(&["qube", "start", "work", "--hypervisor", "none"]);
+    assert_eq!(started["state"], "running");
+    let old_pid = ctl.json(&["daemon", "status"])["pid"].clone();
+    // A "new build": the same program as another file.
+    let new_bin = ctl.root.join("qubes-ctl-new");
+    std::fs::copy(e2e_tests::qubes_ctl_bin(), &new_bin).unwrap();
+    let with_new = |args: &[&str]| {
+        Command::new(&new_bin)
+            .arg("--root")
+            .arg(&ctl.root)
+            .args(args)
+            .env_remove("QUBES_CTL_ROOT")
+            .output()
+            .unwrap()
+    };
+    // A qube runs: the old daemon keeps serving it; the user is warned.
+    let out = with_new(&["qube", "list"]);
+    assert!(out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("runs another qubes-ctl build"), "{err}");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("running"));
+    // Idle: the next command retires it and a start brings up the new binary's daemon.
+    assert!(with_new(&["qube", "shutdown", "work"]).status.success());
+    let out = with_new(&[
+        "--format",
+        "json",
+        "qube",
+        "start",
+        "work",
+        "--hypervisor",
+        "none",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = with_new(&["--format", "json", "daemon", "status"]);
+    let status: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(status["daemon"], "running", "{status}");
+    assert_ne!(status["pid"], old_pid, "the old daemon still serves");
+    let out = with_new(&["qube", "list"]);
+    assert!(
+        !String::from_utf8_lossy(&out.stderr).contains("another qubes-ctl build"),
+        "the new daemon is the same build"
+    );
+    assert!(with_new(&["qube", "shutdown", "work"]).status.success());
+    let _ = with_new(&["daemon", "stop"]);
+}

@@ -154,10 +154,37 @@ pub fn call(socket: &Path, req: &Request) -> std::io::Result<Reply> {
 
 /// True if a daemon answers on `socket` within `timeout`.
 pub fn daemon_alive(socket: &Path, timeout: Duration) -> bool {
-    let Ok(stream) = UnixStream::connect(socket) else {
-        return false;
-    };
+    ping(socket, timeout).is_some()
+}
+
+/// The daemon's answer to a ping (`pid`, `build`, `served`), if one answers.
+pub fn ping(socket: &Path, timeout: Duration) -> Option<serde_json::Value> {
+    let stream = UnixStream::connect(socket).ok()?;
     let _ = stream.set_read_timeout(Some(timeout));
     drop(stream);
-    matches!(call(socket, &Request::Ping), Ok(Reply::Ok(_)))
+    match call(socket, &Request::Ping) {
+        Ok(Reply::Ok(v)) => Some(v),
+        _ => None,
+    }
+}
+
+/// Identifies the running qubes-ctl binary: a rebuilt or upgraded binary is a new file
+/// (inode, size, mtime), so a daemon started from an older one can be told apart.
+pub fn build_id() -> &'static str {
+    static ID: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    ID.get_or_init(|| {
+        use std::os::unix::fs::MetadataExt;
+        let md = std::env::current_exe().and_then(std::fs::metadata);
+        match md {
+            Ok(m) => format!(
+                "{}-{}-{}-{}.{}",
+                env!("CARGO_PKG_VERSION"),
+                m.ino(),
+                m.size(),
+                m.mtime(),
+                m.mtime_nsec()
+            ),
+            Err(_) => env!("CARGO_PKG_VERSION").to_string(),
+        }
+    })
 }

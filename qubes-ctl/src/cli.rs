@@ -368,6 +368,58 @@ pub fn main_with(cli: Cli) -> Result<()> {
     print(format, kind, &v)
 }
 
+/// A daemon started by another qubes-ctl binary (one rebuilt or upgraded since) would
+/// run the old code for every command: with no qube running it is stopped (the next
+/// `qube start` starts the new one); otherwise the user is told how to restart it.
+/// Returns whether a daemon answers afterwards.
+fn retire_stale_daemon(paths: &Paths) -> bool {
+    let sock = paths.admin_socket();
+    let Some(p) = api::ping(&sock, std::time::Duration::from_secs(2)) else {
+        return false;
+    };
+    if p["build"].as_str() == Some(api::build_id()) {
+        return true;
+    }
+    let pid = p["pid"].as_u64().unwrap_or(0);
+    if p["served"].as_u64() != Some(0) {
+        eprintln!(
+            "qubes-ctl: warning: the daemon (pid {pid}) runs another qubes-ctl build; \
+             shut its qubes down and run `qubes-ctl daemon stop` to switch to this one"
+        );
+        return true;
+    }
+    let _ = stop_daemon(paths, pid);
+    api::daemon_alive(&sock, std::time::Duration::from_secs(1))
+}
+
+/// Asks the daemon (process `pid`, 0 if unknown) to stop and waits until it has exited:
+/// the pool lock is released only then.
+fn stop_daemon(paths: &Paths, pid: u64) -> Result<Value> {
+    let sock = paths.admin_socket();
+    let v = match api::call(&sock, &Request::DaemonStop)? {
+        Reply::Ok(v) => v,
+        Reply::Error(e) => bail!(e),
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let gone = || {
+        if pid == 0 {
+            return !api::daemon_alive(&sock, std::time::Duration::from_secs(1));
+        }
+        // A zombie no longer holds anything.
+        match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+            Err(_) => true,
+            Ok(stat) => stat
+                .rsplit_once(')')
+                .and_then(|(_, rest)| rest.split_whitespace().next())
+                .is_some_and(|state| state == "Z" || state == "X"),
+        }
+    };
+    while std::time::Instant::now() < deadline && !gone() {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    Ok(v)
+}
+
 fn absolute(p: &Path) -> Result<PathBuf> {
     std::path::absolute(p).with_context(|| format!("resolving {}", p.display()))
 }
@@ -375,10 +427,12 @@ fn absolute(p: &Path) -> Result<PathBuf> {
 /// Runs a request through the daemon if one answers, else in-process.
 pub fn execute(paths: &Paths, req: Request, mutating: bool) -> Result<Value> {
     let sock = paths.admin_socket();
-    if !crate::daemon::is_running(paths) && req.needs_daemon() {
+    let mut alive = retire_stale_daemon(paths);
+    if !alive && req.needs_daemon() {
         crate::daemon::spawn(paths).context("the qube's volumes are served by the daemon")?;
+        alive = true;
     }
-    if crate::daemon::is_running(paths) {
+    if alive {
         return match api::call(&sock, &req).context("talking to the daemon")? {
             Reply::Ok(v) => Ok(v),
             Reply::Error(e) => Err(anyhow!(e)),
@@ -470,26 +524,28 @@ fn daemon_cmd(paths: &Paths, action: DaemonCmd, format: Format) -> Result<()> {
             )
         }
         DaemonCmd::Stop => {
-            if !crate::daemon::is_running(paths) {
+            let Some(p) = api::ping(&paths.admin_socket(), std::time::Duration::from_secs(2))
+            else {
                 return print(
                     format,
                     "plain",
                     &serde_json::json!({"daemon": "not running"}),
                 );
-            }
-            let v = match api::call(&paths.admin_socket(), &Request::DaemonStop)? {
-                Reply::Ok(v) => v,
-                Reply::Error(e) => bail!(e),
             };
+            let v = stop_daemon(paths, p["pid"].as_u64().unwrap_or(0))?;
             print(format, "plain", &v)
         }
         DaemonCmd::Status => {
-            let up = crate::daemon::is_running(paths);
-            print(
-                format,
-                "plain",
-                &serde_json::json!({"daemon": if up { "running" } else { "not running" }}),
-            )
+            let v = match api::ping(&paths.admin_socket(), std::time::Duration::from_secs(2)) {
+                Some(p) => serde_json::json!({
+                    "daemon": "running",
+                    "pid": p["pid"],
+                    "qubes_served": p["served"],
+                    "same_build": p["build"].as_str() == Some(api::build_id()),
+                }),
+                None => serde_json::json!({"daemon": "not running"}),
+            };
+            print(format, "plain", &v)
         }
     }
 }

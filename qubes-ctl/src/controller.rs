@@ -157,7 +157,12 @@ impl Controller {
 
     pub fn handle(&mut self, req: Request) -> Result<Value> {
         match req {
-            Request::Ping => Ok(json!({"pong": true, "pid": std::process::id()})),
+            Request::Ping => Ok(json!({
+                "pong": true,
+                "pid": std::process::id(),
+                "build": crate::api::build_id(),
+                "served": self.served.len(),
+            })),
             Request::PoolInfo => Ok(serde_json::to_value(self.pool().info()?)?),
             Request::PoolVerify => {
                 let report = self.pool().verify()?;
