@@ -196,3 +196,61 @@ fn dedup_never_shares_a_chunk_reused_during_the_import() {
     let r = pool.verify().unwrap();
     assert!(r.is_clean(), "{r:?}");
 }
+
+/// The same through the volume model (`volume import`): a running qube's FLUSH is not
+/// held back by another qube's import, and the import still commits like a stop.
+#[test]
+fn a_running_qubes_flush_does_not_wait_for_volume_import() {
+    use storage::qubes::{QubeClass, Volumes};
+    let dir = tempfile::tempdir().unwrap();
+    let pool = pool(dir.path());
+    let shared: std::sync::Arc<dyn Pool> = pool.clone();
+    let v = std::sync::Arc::new(Volumes::new(shared));
+    v.create_qube("deb", QubeClass::TemplateVM, None).unwrap();
+    v.create_qube("work", QubeClass::StandaloneVM, None)
+        .unwrap();
+    let started = v.start("work").unwrap();
+    let private = started.iter().find(|s| s.name == "private").unwrap();
+    let dev = pool.open_volume(&private.key, false).unwrap();
+    let (tell, paused) = mpsc::channel();
+    let (release, wait) = mpsc::channel();
+    let first = pattern(3, FIRST);
+    let rest = pattern(4, 8 << 20);
+    let image = [first.clone(), rest.clone()].concat();
+    let importer = {
+        let v = v.clone();
+        std::thread::spawn(move || {
+            let mut r = PausingReader {
+                first,
+                rest,
+                pos: 0,
+                paused: Some((tell, wait)),
+            };
+            v.import("deb", "root", &mut r, (FIRST + (8 << 20)) as u64)
+        })
+    };
+    paused.recv().unwrap();
+    let (done_tx, done_rx) = mpsc::channel();
+    {
+        let dev = dev.clone();
+        std::thread::spawn(move || {
+            dev.write_at(&[0x42; 4096], 0).unwrap();
+            let _ = done_tx.send(dev.flush());
+        });
+    }
+    let flushed = done_rx.recv_timeout(Duration::from_secs(20));
+    release.send(()).unwrap();
+    importer.join().unwrap().unwrap();
+    flushed
+        .expect("work's FLUSH waited for deb's import to finish")
+        .unwrap();
+    drop(dev);
+    v.stop("work").unwrap();
+    let head = pool
+        .open_volume(&storage::qubes::head_key("deb", "root"), true)
+        .unwrap();
+    let mut back = vec![0u8; image.len()];
+    head.read_at(&mut back, 0).unwrap();
+    assert!(back == image, "the imported root differs");
+    assert!(pool.verify().unwrap().is_clean());
+}

@@ -983,9 +983,14 @@ impl Volumes {
             .clone();
         let head = head_key(qube, vol);
         let staging = revision_key(qube, vol, IMPORT);
-        let mut txn = Txn::new(self.p());
+        // The image goes into the staging volume outside the transaction (no
+        // `Pool::batch`): guests' FLUSHes may commit it part-way, which is harmless for a
+        // staging key and keeps their I/O flowing during a long import. The model lock
+        // keeps the head unchanged meanwhile.
         if self.exists(&staging)? {
-            txn.remove(&staging)?;
+            self.p()
+                .remove_volume(&staging)
+                .map_err(ModelError::pool("removing a stale import", &staging))?;
         }
         let opts = ImportOptions {
             dedup: true,
@@ -1001,6 +1006,7 @@ impl Volumes {
                 return Err(ModelError::pool("importing", format!("{qube}:{vol}"))(e));
             }
         };
+        let mut txn = Txn::new(self.p());
         txn.undo.push(Undo::Remove(staging.clone()));
         self.commit_volume(&mut txn, qube, &v, &staging)?;
         for c in q.volumes.iter_mut().filter(|c| c.name == vol) {
