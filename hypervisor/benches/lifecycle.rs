@@ -54,6 +54,7 @@ fn main() {
         cmdline: "quiet".into(),
         disks: vec![],
         netvm: None,
+        net: Default::default(),
         label: "gray".into(),
         run_dir: tmp.path().join("run/bench"),
     };

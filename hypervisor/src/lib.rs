@@ -44,6 +44,7 @@
 //!         read_only: false,
 //!     }],
 //!     netvm: None,
+//!     net: Default::default(),
 //!     label: "blue".into(),
 //!     run_dir: "/run/qubes/work".into(),
 //! };
@@ -136,9 +137,26 @@ pub struct DomainSpec {
     /// In the order root, private, volatile.
     pub disks: Vec<DiskSpec>,
     pub netvm: Option<String>,
+    /// How the domain's network is wired (see [`NetSpec`]).
+    #[serde(default)]
+    pub net: NetSpec,
     pub label: String,
     /// Per-qube directory for logs, QMP socket, pidfile, generated config.
     pub run_dir: PathBuf,
+}
+
+/// Qubes' network topology for one domain: a qube reaches the network only through its
+/// netvm; a netvm (provides_network) without a netvm of its own has the uplink.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct NetSpec {
+    /// Other qubes use this one as their netvm (Qubes' `provides_network`).
+    pub provides_network: bool,
+    /// With a netvm, on QEMU: the unix socket the netvm's domain listens on for this
+    /// qube's link ([`Hypervisor::attach_client`] creates it). Xen's vif needs none.
+    pub netvm_socket: Option<PathBuf>,
+    /// MAC of the qube's NIC (empty: the backend's default).
+    pub mac: String,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -231,6 +249,29 @@ pub trait Hypervisor: Send + Sync {
     fn pause(&self, name: &str, run_dir: &Path) -> Result<(), HvError>;
     /// Resumes a paused guest.
     fn unpause(&self, name: &str, run_dir: &Path) -> Result<(), HvError>;
+    /// Connects `client`'s NIC to this running netvm domain: on QEMU a virtio-net device
+    /// hot-plugged into the netvm, backed by a stream socket at `socket` that the
+    /// client's QEMU connects to (`NetSpec::netvm_socket`). Xen: nothing to do, the
+    /// client's `vif = [backend=NETVM]` makes the toolstack create the backend.
+    fn attach_client(
+        &self,
+        _netvm: &str,
+        _netvm_run_dir: &Path,
+        _client: &str,
+        _socket: &Path,
+        _mac: &str,
+    ) -> Result<(), HvError> {
+        Ok(())
+    }
+    /// Removes what [`Hypervisor::attach_client`] added (the client stopped).
+    fn detach_client(
+        &self,
+        _netvm: &str,
+        _netvm_run_dir: &Path,
+        _client: &str,
+    ) -> Result<(), HvError> {
+        Ok(())
+    }
     /// Sets the memory a running guest may use, between its `memory` and `maxmem`:
     /// what a memory balancer (Qubes' qmemman) adjusts while qubes run.
     fn set_memory(&self, name: &str, run_dir: &Path, mib: u64) -> Result<(), HvError>;

@@ -111,6 +111,7 @@ mod tests {
             cmdline: String::new(),
             disks: vec![],
             netvm: None,
+            net: Default::default(),
             label: "red".into(),
             run_dir: dir.path().join("work"),
         };

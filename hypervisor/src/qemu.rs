@@ -20,8 +20,12 @@
 //! - Acceleration: KVM only when a real boot under KVM finishes (some hosts expose a
 //!   /dev/kvm that hangs guests), otherwise TCG. The verdict is cached per host kernel
 //!   and QEMU version in `kvm-probe.json` in the parent of the run dir.
-//! - netvm: QEMU has no netvm qubes; a qube with a netvm gets a user-mode (slirp)
-//!   virtio NIC as a stand-in, a qube without one gets no NIC.
+//! - Network as in Qubes: a qube with a netvm gets one virtio NIC whose other end is a
+//!   virtio NIC hot-plugged into the netvm's QEMU (`-netdev stream` over a unix socket
+//!   the netvm listens on, one per client, [`Hypervisor::attach_client`]); a netvm
+//!   (provides_network) without a netvm of its own gets the uplink, a user-mode (slirp)
+//!   NIC standing in for sys-net's physical one, and PCIe root ports for its clients; a
+//!   qube without a netvm gets no NIC.
 //! - QEMU runs under its seccomp sandbox (`-sandbox on,obsolete=deny,resourcecontrol=deny`).
 //! - memory/maxmem as on Xen: the guest boots with `memory`; with `maxmem > memory` a
 //!   virtio-mem device holds the difference (in whole 128 MiB sections), plugged on demand by
@@ -275,9 +279,40 @@ impl Qemu {
             push(&["-blockdev", &blockdev.to_string()]);
             push(&["-device", &device.to_string()]);
         }
-        match &spec.netvm {
-            Some(_) => push(&["-nic", "user,model=virtio-net-pci"]),
-            None => push(&["-nic", "none"]),
+        let mac = if spec.net.mac.is_empty() {
+            String::new()
+        } else {
+            format!(",mac={}", spec.net.mac)
+        };
+        match (&spec.netvm, &spec.net.netvm_socket) {
+            (Some(_), Some(sock)) => {
+                push(&[
+                    "-netdev",
+                    &format!(
+                        "stream,id=net0,server=off,reconnect-ms=500,addr.type=unix,addr.path={}",
+                        opt_escape(&utf8(sock, "netvm link socket")?)
+                    ),
+                ]);
+                push(&["-device", &format!("virtio-net-pci,netdev=net0{mac}")]);
+            }
+            (Some(n), None) => {
+                return Err(bad(format!(
+                    "netvm {n} is set but no link to it was prepared (NetSpec::netvm_socket)"
+                )))
+            }
+            (None, _) if spec.net.provides_network => {
+                push(&["-nic", &format!("user,model=virtio-net-pci{mac}")]);
+            }
+            (None, _) => push(&["-nic", "none"]),
+        }
+        if spec.net.provides_network {
+            // Hot-plug slots for the clients' NICs (q35's root bus has none).
+            for i in 0..VIF_PORTS {
+                push(&[
+                    "-device",
+                    &format!("pcie-root-port,id=vifport{i},chassis={}", i + 1),
+                ]);
+            }
         }
         push(&["-device", "virtio-rng-pci"]);
         // seccomp: elevateprivileges=deny and spawn=deny would also be wanted, but
@@ -495,6 +530,82 @@ impl Hypervisor for Qemu {
         self.qmp_simple(name, run_dir, "unpause", "cont")
     }
 
+    fn attach_client(
+        &self,
+        netvm: &str,
+        run_dir: &Path,
+        client: &str,
+        socket: &Path,
+        mac: &str,
+    ) -> Result<(), HvError> {
+        if self.live_pid(run_dir).is_none() {
+            return Err(HvError::NotRunning {
+                name: netvm.to_string(),
+                op: "connect a client to it",
+                reason: "the netvm is not running".into(),
+            });
+        }
+        let id = vif_id(client);
+        let qmp_err = |op: &str| {
+            let op = op.to_string();
+            move |reason: String| HvError::Qmp {
+                name: netvm.to_string(),
+                op,
+                reason,
+            }
+        };
+        let mut q =
+            Qmp::connect(&RunFiles::new(run_dir).qmp, QMP_TIMEOUT).map_err(qmp_err("connect"))?;
+        // A link left by an earlier run of the same client goes first.
+        remove_vif(&mut q, &id);
+        let _ = fs::remove_file(socket);
+        let path = socket
+            .to_str()
+            .ok_or_else(|| qmp_err("netdev_add")(format!("socket path {socket:?} is not UTF-8")))?;
+        q.execute(
+            "netdev_add",
+            Some(json!({
+                "type": "stream", "id": id, "server": true,
+                "addr": {"type": "unix", "path": path},
+            })),
+        )
+        .map_err(qmp_err("netdev_add"))?;
+        let mut last = String::new();
+        for port in 0..VIF_PORTS {
+            let mut dev = json!({
+                "driver": "virtio-net-pci", "id": id, "netdev": id,
+                "bus": format!("vifport{port}"),
+            });
+            if !mac.is_empty() {
+                dev["mac"] = json!(mac);
+            }
+            match q.execute("device_add", Some(dev)) {
+                Ok(_) => return Ok(()),
+                // Port taken by another client's NIC: try the next.
+                Err(e) => last = e,
+            }
+        }
+        let _ = q.execute("netdev_del", Some(json!({ "id": id })));
+        Err(qmp_err("device_add")(format!(
+            "no free port among {VIF_PORTS} for {client} ({last}); is {netvm} a netvm (provides_network)?"
+        )))
+    }
+
+    fn detach_client(&self, netvm: &str, run_dir: &Path, client: &str) -> Result<(), HvError> {
+        if self.live_pid(run_dir).is_none() {
+            return Ok(());
+        }
+        let mut q = Qmp::connect(&RunFiles::new(run_dir).qmp, QMP_TIMEOUT).map_err(|reason| {
+            HvError::Qmp {
+                name: netvm.to_string(),
+                op: "connect".into(),
+                reason,
+            }
+        })?;
+        remove_vif(&mut q, &vif_id(client));
+        Ok(())
+    }
+
     /// Plugs or unplugs virtio-mem blocks so the guest has `mib` in all: `memory` is
     /// the floor (boot memory cannot be taken back), `maxmem` the ceiling.
     fn set_memory(&self, name: &str, run_dir: &Path, mib: u64) -> Result<(), HvError> {
@@ -589,6 +700,34 @@ pub(crate) fn with_console(cmdline: &str, dev: &str) -> String {
 }
 
 /// Checks what QEMU would otherwise reject with a less helpful message.
+/// PCIe root ports a netvm gets for its clients' NICs (one client each).
+const VIF_PORTS: usize = 16;
+
+/// The QEMU id of a client's NIC (and its netdev) in the netvm. Qube names are
+/// `[A-Za-z0-9_.-]`, all valid in QEMU ids.
+fn vif_id(client: &str) -> String {
+    format!("vif-{client}")
+}
+
+/// Unplugs a client's NIC (the guest acknowledges the unplug; it is gone once QEMU
+/// says so, within a few seconds) and closes its link.
+fn remove_vif(q: &mut Qmp, id: &str) {
+    let present = |q: &mut Qmp| {
+        q.execute("qom-list", Some(json!({"path": "/machine/peripheral"})))
+            .ok()
+            .and_then(|v| v.as_array().cloned())
+            .is_some_and(|ps| ps.iter().any(|p| p["name"] == id))
+    };
+    if present(q) {
+        let _ = q.execute("device_del", Some(json!({ "id": id })));
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while present(q) && Instant::now() < deadline {
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+    let _ = q.execute("netdev_del", Some(json!({ "id": id })));
+}
+
 const HOTPLUG_MEM: &str = "mem-hotplug";
 const HOTPLUG_DEV: &str = "mem-hotplug-dev";
 /// virtio-mem plugs memory in blocks of this size (x86's default).
@@ -824,6 +963,7 @@ mod tests {
                 })
                 .collect(),
             netvm: None,
+            net: Default::default(),
             label: "blue".into(),
             run_dir: "/run/qubes/work".into(),
         }
@@ -834,6 +974,41 @@ mod tests {
             .filter(|w| w[0] == flag)
             .map(|w| w[1].as_str())
             .collect()
+    }
+
+    #[test]
+    fn command_line_wires_the_network_as_qubes_does() {
+        let q = Qemu::new();
+        // No netvm: no NIC at all.
+        let args = q.command_line(&spec(), Accel::Tcg).unwrap();
+        assert_eq!(after(&args, "-nic"), ["none"]);
+        // A netvm (provides_network) without a netvm of its own: the uplink and ports.
+        let mut netvm = spec();
+        netvm.net.provides_network = true;
+        let args = q.command_line(&netvm, Accel::Tcg).unwrap();
+        assert_eq!(after(&args, "-nic"), ["user,model=virtio-net-pci"]);
+        let ports = after(&args, "-device")
+            .into_iter()
+            .filter(|d| d.starts_with("pcie-root-port,id=vifport"))
+            .count();
+        assert_eq!(ports, VIF_PORTS);
+        // A client: its only NIC is the link to its netvm.
+        let mut client = spec();
+        client.netvm = Some("sys-net".into());
+        client.net.netvm_socket = Some("/run/qubes/sys-net/vif-work.sock".into());
+        client.net.mac = "00:16:3e:5e:6c:05".into();
+        let args = q.command_line(&client, Accel::Tcg).unwrap();
+        assert!(after(&args, "-nic").is_empty());
+        assert_eq!(
+            after(&args, "-netdev"),
+            ["stream,id=net0,server=off,reconnect-ms=500,addr.type=unix,addr.path=/run/qubes/sys-net/vif-work.sock"]
+        );
+        assert!(
+            after(&args, "-device").contains(&"virtio-net-pci,netdev=net0,mac=00:16:3e:5e:6c:05")
+        );
+        client.net.netvm_socket = None;
+        let e = q.command_line(&client, Accel::Tcg).unwrap_err();
+        assert!(e.to_string().contains("netvm sys-net"), "{e}");
     }
 
     #[test]

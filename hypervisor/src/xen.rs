@@ -693,6 +693,7 @@ mod tests {
                 read_only: true,
             }],
             netvm: Some("sys-firewall".into()),
+            net: Default::default(),
             label: "blue".into(),
             run_dir: "/run/qubes/work".into(),
         }

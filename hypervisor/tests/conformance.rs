@@ -23,6 +23,7 @@ fn plain_spec(name: &str, root: &std::path::Path) -> DomainSpec {
         cmdline: String::new(),
         disks: vec![],
         netvm: None,
+        net: Default::default(),
         label: "green".into(),
         run_dir: root.join(name),
     }

@@ -460,3 +460,118 @@ fn a_running_qube_grows_from_memory_towards_maxmem() {
         "a halted qube takes no memory"
     );
 }
+
+/// A busybox initramfs that loads virtio-net and runs `script`.
+fn net_initramfs(dir: &std::path::Path, name: &str, script: &str) -> PathBuf {
+    let (_, mods) = kernel_and_modules();
+    let mut chain: Vec<&str> = VIRTIO_BLK_MODULES[..VIRTIO_BLK_MODULES.len() - 1].to_vec();
+    chain.extend([
+        "kernel/net/core/failover.ko",
+        "kernel/drivers/net/net_failover.ko",
+        "kernel/drivers/net/virtio_net.ko",
+    ]);
+    let base = |m: &str| m.rsplit('/').next().unwrap().to_string();
+    let mut full: String = chain
+        .iter()
+        .map(|m| format!("insmod /lib/modules/{}\n", base(m)))
+        .collect();
+    full.push_str(script);
+    let files: Vec<(String, PathBuf)> = chain
+        .iter()
+        .map(|m| (format!("lib/modules/{}", base(m)), mods.join(m)))
+        .collect();
+    let extra: Vec<(&str, &std::path::Path)> = files
+        .iter()
+        .map(|(d, s)| (d.as_str(), s.as_path()))
+        .collect();
+    let img = hypervisor::initramfs::busybox_initramfs(&full, &extra).unwrap();
+    let path = dir.join(format!("{name}.cpio"));
+    fs::write(&path, img).unwrap();
+    path
+}
+
+/// Qubes' netvm on QEMU: the client's only NIC is linked to a NIC hot-plugged into its
+/// netvm; the client reaches the netvm over it, and the NIC goes away when detached.
+#[test]
+fn a_client_reaches_its_netvm_through_a_hot_plugged_link() {
+    require("qemu-system-x86_64");
+    let tmp = tempfile::Builder::new()
+        .prefix("hvn")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let netvm_script = "\
+echo NETVM-WAITING
+i=0; while [ ! -e /sys/class/net/eth1 ] && [ $i -lt 600 ]; do sleep 0.1; i=$((i+1)); done
+echo \"NETVM-VIF $(cat /sys/class/net/eth1/address)\"
+ip link set eth1 up
+ip addr add 10.137.0.1/32 dev eth1
+ip route add 10.137.0.5/32 dev eth1
+echo \"NETVM-GOT: $(nc -l -p 7000)\"
+i=0; while [ -e /sys/class/net/eth1 ] && [ $i -lt 600 ]; do sleep 0.1; i=$((i+1)); done
+[ -e /sys/class/net/eth1 ] || echo NETVM-VIF-GONE
+poweroff -f
+";
+    let client_script = "\
+echo \"CLIENT-NICS $(ls /sys/class/net | tr '\\n' ' ')\"
+ip link set eth0 up
+ip addr add 10.137.0.5/32 dev eth0
+ip route add 10.137.0.1/32 dev eth0
+i=0
+while [ $i -lt 60 ]; do
+  if echo HELLO-FROM-CLIENT | nc -w 2 10.137.0.1 7000; then echo CLIENT-SENT; break; fi
+  sleep 1; i=$((i+1))
+done
+poweroff -f
+";
+    let mut netvm = boot_spec(
+        "nvq",
+        tmp.path(),
+        net_initramfs(tmp.path(), "netvm", netvm_script),
+        vec![],
+    );
+    netvm.net.provides_network = true;
+    let hv = Qemu::new().with_accel(Accel::Tcg);
+    let _g1 = DomainGuard {
+        hv: &hv,
+        name: netvm.name.clone(),
+        run_dir: netvm.run_dir.clone(),
+    };
+    hv.start(&netvm).expect("start netvm");
+    let nlog = || fs::read_to_string(hv.console_log(&netvm.run_dir)).unwrap_or_default();
+    wait_for("the netvm to boot", BOOT_DEADLINE, || {
+        nlog().contains("NETVM-WAITING")
+    });
+    let sock = netvm.run_dir.join("vif-clq.sock");
+    hv.attach_client("nvq", &netvm.run_dir, "clq", &sock, "00:16:3e:5e:6c:05")
+        .expect("attach");
+    let mut client = boot_spec(
+        "clq",
+        tmp.path(),
+        net_initramfs(tmp.path(), "client", client_script),
+        vec![],
+    );
+    client.netvm = Some("nvq".into());
+    client.net.netvm_socket = Some(sock.clone());
+    client.net.mac = "00:16:3e:5e:6c:05".into();
+    let _g2 = DomainGuard {
+        hv: &hv,
+        name: client.name.clone(),
+        run_dir: client.run_dir.clone(),
+    };
+    hv.start(&client).expect("start client");
+    wait_for("the client's message at the netvm", BOOT_DEADLINE, || {
+        nlog().contains("NETVM-GOT: HELLO-FROM-CLIENT")
+    });
+    let clog = fs::read_to_string(hv.console_log(&client.run_dir)).unwrap_or_default();
+    assert!(clog.contains("CLIENT-NICS eth0 lo"), "{clog}");
+    assert!(nlog().contains("NETVM-VIF 00:16:3e:5e:6c:05"), "{}", nlog());
+    wait_for("the client to power off", BOOT_DEADLINE, || {
+        hv.state("clq", &client.run_dir).unwrap() == DomainState::Halted
+    });
+    hv.detach_client("nvq", &netvm.run_dir, "clq")
+        .expect("detach");
+    wait_for("the netvm to power off", BOOT_DEADLINE, || {
+        hv.state("nvq", &netvm.run_dir).unwrap() == DomainState::Halted
+    });
+    assert!(nlog().contains("NETVM-VIF-GONE"), "{}", nlog());
+}

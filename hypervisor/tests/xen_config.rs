@@ -37,6 +37,7 @@ fn spec(mode: VirtMode, run_dir: &Path, socket: &str) -> DomainSpec {
             })
             .collect(),
         netvm: Some("sys-firewall".into()),
+        net: Default::default(),
         label: "blue".into(),
         run_dir: run_dir.to_path_buf(),
     }

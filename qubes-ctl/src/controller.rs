@@ -887,6 +887,7 @@ impl Controller {
             cmdline: cmdline.trim().to_string(),
             disks,
             netvm: prefs.netvm.clone(),
+            net: Default::default(),
             label: prefs.label.to_string(),
             run_dir: run_dir.to_path_buf(),
         })

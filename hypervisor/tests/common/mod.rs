@@ -108,6 +108,7 @@ pub fn boot_spec(name: &str, root: &Path, initrd: PathBuf, disks: Vec<DiskSpec>)
         cmdline: "quiet panic=-1".into(),
         disks,
         netvm: None,
+        net: Default::default(),
         label: "red".into(),
         run_dir: root.join("run").join(name),
     }
