@@ -282,6 +282,30 @@ fn pool_templates_qubes_and_volumes_end_to_end() {
     assert!(ctl
         .fails(&["qube", "prefs", "work", "colour", "x"])
         .contains("unknown property"));
+    // Network prefs follow Qubes' rules.
+    let err = ctl.fails(&["qube", "prefs", "work", "netvm", "nosuch"]);
+    assert!(err.contains("does not exist"), "{err}");
+    ctl.ok(&["qube", "create", "net", "--template", "tpl"]);
+    let err = ctl.fails(&["qube", "prefs", "work", "netvm", "net"]);
+    assert!(err.contains("provides_network true"), "{err}");
+    ctl.ok(&["qube", "prefs", "net", "provides_network", "true"]);
+    ctl.ok(&["qube", "prefs", "work", "netvm", "net"]);
+    assert_eq!(
+        ctl.json(&["qube", "prefs", "work", "netvm"])["netvm"],
+        "net"
+    );
+    ctl.ok(&["qube", "prefs", "work", "provides_network", "true"]);
+    let err = ctl.fails(&["qube", "prefs", "net", "netvm", "work"]);
+    assert!(err.contains("loop"), "{err}");
+    let err = ctl.fails(&["qube", "prefs", "net", "provides_network", "false"]);
+    assert!(err.contains("netvm of work"), "{err}");
+    let err = ctl.fails(&["qube", "prefs", "work", "ip", "10.0.0.1"]);
+    assert!(err.contains("read-only"), "{err}");
+    let err = ctl.fails(&["qube", "remove", "net"]);
+    assert!(err.contains("netvm of work"), "{err}");
+    ctl.ok(&["qube", "prefs", "work", "netvm", "none"]);
+    ctl.ok(&["qube", "prefs", "work", "provides_network", "false"]);
+    ctl.ok(&["qube", "remove", "net"]);
 
     // Clone, StandaloneVM, DispVM.
     ctl.ok(&["qube", "clone", "work", "work2"]);

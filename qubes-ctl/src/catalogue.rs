@@ -23,7 +23,7 @@ pub enum CatalogueError {
     },
     #[error("{0}")]
     BadValue(String),
-    #[error("unknown property {0:?}; known: label, netvm, memory, maxmem, vcpus, virt_mode, kernel, kernelopts, template_for_dispvms, hypervisor")]
+    #[error("unknown property {0:?}; known: label, netvm, memory, maxmem, vcpus, virt_mode, kernel, kernelopts, template_for_dispvms, hypervisor, provides_network, ip")]
     UnknownProperty(String),
 }
 
@@ -94,6 +94,11 @@ pub struct QubePrefs {
     pub template_for_dispvms: bool,
     /// Preferred hypervisor (xen | qemu | none); empty: the host default.
     pub hypervisor: String,
+    /// Other qubes may use this one as their netvm.
+    pub provides_network: bool,
+    /// Address on the qubes network (10.137.0.N), assigned at the first start that
+    /// needs one; read-only for users.
+    pub ip: Option<String>,
 }
 
 impl Default for QubePrefs {
@@ -109,12 +114,14 @@ impl Default for QubePrefs {
             kernelopts: String::new(),
             template_for_dispvms: false,
             hypervisor: String::new(),
+            provides_network: false,
+            ip: None,
         }
     }
 }
 
 impl QubePrefs {
-    pub const KEYS: [&'static str; 10] = [
+    pub const KEYS: [&'static str; 12] = [
         "label",
         "netvm",
         "memory",
@@ -125,6 +132,8 @@ impl QubePrefs {
         "kernelopts",
         "template_for_dispvms",
         "hypervisor",
+        "provides_network",
+        "ip",
     ];
 
     pub fn get(&self, key: &str) -> Result<String, CatalogueError> {
@@ -139,6 +148,8 @@ impl QubePrefs {
             "kernelopts" => self.kernelopts.clone(),
             "template_for_dispvms" => self.template_for_dispvms.to_string(),
             "hypervisor" => self.hypervisor.clone(),
+            "provides_network" => self.provides_network.to_string(),
+            "ip" => self.ip.clone().unwrap_or_default(),
             other => return Err(CatalogueError::UnknownProperty(other.to_string())),
         })
     }
@@ -191,6 +202,14 @@ impl QubePrefs {
                     _ => return Err(bad("expected true or false")),
                 }
             }
+            "provides_network" => {
+                self.provides_network = match value {
+                    "true" | "1" | "yes" => true,
+                    "false" | "0" | "no" => false,
+                    _ => return Err(bad("expected true or false")),
+                }
+            }
+            "ip" => return Err(bad("assigned automatically at start; read-only")),
             "hypervisor" => {
                 if !matches!(value, "" | "xen" | "qemu" | "none") {
                     return Err(bad("expected xen, qemu or none"));

@@ -639,6 +639,18 @@ impl Controller {
             return self.template_remove(name);
         }
         self.refuse_if_served(name, "remove")?;
+        let mut users = Vec::new();
+        for other in self.vols.list_qubes()? {
+            if self.catalogue().prefs(&other.qube)?.netvm.as_deref() == Some(name) {
+                users.push(other.qube);
+            }
+        }
+        if !users.is_empty() {
+            bail!(
+                "{name} is the netvm of {}; give them another netvm first",
+                users.join(", ")
+            );
+        }
         self.remove_with_catalogue(name)?;
         let _ = fs::remove_dir_all(self.paths.kernels_dir(name));
         let _ = fs::remove_dir_all(self.paths.qube_run_dir(name));
@@ -686,11 +698,76 @@ impl Controller {
             (Some(k), None) => Ok(json!({ k.clone(): prefs.get(&k)? })),
             (Some(k), Some(v)) => {
                 prefs.set(&k, &v)?;
+                self.check_network_prefs(name, &prefs)?;
                 self.catalogue().set_prefs(name, Some(&prefs))?;
                 self.pool().commit()?;
                 Ok(json!({ k.clone(): prefs.get(&k)? }))
             }
         }
+    }
+
+    /// Qubes' rules: a netvm exists and provides network, chains have no loop, and a
+    /// qube others use as their netvm keeps providing it.
+    fn check_network_prefs(&self, name: &str, prefs: &QubePrefs) -> Result<()> {
+        let mut seen = vec![name.to_string()];
+        let mut next = prefs.netvm.clone();
+        while let Some(n) = next {
+            if seen.contains(&n) {
+                bail!("netvm {n} would make a loop ({} -> {n}); pick another netvm", seen.join(" -> "));
+            }
+            if self.vols.qube(&n).is_err() {
+                bail!("netvm {n} does not exist; create it or pick another (`qubes-ctl qube list`)");
+            }
+            let p = self.catalogue().prefs(&n)?;
+            if !p.provides_network {
+                bail!("{n} does not provide network; set `qubes-ctl qube prefs {n} provides_network true` first");
+            }
+            seen.push(n);
+            next = p.netvm;
+        }
+        if !prefs.provides_network {
+            let users: Vec<String> = self
+                .vols
+                .list_qubes()?
+                .into_iter()
+                .map(|q| q.qube)
+                .filter(|q| q != name)
+                .filter(|q| {
+                    self.catalogue()
+                        .prefs(q)
+                        .is_ok_and(|p| p.netvm.as_deref() == Some(name))
+                })
+                .collect();
+            if !users.is_empty() {
+                bail!(
+                    "{name} is the netvm of {}; give them another netvm first",
+                    users.join(", ")
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// The qube's address on the qubes network (10.137.0.N), assigned on first use.
+    fn network_ip(&mut self, name: &str) -> Result<String> {
+        let mut prefs = self.catalogue().prefs(name)?;
+        if let Some(ip) = &prefs.ip {
+            return Ok(ip.clone());
+        }
+        let mut used = std::collections::BTreeSet::new();
+        for q in self.vols.list_qubes()? {
+            if let Some(ip) = self.catalogue().prefs(&q.qube)?.ip {
+                used.insert(ip);
+            }
+        }
+        let ip = (2..=254)
+            .map(|n| format!("10.137.0.{n}"))
+            .find(|ip| !used.contains(ip))
+            .ok_or_else(|| anyhow!("the qubes network 10.137.0.0/24 is full"))?;
+        prefs.ip = Some(ip.clone());
+        self.catalogue().set_prefs(name, Some(&prefs))?;
+        self.pool().commit()?;
+        Ok(ip)
     }
 
     /// Removes a qube's volumes and its catalogue records in one commit; if the volume
@@ -746,6 +823,22 @@ impl Controller {
         let hv = hypervisor::by_name(&hv_name)?;
         let run_dir = self.paths.qube_run_dir(name);
         fs::create_dir_all(&run_dir).with_context(|| format!("creating {}", run_dir.display()))?;
+        // As in Qubes, a qube's netvm is started first (with the same hypervisor).
+        if let (Some(n), true) = (&prefs.netvm, hv_name != "none") {
+            self.check_network_prefs(name, &prefs)?;
+            if !self.vols.is_running(n)? {
+                self.qube_start(n, Some(hv_name.clone()))
+                    .with_context(|| format!("starting {name}'s netvm {n}"))?;
+            }
+            let nhv = self
+                .served
+                .get(n)
+                .map(|s| s.hypervisor.clone())
+                .unwrap_or_default();
+            if nhv != hv_name {
+                bail!("{name}'s netvm {n} runs on {nhv:?}, not {hv_name}: both must use the same hypervisor");
+            }
+        }
 
         self.catalogue().set_runtime(
             name,
@@ -771,14 +864,29 @@ impl Controller {
         };
         let socket = served.path().to_path_buf();
         if hv_name != "none" {
-            let mut spec = self.domain_spec(&q, &prefs, &started, &socket, &run_dir)?;
+            let undo = |ctl: &mut Self, served: blkback::NbdServer| {
+                let _ = served.shutdown(Duration::from_secs(1));
+                let _ = ctl.catalogue().set_runtime(name, None);
+                let _ = ctl.vols.stop(name);
+            };
+            let spec = self
+                .domain_spec(&q, &prefs, &started, &socket, &run_dir)
+                .and_then(|spec| self.wire_network(name, &prefs, hv.as_ref(), spec));
+            let mut spec = match spec {
+                Ok(s) => s,
+                Err(e) => {
+                    undo(self, served);
+                    return Err(e);
+                }
+            };
             if hv_name == "xen" {
                 spec.cmdline = xen_cmdline(&spec.cmdline);
             }
             if let Err(e) = hv.start(&spec) {
-                let _ = served.shutdown(Duration::from_secs(1));
-                let _ = self.catalogue().set_runtime(name, None);
-                let _ = self.vols.stop(name);
+                if let Some(n) = &prefs.netvm {
+                    let _ = hv.detach_client(n, &self.paths.qube_run_dir(n), name);
+                }
+                undo(self, served);
                 return Err(anyhow!(e).context(format!("starting {name} on {hv_name}")));
             }
         }
@@ -808,6 +916,46 @@ impl Controller {
             "console": hv.console_log(&run_dir),
             "volumes": vols,
         }))
+    }
+
+    /// Qubes' network for the domain: its address, gateway and MAC on the kernel command
+    /// line (`qubes.ip=`, `qubes.gateway=`, `qubes.netvm=1` for a netvm; the guest
+    /// integration configures the interfaces from them), and its NIC linked to the netvm.
+    fn wire_network(
+        &mut self,
+        name: &str,
+        prefs: &QubePrefs,
+        hv: &dyn hypervisor::Hypervisor,
+        mut spec: hypervisor::DomainSpec,
+    ) -> Result<hypervisor::DomainSpec> {
+        if prefs.netvm.is_none() && !prefs.provides_network {
+            return Ok(spec);
+        }
+        let ip = self.network_ip(name)?;
+        let last: u8 = ip.rsplit('.').next().and_then(|n| n.parse().ok()).unwrap_or(0);
+        spec.net.mac = format!("00:16:3e:5e:6c:{last:02x}");
+        spec.net.provides_network = prefs.provides_network;
+        let mut opts = format!(" qubes.ip={ip} qubes.mac={}", spec.net.mac);
+        if prefs.provides_network {
+            opts.push_str(" qubes.netvm=1");
+        }
+        if let Some(n) = &prefs.netvm {
+            let gateway = self.network_ip(n)?;
+            opts.push_str(&format!(" qubes.gateway={gateway}"));
+            let nrun = self.paths.qube_run_dir(n);
+            let sock = nrun.join(format!("vif-{name}.sock"));
+            if sock.as_os_str().len() > 107 {
+                bail!(
+                    "the link socket {} is too long for a unix socket; use a shorter --root or qube name",
+                    sock.display()
+                );
+            }
+            hv.attach_client(n, &nrun, name, &sock, &spec.net.mac)
+                .with_context(|| format!("connecting {name} to its netvm {n}"))?;
+            spec.net.netvm_socket = Some(sock);
+        }
+        spec.cmdline.push_str(&opts);
+        Ok(spec)
     }
 
     fn serve(&self, name: &str, started: &[StartedVolume]) -> Result<blkback::NbdServer> {
@@ -906,6 +1054,23 @@ impl Controller {
         if !self.vols.is_running(name)? && !self.served.contains_key(name) {
             bail!("{name} is not running");
         }
+        if !kill && self.catalogue().prefs(name)?.provides_network {
+            let mut clients = Vec::new();
+            for q in self.vols.list_qubes()? {
+                if q.qube != name
+                    && self.vols.is_running(&q.qube)?
+                    && self.catalogue().prefs(&q.qube)?.netvm.as_deref() == Some(name)
+                {
+                    clients.push(q.qube);
+                }
+            }
+            if !clients.is_empty() {
+                bail!(
+                    "{name} provides network to running qubes {}; shut them down first (or --kill)",
+                    clients.join(", ")
+                );
+            }
+        }
         if !hv_name.is_empty() && hv_name != "none" {
             let hv = hypervisor::by_name(&hv_name)?;
             if kill {
@@ -921,6 +1086,20 @@ impl Controller {
 
     /// Waits for the NBD clients to flush and go, then commits the volumes (stop).
     fn stop_storage(&mut self, name: &str, grace: Duration) -> Result<()> {
+        let hv_name = match self.served.get(name) {
+            Some(s) => s.hypervisor.clone(),
+            None => self.catalogue().runtime(name)?.unwrap_or_default().hypervisor,
+        };
+        let netvm = self.catalogue().prefs(name)?.netvm;
+        if let (Some(n), false) = (netvm, hv_name.is_empty() || hv_name == "none") {
+            let nrun = self.paths.qube_run_dir(&n);
+            if let Err(e) = hypervisor::by_name(&hv_name)
+                .and_then(|hv| hv.detach_client(&n, &nrun, name))
+            {
+                tracing::warn!(qube = name, netvm = %n, "unplugging the link from the netvm: {e}");
+            }
+            let _ = fs::remove_file(nrun.join(format!("vif-{name}.sock")));
+        }
         if let Some(s) = self.served.remove(name) {
             s.server
                 .shutdown(grace)
