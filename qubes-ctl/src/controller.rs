@@ -713,10 +713,15 @@ impl Controller {
         let mut next = prefs.netvm.clone();
         while let Some(n) = next {
             if seen.contains(&n) {
-                bail!("netvm {n} would make a loop ({} -> {n}); pick another netvm", seen.join(" -> "));
+                bail!(
+                    "netvm {n} would make a loop ({} -> {n}); pick another netvm",
+                    seen.join(" -> ")
+                );
             }
             if self.vols.qube(&n).is_err() {
-                bail!("netvm {n} does not exist; create it or pick another (`qubes-ctl qube list`)");
+                bail!(
+                    "netvm {n} does not exist; create it or pick another (`qubes-ctl qube list`)"
+                );
             }
             let p = self.catalogue().prefs(&n)?;
             if !p.provides_network {
@@ -932,7 +937,11 @@ impl Controller {
             return Ok(spec);
         }
         let ip = self.network_ip(name)?;
-        let last: u8 = ip.rsplit('.').next().and_then(|n| n.parse().ok()).unwrap_or(0);
+        let last: u8 = ip
+            .rsplit('.')
+            .next()
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0);
         spec.net.mac = format!("00:16:3e:5e:6c:{last:02x}");
         spec.net.provides_network = prefs.provides_network;
         let mut opts = format!(" qubes.ip={ip} qubes.mac={}", spec.net.mac);
@@ -950,7 +959,10 @@ impl Controller {
                     sock.display()
                 );
             }
-            hv.attach_client(n, &nrun, name, &sock, &spec.net.mac)
+            // The netvm's end: the same number, locally administered (`fe:`), which the
+            // guest integration's udev rule recognises as a client link.
+            let backend_mac = format!("fe:16:3e:5e:6c:{last:02x}");
+            hv.attach_client(n, &nrun, name, &sock, &backend_mac)
                 .with_context(|| format!("connecting {name} to its netvm {n}"))?;
             spec.net.netvm_socket = Some(sock);
         }
@@ -1088,13 +1100,18 @@ impl Controller {
     fn stop_storage(&mut self, name: &str, grace: Duration) -> Result<()> {
         let hv_name = match self.served.get(name) {
             Some(s) => s.hypervisor.clone(),
-            None => self.catalogue().runtime(name)?.unwrap_or_default().hypervisor,
+            None => {
+                self.catalogue()
+                    .runtime(name)?
+                    .unwrap_or_default()
+                    .hypervisor
+            }
         };
         let netvm = self.catalogue().prefs(name)?.netvm;
         if let (Some(n), false) = (netvm, hv_name.is_empty() || hv_name == "none") {
             let nrun = self.paths.qube_run_dir(&n);
-            if let Err(e) = hypervisor::by_name(&hv_name)
-                .and_then(|hv| hv.detach_client(&n, &nrun, name))
+            if let Err(e) =
+                hypervisor::by_name(&hv_name).and_then(|hv| hv.detach_client(&n, &nrun, name))
             {
                 tracing::warn!(qube = name, netvm = %n, "unplugging the link from the netvm: {e}");
             }
