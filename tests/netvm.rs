@@ -140,6 +140,15 @@ fn a_qube_reaches_the_network_only_through_its_netvm() {
         .unwrap()
         .to_string();
     assert!(ip.starts_with("10.137.0."), "{ip}");
+    let net_ip = ctl.json(&["qube", "prefs", "sys-net", "ip"])["ip"].clone();
+    assert_ne!(net_ip, ip.as_str());
+    // A clone keeps the netvm but not the address.
+    ctl.ok(&["qube", "clone", "work", "work-copy"]);
+    assert_eq!(
+        ctl.json(&["qube", "prefs", "work-copy", "netvm"])["netvm"],
+        "sys-net"
+    );
+    assert_eq!(ctl.json(&["qube", "prefs", "work-copy", "ip"])["ip"], "");
     // A netvm with a running client does not shut down cleanly under it.
     let err = ctl.fails(&["qube", "shutdown", "sys-net"]);
     assert!(

@@ -663,7 +663,9 @@ impl Controller {
         if self.vols.qube(dst).is_ok() {
             bail!("qube {dst} already exists; pick another name for the clone");
         }
-        let prefs = self.catalogue().prefs(src)?;
+        let mut prefs = self.catalogue().prefs(src)?;
+        // Addresses are per qube: the clone gets its own at its first start.
+        prefs.ip = None;
         let rec = self.catalogue().template(src)?;
         self.catalogue().set_prefs(dst, Some(&prefs))?;
         self.catalogue().set_template(dst, rec.as_ref())?;
