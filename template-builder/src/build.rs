@@ -580,14 +580,8 @@ fn bootstrap_fedora(
     bind.arg("--bind").arg(&dnf_cache).arg(&root_cache);
     steps.run(bind, "mounting the dnf package cache")?;
     let _unbind = Unmount(root_cache.clone());
-    let mut cmd = Command::new("dnf");
-    cmd.arg("-y")
-        .arg("--installroot")
-        .arg(tree)
-        .arg("--releasever")
-        .arg(&recipe.release)
-        .arg(format!("--setopt=reposdir={}", repos.display()))
-        .arg("--setopt=keepcache=True")
+    let mut cmd = dnf_in(recipe, work, tree, &repos)?;
+    cmd.arg("--setopt=keepcache=True")
         .arg("--setopt=install_weak_deps=False")
         // An unreachable mirror is the error, not "no match for argument".
         .arg("--setopt=skip_if_unavailable=False")
@@ -595,9 +589,6 @@ fn bootstrap_fedora(
         .arg("--repo=tb-fedora")
         .arg("install")
         .args(&recipe.packages);
-    cmd.env("SOURCE_DATE_EPOCH", recipe.source_date_epoch.to_string())
-        .env("LC_ALL", "C.UTF-8")
-        .env("HOME", rpm_home(work)?);
     steps.run(
         cmd,
         &format!("installing packages with dnf from {mirror} (another mirror: --mirror URL)"),
@@ -696,20 +687,11 @@ fn remove_packages(
         Distribution::Fedora => {
             let no_repos = work.join("no-repos");
             fs::create_dir_all(&no_repos).map_err(io_err("creating", &no_repos))?;
-            let mut cmd = Command::new("dnf");
-            cmd.arg("-y")
-                .arg("--installroot")
-                .arg(tree)
-                .arg("--releasever")
-                .arg(&recipe.release)
-                .arg(format!("--setopt=reposdir={}", no_repos.display()))
-                .arg("--setopt=protected_packages=")
+            let mut cmd = dnf_in(recipe, work, tree, &no_repos)?;
+            cmd.arg("--setopt=protected_packages=")
                 .arg("--setopt=clean_requirements_on_remove=False")
                 .arg("remove")
                 .args(&present);
-            cmd.env("SOURCE_DATE_EPOCH", recipe.source_date_epoch.to_string())
-                .env("LC_ALL", "C.UTF-8")
-                .env("HOME", rpm_home(work)?);
             steps.run(cmd, "removing remove_packages with dnf")?;
         }
     }
@@ -739,6 +721,27 @@ fn join(pkgs: &[&String]) -> String {
         .map(|s| s.as_str())
         .collect::<Vec<_>>()
         .join(", ")
+}
+
+/// `dnf -y` acting on the image tree, with the recipe's release, repositories from
+/// `repos_dir`, the rpm database where Fedora keeps it and SOURCE_DATE_EPOCH.
+fn dnf_in(
+    recipe: &Recipe,
+    work: &Path,
+    tree: &Path,
+    repos_dir: &Path,
+) -> Result<Command, BuildError> {
+    let mut cmd = Command::new("dnf");
+    cmd.arg("-y")
+        .arg("--installroot")
+        .arg(tree)
+        .arg("--releasever")
+        .arg(&recipe.release)
+        .arg(format!("--setopt=reposdir={}", repos_dir.display()));
+    cmd.env("SOURCE_DATE_EPOCH", recipe.source_date_epoch.to_string())
+        .env("LC_ALL", "C.UTF-8")
+        .env("HOME", rpm_home(work)?);
+    Ok(cmd)
 }
 
 /// Where Fedora keeps its rpm database. Hosts' rpm may default elsewhere (Debian's rpm
