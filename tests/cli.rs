@@ -53,17 +53,6 @@ fn qemu_io(uri: &str, cmds: &[&str]) -> String {
     stdout
 }
 
-fn state_of(ctl: &Ctl, qube: &str) -> String {
-    let list = ctl.json(&["qube", "list"]);
-    let q = list
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|q| q["name"] == qube)
-        .unwrap_or_else(|| panic!("{qube} not in {list}"));
-    q["state"].as_str().unwrap().to_string()
-}
-
 fn uri_of(started: &Value, vol: &str) -> String {
     started["volumes"]
         .as_array()
@@ -224,7 +213,7 @@ fn pool_templates_qubes_and_volumes_end_to_end() {
         ctl.json(&["volume", "info", "work:private"])["nbd_uri"],
         priv_uri.as_str()
     );
-    assert_eq!(state_of(&ctl, "work"), "running");
+    assert_eq!(ctl.state("work"), "running");
     // With no guest there is nothing to pause.
     let err = ctl.fails(&["qube", "pause", "work"]);
     assert!(err.contains("hypervisor none"), "{err}");
@@ -239,7 +228,7 @@ fn pool_templates_qubes_and_volumes_end_to_end() {
     assert!(got.contains("5a 5a"), "{got}");
     qemu_io(&priv_uri, &["write -P 0x77 1M 1M", "flush"]);
     ctl.ok(&["qube", "shutdown", "work"]);
-    assert_eq!(state_of(&ctl, "work"), "halted");
+    assert_eq!(ctl.state("work"), "halted");
     let err = ctl.fails(&["qube", "unpause", "work"]);
     assert!(err.contains("not running"), "{err}");
     let p = export(&ctl, "work:private");

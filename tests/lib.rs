@@ -164,3 +164,63 @@ pub fn apt_mirror() -> Option<String> {
     }
     None
 }
+
+impl Ctl {
+    /// A qube's state as `qube list` shows it (halted, running, paused).
+    pub fn state(&self, qube: &str) -> String {
+        let list = self.json(&["qube", "list"]);
+        let q = list
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|q| q["name"] == qube)
+            .unwrap_or_else(|| panic!("{qube} not in {list}"));
+        q["state"].as_str().unwrap().to_string()
+    }
+
+    /// Where a qube's serial console is logged.
+    pub fn console_path(&self, qube: &str) -> PathBuf {
+        self.root.join("run/qubes").join(qube).join("console.log")
+    }
+
+    /// The qube's serial console so far ("" before its first boot).
+    pub fn console(&self, qube: &str) -> String {
+        std::fs::read(self.console_path(qube))
+            .map(|b| String::from_utf8_lossy(&b).into_owned())
+            .unwrap_or_default()
+    }
+}
+
+/// Polls `f` every half second until it holds; panics after `timeout`.
+pub fn wait_for<F: FnMut() -> bool>(what: &str, timeout: std::time::Duration, mut f: F) {
+    let start = std::time::Instant::now();
+    while start.elapsed() < timeout {
+        if f() {
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(500));
+    }
+    panic!("timed out after {timeout:?} waiting for {what}");
+}
+
+/// An ext4 image of `size` for a private volume whose `/rw/config/rc.local` is
+/// `rc_local` (the guest integration runs it at boot), with an empty /rw/home.
+pub fn private_image(dir: &Path, name: &str, rc_local: &str, size: &str) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let tree = dir.join(format!("{name}-tree"));
+    std::fs::create_dir_all(tree.join("config")).unwrap();
+    std::fs::create_dir_all(tree.join("home")).unwrap();
+    let rc = tree.join("config/rc.local");
+    std::fs::write(&rc, rc_local).unwrap();
+    std::fs::set_permissions(&rc, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let img = dir.join(format!("{name}-private.img"));
+    let st = Command::new("mke2fs")
+        .args(["-q", "-F", "-t", "ext4", "-d"])
+        .arg(&tree)
+        .arg(&img)
+        .arg(size)
+        .status()
+        .unwrap();
+    assert!(st.success(), "mke2fs for {name}");
+    img
+}

@@ -8,10 +8,9 @@
 use std::io::Read;
 use std::net::TcpListener;
 use std::path::Path;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
-use e2e_tests::{apt_mirror, Ctl};
+use e2e_tests::{apt_mirror, private_image, wait_for, Ctl};
 use serde_json::Value;
 
 const BOOT_TIMEOUT: Duration = Duration::from_secs(300);
@@ -35,55 +34,6 @@ echo "QTEST-NET $result" > /dev/ttyS0
 networkctl --no-pager list > /dev/ttyS0 2>&1
 systemctl poweroff
 "#;
-
-fn private_image(dir: &Path, name: &str, rc_local: &str) -> std::path::PathBuf {
-    let tree = dir.join(format!("{name}-tree"));
-    std::fs::create_dir_all(tree.join("config")).unwrap();
-    std::fs::create_dir_all(tree.join("home")).unwrap();
-    let rc = tree.join("config/rc.local");
-    std::fs::write(&rc, rc_local).unwrap();
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(&rc, std::fs::Permissions::from_mode(0o755)).unwrap();
-    let img = dir.join(format!("{name}-private.img"));
-    let st = Command::new("mke2fs")
-        .args(["-q", "-F", "-t", "ext4", "-d"])
-        .arg(&tree)
-        .arg(&img)
-        .arg("64M")
-        .status()
-        .unwrap();
-    assert!(st.success());
-    img
-}
-
-fn console(ctl: &Ctl, qube: &str) -> String {
-    std::fs::read(ctl.root.join("run/qubes").join(qube).join("console.log"))
-        .map(|b| String::from_utf8_lossy(&b).into_owned())
-        .unwrap_or_default()
-}
-
-fn state(ctl: &Ctl, qube: &str) -> String {
-    let list = ctl.json(&["qube", "list"]);
-    list.as_array()
-        .unwrap()
-        .iter()
-        .find(|q| q["name"] == qube)
-        .unwrap()["state"]
-        .as_str()
-        .unwrap()
-        .to_string()
-}
-
-fn wait_for<F: FnMut() -> bool>(what: &str, timeout: Duration, mut f: F) {
-    let start = Instant::now();
-    while start.elapsed() < timeout {
-        if f() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(500));
-    }
-    panic!("timed out after {timeout:?} waiting for {what}");
-}
 
 #[test]
 fn a_qube_reaches_the_network_only_through_its_netvm() {
@@ -122,7 +72,7 @@ fn a_qube_reaches_the_network_only_through_its_netvm() {
         &format!("qtest.port={port}"),
     ]);
     for (q, rc) in [("sys-net", NETVM_RC_LOCAL), ("work", CLIENT_RC_LOCAL)] {
-        let img = private_image(&work, q, rc);
+        let img = private_image(&work, q, rc, "64M");
         ctl.ok(&[
             "volume",
             "import",
@@ -134,7 +84,7 @@ fn a_qube_reaches_the_network_only_through_its_netvm() {
     // Starting work starts its netvm first.
     let started: Value = ctl.json(&["qube", "start", "work"]);
     assert_eq!(started["state"], "running", "{started}");
-    assert_eq!(state(&ctl, "sys-net"), "running");
+    assert_eq!(ctl.state("sys-net"), "running");
     let ip = ctl.json(&["qube", "prefs", "work", "ip"])["ip"]
         .as_str()
         .unwrap()
@@ -166,22 +116,22 @@ fn a_qube_reaches_the_network_only_through_its_netvm() {
             }
             Err(_) => std::thread::sleep(Duration::from_millis(200)),
         }
-        if console(&ctl, "work").contains("QTEST-NET fail") {
+        if ctl.console("work").contains("QTEST-NET fail") {
             break;
         }
     }
     assert!(
         got.contains("QTEST-NET-FROM-work"),
         "nothing from work through sys-net (got {got:?});\nwork console:\n{}\nsys-net console:\n{}",
-        console(&ctl, "work"),
-        console(&ctl, "sys-net")
+        ctl.console("work"),
+        ctl.console("sys-net")
     );
     wait_for("work to power off and be reaped", BOOT_TIMEOUT, || {
-        state(&ctl, "work") == "halted"
+        ctl.state("work") == "halted"
     });
-    assert!(console(&ctl, "work").contains("QTEST-NET ok"));
+    assert!(ctl.console("work").contains("QTEST-NET ok"));
     ctl.ok(&["qube", "shutdown", "sys-net"]);
-    assert_eq!(state(&ctl, "sys-net"), "halted");
+    assert_eq!(ctl.state("sys-net"), "halted");
     assert_eq!(ctl.json(&["pool", "verify"])["clean"], true);
     ctl.stop_daemon();
 }

@@ -10,11 +10,11 @@
 //!    the template; 6. SIGKILL of the daemon while `work` runs: the pool verifies clean and
 //!    the private head is what it was before that start.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use e2e_tests::{apt_mirror, Ctl};
+use e2e_tests::{apt_mirror, private_image, wait_for, Ctl};
 use serde_json::Value;
 
 const BOOT_TIMEOUT: Duration = Duration::from_secs(300);
@@ -43,63 +43,10 @@ echo "QTEST-TEMPLATE-UPDATED" > /dev/ttyS0
 systemctl poweroff
 "#;
 
-fn private_image(dir: &Path, name: &str, rc_local: &str) -> PathBuf {
-    let tree = dir.join(format!("{name}-tree"));
-    std::fs::create_dir_all(tree.join("config")).unwrap();
-    std::fs::create_dir_all(tree.join("home")).unwrap();
-    let rc = tree.join("config/rc.local");
-    std::fs::write(&rc, rc_local).unwrap();
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(&rc, std::fs::Permissions::from_mode(0o755)).unwrap();
-    let img = dir.join(format!("{name}-private.img"));
-    let st = Command::new("mke2fs")
-        .args(["-q", "-F", "-t", "ext4", "-d"])
-        .arg(&tree)
-        .arg(&img)
-        .arg("256M")
-        .status()
-        .unwrap();
-    assert!(st.success(), "mke2fs for {name}");
-    img
-}
-
-fn console_path(ctl: &Ctl, qube: &str) -> PathBuf {
-    ctl.root.join("run/qubes").join(qube).join("console.log")
-}
-
-fn console(ctl: &Ctl, qube: &str) -> String {
-    std::fs::read(console_path(ctl, qube))
-        .map(|b| String::from_utf8_lossy(&b).into_owned())
-        .unwrap_or_default()
-}
-
-fn state(ctl: &Ctl, qube: &str) -> String {
-    let list = ctl.json(&["qube", "list"]);
-    list.as_array()
-        .unwrap()
-        .iter()
-        .find(|q| q["name"] == qube)
-        .unwrap()["state"]
-        .as_str()
-        .unwrap()
-        .to_string()
-}
-
-fn wait_for<F: FnMut() -> bool>(what: &str, timeout: Duration, mut f: F) {
-    let start = Instant::now();
-    while start.elapsed() < timeout {
-        if f() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(500));
-    }
-    panic!("timed out after {timeout:?} waiting for {what}");
-}
-
 /// Boots `qube`, waits for its report line and, unless it stays up, for it to halt.
 /// Returns the report line (`QTEST host=.. rw=.. etc=.. tpl=..`).
 fn boot(ctl: &Ctl, qube: &str, expect_halt: bool) -> String {
-    let _ = std::fs::remove_file(console_path(ctl, qube));
+    let _ = std::fs::remove_file(ctl.console_path(qube));
     let started = ctl.json(&["qube", "start", qube]);
     assert_eq!(started["state"], "running", "{started}");
     let mut line = String::new();
@@ -107,7 +54,7 @@ fn boot(ctl: &Ctl, qube: &str, expect_halt: bool) -> String {
         &format!("{qube}'s report on its console"),
         BOOT_TIMEOUT,
         || {
-            let log = console(ctl, qube);
+            let log = ctl.console(qube);
             if let Some(l) = log.lines().find(|l| l.starts_with("QTEST ")) {
                 line = l.trim().to_string();
             }
@@ -118,7 +65,7 @@ fn boot(ctl: &Ctl, qube: &str, expect_halt: bool) -> String {
         wait_for(
             &format!("{qube} to power off and be reaped"),
             BOOT_TIMEOUT,
-            || state(ctl, qube) == "halted",
+            || ctl.state(qube) == "halted",
         );
     }
     line
@@ -208,7 +155,7 @@ fn debian_qubes_boot_persist_update_revert_and_survive_a_daemon_kill() {
         ("work2", RC_LOCAL),
         ("deb", TEMPLATE_RC_LOCAL),
     ] {
-        let img = private_image(&work, q, rc);
+        let img = private_image(&work, q, rc, "256M");
         ctl.ok(&[
             "volume",
             "import",
@@ -242,7 +189,7 @@ fn debian_qubes_boot_persist_update_revert_and_survive_a_daemon_kill() {
     // qvm-pause: the guest freezes (QMP stop), its volumes stay served.
     let paused = ctl.json(&["qube", "pause", "work2"]);
     assert_eq!(paused["state"], "paused", "{paused}");
-    assert_eq!(state(&ctl, "work2"), "paused");
+    assert_eq!(ctl.state("work2"), "paused");
     let resumed = ctl.json(&["qube", "unpause", "work2"]);
     assert_eq!(resumed["state"], "running", "{resumed}");
     boot(&ctl, "deb", true);
@@ -362,8 +309,8 @@ fn debian_qubes_boot_persist_update_revert_and_survive_a_daemon_kill() {
     );
     // A new daemon picks the qube up again; then it shuts down cleanly.
     ctl.ok(&["daemon", "start"]);
-    assert_eq!(state(&ctl, "work"), "running");
+    assert_eq!(ctl.state("work"), "running");
     ctl.ok(&["qube", "shutdown", "work", "--timeout", "120"]);
-    assert_eq!(state(&ctl, "work"), "halted");
+    assert_eq!(ctl.state("work"), "halted");
     assert_eq!(ctl.json(&["pool", "verify"])["clean"], true);
 }
