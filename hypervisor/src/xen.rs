@@ -272,15 +272,16 @@ impl Xen {
         }
     }
 
-    /// `xl OP NAME` for pause/unpause.
-    fn xl_simple(&self, name: &str, op: &'static str) -> Result<(), HvError> {
-        match self.xl(name, &[op, name], XL_TIMEOUT)? {
+    /// `xl ARGS` that either works or fails with `on_fail(stderr)`; a hang is a timeout.
+    fn xl_run(
+        &self,
+        name: &str,
+        args: &[&str],
+        on_fail: impl FnOnce(String) -> HvError,
+    ) -> Result<(), HvError> {
+        match self.xl(name, args, XL_TIMEOUT)? {
             Xl::Ok(_) => Ok(()),
-            Xl::Failed { stderr, .. } => Err(HvError::NotRunning {
-                name: name.to_string(),
-                op,
-                reason: stderr,
-            }),
+            Xl::Failed { stderr, .. } => Err(on_fail(stderr)),
             Xl::TimedOut(cmd) => Err(HvError::CommandTimeout {
                 name: name.to_string(),
                 cmd,
@@ -288,6 +289,15 @@ impl Xen {
                 fix: "check that xenstored runs",
             }),
         }
+    }
+
+    /// `xl OP NAME` for pause/unpause.
+    fn xl_simple(&self, name: &str, op: &'static str) -> Result<(), HvError> {
+        self.xl_run(name, &[op, name], |reason| HvError::NotRunning {
+            name: name.to_string(),
+            op,
+            reason,
+        })
     }
 
     fn destroy_domain(&self, name: &str, run_dir: &Path) -> Result<(), HvError> {
@@ -382,20 +392,13 @@ impl Hypervisor for Xen {
 
     /// `xl mem-set`: the guest's balloon driver follows, up to the config's maxmem.
     fn set_memory(&self, name: &str, _run_dir: &Path, mib: u64) -> Result<(), HvError> {
-        match self.xl(name, &["mem-set", name, &format!("{mib}m")], XL_TIMEOUT)? {
-            Xl::Ok(_) => Ok(()),
-            Xl::Failed { stderr, .. } => Err(HvError::Memory {
+        self.xl_run(name, &["mem-set", name, &format!("{mib}m")], |reason| {
+            HvError::Memory {
                 name: name.to_string(),
                 mib,
-                reason: stderr,
-            }),
-            Xl::TimedOut(cmd) => Err(HvError::CommandTimeout {
-                name: name.to_string(),
-                cmd,
-                timeout: XL_TIMEOUT,
-                fix: "check that xenstored runs",
-            }),
-        }
+                reason,
+            }
+        })
     }
 
     fn kill(&self, name: &str, run_dir: &Path) -> Result<(), HvError> {
