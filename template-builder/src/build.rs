@@ -628,18 +628,9 @@ fn remove_packages(
     match recipe.distribution {
         Distribution::Debian => {
             let mounts = ChrootMounts::new(tree, steps)?;
-            let mut cmd = Command::new("chroot");
-            cmd.arg(tree)
-                .args(["apt-get", "-y", "--purge", "remove"])
+            let mut cmd = in_chroot(recipe, tree);
+            cmd.args(["apt-get", "-y", "--purge", "remove"])
                 .args(&present);
-            cmd.env_clear()
-                .env(
-                    "PATH",
-                    "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
-                )
-                .env("LC_ALL", "C.UTF-8")
-                .env("DEBIAN_FRONTEND", "noninteractive")
-                .env("SOURCE_DATE_EPOCH", recipe.source_date_epoch.to_string());
             // Simulate first: a removal that drags out a wanted package fails before
             // anything changes.
             let mut sim = Command::new("chroot");
@@ -721,6 +712,21 @@ fn join(pkgs: &[&String]) -> String {
         .map(|s| s.as_str())
         .collect::<Vec<_>>()
         .join(", ")
+}
+
+/// `chroot TREE` with a clean, reproducible environment; the caller adds the command.
+fn in_chroot(recipe: &Recipe, tree: &Path) -> Command {
+    let mut cmd = Command::new("chroot");
+    cmd.arg(tree)
+        .env_clear()
+        .env(
+            "PATH",
+            "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+        )
+        .env("LC_ALL", "C.UTF-8")
+        .env("DEBIAN_FRONTEND", "noninteractive")
+        .env("SOURCE_DATE_EPOCH", recipe.source_date_epoch.to_string());
+    cmd
 }
 
 /// `dnf -y` acting on the image tree, with the recipe's release, repositories from
@@ -813,16 +819,8 @@ fn customize(recipe: &Recipe, tree: &Path, steps: &Steps) -> Result<(), BuildErr
     if !recipe.commands.is_empty() {
         let mounts = ChrootMounts::new(tree, steps)?;
         for c in &recipe.commands {
-            let mut cmd = Command::new("chroot");
-            cmd.arg(tree).args(["/bin/sh", "-ec", c]);
-            cmd.env_clear()
-                .env(
-                    "PATH",
-                    "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
-                )
-                .env("LC_ALL", "C.UTF-8")
-                .env("DEBIAN_FRONTEND", "noninteractive")
-                .env("SOURCE_DATE_EPOCH", recipe.source_date_epoch.to_string());
+            let mut cmd = in_chroot(recipe, tree);
+            cmd.args(["/bin/sh", "-ec", c]);
             steps.run(cmd, &format!("running recipe command {c:?} in the image"))?;
         }
         drop(mounts);
