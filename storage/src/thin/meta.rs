@@ -401,6 +401,9 @@ pub(crate) struct Meta {
     pub dropped_chunks: HashSet<u64>,
     /// Chunks with data I/O in flight that readers and writers must not touch yet.
     pub inflight: HashSet<u64>,
+    /// (volume id, virtual chunk) with a write in flight whose mapping is installed only
+    /// once its data is on disk: other writers and unmaps of the same chunk wait.
+    pub inflight_vcs: HashSet<(u64, u64)>,
     /// Live handles per volume id.
     pub handles: HashMap<u64, usize>,
     /// Bumped on every change of a volume's content (fingerprint cache validity).
@@ -453,6 +456,7 @@ impl Meta {
             dropped_pages: HashSet::new(),
             dropped_chunks: HashSet::new(),
             inflight: HashSet::new(),
+            inflight_vcs: HashSet::new(),
             handles: HashMap::new(),
             epochs: HashMap::new(),
             older_rc: None,

@@ -540,6 +540,11 @@ impl ThinPool {
         Ok(())
     }
 
+    /// Writes as dm-thin does: data first, then the mapping. The plan allocates fresh
+    /// chunks and marks the virtual chunks busy; the mapping changes only after every
+    /// data write succeeded, so a failed write leaves the volume's mapped bytes as they
+    /// were (its fresh chunks are freed) and the next commit cannot make zeros durable
+    /// over bytes the guest never wrote.
     fn write_locked(&self, id: u64, buf: &[u8], off: u64) -> Result<(), Error> {
         let geo = self.geo;
         let plan = self.plan(|m| {
@@ -557,19 +562,28 @@ impl ThinPool {
             for c in &plan.inflight {
                 m.inflight.insert(*c);
             }
+            for i in &plan.installs {
+                m.inflight_vcs.insert((id, i.vc));
+            }
             Ok(Some(plan))
         })?;
         let r = self.execute(&plan, buf);
-        if !plan.inflight.is_empty() {
+        if !plan.inflight.is_empty() || !plan.installs.is_empty() {
             let mut m = self.state.lock();
             for c in &plan.inflight {
                 m.inflight.remove(c);
             }
-            if r.is_err() && plan.ops.iter().any(|op| matches!(op, WOp::Punch { .. })) {
-                // A reused chunk that may not be punched must never be read.
-                m.poisoned = Some("hole-punching a reused chunk failed".into());
+            for i in &plan.installs {
+                m.inflight_vcs.remove(&(id, i.vc));
             }
+            let done = match &r {
+                Ok(()) => self.mutate(&mut m, |m| install(m, id, &plan.installs)),
+                Err(_) => self.mutate(&mut m, |m| {
+                    plan.fresh.iter().try_for_each(|c| m.chunk_dec(*c))
+                }),
+            };
             self.cv.notify_all();
+            done?;
         }
         r?;
         match plan.err {
@@ -739,10 +753,24 @@ enum WOp {
     },
 }
 
+/// A mapping change made once the data of a write is on disk.
+struct Install {
+    vc: u64,
+    entry: MapEntry,
+    /// The virtual chunk was unmapped (the volume's mapped count grows).
+    newly_mapped: bool,
+    /// References the old entry held and the new one drops.
+    drops: Vec<Chunk>,
+}
+
 #[derive(Default)]
 struct WritePlan {
     ops: Vec<WOp>,
+    /// Physical chunks readers and writers must not touch until the write completes.
     inflight: Vec<u64>,
+    /// Chunks allocated for this write: freed again if it fails.
+    fresh: Vec<Chunk>,
+    installs: Vec<Install>,
     err: Option<Error>,
 }
 
@@ -771,22 +799,59 @@ impl WritePlan {
             });
         }
         self.inflight.push(c.0);
+        self.fresh.push(c);
         Ok(c)
     }
 }
 
+/// Installs the mappings of a write whose data is on disk.
+fn install(m: &mut Meta, id: u64, installs: &[Install]) -> Result<(), Error> {
+    let mut newly = 0;
+    for i in installs {
+        let leaf = m.shadow_path(id, i.vc)?;
+        let slot = (i.vc % format::MAP_LEAF_ENTRIES as u64) as usize;
+        m.leaf_mut(leaf)?[slot] = i.entry;
+        for c in &i.drops {
+            m.chunk_dec(*c)?;
+        }
+        newly += u64::from(i.newly_mapped);
+    }
+    if newly > 0 {
+        let mut r = m.root(id)?;
+        r.mapped = r.mapped.checked_add(newly).ok_or_else(|| {
+            Error::Inconsistent(format!("volume id {id}: mapped chunk count overflow"))
+        })?;
+        m.set_root(id, r)?;
+    }
+    Ok(())
+}
+
 /// False if a chunk the write would touch has I/O in flight.
 fn targets_idle(m: &mut Meta, id: u64, geo: Geometry, off: u64, len: u64) -> Result<bool, Error> {
-    if m.inflight.is_empty() || len == 0 {
+    if len == 0 || (m.inflight.is_empty() && m.inflight_vcs.is_empty()) {
         return Ok(true);
     }
-    for vc in off / geo.chunk_size..=(off + len - 1) / geo.chunk_size {
+    let (lo, hi) = (off / geo.chunk_size, (off + len - 1) / geo.chunk_size);
+    if vcs_busy(m, id, lo, hi + 1) {
+        return Ok(false);
+    }
+    if m.inflight.is_empty() {
+        return Ok(true);
+    }
+    for vc in lo..=hi {
         let e = m.lookup(id, vc)?;
         if e.is_mapped() && m.inflight.contains(&e.chunk.0) {
             return Ok(false);
         }
     }
     Ok(true)
+}
+
+/// Whether a write to virtual chunks `[lo, hi)` of `id` is in flight.
+fn vcs_busy(m: &Meta, id: u64, lo: u64, hi: u64) -> bool {
+    m.inflight_vcs
+        .iter()
+        .any(|&(v, c)| v == id && (lo..hi).contains(&c))
 }
 
 fn plan_write(
@@ -826,27 +891,35 @@ fn plan_chunk(
 ) -> Result<(), Error> {
     let cs = geo.chunk_size;
     let sub = geo.sub_size;
+    // Shadowing the path first makes chunk refcounts count this volume's own reference
+    // (a snapshot shares map pages, not chunks): only then is "exclusive" meaningful.
+    // It changes no mapping, so a failed data write leaves nothing to undo.
     let leaf = m.shadow_path(id, vc)?;
-    let slot = (vc % format::MAP_LEAF_ENTRIES as u64) as usize;
-    let mut e = m.leaf_mut(leaf)?[slot];
+    let mut e = m.leaf_mut(leaf)?[(vc % format::MAP_LEAF_ENTRIES as u64) as usize];
     let exclusive = |m: &mut Meta, c: Chunk| -> Result<bool, Error> {
         Ok(m.data_rc(c.0)? == 1 && !m.dropped_chunks.contains(&c.0))
     };
     if !e.is_mapped() {
         let c = plan.new_chunk(m, geo)?;
         plan.write(c.offset(cs) + a, bo, (b - a) as usize);
-        m.leaf_mut(leaf)?[slot] = MapEntry {
-            chunk: c,
-            backing: Chunk::NONE,
-            valid: 0,
-        };
-        let mut r = m.root(id)?;
-        r.mapped += 1;
-        return m.set_root(id, r);
+        plan.installs.push(Install {
+            vc,
+            entry: MapEntry {
+                chunk: c,
+                backing: Chunk::NONE,
+                valid: 0,
+            },
+            newly_mapped: true,
+            drops: Vec::new(),
+        });
+        return Ok(());
     }
     let mut copied = 0u64;
+    let mut drops = Vec::new();
     if e.backing.is_none() {
         if exclusive(m, e.chunk)? {
+            // In place: the mapping does not change; a failed write changes only bytes
+            // the guest asked to overwrite.
             plan.write(e.chunk.offset(cs) + a, bo, (b - a) as usize);
             return Ok(());
         }
@@ -871,7 +944,7 @@ fn plan_chunk(
                 copied |= 1 << s;
             }
         }
-        m.chunk_dec(e.chunk)?;
+        drops.push(e.chunk);
         e.chunk = n;
     } else {
         plan.inflight.push(e.chunk.0);
@@ -898,11 +971,16 @@ fn plan_chunk(
         e.valid |= 1 << s;
     }
     if e.valid == geo.full_mask() {
-        m.chunk_dec(e.backing)?;
+        drops.push(e.backing);
         e.backing = Chunk::NONE;
         e.valid = 0;
     }
-    m.leaf_mut(leaf)?[slot] = e;
+    plan.installs.push(Install {
+        vc,
+        entry: e,
+        newly_mapped: false,
+        drops,
+    });
     Ok(())
 }
 
@@ -1050,18 +1128,21 @@ impl ThinVolume {
     ) -> Result<(u64, u64), BlockError> {
         let (lo, hi) = self.whole_chunks(off, len, size);
         if lo < hi {
-            let mut m = self
-                .pool
-                .lock()
-                .map_err(|e| self.err(BlockErrorKind::Io, op, off, len, e.to_string()))?;
             let id = self.id;
-            let n = self
-                .pool
-                .mutate(&mut m, |m| m.unmap_range(id, lo, hi))
+            // A write in flight installs its mapping when its data is on disk: let it
+            // finish first, or its install would resurrect what this unmaps.
+            self.pool
+                .plan(|m| {
+                    if vcs_busy(m, id, lo, hi) {
+                        return Ok(None);
+                    }
+                    let n = self.pool.mutate(m, |m| m.unmap_range(id, lo, hi))?;
+                    if n > 0 {
+                        m.touch(id);
+                    }
+                    Ok(Some(()))
+                })
                 .map_err(self.map_err(op, off, len))?;
-            if n > 0 {
-                m.touch(id);
-            }
         }
         Ok((lo, hi))
     }
