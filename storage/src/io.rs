@@ -38,6 +38,15 @@ pub trait BlockFile: Send + Sync {
     fn set_len(&self, len: u64) -> io::Result<()>;
     /// The range reads as zeros afterwards and its space is released; the length stays.
     fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()>;
+    /// Reserves host space for later writes to the range (the length stays), so they
+    /// cannot fail for want of space; `ENOSPC` now instead of halfway through a commit.
+    fn reserve(&self, _offset: u64, _len: u64) -> io::Result<()> {
+        Ok(())
+    }
+    /// Bytes free for an unprivileged writer on the filesystem holding the file, if known.
+    fn host_free(&self) -> io::Result<Option<u64>> {
+        Ok(None)
+    }
 }
 
 /// A regular file (or block device) on the host.
@@ -88,6 +97,23 @@ impl BlockFile for RealFile {
             len,
         )
         .map_err(io::Error::from)
+    }
+
+    fn reserve(&self, offset: u64, len: u64) -> io::Result<()> {
+        if len == 0 {
+            return Ok(());
+        }
+        use rustix::fs::{fallocate, FallocateFlags};
+        match fallocate(&self.file, FallocateFlags::KEEP_SIZE, offset, len) {
+            // A filesystem without fallocate allocates at write time, as before.
+            Err(rustix::io::Errno::OPNOTSUPP) => Ok(()),
+            r => r.map_err(io::Error::from),
+        }
+    }
+
+    fn host_free(&self) -> io::Result<Option<u64>> {
+        let st = rustix::fs::fstatvfs(&self.file).map_err(io::Error::from)?;
+        Ok(Some(st.f_bavail.saturating_mul(st.f_frsize)))
     }
 }
 

@@ -122,6 +122,8 @@ pub enum PoolError {
     BadVolumeKey { key: String, reason: String },
     #[error("the pool is full: {needed} more bytes of data space needed, {free} free; remove qubes, revisions or templates, or grow the pool")]
     NoSpace { needed: u64, free: u64 },
+    #[error("the filesystem holding the pool is full ({op}); free space on it (build caches, old logs, other files) and retry; nothing already written was lost")]
+    HostFull { op: String },
     #[error("volume {volume} is open ({users} users); stop the qube that uses it first")]
     Busy { volume: String, users: usize },
     #[error("shrinking volume {volume} from {from} to {to} bytes loses data; pass --allow-shrink to do it anyway")]
@@ -168,6 +170,11 @@ pub struct PoolInfo {
     pub volumes: u64,
     /// Commit counter (superblock generation for `thin`).
     pub generation: u64,
+    /// Bytes free on the host filesystem holding the pool (for an unprivileged writer),
+    /// when the driver sits on one: a sparse pool can run out of host space before its
+    /// own capacity.
+    #[serde(default)]
+    pub host_free: Option<u64>,
 }
 
 /// One volume, as listings show it.

@@ -612,6 +612,9 @@ impl Pool for ReflinkPool {
             metadata_used: meta,
             volumes: st.staged.volumes.len() as u64,
             generation: st.staged.generation,
+            host_free: rustix::fs::fstatvfs(&self.inner._lock)
+                .ok()
+                .map(|v| v.f_bavail.saturating_mul(v.f_frsize)),
         })
     }
 

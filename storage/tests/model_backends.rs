@@ -82,6 +82,10 @@ impl LoopFs {
                 .args(["-q", "-m", "reflink=1"])
                 .arg(&img)),
             "btrfs" => run(Command::new("mkfs.btrfs").arg("-q").arg(&img)),
+            // No blocks reserved for root: the tests run as root and fill it.
+            "ext4" => run(Command::new("mkfs.ext4")
+                .args(["-q", "-F", "-m", "0"])
+                .arg(&img)),
             "tmpfs" => {}
             other => panic!("unknown filesystem {other}"),
         }

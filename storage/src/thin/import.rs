@@ -269,7 +269,11 @@ impl ThinPool {
                 }
             }
             if r.is_err() {
-                m.poisoned = Some("writing imported chunks failed".into());
+                // The batch's chunks are mapped but not (all) written. Still under the
+                // gate, so no commit can make them durable: drop the volume now (a
+                // failed import leaves no trace) instead of stopping the pool, so a
+                // full host filesystem does not need a reopen once space is freed.
+                let _ = self.mutate(&mut m, |m| m.remove_volume(id));
             }
             self.cv.notify_all();
         }

@@ -404,6 +404,9 @@ pub(crate) struct Meta {
     /// (volume id, virtual chunk) with a write in flight whose mapping is installed only
     /// once its data is on disk: other writers and unmaps of the same chunk wait.
     pub inflight_vcs: HashSet<(u64, u64)>,
+    /// Chunks the last commit made free: the pool hole-punches them to give their
+    /// space back to the host filesystem.
+    pub freed_chunks_committed: Vec<u64>,
     /// Live handles per volume id.
     pub handles: HashMap<u64, usize>,
     /// Bumped on every change of a volume's content (fingerprint cache validity).
@@ -457,6 +460,7 @@ impl Meta {
             dropped_chunks: HashSet::new(),
             inflight: HashSet::new(),
             inflight_vcs: HashSet::new(),
+            freed_chunks_committed: Vec::new(),
             handles: HashMap::new(),
             epochs: HashMap::new(),
             older_rc: None,
@@ -1116,6 +1120,29 @@ impl Meta {
                 .all(|t| t.nodes.values().all(|n| !n.dirty))
     }
 
+    /// Reserves host space for every page the next [`Meta::commit`] can write, so a full
+    /// host filesystem fails the commit here, before anything changed (the pool stays
+    /// usable), rather than halfway (which poisons it). Fresh map nodes are already
+    /// allocated; the catalogue and each dirty array-tree node (and its new parents) get
+    /// pages during the commit.
+    pub fn reserve_for_commit(&self) -> Result<(), Error> {
+        let cat_bytes = if self.cat_dirty || self.cat_pages.is_empty() {
+            serde_json::to_vec(&self.cat).map_or(0, |d| d.len())
+        } else {
+            0
+        };
+        let mut extra = cat_bytes.div_ceil(CATALOGUE_BYTES) as u64 + 1;
+        for t in &self.trees {
+            let dirty = t.nodes.values().filter(|n| n.dirty).count() as u64;
+            extra += 2 * (dirty + u64::from(t.height)) + 2;
+        }
+        let from = self.sb.meta_hw.min(self.meta_hw);
+        let to = self.meta_hw + extra;
+        self.file
+            .reserve(PageNo(from).offset(), (to - from) * PAGE_SIZE as u64)
+            .map_err(io_err("reserving space in pool.meta"))
+    }
+
     /// Writes every dirty page and the new superblock. The caller has synced the data
     /// file and holds off all data I/O. On error the caller must poison the pool.
     pub fn commit(&mut self) -> Result<(), Error> {
@@ -1251,6 +1278,7 @@ impl Meta {
             self.free_meta.insert(p);
         }
         self.freed_meta_prev = std::mem::take(&mut self.freed_meta_txn);
+        self.freed_chunks_committed = self.chunks_deferred.iter().copied().collect();
         self.free_chunks.extend(self.chunks_deferred.drain());
         for t in &mut self.trees {
             t.finish_commit();

@@ -63,6 +63,9 @@ pub enum Error {
 impl Error {
     fn into_pool(self, chunk_size: u64) -> PoolError {
         match self {
+            Error::Io { op, source } if is_host_full(&source) => {
+                PoolError::HostFull { op: op.to_string() }
+            }
             Error::Io { op, source } => PoolError::io(op, source),
             Error::NoSpace => PoolError::NoSpace {
                 needed: chunk_size,
@@ -81,6 +84,7 @@ impl Error {
     fn kind(&self) -> BlockErrorKind {
         match self {
             Error::NoSpace => BlockErrorKind::NoSpace,
+            Error::Io { source, .. } if is_host_full(source) => BlockErrorKind::NoSpace,
             _ => BlockErrorKind::Io,
         }
     }
@@ -142,6 +146,26 @@ impl BlockFile for DirtyTracking {
         self.mark();
         self.inner.punch_hole(offset, len)
     }
+    fn reserve(&self, offset: u64, len: u64) -> std::io::Result<()> {
+        self.inner.reserve(offset, len)
+    }
+    fn host_free(&self) -> std::io::Result<Option<u64>> {
+        self.inner.host_free()
+    }
+}
+
+/// A guest sees a commit that found the host full as ENOSPC, anything else as EIO.
+fn commit_err_kind(e: &PoolError) -> BlockErrorKind {
+    match e {
+        PoolError::HostFull { .. } => BlockErrorKind::NoSpace,
+        _ => BlockErrorKind::Io,
+    }
+}
+
+/// The host filesystem is out of space (or quota): the guest sees ENOSPC, as for a full
+/// pool, and the pool keeps working once space is freed.
+fn is_host_full(e: &std::io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::ENOSPC) | Some(libc::EDQUOT))
 }
 
 /// An open thin pool. Share it as `Arc<ThinPool>`; volumes keep it alive.
@@ -149,6 +173,8 @@ pub struct ThinPool {
     path: PathBuf,
     _lock: File,
     data: Arc<dyn BlockFile>,
+    /// `data` without the dirty tracking.
+    data_raw: Arc<dyn BlockFile>,
     meta_file: Arc<dyn BlockFile>,
     geo: Geometry,
     /// Data I/O holds this shared from planning to completion; commit, snapshot, remove
@@ -410,6 +436,7 @@ impl ThinPool {
         m: Meta,
     ) -> Arc<ThinPool> {
         let data_dirty = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let data_raw = data.clone();
         let data: Arc<dyn BlockFile> = Arc::new(DirtyTracking {
             inner: data,
             dirty: data_dirty.clone(),
@@ -419,6 +446,7 @@ impl ThinPool {
             path: dir.to_path_buf(),
             _lock: lock,
             data,
+            data_raw,
             data_dirty,
             meta_file,
             geo: m.geo,
@@ -481,6 +509,13 @@ impl ThinPool {
         if !data_dirty && m.is_clean() {
             return Ok(());
         }
+        if let Err(e) = m.reserve_for_commit() {
+            // Nothing changed yet: the pool stays usable and a later commit retries.
+            if data_dirty {
+                self.mark_data_dirty();
+            }
+            return Err(self.perr(e));
+        }
         let synced = if data_dirty {
             self.data.sync().map_err(|source| Error::Io {
                 op: "syncing pool.data",
@@ -494,7 +529,38 @@ impl ThinPool {
             m.poisoned = Some(e.to_string());
             return Err(self.perr(e));
         }
+        self.punch_freed(m);
         Ok(())
+    }
+
+    fn mark_data_dirty(&self) {
+        self.data_dirty
+            .store(true, std::sync::atomic::Ordering::Release);
+    }
+
+    /// Gives the space of chunks the commit just freed back to the host filesystem (a
+    /// guest's TRIM reaches the host). Their content no longer matters: a chunk is
+    /// punched again when reused, so a failure here only delays the space.
+    fn punch_freed(&self, m: &mut Meta) {
+        let mut freed = std::mem::take(&mut m.freed_chunks_committed);
+        if freed.is_empty() {
+            return;
+        }
+        freed.sort_unstable();
+        let cs = self.geo.chunk_size;
+        let mut i = 0;
+        while i < freed.len() {
+            let mut j = i + 1;
+            while j < freed.len() && freed[j] == freed[j - 1] + 1 {
+                j += 1;
+            }
+            let (off, len) = (Chunk(freed[i]).offset(cs), (j - i) as u64 * cs);
+            // Through the raw file: a punch of a free chunk needs no data sync.
+            if let Err(e) = self.data_raw.punch_hole(off, len) {
+                tracing::warn!(pool = %self.path.display(), "punching freed chunks: {e}");
+            }
+            i = j;
+        }
     }
 
     /// Referenced metadata pages of the last commit and their kinds (for tools and damage tests).
@@ -1084,9 +1150,9 @@ impl ThinVolume {
         };
         match first {
             Err(e) if e.kind == BlockErrorKind::NoSpace && self.pool.has_deferred_chunks() => {
-                self.pool
-                    .commit()
-                    .map_err(|c| self.err(BlockErrorKind::Io, op, offset, length, c.to_string()))?;
+                self.pool.commit().map_err(|c| {
+                    self.err(commit_err_kind(&c), op, offset, length, c.to_string())
+                })?;
                 let _g = self.pool.gate.read();
                 f()
             }
@@ -1216,7 +1282,7 @@ impl BlockDevice for ThinVolume {
     fn flush(&self) -> Result<(), BlockError> {
         self.pool
             .commit()
-            .map_err(|e| self.err(BlockErrorKind::Io, "flush", 0, 0, e.to_string()))
+            .map_err(|e| self.err(commit_err_kind(&e), "flush", 0, 0, e.to_string()))
     }
 
     fn discard(&self, offset: u64, length: u64) -> Result<(), BlockError> {
@@ -1302,6 +1368,10 @@ impl Pool for ThinPool {
             metadata_used: m.meta_used * PAGE_SIZE as u64,
             volumes: m.cat.volumes.len() as u64,
             generation: m.sb.generation,
+            host_free: self
+                .data
+                .host_free()
+                .map_err(|e| PoolError::io("statvfs of pool.data", e))?,
         })
     }
 
