@@ -552,7 +552,9 @@ impl Meta {
         self.set_data_rc(c.0, rc - 1)?;
         self.dropped_chunks.insert(c.0);
         if rc == 1 {
-            self.data_used -= 1;
+            self.data_used = self.data_used.checked_sub(1).ok_or_else(|| {
+                Error::Inconsistent(format!("data chunk {c} freed with no data chunk in use"))
+            })?;
             self.chunks_deferred.insert(c.0);
         }
         Ok(())
@@ -614,7 +616,11 @@ impl Meta {
 
     fn free_meta_page(&mut self, p: u64) -> Result<(), Error> {
         self.set_meta_rc(p, 0)?;
-        self.meta_used -= 1;
+        self.meta_used = self.meta_used.checked_sub(1).ok_or_else(|| {
+            Error::Inconsistent(format!(
+                "metadata page {p} freed with no metadata page in use"
+            ))
+        })?;
         self.meta_deferred.insert(p);
         self.freed_meta_txn.push(p);
         Ok(())
@@ -978,7 +984,12 @@ impl Meta {
         }
         if n > 0 {
             let mut r = self.root(id)?;
-            r.mapped -= n;
+            r.mapped = r.mapped.checked_sub(n).ok_or_else(|| {
+                Error::Inconsistent(format!(
+                    "volume id {id}: {n} chunks unmapped but only {} counted as mapped",
+                    r.mapped
+                ))
+            })?;
             self.set_root(id, r)?;
         }
         Ok(n)
@@ -1362,6 +1373,42 @@ mod tests {
             }
             assert!(m.nodes.contains_key(&root), "the root node was evicted");
         }
+    }
+
+    /// Counters that disagree with the maps report `Inconsistent` instead of wrapping
+    /// (release builds without overflow checks) or panicking (with them).
+    #[test]
+    fn counter_underflow_is_inconsistent() {
+        let mut m = empty_meta(1000);
+        let a = m
+            .add_volume(
+                "a",
+                0,
+                RootEntry {
+                    height: 1,
+                    ..Default::default()
+                },
+            )
+            .unwrap();
+        let leaf = m.shadow_path(a, 3).unwrap();
+        let (c, _) = m.alloc_chunk().unwrap();
+        m.leaf_mut(leaf).unwrap()[3] = MapEntry {
+            chunk: c,
+            ..Default::default()
+        };
+        // The root says nothing is mapped: unmapping the chunk must not wrap `mapped`.
+        let r = m.unmap_range(a, 0, 10);
+        assert!(matches!(r, Err(Error::Inconsistent(_))), "{r:?}");
+
+        let (c, _) = m.alloc_chunk().unwrap();
+        m.data_used = 0;
+        let r = m.chunk_dec(c);
+        assert!(matches!(r, Err(Error::Inconsistent(_))), "{r:?}");
+
+        let p = m.alloc_meta_page().unwrap();
+        m.meta_used = 0;
+        let r = m.free_meta_page(p);
+        assert!(matches!(r, Err(Error::Inconsistent(_))), "{r:?}");
     }
 
     #[test]
