@@ -366,6 +366,10 @@ impl Geometry {
     }
 }
 
+fn index_by_id(volumes: &[CatVolume]) -> HashMap<u64, usize> {
+    volumes.iter().enumerate().map(|(i, v)| (v.id, i)).collect()
+}
+
 pub(crate) struct Meta {
     pub file: Arc<dyn BlockFile>,
     pub geo: Geometry,
@@ -383,6 +387,9 @@ pub(crate) struct Meta {
     pub cat: CatalogueDoc,
     /// Volume id -> index in `cat.volumes`, and key -> id.
     pub by_key: BTreeMap<String, u64>,
+    /// Volume id -> index in `cat.volumes`: every guest read and write looks its volume
+    /// up, and a pool holds thousands.
+    by_id: HashMap<u64, usize>,
     pub cat_dirty: bool,
     cat_pages: Vec<u64>,
     // Metadata page allocator.
@@ -415,6 +422,9 @@ pub(crate) struct Meta {
     /// the first commit overwrites it: pages it uses are not reused before then.
     older_rc: Option<(ArrayTree, u64)>,
     pub poisoned: Option<String>,
+    /// Readers of a pinned commit ([`Meta::pin`]) and the pages they keep from reuse.
+    pins: usize,
+    held_meta: Vec<u64>,
 }
 
 impl Meta {
@@ -426,6 +436,7 @@ impl Meta {
         cat_pages: Vec<u64>,
     ) -> Meta {
         let by_key = cat.volumes.iter().map(|v| (v.key.clone(), v.id)).collect();
+        let by_id = index_by_id(&cat.volumes);
         Meta {
             file,
             geo: Geometry::new(sb.chunk_size, sb.data_chunks),
@@ -444,6 +455,7 @@ impl Meta {
             fresh: HashSet::new(),
             cat,
             by_key,
+            by_id,
             cat_dirty: false,
             cat_pages,
             free_meta: BTreeSet::new(),
@@ -465,6 +477,8 @@ impl Meta {
             epochs: HashMap::new(),
             older_rc: None,
             poisoned: None,
+            pins: 0,
+            held_meta: Vec::new(),
         }
     }
 
@@ -662,6 +676,29 @@ impl Meta {
         self.set_meta_rc(p, 1)?;
         self.meta_used += 1;
         Ok(p)
+    }
+
+    fn release_meta(&mut self, pages: Vec<u64>) {
+        for p in pages {
+            self.meta_deferred.remove(&p);
+            self.free_meta.insert(p);
+        }
+    }
+
+    /// Keeps every page of the last commit unchanged until [`Meta::unpin`]: a reader
+    /// walks it without the metadata lock (dm-thin's `metadata_snap`). Pages it uses
+    /// are freed by later commits but not reused while pinned.
+    pub fn pin(&mut self) -> Superblock {
+        self.pins += 1;
+        self.sb
+    }
+
+    pub fn unpin(&mut self) {
+        self.pins = self.pins.saturating_sub(1);
+        if self.pins == 0 {
+            let held = std::mem::take(&mut self.held_meta);
+            self.release_meta(held);
+        }
     }
 
     /// Chunks freed in this transaction, reusable after the next commit.
@@ -1015,15 +1052,16 @@ impl Meta {
     // ---- volumes ---------------------------------------------------------------------
 
     pub fn vol_index(&self, id: u64) -> Option<usize> {
-        self.cat.volumes.iter().position(|v| v.id == id)
+        self.by_id.get(&id).copied()
     }
 
     pub fn vol(&self, id: u64) -> Option<&CatVolume> {
-        self.cat.volumes.iter().find(|v| v.id == id)
+        self.cat.volumes.get(self.vol_index(id)?)
     }
 
     pub fn vol_mut(&mut self, id: u64) -> Option<&mut CatVolume> {
-        self.cat.volumes.iter_mut().find(|v| v.id == id)
+        let i = self.vol_index(id)?;
+        self.cat.volumes.get_mut(i)
     }
 
     pub fn id_of(&self, key: &str) -> Option<u64> {
@@ -1041,6 +1079,7 @@ impl Meta {
                 ..root
             },
         )?;
+        self.by_id.insert(id, self.cat.volumes.len());
         self.cat.volumes.push(CatVolume {
             id,
             key: key.to_string(),
@@ -1062,6 +1101,8 @@ impl Meta {
         if let Some(i) = self.vol_index(id) {
             let v = self.cat.volumes.remove(i);
             self.by_key.remove(&v.key);
+            // Removal is rare; later volumes moved down one place.
+            self.by_id = index_by_id(&self.cat.volumes);
         }
         self.cat_dirty = true;
         Ok(())
@@ -1284,9 +1325,11 @@ impl Meta {
         self.fresh.clear();
         self.dropped_pages.clear();
         self.dropped_chunks.clear();
-        for p in std::mem::take(&mut self.freed_meta_prev) {
-            self.meta_deferred.remove(&p);
-            self.free_meta.insert(p);
+        let released = std::mem::take(&mut self.freed_meta_prev);
+        if self.pins > 0 {
+            self.held_meta.extend(released);
+        } else {
+            self.release_meta(released);
         }
         self.freed_meta_prev = std::mem::take(&mut self.freed_meta_txn);
         self.freed_chunks_committed = self.chunks_deferred.iter().copied().collect();

@@ -565,9 +565,16 @@ impl ThinPool {
 
     /// Referenced metadata pages of the last commit and their kinds (for tools and damage tests).
     pub fn metadata_pages(&self) -> Result<Vec<(PageNo, PageKind)>, PoolError> {
-        let m = self.state.lock();
-        let (_, pages) = verify::verify(&*self.meta_file, &m.sb);
+        let pin = self.pin();
+        let (_, pages) = verify::verify(&*self.meta_file, &pin.sb);
         Ok(pages.into_iter().map(|(p, k)| (PageNo(p), k)).collect())
+    }
+
+    /// Pins the last commit for a walk without the metadata lock: guest I/O and
+    /// commits go on meanwhile.
+    fn pin(&self) -> Pinned<'_> {
+        let sb = self.state.lock().pin();
+        Pinned { pool: self, sb }
     }
 
     // ---- data path -------------------------------------------------------------------
@@ -701,6 +708,18 @@ impl ThinPool {
     fn volume_size(&self, id: u64) -> Result<u64, BlockErrorKind> {
         let m = self.state.lock();
         m.vol(id).map(|v| v.size).ok_or(BlockErrorKind::Gone)
+    }
+}
+
+/// A pinned commit; unpinned on drop.
+struct Pinned<'a> {
+    pool: &'a ThinPool,
+    sb: Superblock,
+}
+
+impl Drop for Pinned<'_> {
+    fn drop(&mut self) {
+        self.pool.state.lock().unpin();
     }
 }
 
@@ -1565,8 +1584,8 @@ impl Pool for ThinPool {
     }
 
     fn verify(&self) -> Result<VerifyReport, PoolError> {
-        let m = self.state.lock();
-        Ok(verify::verify(&*self.meta_file, &m.sb).0)
+        let pin = self.pin();
+        Ok(verify::verify(&*self.meta_file, &pin.sb).0)
     }
 
     fn import_volume(
