@@ -6,8 +6,10 @@
 //!   disk holds after a power cut) apart from writes that were not yet synced. A shared
 //!   [`Faults`] counter numbers every mutating call (write, sync, set_len, punch_hole)
 //!   across all files that share it; `fail_after(n)` makes call `n` and every later one
-//!   fail with `EIO`, and [`FaultyFile::power_cut`] returns the durable image, on which a
-//!   test reopens the pool.
+//!   fail with `EIO` (`fail_only(n)`: call `n` alone), and [`FaultyFile::power_cut`]
+//!   returns the durable image, on which a test reopens the pool.
+//!   [`FaultyFile::power_cut_torn`] is harsher, as real disks are: any subset of the
+//!   unsynced calls persists, in any order, writes torn at 512-byte sectors.
 //!
 //! Images are sparse (4 KiB pages, absent pages read as zeros), so a test can simulate a
 //! large, mostly empty disk cheaply.
@@ -123,6 +125,8 @@ impl BlockFile for RealFile {
 pub struct Faults {
     ops: AtomicU64,
     fail_at: AtomicU64,
+    /// Calls from `fail_at` up to (not including) this one fail.
+    fail_end: AtomicU64,
 }
 
 impl Default for Faults {
@@ -130,6 +134,7 @@ impl Default for Faults {
         Faults {
             ops: AtomicU64::new(0),
             fail_at: AtomicU64::new(u64::MAX),
+            fail_end: AtomicU64::new(u64::MAX),
         }
     }
 }
@@ -142,7 +147,16 @@ impl Faults {
     /// Mutating call number `n` (0-based, counted from now on) and every later one fail.
     pub fn fail_after(&self, n: u64) {
         let now = self.ops.load(Ordering::SeqCst);
+        self.fail_end.store(u64::MAX, Ordering::SeqCst);
         self.fail_at.store(now.saturating_add(n), Ordering::SeqCst);
+    }
+
+    /// Only mutating call number `n` (0-based, counted from now on) fails: a transient
+    /// error, after which the device works again.
+    pub fn fail_only(&self, n: u64) {
+        let at = self.ops.load(Ordering::SeqCst).saturating_add(n);
+        self.fail_end.store(at.saturating_add(1), Ordering::SeqCst);
+        self.fail_at.store(at, Ordering::SeqCst);
     }
 
     /// Mutating calls issued so far (failed ones included).
@@ -156,7 +170,7 @@ impl Faults {
 
     fn next(&self) -> io::Result<()> {
         let n = self.ops.fetch_add(1, Ordering::SeqCst);
-        if n >= self.fail_at.load(Ordering::SeqCst) {
+        if n >= self.fail_at.load(Ordering::SeqCst) && n < self.fail_end.load(Ordering::SeqCst) {
             Err(io::Error::from_raw_os_error(libc::EIO))
         } else {
             Ok(())
@@ -171,6 +185,8 @@ enum Pending {
 }
 
 const IMG_PAGE: usize = 4096;
+/// The unit a disk writes atomically.
+const SECTOR: u64 = 512;
 
 /// A sparse in-memory disk image (absent pages read as zeros), as a power cut leaves it.
 #[derive(Clone, Default, Debug)]
@@ -315,6 +331,45 @@ impl FaultyFile {
         self.state.lock().durable.clone()
     }
 
+    /// A harsher power cut, as real disks behave: each call made since the last sync
+    /// persists or not, independently, in any order, and a write may persist only some
+    /// of its 512-byte sectors (a torn 4 KiB page). `seed` picks one such outcome.
+    pub fn power_cut_torn(&self, seed: u64) -> DiskImage {
+        let st = self.state.lock();
+        let mut img = st.durable.clone();
+        let mut rng = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+        let mut next = move || {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            rng
+        };
+        let mut order: Vec<usize> = (0..st.pending.len()).collect();
+        for i in (1..order.len()).rev() {
+            order.swap(i, (next() % (i as u64 + 1)) as usize);
+        }
+        for i in order {
+            let op = &st.pending[i];
+            match (next() % 3, op) {
+                (0, _) => {}
+                (_, Pending::Write(off, data)) if next() % 2 == 0 => {
+                    // Sector by sector, as the write's sectors are aligned in the file.
+                    let mut pos = 0usize;
+                    while pos < data.len() {
+                        let abs = off + pos as u64;
+                        let n = (SECTOR - (abs % SECTOR)).min((data.len() - pos) as u64) as usize;
+                        if next() % 2 == 0 {
+                            img.write(abs, &data[pos..pos + n]);
+                        }
+                        pos += n;
+                    }
+                }
+                _ => img.apply(op),
+            }
+        }
+        img
+    }
+
     /// Current content (synced or not).
     pub fn image(&self) -> DiskImage {
         self.state.lock().current.clone()
@@ -393,6 +448,40 @@ mod tests {
         f.read_at(&mut b, 0).unwrap();
         assert_eq!(&b, b"HEl\0\0");
         assert_eq!(f.power_cut().to_bytes(), b"hello");
+    }
+
+    #[test]
+    fn torn_power_cut_keeps_synced_data_and_tears_at_sectors() {
+        let f = FaultyFile::new();
+        f.write_at(&[1u8; 8192], 0).unwrap();
+        f.sync().unwrap();
+        f.write_at(&[2u8; 4096], 0).unwrap();
+        f.write_at(&[3u8; 4096], 4096).unwrap();
+        let mut seen_torn = false;
+        let mut seen = std::collections::HashSet::new();
+        for seed in 0..64 {
+            let img = f.power_cut_torn(seed).to_bytes();
+            assert_eq!(img.len(), 8192);
+            for (i, sector) in img.chunks(512).enumerate() {
+                let new = if i < 8 { 2 } else { 3 };
+                assert!(sector.iter().all(|&b| b == sector[0]), "a sector tore");
+                assert!(sector[0] == 1 || sector[0] == new);
+            }
+            let page0: Vec<u8> = img[..4096].chunks(512).map(|s| s[0]).collect();
+            seen_torn |= page0.contains(&1) && page0.contains(&2);
+            seen.insert(img);
+        }
+        assert!(seen_torn, "no 4 KiB page was torn in 64 cuts");
+        assert!(seen.len() > 8, "only {} outcomes", seen.len());
+    }
+
+    #[test]
+    fn fail_only_fails_one_call() {
+        let f = FaultyFile::new();
+        f.faults().fail_only(1);
+        f.write_at(b"a", 0).unwrap();
+        assert!(f.write_at(b"b", 1).is_err());
+        f.write_at(b"c", 2).unwrap();
     }
 
     #[test]

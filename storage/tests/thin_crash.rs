@@ -130,6 +130,19 @@ fn fresh(dir: &std::path::Path, faults: &Arc<Faults>) -> (Arc<ThinPool>, FaultyF
 
 #[test]
 fn crash_at_every_write_and_sync() {
+    sweep(None);
+}
+
+/// The same sweep with the harsher power cut: any subset of the unsynced writes lands,
+/// in any order, torn at 512-byte sectors (three outcomes per failing call).
+#[test]
+fn crash_at_every_write_and_sync_torn() {
+    for seed in 1..=3 {
+        sweep(Some(seed));
+    }
+}
+
+fn sweep(torn: Option<u64>) {
     let dir = tempfile::tempdir().unwrap();
     // Reference run: the committed states, and how many calls the scenario makes.
     let faults = Faults::new();
@@ -153,12 +166,18 @@ fn crash_at_every_write_and_sync() {
         let k = done.len() - 1;
         drop(pool);
 
-        let (meta, data) = (meta.power_cut(), data.power_cut());
+        let (meta, data) = match torn {
+            None => (meta.power_cut(), data.power_cut()),
+            Some(seed) => (
+                meta.power_cut_torn(seed * 1_000_003 + n),
+                data.power_cut_torn(seed * 2_000_003 + n),
+            ),
+        };
         let faults = Faults::new();
         let meta = FaultyFile::with_faults(meta, faults.clone());
         let data = FaultyFile::with_faults(data, faults);
         let pool = ThinPool::open_with_io(dir.path(), Box::new(meta), Box::new(data))
-            .unwrap_or_else(|e| panic!("reopen after failing call {n}: {e}"));
+            .unwrap_or_else(|e| panic!("reopen after failing call {n} (torn {torn:?}): {e}"));
         let report = pool.verify().unwrap();
         assert!(report.is_clean(), "failing call {n}: {report:?}");
         let info = pool.info().unwrap();

@@ -216,7 +216,11 @@ pub fn open(kind: PageKind, page: PageNo, buf: &[u8]) -> Result<&[u8], FormatErr
 /// 76..84  data-refcount root u64  84..88  its height u32
 /// 88..96  roots-array root u64    96..100 its height u32
 /// 100..108 catalogue first page u64  108..116 catalogue length in bytes u64
+/// 116..124 flags u64 (bit 0: NEEDS_CHECK)
 /// ```
+/// The payload length versions the superblock: 116 bytes (the first pools, no flags)
+/// is still read; 124 is written. A reader that only knows 116 refuses the newer
+/// superblock (it would ignore NEEDS_CHECK).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Superblock {
     pub generation: u64,
@@ -231,7 +235,13 @@ pub struct Superblock {
     pub roots: TreeRoot,
     pub catalogue: PageNo,
     pub catalogue_len: u64,
+    /// The pool stopped after a failed metadata update (dm-thin's `needs_check`): the
+    /// next open verifies the metadata before using it.
+    pub needs_check: bool,
 }
+
+/// Superblock flag bits.
+pub const SB_NEEDS_CHECK: u64 = 1;
 
 /// Root page and height (number of levels, >= 1) of a radix tree.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -240,7 +250,9 @@ pub struct TreeRoot {
     pub height: u32,
 }
 
-pub const SUPER_PAYLOAD: usize = 116;
+pub const SUPER_PAYLOAD: usize = 124;
+/// The superblock payload of pools written before the flags word.
+pub const SUPER_PAYLOAD_V1: usize = 116;
 pub const MAX_HEIGHT: u32 = 8;
 
 impl Superblock {
@@ -260,6 +272,11 @@ impl Superblock {
         }
         put_u64(&mut p, 100, self.catalogue.0);
         put_u64(&mut p, 108, self.catalogue_len);
+        put_u64(
+            &mut p,
+            116,
+            if self.needs_check { SB_NEEDS_CHECK } else { 0 },
+        );
         seal(PageKind::Superblock, slot, &p)
     }
 
@@ -270,8 +287,16 @@ impl Superblock {
             kind: PageKind::Superblock,
             reason: reason.into(),
         };
-        if p.len() != SUPER_PAYLOAD {
+        if p.len() != SUPER_PAYLOAD && p.len() != SUPER_PAYLOAD_V1 {
             return Err(invalid("payload length"));
+        }
+        let flags = if p.len() >= SUPER_PAYLOAD {
+            u64_at(p, 116)
+        } else {
+            0
+        };
+        if flags & !SB_NEEDS_CHECK != 0 {
+            return Err(invalid("unknown flags"));
         }
         if p[..8] != SUPER_MAGIC {
             return Err(invalid("bad magic"));
@@ -293,6 +318,7 @@ impl Superblock {
             roots: tree(2),
             catalogue: PageNo(u64_at(p, 100)),
             catalogue_len: u64_at(p, 108),
+            needs_check: flags & SB_NEEDS_CHECK != 0,
         };
         if !sb.chunk_size.is_power_of_two() || !(4096..=1 << 20).contains(&sb.chunk_size) {
             return Err(invalid("chunk size"));
@@ -597,11 +623,14 @@ mod tests {
                                  cat in 2u64..1000, len in any::<u64>(), slot in 0u64..2) {
             let sb = Superblock { generation: gen, chunk_size: 1 << cs, data_chunks: chunks + 1000, meta_hw: 1000,
                 data_hw: used, data_used: used, meta_used: used, meta_rc: mr, data_rc: dr, roots: rr,
-                catalogue: PageNo(cat), catalogue_len: len };
+                catalogue: PageNo(cat), catalogue_len: len, needs_check: gen % 3 == 0 };
             let page = sb.pack(PageNo(slot));
             prop_assert_eq!(Superblock::unpack(PageNo(slot), &page[..]).unwrap(), sb);
             // The other slot's key does not verify it.
             prop_assert!(Superblock::unpack(PageNo(1 - slot), &page[..]).is_err());
+            // A pool written before the flags word (116-byte payload) still opens.
+            let v1 = seal(PageKind::Superblock, PageNo(slot), &page[HEADER_SIZE..HEADER_SIZE + SUPER_PAYLOAD_V1]);
+            prop_assert_eq!(Superblock::unpack(PageNo(slot), &v1[..]).unwrap(), Superblock { needs_check: false, ..sb });
         }
 
         #[test]

@@ -511,6 +511,32 @@ impl Meta {
         }
     }
 
+    /// Stops the pool: the in-memory state is unknown after a failed metadata update.
+    /// Best effort, the stop is also made durable (dm-thin's `needs_check`): the last
+    /// commit's superblock, flagged, goes to the other slot with the next generation
+    /// (the last commit's own slot stays intact if this write tears), so the next open
+    /// verifies the metadata before it trusts it.
+    pub fn poison(&mut self, why: String) {
+        if self.poisoned.is_some() {
+            return;
+        }
+        self.poisoned = Some(why);
+        let sb = Superblock {
+            generation: self.sb.generation + 1,
+            needs_check: true,
+            ..self.sb
+        };
+        let slot = PageNo(sb.generation % 2);
+        let r = self
+            .file
+            .write_at(&sb.pack(slot)[..], slot.offset())
+            .and_then(|_| self.file.sync());
+        match r {
+            Ok(()) => self.sb = sb,
+            Err(e) => tracing::warn!("could not record needs_check in the superblock: {e}"),
+        }
+    }
+
     pub fn check_poison(&self) -> Result<(), Error> {
         match &self.poisoned {
             Some(why) => Err(Error::Poisoned(why.clone())),
@@ -1314,6 +1340,7 @@ impl Meta {
             roots: self.trees[ROOTS].tree_root(),
             catalogue: cat_first,
             catalogue_len: cat_len,
+            needs_check: false,
         };
         let slot = PageNo(sb.generation % 2);
         file.write_at(&sb.pack(slot)[..], slot.offset())
@@ -1371,6 +1398,7 @@ mod tests {
             },
             catalogue: PageNo(0),
             catalogue_len: 0,
+            needs_check: false,
         };
         let mut m = Meta::new(file, sb, CatalogueDoc::default(), Vec::new());
         m.init_superblock_pages().unwrap();

@@ -345,6 +345,7 @@ impl ThinPool {
             roots: empty,
             catalogue: PageNo(0),
             catalogue_len: 0,
+            needs_check: false,
         };
         let mut m = Meta::new(
             meta_file.clone(),
@@ -407,6 +408,17 @@ impl ThinPool {
             tracing::warn!(pool = %dir.display(), "using superblock generation {}: {}", sb.generation, problems.join("; "));
         }
         let cs = sb.chunk_size;
+        if sb.needs_check {
+            // The pool stopped after a failed metadata update: check before trusting it.
+            let (report, _) = verify::verify(&*meta_file, &sb);
+            if !report.errors.is_empty() {
+                return Err(PoolError::Corrupt(format!(
+                    "the pool stopped after a failed metadata update (needs_check is set) and its metadata is damaged: {}",
+                    report.errors.join("; ")
+                )));
+            }
+            tracing::warn!(pool = %dir.display(), leaks = report.leaks.len(), "the pool stopped after a failed metadata update; its metadata verified clean, the flag is cleared at the next commit");
+        }
         let (cat, pages) = verify::read_catalogue(&*meta_file, &sb).map_err(|e| e.into_pool(cs))?;
         // Chunks past the committed high-water mark may hold data of a transaction that
         // never committed: hole-punch them so they read zeros when allocated.
@@ -461,6 +473,12 @@ impl ThinPool {
         self.geo.chunk_size
     }
 
+    /// The superblock on disk says the pool stopped after a failed metadata update
+    /// (set when it stops, cleared by the first commit after a clean open).
+    pub fn needs_check(&self) -> bool {
+        self.state.lock().sb.needs_check
+    }
+
     fn perr(&self, e: Error) -> PoolError {
         e.into_pool(self.geo.chunk_size)
     }
@@ -481,7 +499,7 @@ impl ThinPool {
         let r = f(m);
         if let Err(e) = &r {
             if !matches!(e, Error::NoSpace) {
-                m.poisoned = Some(e.to_string());
+                m.poison(e.to_string());
             }
         }
         r
@@ -526,7 +544,7 @@ impl ThinPool {
         };
         let r = synced.and_then(|_| m.commit());
         if let Err(e) = r {
-            m.poisoned = Some(e.to_string());
+            m.poison(e.to_string());
             return Err(self.perr(e));
         }
         self.punch_freed(m);
