@@ -231,6 +231,7 @@ impl Pool for MemPool {
             metadata_used: (st.staged.keys.len() + st.staged.meta.len()) as u64 * 64,
             volumes: st.staged.keys.len() as u64,
             generation: st.generation,
+            warnings: Vec::new(),
         })
     }
 

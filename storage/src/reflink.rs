@@ -612,6 +612,7 @@ impl Pool for ReflinkPool {
             metadata_used: meta,
             volumes: st.staged.volumes.len() as u64,
             generation: st.staged.generation,
+            warnings: Vec::new(),
         })
     }
 

@@ -148,6 +148,8 @@ impl BlockFile for DirtyTracking {
 pub struct ThinPool {
     path: PathBuf,
     _lock: File,
+    /// Set when open fell back to the older superblock slot: `info` reports it.
+    fallback: Option<String>,
     data: Arc<dyn BlockFile>,
     meta_file: Arc<dyn BlockFile>,
     geo: Geometry,
@@ -335,7 +337,7 @@ impl ThinPool {
         // Two commits: both superblock slots hold a valid pool from the start.
         m.commit().map_err(|e| e.into_pool(cs))?;
         m.commit().map_err(|e| e.into_pool(cs))?;
-        Ok(Self::assemble(dir, lock, meta_file, data, m))
+        Ok(Self::assemble(dir, lock, meta_file, data, m, None))
     }
 
     fn open_locked(
@@ -372,13 +374,27 @@ impl ThinPool {
             .pop()
             .filter(|o| best.is_some_and(|b| o.generation < b.generation));
         let Some(sb) = best else {
-            return Err(PoolError::Corrupt(format!(
-                "no valid superblock: {}",
-                problems.join("; ")
-            )));
+            // `pool verify` cannot open such a pool either: say what can be done.
+            return Err(PoolError::NotAPool {
+                path: dir.display().to_string(),
+                reason: format!(
+                    "both superblock slots of {META_FILE} are damaged ({}), so no commit can be found; \
+                     restore {META_FILE} from a backup, or move the pool directory away (its data cannot be \
+                     reached without the superblock)",
+                    problems.join("; ")
+                ),
+            });
         };
-        if !problems.is_empty() {
-            tracing::warn!(pool = %dir.display(), "using superblock generation {}: {}", sb.generation, problems.join("; "));
+        let fallback = (!problems.is_empty()).then(|| {
+            format!(
+                "a superblock slot of {META_FILE} is damaged ({}); opened the other one, generation {} \
+                 (the commit after it may be lost); the next commit rewrites the damaged slot",
+                problems.join("; "),
+                sb.generation
+            )
+        });
+        if let Some(f) = &fallback {
+            tracing::warn!(pool = %dir.display(), "{f}");
         }
         let cs = sb.chunk_size;
         let (cat, pages) = verify::read_catalogue(&*meta_file, &sb).map_err(|e| e.into_pool(cs))?;
@@ -399,7 +415,7 @@ impl ThinPool {
             .map_err(|e| PoolError::io("syncing pool.data", e))?;
         let mut m = Meta::new(meta_file.clone(), sb, cat, pages);
         m.keep_older(older);
-        Ok(Self::assemble(dir, lock, meta_file, data, m))
+        Ok(Self::assemble(dir, lock, meta_file, data, m, fallback))
     }
 
     fn assemble(
@@ -408,6 +424,7 @@ impl ThinPool {
         meta_file: Arc<dyn BlockFile>,
         data: Arc<dyn BlockFile>,
         m: Meta,
+        fallback: Option<String>,
     ) -> Arc<ThinPool> {
         let data_dirty = Arc::new(std::sync::atomic::AtomicBool::new(true));
         let data: Arc<dyn BlockFile> = Arc::new(DirtyTracking {
@@ -418,6 +435,7 @@ impl ThinPool {
             me: me.clone(),
             path: dir.to_path_buf(),
             _lock: lock,
+            fallback,
             data,
             data_dirty,
             meta_file,
@@ -1221,6 +1239,7 @@ impl Pool for ThinPool {
             metadata_used: m.meta_used * PAGE_SIZE as u64,
             volumes: m.cat.volumes.len() as u64,
             generation: m.sb.generation,
+            warnings: self.fallback.iter().cloned().collect(),
         })
     }
 
@@ -1415,7 +1434,23 @@ impl Pool for ThinPool {
 
     fn verify(&self) -> Result<VerifyReport, PoolError> {
         let m = self.state.lock();
-        Ok(verify::verify(&*self.meta_file, &m.sb).0)
+        let mut report = verify::verify(&*self.meta_file, &m.sb).0;
+        // A damaged slot is found at open (which uses the other); report it here too.
+        for slot in [PageNo(0), PageNo(1)] {
+            let problem = match meta::read_page(&*self.meta_file, slot) {
+                Ok(buf) => Superblock::unpack(slot, &buf[..])
+                    .err()
+                    .map(|e| e.to_string()),
+                Err(e) => Some(e.to_string()),
+            };
+            if let Some(p) = problem {
+                report.errors.push(format!(
+                    "superblock slot {} is damaged ({p}); the pool runs on the other slot (generation {}) and the next commit rewrites it",
+                    slot.0, m.sb.generation
+                ));
+            }
+        }
+        Ok(report)
     }
 
     fn import_volume(
