@@ -1,8 +1,13 @@
 //! The admin API: every CLI command is a [`Request`]; the answer is JSON. The CLI sends
 //! it to the daemon over `ROOT/run/admin.sock` (one JSON line each way) when a daemon owns
 //! the pool, and runs it in-process otherwise: one code path either way.
+//!
+//! Files a command reads or writes are opened by the CLI, with the caller's rights and
+//! umask, and travel to the daemon as descriptors (`SCM_RIGHTS` on the request line): the
+//! daemon never opens a path a client named. The paths in requests are for messages only.
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader, IoSlice, IoSliceMut, Write};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -15,9 +20,12 @@ pub enum Request {
     Ping,
     PoolInfo,
     PoolVerify,
+    /// The image travels as descriptor 0.
     TemplateCreate {
         name: String,
         image: PathBuf,
+        #[serde(default)]
+        replace: bool,
     },
     TemplateBuild {
         recipe: PathBuf,
@@ -31,13 +39,17 @@ pub enum Request {
     TemplateRemove {
         name: String,
     },
+    /// The package is written to descriptor 0.
     TemplateExport {
         name: String,
         file: PathBuf,
     },
+    /// The package travels as descriptor 0.
     TemplateImport {
         file: PathBuf,
         name: Option<String>,
+        #[serde(default)]
+        replace: bool,
     },
     QubeCreate {
         name: String,
@@ -94,11 +106,14 @@ pub enum Request {
         size: u64,
         allow_shrink: bool,
     },
+    /// Exactly `size` bytes are read from descriptor 0.
     VolumeImport {
         qube: String,
         vol: String,
         file: PathBuf,
+        size: u64,
     },
+    /// The image is written to descriptor 0.
     VolumeExport {
         qube: String,
         vol: String,
@@ -132,13 +147,43 @@ pub enum Reply {
     Error(String),
 }
 
+/// Most descriptors one request carries.
+pub const MAX_FDS: usize = 4;
+
 /// Sends one request to the daemon and waits for its reply.
 pub fn call(socket: &Path, req: &Request) -> std::io::Result<Reply> {
+    call_with_fds(socket, req, &[], None)
+}
+
+/// Sends one request with `fds` attached (`SCM_RIGHTS` on its first byte) and waits for
+/// the reply, at most `timeout` if given.
+pub fn call_with_fds(
+    socket: &Path,
+    req: &Request,
+    fds: &[BorrowedFd<'_>],
+    timeout: Option<Duration>,
+) -> std::io::Result<Reply> {
     let stream = UnixStream::connect(socket)?;
+    stream.set_read_timeout(timeout)?;
+    stream.set_write_timeout(timeout)?;
     let mut writer = stream.try_clone()?;
     let mut line = serde_json::to_string(req).map_err(std::io::Error::other)?;
     line.push('\n');
-    writer.write_all(line.as_bytes())?;
+    let mut space = [0u8; rustix::cmsg_space!(ScmRights(MAX_FDS))];
+    let mut control = rustix::net::SendAncillaryBuffer::new(&mut space);
+    if !fds.is_empty() && !control.push(rustix::net::SendAncillaryMessage::ScmRights(fds)) {
+        return Err(std::io::Error::other(format!(
+            "too many files for one request ({} > {MAX_FDS})",
+            fds.len()
+        )));
+    }
+    let sent = rustix::net::sendmsg(
+        writer.as_fd(),
+        &[IoSlice::new(line.as_bytes())],
+        &mut control,
+        rustix::net::SendFlags::NOSIGNAL,
+    )?;
+    writer.write_all(&line.as_bytes()[sent..])?;
     writer.flush()?;
     let mut reader = BufReader::new(stream);
     let mut answer = String::new();
@@ -159,13 +204,41 @@ pub fn daemon_alive(socket: &Path, timeout: Duration) -> bool {
 
 /// The daemon's answer to a ping (`pid`, `build`, `served`), if one answers.
 pub fn ping(socket: &Path, timeout: Duration) -> Option<serde_json::Value> {
-    let stream = UnixStream::connect(socket).ok()?;
-    let _ = stream.set_read_timeout(Some(timeout));
-    drop(stream);
-    match call(socket, &Request::Ping) {
+    match call_with_fds(socket, &Request::Ping, &[], Some(timeout)) {
         Ok(Reply::Ok(v)) => Some(v),
         _ => None,
     }
+}
+
+/// Something accepts connections on `socket` (a daemon, perhaps one that does not answer).
+pub fn listening(socket: &Path) -> bool {
+    UnixStream::connect(socket).is_ok()
+}
+
+/// Reads one request line and the descriptors sent with it.
+pub fn read_request(conn: &UnixStream) -> std::io::Result<(String, Vec<OwnedFd>)> {
+    let mut buf = vec![0u8; 64 << 10];
+    let mut space = [0u8; rustix::cmsg_space!(ScmRights(MAX_FDS))];
+    let mut control = rustix::net::RecvAncillaryBuffer::new(&mut space);
+    let got = rustix::net::recvmsg(
+        conn.as_fd(),
+        &mut [IoSliceMut::new(&mut buf)],
+        &mut control,
+        rustix::net::RecvFlags::CMSG_CLOEXEC,
+    )?;
+    let mut fds = Vec::new();
+    for msg in control.drain() {
+        if let rustix::net::RecvAncillaryMessage::ScmRights(rights) = msg {
+            fds.extend(rights);
+        }
+    }
+    buf.truncate(got.bytes);
+    if got.bytes > 0 && !buf.ends_with(b"\n") {
+        let mut rest = BufReader::new(conn);
+        rest.read_until(b'\n', &mut buf)?;
+    }
+    let line = String::from_utf8(buf).map_err(std::io::Error::other)?;
+    Ok((line, fds))
 }
 
 /// Identifies the running qubes-ctl binary: a rebuilt or upgraded binary is a new file

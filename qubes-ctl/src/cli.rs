@@ -1,8 +1,12 @@
 //! Command line: parses arguments into a [`Request`], sends it to the daemon (or runs it
 //! in-process when no daemon owns the pool) and prints the answer as a table or as JSON.
 
-use std::io::Read;
+use std::fs::File;
+use std::io::Write;
+use std::os::fd::AsFd;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
@@ -12,6 +16,74 @@ use crate::api::{self, Reply, Request};
 use crate::controller::{self, parse_volume_ref, Controller, InitOptions};
 use crate::paths::Paths;
 use crate::units::{human_size, parse_size};
+
+/// `println!` that exits quietly when stdout is closed early (`qubes-ctl qube list | head
+/// -1`), as coreutils do, instead of panicking.
+macro_rules! outln {
+    ($($arg:tt)*) => {
+        out_write(format_args!("{}\n", format_args!($($arg)*)))
+    };
+}
+macro_rules! out {
+    ($($arg:tt)*) => {
+        out_write(format_args!($($arg)*))
+    };
+}
+
+fn out_write(args: std::fmt::Arguments<'_>) {
+    let mut o = std::io::stdout().lock();
+    if let Err(e) = o.write_fmt(args) {
+        exit_on_broken_pipe(&e);
+        eprintln!("qubes-ctl: error: writing to stdout: {e}");
+        std::process::exit(1);
+    }
+}
+
+/// The reader went away: die of SIGPIPE quietly, as a coreutils tool does.
+pub fn exit_on_broken_pipe(e: &std::io::Error) {
+    if e.kind() == std::io::ErrorKind::BrokenPipe {
+        // SAFETY: restoring the default action of SIGPIPE and raising it has no
+        // preconditions; the process ends here.
+        unsafe {
+            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+            libc::raise(libc::SIGPIPE);
+        }
+        std::process::exit(141);
+    }
+}
+
+/// The error and its causes, each said once: a context that already quotes its cause
+/// (as `"{op}: {source}"` errors do) is not followed by that cause again.
+pub fn error_text(e: &anyhow::Error) -> String {
+    let mut text = String::new();
+    for cause in e.chain() {
+        let c = cause.to_string();
+        if text.contains(&c) {
+            continue;
+        }
+        if !text.is_empty() {
+            text.push_str(": ");
+        }
+        text.push_str(&c);
+    }
+    if text.contains("pool stopped after a failed metadata update") {
+        text.push_str(
+            "; free space on the filesystem holding the pool, then reopen it: if a daemon runs, \
+             `qubes-ctl daemon stop` (running qubes stay marked running; the next command reopens the pool)",
+        );
+    }
+    text
+}
+
+/// How long a command without a daemon waits for the pool lock another command holds
+/// (`QUBES_CTL_LOCK_TIMEOUT`, seconds).
+fn lock_timeout() -> Duration {
+    let secs = std::env::var("QUBES_CTL_LOCK_TIMEOUT")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(120);
+    Duration::from_secs(secs)
+}
 
 #[derive(Parser, Debug)]
 #[command(
@@ -93,6 +165,9 @@ pub enum TemplateCmd {
         name: String,
         #[arg(long)]
         from_image: PathBuf,
+        /// Replace the root of an existing template (the old one is kept as a revision).
+        #[arg(long)]
+        replace: bool,
     },
     /// Templates with their origin, size and fingerprint.
     List,
@@ -107,6 +182,9 @@ pub enum TemplateCmd {
         file: PathBuf,
         #[arg(long)]
         name: Option<String>,
+        /// Replace the root of an existing template (the old one is kept as a revision).
+        #[arg(long)]
+        replace: bool,
     },
 }
 
@@ -177,8 +255,15 @@ pub enum VolumeCmd {
         #[arg(long)]
         allow_shrink: bool,
     },
-    /// Replace the volume's content with a raw image (`-` for stdin).
-    Import { volume: String, file: String },
+    /// Replace the volume's content with a raw image (`-` for stdin). The volume gets the
+    /// image's size; a stream (pipe, FIFO) needs `--size` and must hold exactly that.
+    Import {
+        volume: String,
+        file: String,
+        /// Bytes to import (default: the file's or block device's size).
+        #[arg(long)]
+        size: Option<String>,
+    },
     /// Write the volume's content as a raw image (`-` for stdout).
     Export { volume: String, file: String },
     /// Set a volume property: `volume config work:private revisions_to_keep 3`.
@@ -243,30 +328,44 @@ pub fn main_with(cli: Cli) -> Result<()> {
                 },
                 true,
             ),
-            TemplateCmd::Create { name, from_image } => (
-                Request::TemplateCreate {
+            TemplateCmd::Create {
+                name,
+                from_image,
+                replace,
+            } => {
+                let image = absolute(&from_image)?;
+                let f = File::open(&image)
+                    .with_context(|| format!("opening image {}", image.display()))?;
+                let req = Request::TemplateCreate {
                     name,
-                    image: absolute(&from_image)?,
-                },
-                true,
-            ),
+                    image,
+                    replace,
+                };
+                let v = execute_with(&paths, req, true, vec![f])?;
+                return print(format, "template", &v);
+            }
             TemplateCmd::List => (Request::TemplateList, false),
             TemplateCmd::Info { name } => (Request::TemplateInfo { name }, false),
             TemplateCmd::Remove { name } => (Request::TemplateRemove { name }, true),
-            TemplateCmd::Export { name, file } => (
-                Request::TemplateExport {
+            TemplateCmd::Export { name, file } => {
+                return template_export(&paths, format, name, &absolute(&file)?)
+            }
+            TemplateCmd::Import {
+                file,
+                name,
+                replace,
+            } => {
+                let file = absolute(&file)?;
+                let f = File::open(&file)
+                    .with_context(|| format!("opening package {}", file.display()))?;
+                let req = Request::TemplateImport {
+                    file,
                     name,
-                    file: absolute(&file)?,
-                },
-                false,
-            ),
-            TemplateCmd::Import { file, name } => (
-                Request::TemplateImport {
-                    file: absolute(&file)?,
-                    name,
-                },
-                true,
-            ),
+                    replace,
+                };
+                let v = execute_with(&paths, req, true, vec![f])?;
+                return print(format, "template", &v);
+            }
         },
         Cmd::Qube(q) => match q {
             QubeCmd::Create {
@@ -337,9 +436,10 @@ pub fn main_with(cli: Cli) -> Result<()> {
                     true,
                 )
             }
-            VolumeCmd::Import { volume, file } => {
+            VolumeCmd::Import { volume, file, size } => {
                 let (qube, vol) = parse_volume_ref(&volume)?;
-                return volume_import(&paths, format, qube, vol, &file);
+                let size = size.as_deref().map(parse_size).transpose()?;
+                return volume_import(&paths, format, qube, vol, &file, size);
             }
             VolumeCmd::Export { volume, file } => {
                 let (qube, vol) = parse_volume_ref(&volume)?;
@@ -426,20 +526,94 @@ fn absolute(p: &Path) -> Result<PathBuf> {
 
 /// Runs a request through the daemon if one answers, else in-process.
 pub fn execute(paths: &Paths, req: Request, mutating: bool) -> Result<Value> {
+    execute_with(paths, req, mutating, Vec::new())
+}
+
+/// [`execute`] with the files the request reads or writes, opened by us (the caller's
+/// rights and umask): they go to the daemon as descriptors.
+pub fn execute_with(
+    paths: &Paths,
+    req: Request,
+    mutating: bool,
+    files: Vec<File>,
+) -> Result<Value> {
     let sock = paths.admin_socket();
-    let mut alive = retire_stale_daemon(paths);
-    if !alive && req.needs_daemon() {
-        crate::daemon::spawn(paths).context("the qube's volumes are served by the daemon")?;
-        alive = true;
+    let deadline = Instant::now() + lock_timeout();
+    loop {
+        let mut alive = retire_stale_daemon(paths);
+        if !alive && api::listening(&sock) {
+            refuse_frozen_daemon(paths)?;
+        }
+        if !alive && req.needs_daemon() {
+            crate::daemon::spawn(paths).context("the qube's volumes are served by the daemon")?;
+            alive = true;
+        }
+        if alive {
+            let fds: Vec<_> = files.iter().map(|f| f.as_fd()).collect();
+            return match api::call_with_fds(&sock, &req, &fds, None)
+                .context("talking to the daemon")?
+            {
+                Reply::Ok(v) => Ok(v),
+                Reply::Error(e) => Err(anyhow!(e)),
+            };
+        }
+        match Controller::open(paths, mutating, false) {
+            Ok(mut ctl) => return ctl.handle_with(req, files),
+            Err(e) => {
+                let Some(pid) = locked_by(&e) else {
+                    return Err(e);
+                };
+                // Another command holds the pool for a moment: wait our turn.
+                if Instant::now() >= deadline {
+                    let holder = pid.map(|p| format!(" by process {p}")).unwrap_or_default();
+                    bail!(
+                        "the pool at {} is still held{holder} after {} s; wait for that command to finish, or stop it (`kill {}`)",
+                        paths.pool_dir().display(),
+                        lock_timeout().as_secs(),
+                        pid.map(|p| p.to_string()).unwrap_or_else(|| "PID".into())
+                    );
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
     }
-    if alive {
-        return match api::call(&sock, &req).context("talking to the daemon")? {
-            Reply::Ok(v) => Ok(v),
-            Reply::Error(e) => Err(anyhow!(e)),
-        };
+}
+
+/// `Some(holder pid)` if `e` says the pool is locked by another process.
+pub fn locked_by(e: &anyhow::Error) -> Option<Option<u32>> {
+    e.chain()
+        .find_map(|c| match c.downcast_ref::<storage::PoolError>() {
+            Some(storage::PoolError::Locked { pid, .. }) => Some(*pid),
+            _ => None,
+        })
+}
+
+/// Something listens on the admin socket but does not answer a ping: a stopped
+/// (SIGSTOP) or hung daemon. Say so instead of waiting for it forever.
+fn refuse_frozen_daemon(paths: &Paths) -> Result<()> {
+    // It may be a daemon just starting: give it a moment.
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while Instant::now() < deadline {
+        if !api::listening(&paths.admin_socket())
+            || api::daemon_alive(&paths.admin_socket(), Duration::from_secs(1))
+        {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(200));
     }
-    let mut ctl = Controller::open(paths, mutating, false)?;
-    ctl.handle(req)
+    let pid = std::fs::read_to_string(paths.daemon_pid())
+        .ok()
+        .and_then(|s| s.trim().parse::<u32>().ok());
+    match pid {
+        Some(p) => bail!(
+            "the daemon (pid {p}) accepts connections on {} but does not answer; if it is stopped, resume it with `kill -CONT {p}`, if it hangs, end it with `kill {p}`",
+            paths.admin_socket().display()
+        ),
+        None => bail!(
+            "a process accepts connections on {} but does not answer as a daemon; stop it and remove that socket",
+            paths.admin_socket().display()
+        ),
+    }
 }
 
 fn volume_import(
@@ -448,28 +622,43 @@ fn volume_import(
     qube: String,
     vol: String,
     file: &str,
+    size: Option<u64>,
 ) -> Result<()> {
-    // Stdin is spooled into a file first so that a daemon can read it and so that a short
-    // read is caught before the pool is touched.
-    let (path, _spool) = if file == "-" {
-        std::fs::create_dir_all(paths.run_dir())?;
-        let mut tmp = tempfile::NamedTempFile::new_in(paths.run_dir())?;
-        let mut stdin = std::io::stdin().lock();
-        std::io::copy(&mut stdin as &mut dyn Read, &mut tmp)
-            .context("reading the image from stdin")?;
-        let p = tmp.path().to_path_buf();
-        (p, Some(tmp))
+    let (f, shown) = if file == "-" {
+        let stdin = std::io::stdin()
+            .as_fd()
+            .try_clone_to_owned()
+            .context("duplicating stdin")?;
+        (File::from(stdin), PathBuf::from("stdin"))
     } else {
-        (absolute(Path::new(file))?, None)
+        let p = absolute(Path::new(file))?;
+        let f = File::open(&p).with_context(|| format!("opening {}", p.display()))?;
+        (f, p)
     };
-    let v = execute(
+    // The size is taken first and kept: an input that ends early (a producer killed
+    // part-way) is refused with nothing committed.
+    let size = match size {
+        Some(s) => s,
+        None => controller::image_size(&f)
+            .with_context(|| format!("reading {}", shown.display()))?
+            .ok_or_else(|| {
+                anyhow!(
+                    "{} is a stream (pipe, FIFO or character device): its size is not known in advance; \
+                     give it with --size BYTES (the input must hold exactly that many)",
+                    shown.display()
+                )
+            })?,
+    };
+    let v = execute_with(
         paths,
         Request::VolumeImport {
             qube,
             vol,
-            file: path,
+            file: shown,
+            size,
         },
         true,
+        vec![f],
     )?;
     print(format, "volume", &v)
 }
@@ -481,33 +670,88 @@ fn volume_export(
     vol: String,
     file: &str,
 ) -> Result<()> {
-    if file == "-" {
-        std::fs::create_dir_all(paths.run_dir())?;
-        let tmp = tempfile::NamedTempFile::new_in(paths.run_dir())?;
-        execute(
-            paths,
-            Request::VolumeExport {
-                qube,
-                vol,
-                file: tmp.path().to_path_buf(),
-            },
-            false,
-        )?;
-        let mut f = std::fs::File::open(tmp.path())?;
-        std::io::copy(&mut f, &mut std::io::stdout().lock())
-            .context("writing the image to stdout")?;
+    let mut to_stdout = file == "-";
+    let (f, shown) = if to_stdout {
+        let stdout = std::io::stdout()
+            .as_fd()
+            .try_clone_to_owned()
+            .context("duplicating stdout")?;
+        (File::from(stdout), PathBuf::from("stdout"))
+    } else {
+        let p = absolute(Path::new(file))?;
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&p)
+            .with_context(|| format!("creating {}", p.display()))?;
+        // `/dev/stdout` and the like: the image is the output, no summary after it.
+        to_stdout = same_file(&f, &std::io::stdout());
+        (f, p)
+    };
+    let req = Request::VolumeExport {
+        qube,
+        vol,
+        file: shown,
+    };
+    let v = match execute_with(paths, req, false, vec![f]) {
+        Ok(v) => v,
+        Err(e) => {
+            if let Some(io) = e.chain().find_map(|c| c.downcast_ref::<std::io::Error>()) {
+                exit_on_broken_pipe(io);
+            }
+            if e.to_string().contains("Broken pipe") {
+                exit_on_broken_pipe(&std::io::Error::from(std::io::ErrorKind::BrokenPipe));
+            }
+            return Err(e);
+        }
+    };
+    if to_stdout {
         return Ok(());
     }
-    let v = execute(
-        paths,
-        Request::VolumeExport {
-            qube,
-            vol,
-            file: absolute(Path::new(file))?,
-        },
-        false,
-    )?;
     print(format, "plain", &v)
+}
+
+fn same_file(f: &File, other: &impl AsFd) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(dup) = other.as_fd().try_clone_to_owned() else {
+        return false;
+    };
+    match (f.metadata(), File::from(dup).metadata()) {
+        (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+        _ => false,
+    }
+}
+
+/// The package is written to `FILE.partial`, opened here, and renamed over `FILE` once
+/// complete.
+fn template_export(paths: &Paths, format: Format, name: String, file: &Path) -> Result<()> {
+    let mut partial = file.as_os_str().to_owned();
+    partial.push(".partial");
+    let partial = PathBuf::from(partial);
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o644)
+        .open(&partial)
+        .with_context(|| format!("creating {}", partial.display()))?;
+    let req = Request::TemplateExport {
+        name,
+        file: file.to_path_buf(),
+    };
+    match execute_with(paths, req, false, vec![f]) {
+        Ok(v) => {
+            std::fs::rename(&partial, file)
+                .with_context(|| format!("renaming {} to {}", partial.display(), file.display()))?;
+            print(format, "plain", &v)
+        }
+        Err(e) => {
+            let _ = std::fs::remove_file(&partial);
+            Err(e)
+        }
+    }
 }
 
 fn daemon_cmd(paths: &Paths, action: DaemonCmd, format: Format) -> Result<()> {
@@ -602,7 +846,7 @@ fn table(headers: &[&str], rows: Vec<Vec<String>>) {
             .enumerate()
             .map(|(i, c)| format!("{c:<width$}", width = w[i]))
             .collect();
-        println!("{}", parts.join("  ").trim_end());
+        outln!("{}", parts.join("  ").trim_end());
     };
     line(headers.iter().map(|h| h.to_string()).collect());
     for r in rows {
@@ -612,7 +856,7 @@ fn table(headers: &[&str], rows: Vec<Vec<String>>) {
 
 fn print(format: Format, kind: &str, v: &Value) -> Result<()> {
     if format == Format::Json {
-        println!("{}", serde_json::to_string_pretty(v)?);
+        outln!("{}", serde_json::to_string_pretty(v)?);
         return Ok(());
     }
     let empty = Vec::new();
@@ -672,36 +916,36 @@ fn print(format: Format, kind: &str, v: &Value) -> Result<()> {
                 .collect(),
         ),
         "volume" => {
-            println!("volume     {}:{}", s(v, "qube"), s(v, "name"));
-            println!("size       {}", size(v, "size"));
-            println!("usage      {}", size(v, "usage"));
-            println!("dirty      {}", s(v, "dirty"));
-            println!("running    {}", s(v, "running"));
-            println!("source     {}", s(&v["config"], "source"));
-            println!(
+            outln!("volume     {}:{}", s(v, "qube"), s(v, "name"));
+            outln!("size       {}", size(v, "size"));
+            outln!("usage      {}", size(v, "usage"));
+            outln!("dirty      {}", s(v, "dirty"));
+            outln!("running    {}", s(v, "running"));
+            outln!("source     {}", s(&v["config"], "source"));
+            outln!(
                 "keep       {} revisions",
                 s(&v["config"], "revisions_to_keep")
             );
             if let Some(uri) = v["nbd_uri"].as_str() {
-                println!("nbd_uri    {uri}");
+                outln!("nbd_uri    {uri}");
             }
             for r in v["revisions"].as_array().unwrap_or(&empty) {
-                println!("revision   {}", s(r, "id"));
+                outln!("revision   {}", s(r, "id"));
             }
         }
         "started" => {
-            println!("{} is running on {}", s(v, "name"), s(v, "hypervisor"));
+            outln!("{} is running on {}", s(v, "name"), s(v, "hypervisor"));
             if s(v, "hypervisor") != "none" {
-                println!("console: {}", s(v, "console"));
+                outln!("console: {}", s(v, "console"));
             }
             for x in v["volumes"].as_array().unwrap_or(&empty) {
-                println!("  {:<9} {}", s(x, "volume"), s(x, "nbd_uri"));
+                outln!("  {:<9} {}", s(x, "volume"), s(x, "nbd_uri"));
             }
         }
-        "console" => print!("{}", v["text"].as_str().unwrap_or("")),
+        "console" => out!("{}", v["text"].as_str().unwrap_or("")),
         "verify" => {
             let r = &v["report"];
-            println!(
+            outln!(
                 "{}: {} volumes, {} metadata pages, {} data chunks",
                 if v["clean"].as_bool() == Some(true) {
                     "clean"
@@ -713,10 +957,10 @@ fn print(format: Format, kind: &str, v: &Value) -> Result<()> {
                 s(r, "data_chunks")
             );
             for l in r["leaks"].as_array().unwrap_or(&empty) {
-                println!("leak: {}", l.as_str().unwrap_or(""));
+                outln!("leak: {}", l.as_str().unwrap_or(""));
             }
             for e in r["errors"].as_array().unwrap_or(&empty) {
-                println!("error: {}", e.as_str().unwrap_or(""));
+                outln!("error: {}", e.as_str().unwrap_or(""));
             }
             if v["clean"].as_bool() != Some(true) {
                 bail!("pool verify found problems");
@@ -734,21 +978,21 @@ fn print_kv(v: &Value, prefix: &str) {
                 match x {
                     Value::Object(_) => print_kv(x, &format!("{prefix}{k}.")),
                     Value::Array(a) if a.len() > 8 => {
-                        println!("{prefix}{k:<14} [{} items]", a.len())
+                        outln!("{prefix}{k:<14} [{} items]", a.len())
                     }
-                    Value::Array(a) => println!(
+                    Value::Array(a) => outln!(
                         "{prefix}{k:<14} {}",
                         a.iter()
                             .map(|e| e.as_str().map(str::to_string).unwrap_or(e.to_string()))
                             .collect::<Vec<_>>()
                             .join(", ")
                     ),
-                    Value::String(s) => println!("{prefix}{k:<14} {s}"),
-                    Value::Null => println!("{prefix}{k:<14} -"),
-                    other => println!("{prefix}{k:<14} {other}"),
+                    Value::String(s) => outln!("{prefix}{k:<14} {s}"),
+                    Value::Null => outln!("{prefix}{k:<14} -"),
+                    other => outln!("{prefix}{k:<14} {other}"),
                 }
             }
         }
-        other => println!("{other}"),
+        other => outln!("{other}"),
     }
 }

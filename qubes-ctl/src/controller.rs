@@ -59,6 +59,110 @@ fn fs_free_bytes(dir: &Path) -> Result<u64> {
     Ok(st.f_bavail.saturating_mul(st.f_frsize))
 }
 
+/// `pool info` warns when the filesystem holding the (sparse) pool has less free.
+pub const HOST_FREE_WARN: u64 = 1 << 30;
+/// `qube start` is refused below this: a guest writing into a full host filesystem
+/// would only get I/O errors (Qubes users hit this: qubes-issues #6451, #8707).
+pub const HOST_FREE_START_MARGIN: u64 = 128 << 20;
+
+/// Catalogue key marking an object being made: set in the first commit that creates it,
+/// cleared in the commit that completes it. One left behind is a killed creation, undone
+/// at the next open, so an object is either absent or complete.
+const CREATING: &str = "creating/";
+
+/// Qubes' rules for qube names (templates are qubes too): at most 31 bytes, `dom0`
+/// reserved, plus the characters the pool accepts.
+pub fn validate_qube_name(what: &'static str, name: &str) -> Result<()> {
+    storage::validate_name(what, name)?;
+    if name.len() > crate::paths::MAX_QUBE_NAME {
+        bail!(
+            "{what} name {name:?} is too long ({} bytes, at most {} as in Qubes)",
+            name.len(),
+            crate::paths::MAX_QUBE_NAME
+        );
+    }
+    if name == "dom0" {
+        bail!("{what} name \"dom0\" is reserved for the administration domain; pick another");
+    }
+    Ok(())
+}
+
+/// Size of an image descriptor: a regular file's length or a block device's size; `None`
+/// for streams (pipes, FIFOs, terminals), whose size is not known in advance.
+pub fn image_size(f: &fs::File) -> Result<Option<u64>> {
+    use std::io::Seek;
+    use std::os::unix::fs::FileTypeExt;
+    let md = f.metadata()?;
+    let ft = md.file_type();
+    if ft.is_file() {
+        Ok(Some(md.len()))
+    } else if ft.is_block_device() {
+        let mut f = f;
+        let end = f.seek(std::io::SeekFrom::End(0))?;
+        f.seek(std::io::SeekFrom::Start(0))?;
+        Ok(Some(end))
+    } else {
+        Ok(None)
+    }
+}
+
+/// Reads exactly `size` bytes: a stream that ends early, or goes on past `size`, is an
+/// error, so a cut-off import fails before anything is committed.
+struct ExactReader<R> {
+    inner: R,
+    left: u64,
+    size: u64,
+    what: String,
+}
+
+impl<R: std::io::Read> std::io::Read for ExactReader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        if self.left == 0 {
+            return Ok(0);
+        }
+        let want = buf
+            .len()
+            .min(usize::try_from(self.left).unwrap_or(usize::MAX));
+        let n = loop {
+            match self.inner.read(&mut buf[..want]) {
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                r => break r?,
+            }
+        };
+        if n == 0 {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                format!(
+                    "{} ended after {} of {} bytes; nothing was imported",
+                    self.what,
+                    self.size - self.left,
+                    self.size
+                ),
+            ));
+        }
+        self.left -= n as u64;
+        if self.left == 0 {
+            let mut probe = [0u8; 1];
+            let more = loop {
+                match self.inner.read(&mut probe) {
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                    r => break r?,
+                }
+            };
+            if more != 0 {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    format!(
+                        "{} holds more than the {} bytes announced; nothing was imported (give the right --size)",
+                        self.what, self.size
+                    ),
+                ));
+            }
+        }
+        Ok(n)
+    }
+}
+
 pub struct InitOptions {
     pub driver: String,
     pub chunk_size: u64,
@@ -81,11 +185,23 @@ pub fn init_pool(paths: &Paths, opts: &InitOptions) -> Result<Value> {
     if let Some(d) = detect_driver(&dir) {
         bail!("a {d} pool already exists at {}; remove that directory first if you really want a new one", dir.display());
     }
-    fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    paths.secure()?;
     // Leave a little room on the filesystem for metadata and the rest of the system.
+    let free = fs_free_bytes(&dir)?;
     let capacity = match opts.capacity {
-        Some(c) => c,
-        None => fs_free_bytes(&dir)? / 100 * 95,
+        Some(c) => {
+            if c > free {
+                eprintln!(
+                    "qubes-ctl: warning: the pool's capacity ({}) is more than the {} free on the filesystem holding {}; \
+                     guests get write errors once that fills (`qubes-ctl pool info` shows the free space)",
+                    crate::units::human_size(c),
+                    crate::units::human_size(free),
+                    dir.display()
+                );
+            }
+            c
+        }
+        None => free / 100 * 95,
     };
     let pool: Arc<dyn Pool> = match opts.driver.as_str() {
         "thin" => storage::thin::ThinPool::create(
@@ -98,6 +214,10 @@ pub fn init_pool(paths: &Paths, opts: &InitOptions) -> Result<Value> {
         "reflink" => Arc::new(storage::reflink::ReflinkPool::create(&dir)?),
         other => bail!("unknown pool driver {other:?}; use thin (default) or reflink"),
     };
+    drop(pool);
+    // The files were made inside the 0700 directory; make them 0600 themselves.
+    paths.secure()?;
+    let pool = open_pool(paths)?;
     let info = pool.info()?;
     Ok(serde_json::to_value(info)?)
 }
@@ -138,13 +258,61 @@ impl Controller {
             init_pool(paths, &InitOptions::default())?;
             eprintln!("created a new thin pool at {}", paths.pool_dir().display());
         }
+        paths.secure()?;
         let pool = open_pool(paths)?;
-        Ok(Controller {
+        // What the driver worked around at open (an older superblock slot) is said here,
+        // on every open, and by `pool info` and `pool verify`.
+        for w in pool.info().map(|i| i.warnings).unwrap_or_default() {
+            eprintln!("qubes-ctl: warning: {w}");
+        }
+        let mut ctl = Controller {
             paths: paths.clone(),
             vols: Volumes::new(pool),
             served: BTreeMap::new(),
             in_daemon,
-        })
+        };
+        // We hold the pool lock: a creation marker left is from a process that died.
+        ctl.undo_killed_creations()?;
+        Ok(ctl)
+    }
+
+    /// Removes what a killed create / import / clone / build left (see [`CREATING`]).
+    fn undo_killed_creations(&mut self) -> Result<()> {
+        let keys = self.pool().meta_keys(CREATING)?;
+        if keys.is_empty() {
+            return Ok(());
+        }
+        for key in keys {
+            let Some(name) = key.strip_prefix(CREATING).map(str::to_string) else {
+                continue;
+            };
+            if self.vols.qube(&name).is_ok() {
+                self.remove_with_catalogue(&name)
+                    .with_context(|| format!("removing {name}, whose creation was cut off"))?;
+            } else {
+                self.catalogue().set_prefs(&name, None)?;
+                self.catalogue().set_template(&name, None)?;
+            }
+            let _ = fs::remove_dir_all(self.paths.kernels_dir(&name));
+            self.pool().set_meta(&key, None)?;
+            eprintln!("qubes-ctl: removed {name}: its creation was cut off before it completed");
+        }
+        self.pool().commit()?;
+        Ok(())
+    }
+
+    /// Stages the marker of an object being made (committed with its first commit).
+    fn mark_creating(&self, name: &str, what: &str) -> Result<()> {
+        self.pool()
+            .set_meta(&format!("{CREATING}{name}"), Some(what))?;
+        Ok(())
+    }
+
+    /// Clears the marker and commits: the object is complete.
+    fn mark_created(&self, name: &str) -> Result<()> {
+        self.pool().set_meta(&format!("{CREATING}{name}"), None)?;
+        self.pool().commit()?;
+        Ok(())
     }
 
     pub fn pool(&self) -> &Arc<dyn Pool> {
@@ -156,6 +324,20 @@ impl Controller {
     }
 
     pub fn handle(&mut self, req: Request) -> Result<Value> {
+        self.handle_with(req, Vec::new())
+    }
+
+    /// Carries out `req` with the files the client opened for it (see [`crate::api`]).
+    pub fn handle_with(&mut self, req: Request, files: Vec<fs::File>) -> Result<Value> {
+        let mut files = files.into_iter();
+        let mut file = |what: &Path| {
+            files.next().ok_or_else(|| {
+                anyhow!(
+                    "no open file came with the request for {}; the client must open it",
+                    what.display()
+                )
+            })
+        };
         match req {
             Request::Ping => Ok(json!({
                 "pong": true,
@@ -163,12 +345,19 @@ impl Controller {
                 "build": crate::api::build_id(),
                 "served": self.served.len(),
             })),
-            Request::PoolInfo => Ok(serde_json::to_value(self.pool().info()?)?),
+            Request::PoolInfo => self.pool_info(),
             Request::PoolVerify => {
                 let report = self.pool().verify()?;
                 Ok(json!({"clean": report.is_clean(), "report": report}))
             }
-            Request::TemplateCreate { name, image } => self.template_create(&name, &image),
+            Request::TemplateCreate {
+                name,
+                image,
+                replace,
+            } => {
+                let f = file(&image)?;
+                self.template_create(&name, &image, f, replace)
+            }
             Request::TemplateBuild {
                 recipe,
                 name,
@@ -177,8 +366,18 @@ impl Controller {
             Request::TemplateList => self.template_list(),
             Request::TemplateInfo { name } => self.template_info(&name),
             Request::TemplateRemove { name } => self.template_remove(&name),
-            Request::TemplateExport { name, file } => self.template_export(&name, &file),
-            Request::TemplateImport { file, name } => self.template_import(&file, name),
+            Request::TemplateExport { name, file: path } => {
+                let f = file(&path)?;
+                self.template_export(&name, &path, f)
+            }
+            Request::TemplateImport {
+                file: path,
+                name,
+                replace,
+            } => {
+                let f = file(&path)?;
+                self.template_import(&path, f, name, replace)
+            }
             Request::QubeCreate {
                 name,
                 class,
@@ -215,16 +414,36 @@ impl Controller {
                 size,
                 allow_shrink,
             } => {
+                // A running qube's client would get EINVAL past the new end, and what it
+                // flushed there would be lost.
+                if size < self.vols.volume_status(&qube, &vol)?.size {
+                    self.refuse_if_served(&qube, "shrink a volume of")?;
+                }
                 self.vols.resize(&qube, &vol, size, allow_shrink)?;
                 self.volume_info(&qube, &vol)
             }
-            Request::VolumeImport { qube, vol, file } => self.volume_import(&qube, &vol, &file),
-            Request::VolumeExport { qube, vol, file } => {
-                let mut out = fs::File::create(&file)
-                    .with_context(|| format!("creating {}", file.display()))?;
+            Request::VolumeImport {
+                qube,
+                vol,
+                file: path,
+                size,
+            } => {
+                let f = file(&path)?;
+                self.volume_import(&qube, &vol, &path, f, size)
+            }
+            Request::VolumeExport {
+                qube,
+                vol,
+                file: path,
+            } => {
+                let mut out = file(&path)?;
                 let n = self.vols.export(&qube, &vol, &mut out)?;
-                out.sync_all()?;
-                Ok(json!({"volume": format!("{qube}:{vol}"), "file": file, "bytes": n}))
+                // Only a regular file has anything to sync (/dev/null, a FIFO: EINVAL).
+                if out.metadata().is_ok_and(|m| m.is_file()) {
+                    out.sync_all()
+                        .with_context(|| format!("syncing {}", path.display()))?;
+                }
+                Ok(json!({"volume": format!("{qube}:{vol}"), "file": path, "bytes": n}))
             }
             Request::VolumeConfig {
                 qube,
@@ -246,11 +465,30 @@ impl Controller {
                 self.volume_info(&qube, &vol)
             }
             Request::VolumeDiscard { qube, vol } => {
+                // The running snapshot is what the qube's client sees; dropping it under
+                // a running qube leaves that qube unservable.
+                self.refuse_if_served(&qube, "discard the writes of")?;
                 self.vols.discard(&qube, &vol)?;
                 self.volume_info(&qube, &vol)
             }
             Request::DaemonStop => Ok(json!({"stopping": true})),
         }
+    }
+
+    /// The pool's figures, with the free space of the filesystem holding it: the pool
+    /// file is sparse, so a host filesystem that fills up stops guests' writes.
+    fn pool_info(&self) -> Result<Value> {
+        let mut v = serde_json::to_value(self.pool().info()?)?;
+        let free = fs_free_bytes(&self.paths.pool_dir())?;
+        v["host_free"] = json!(free);
+        if free < HOST_FREE_WARN {
+            v["warning"] = json!(format!(
+                "the filesystem holding the pool has only {} free (qube start is refused below {}); free space there",
+                crate::units::human_size(free),
+                crate::units::human_size(HOST_FREE_START_MARGIN)
+            ));
+        }
+        Ok(v)
     }
 
     // ---------------------------------------------------------------- templates
@@ -265,13 +503,25 @@ impl Controller {
         Ok(q)
     }
 
-    fn template_create(&mut self, name: &str, image: &Path) -> Result<Value> {
-        storage::validate_name("template", name)?;
-        let meta =
-            fs::metadata(image).with_context(|| format!("reading image {}", image.display()))?;
-        if !meta.is_file() {
+    fn template_create(
+        &mut self,
+        name: &str,
+        image: &Path,
+        file: fs::File,
+        replace: bool,
+    ) -> Result<Value> {
+        validate_qube_name("template", name)?;
+        let size = image_size(&file)
+            .with_context(|| format!("reading image {}", image.display()))?
+            .ok_or_else(|| {
+                anyhow!(
+                    "{} is not a regular file or a block device; give a raw disk image",
+                    image.display()
+                )
+            })?;
+        if size == 0 {
             bail!(
-                "{} is not a regular file; give a raw disk image",
+                "{} is empty (0 bytes); give a raw disk image",
                 image.display()
             );
         }
@@ -279,7 +529,17 @@ impl Controller {
             origin: "image".into(),
             ..Default::default()
         };
-        self.install_root(name, ImageSource::File(image), rec, None, None)?;
+        let source = ImageSource::Stream {
+            what: image.display().to_string(),
+            size,
+            reader: Box::new(ExactReader {
+                inner: file,
+                left: size,
+                size,
+                what: format!("image {}", image.display()),
+            }),
+        };
+        self.install_root(name, source, rec, None, None, replace)?;
         self.template_info(name)
     }
 
@@ -293,11 +553,25 @@ impl Controller {
         mut rec: TemplateRecord,
         kernel: Option<&Path>,
         initrd: Option<&Path>,
+        replace: bool,
     ) -> Result<()> {
         let exists = self.vols.qube(name).is_ok();
         if exists {
             self.require_template(name)?;
             self.refuse_if_served(name, "replace the root of")?;
+            if !replace {
+                let users = self.template_users(name)?;
+                let used = if users.is_empty() {
+                    String::new()
+                } else {
+                    format!(" (used by {})", users.join(", "))
+                };
+                bail!(
+                    "template {name} already exists{used}; pass --replace to replace its root \
+                     (the current one is kept as a revision: `qubes-ctl volume revert {name}:root` brings it back), \
+                     or pick another --name"
+                );
+            }
         }
         let kdir = self.paths.kernels_dir(name);
         if let Some(k) = kernel {
@@ -309,6 +583,7 @@ impl Controller {
             rec.has_kernel = true;
         }
         if !exists {
+            self.mark_creating(name, "template")?;
             let mut prefs = QubePrefs {
                 label: crate::catalogue::Label::Black,
                 ..Default::default()
@@ -318,15 +593,17 @@ impl Controller {
                 prefs.virt_mode = "hvm".into();
             }
             self.catalogue().set_prefs(name, Some(&prefs))?;
-            self.vols.create_qube(name, QubeClass::TemplateVM, None)?;
-        }
-        let (what, size, mut reader): (String, u64, Box<dyn std::io::Read + '_>) = match image {
-            ImageSource::File(p) => {
-                let f = fs::File::open(p).with_context(|| format!("opening {}", p.display()))?;
-                (p.display().to_string(), f.metadata()?.len(), Box::new(f))
+            if let Err(e) = self.vols.create_qube(name, QubeClass::TemplateVM, None) {
+                self.catalogue().set_prefs(name, None)?;
+                self.pool().set_meta(&format!("{CREATING}{name}"), None)?;
+                return Err(e.into());
             }
-            ImageSource::Stream { what, size, reader } => (what, size, reader),
-        };
+        }
+        let ImageSource::Stream {
+            what,
+            size,
+            mut reader,
+        } = image;
         // The record is staged first so the import's commit carries it.
         let old_rec = self.catalogue().template(name)?;
         self.catalogue().set_template(name, Some(&rec))?;
@@ -338,6 +615,7 @@ impl Controller {
                     self.catalogue().set_template(name, old_rec.as_ref())?;
                 } else {
                     self.remove_with_catalogue(name)?;
+                    self.mark_created(name)?;
                 }
                 return Err(anyhow!(e).context(format!("importing {what} into {name}:root")));
             }
@@ -345,8 +623,8 @@ impl Controller {
         if rec.fingerprint.is_empty() {
             rec.fingerprint = stats_fp;
             self.catalogue().set_template(name, Some(&rec))?;
-            self.pool().commit()?;
         }
+        self.mark_created(name)?;
         // The root volume is exactly the image (its fingerprint is the image's); a user
         // who wants more room runs `volume resize TEMPLATE:root SIZE`.
         Ok(())
@@ -368,7 +646,7 @@ impl Controller {
         };
         let built = template_builder::build(&recipe_obj, &opts)?;
         let tname = name.unwrap_or_else(|| built.name.clone());
-        storage::validate_name("template", &tname)?;
+        validate_qube_name("template", &tname)?;
         // A rebuild that produced the same image changes nothing (no new revision).
         if let Ok(Some(old)) = self.catalogue().template(&tname) {
             if old.fingerprint == built.fingerprint && self.vols.qube(&tname).is_ok() {
@@ -388,12 +666,23 @@ impl Controller {
             has_kernel: false,
             kernel_cmdline: built.kernel_cmdline.clone(),
         };
+        let f = fs::File::open(&built.image)
+            .with_context(|| format!("opening {}", built.image.display()))?;
+        let size = f.metadata()?.len();
+        let source = ImageSource::Stream {
+            what: built.image.display().to_string(),
+            size,
+            reader: Box::new(f),
+        };
+        // A rebuild is the upgrade path of a recipe template: its old root is kept as a
+        // revision.
         self.install_root(
             &tname,
-            ImageSource::File(&built.image),
+            source,
             rec,
             built.kernel.as_deref(),
             built.initrd.as_deref(),
+            true,
         )?;
         let mut v = self.template_info(&tname)?;
         v["cache_hit"] = json!(built.cache_hit);
@@ -424,13 +713,7 @@ impl Controller {
         let q = self.require_template(name)?;
         let rec = self.catalogue().template(name)?.unwrap_or_default();
         let root = self.vols.volume_status(name, "root")?;
-        let users: Vec<String> = self
-            .vols
-            .list_qubes()?
-            .into_iter()
-            .filter(|o| o.template.as_deref() == Some(name))
-            .map(|o| o.qube)
-            .collect();
+        let users = self.template_users(name)?;
         Ok(json!({
             "name": q.qube,
             "class": class_name(&q.class),
@@ -449,6 +732,16 @@ impl Controller {
         }))
     }
 
+    fn template_users(&self, name: &str) -> Result<Vec<String>> {
+        Ok(self
+            .vols
+            .list_qubes()?
+            .into_iter()
+            .filter(|o| o.template.as_deref() == Some(name))
+            .map(|o| o.qube)
+            .collect())
+    }
+
     fn template_remove(&mut self, name: &str) -> Result<Value> {
         self.require_template(name)?;
         self.refuse_if_served(name, "remove")?;
@@ -457,7 +750,9 @@ impl Controller {
         Ok(json!({"removed": name}))
     }
 
-    fn template_export(&mut self, name: &str, file: &Path) -> Result<Value> {
+    /// The package is made in a staging directory of ours and copied into `out`, which
+    /// the client opened (the CLI writes `FILE.partial` and renames it on success).
+    fn template_export(&mut self, name: &str, file: &Path, mut out: fs::File) -> Result<Value> {
         self.require_template(name)?;
         let rec = self.catalogue().template(name)?.unwrap_or_default();
         let root = self.vols.volume_status(name, "root")?;
@@ -469,6 +764,9 @@ impl Controller {
         let kdir = self.paths.kernels_dir(name);
         let kernel = kdir.join("vmlinuz");
         let initrd = kdir.join("initrd.img");
+        let staging =
+            tempfile::tempdir_in(self.paths.root()).context("creating a staging directory")?;
+        let staged = staging.path().join("template.qtpl");
         let meta = template_builder::TemplateMeta {
             recipe_hash: rec.recipe_hash.clone().unwrap_or_default(),
             packages: rec.packages.clone(),
@@ -481,17 +779,39 @@ impl Controller {
             &meta,
             rec.has_kernel.then_some(kernel.as_path()),
             (rec.has_kernel && initrd.exists()).then_some(initrd.as_path()),
-            file,
+            &staged,
         )?;
+        let mut src =
+            fs::File::open(&staged).with_context(|| format!("opening {}", staged.display()))?;
+        std::io::copy(&mut src, &mut out).with_context(|| format!("writing {}", file.display()))?;
+        if out.metadata().is_ok_and(|m| m.is_file()) {
+            out.sync_all()
+                .with_context(|| format!("syncing {}", file.display()))?;
+        }
         Ok(json!({"template": name, "file": file, "stats": serde_json::to_value(&stats)?}))
     }
 
-    fn template_import(&mut self, file: &Path, name: Option<String>) -> Result<Value> {
-        // Everything is verified before the pool is touched.
-        let pkg = template_builder::read_package(file)?;
+    fn template_import(
+        &mut self,
+        file: &Path,
+        opened: fs::File,
+        name: Option<String>,
+        replace: bool,
+    ) -> Result<Value> {
+        use std::os::fd::AsRawFd;
+        // Everything is verified before the pool is touched. The package is read through
+        // the descriptor the client opened (our own /proc/self/fd entry), never by path.
+        let via = PathBuf::from(format!("/proc/self/fd/{}", opened.as_raw_fd()));
+        let pkg = template_builder::read_package(&via).map_err(|e| {
+            anyhow!(
+                "{}",
+                e.to_string()
+                    .replace(&*via.to_string_lossy(), &file.display().to_string())
+            )
+        })?;
         let manifest = pkg.manifest().clone();
         let tname = name.unwrap_or_else(|| manifest.name.clone());
-        storage::validate_name("template", &tname)?;
+        validate_qube_name("template", &tname)?;
         let staging =
             tempfile::tempdir_in(self.paths.root()).context("creating a staging directory")?;
         let kernel = pkg.write_kernel(staging.path())?;
@@ -511,7 +831,15 @@ impl Controller {
             size: manifest.size,
             reader: Box::new(pkg.image_reader()),
         };
-        self.install_root(&tname, source, rec, kernel.as_deref(), initrd.as_deref())?;
+        self.install_root(
+            &tname,
+            source,
+            rec,
+            kernel.as_deref(),
+            initrd.as_deref(),
+            replace,
+        )?;
+        drop(opened);
         self.template_info(&tname)
     }
 
@@ -524,7 +852,7 @@ impl Controller {
         template: Option<&str>,
         label: Option<&str>,
     ) -> Result<Value> {
-        storage::validate_name("qube", name)?;
+        validate_qube_name("qube", name)?;
         let class: QubeClass = class.parse().map_err(|_| {
             anyhow!("class {class:?} is not one of AppVM, DispVM, StandaloneVM, TemplateVM")
         })?;
@@ -541,9 +869,11 @@ impl Controller {
                 prefs.virt_mode = tp.virt_mode.clone();
             }
         }
+        self.mark_creating(name, "qube")?;
         self.catalogue().set_prefs(name, Some(&prefs))?;
         if let Err(e) = self.vols.create_qube(name, class, template) {
             self.catalogue().set_prefs(name, None)?;
+            self.pool().set_meta(&format!("{CREATING}{name}"), None)?;
             return Err(e.into());
         }
         if class == QubeClass::StandaloneVM {
@@ -562,16 +892,20 @@ impl Controller {
                 if let Some(mut rec) = self.catalogue().template(t)? {
                     rec.origin = format!("standalone copy of {t}");
                     self.catalogue().set_template(name, Some(&rec))?;
-                    self.pool().commit()?;
                 }
             }
         }
+        self.mark_created(name)?;
         self.qube_show(name)
     }
 
     fn qube_state(&self, name: &str) -> Result<&'static str> {
         if !self.vols.is_running(name)? {
             return Ok("halted");
+        }
+        if self.in_daemon && !self.served.contains_key(name) {
+            // Marked running, but the daemon could not serve it (see its log).
+            return Ok("broken");
         }
         // Volumes started; the hypervisor knows whether the guest is paused.
         let rt = self.catalogue().runtime(name)?.unwrap_or_default();
@@ -658,7 +992,7 @@ impl Controller {
     }
 
     fn qube_clone(&mut self, src: &str, dst: &str) -> Result<Value> {
-        storage::validate_name("qube", dst)?;
+        validate_qube_name("qube", dst)?;
         self.vols.qube(src)?;
         if self.vols.qube(dst).is_ok() {
             bail!("qube {dst} already exists; pick another name for the clone");
@@ -667,11 +1001,13 @@ impl Controller {
         // Addresses are per qube: the clone gets its own at its first start.
         prefs.ip = None;
         let rec = self.catalogue().template(src)?;
+        self.mark_creating(dst, "clone")?;
         self.catalogue().set_prefs(dst, Some(&prefs))?;
         self.catalogue().set_template(dst, rec.as_ref())?;
         if let Err(e) = self.vols.clone_qube(src, dst) {
             self.catalogue().set_prefs(dst, None)?;
             self.catalogue().set_template(dst, None)?;
+            self.pool().set_meta(&format!("{CREATING}{dst}"), None)?;
             return Err(e.into());
         }
         let k = self.paths.kernels_dir(src);
@@ -684,6 +1020,7 @@ impl Controller {
                 }
             }
         }
+        self.mark_created(dst)?;
         self.qube_show(dst)
     }
 
@@ -822,6 +1159,17 @@ impl Controller {
         }
         if self.vols.is_running(name)? && !self.in_daemon {
             bail!("{name} is marked running; start the daemon (`qubes-ctl daemon`) to pick it up");
+        }
+        let free = fs_free_bytes(&self.paths.pool_dir())?;
+        if free < HOST_FREE_START_MARGIN {
+            bail!(
+                "cannot start {name}: the filesystem holding the pool ({}) has only {} free, less than the {} safety margin; \
+                 its guest would get write errors. Free space there (remove files, or qubes/revisions with \
+                 `qubes-ctl qube remove` / `qubes-ctl volume config Q:private revisions_to_keep 0`), then start it again",
+                self.paths.pool_dir().display(),
+                crate::units::human_size(free),
+                crate::units::human_size(HOST_FREE_START_MARGIN)
+            );
         }
         let prefs = self.catalogue().prefs(name)?;
         let hv_name = hypervisor
@@ -1176,13 +1524,22 @@ impl Controller {
         Ok(Value::Array(out))
     }
 
-    fn volume_import(&mut self, qube: &str, vol: &str, file: &Path) -> Result<Value> {
+    fn volume_import(
+        &mut self,
+        qube: &str,
+        vol: &str,
+        file: &Path,
+        f: fs::File,
+        size: u64,
+    ) -> Result<Value> {
         self.refuse_if_served(qube, "import into")?;
-        let size = fs::metadata(file)
-            .with_context(|| format!("reading {}", file.display()))?
-            .len();
-        let mut f = fs::File::open(file).with_context(|| format!("opening {}", file.display()))?;
-        let stats = self.vols.import(qube, vol, &mut f, size)?;
+        let mut reader = ExactReader {
+            inner: std::io::BufReader::with_capacity(1 << 20, f),
+            left: size,
+            size,
+            what: format!("the input {}", file.display()),
+        };
+        let stats = self.vols.import(qube, vol, &mut reader, size)?;
         let mut v = self.volume_info(qube, vol)?;
         v["import"] = serde_json::to_value(stats)?;
         Ok(v)
@@ -1192,12 +1549,35 @@ impl Controller {
 
     /// Serves again the qubes the pool still marks running (after a daemon crash), at the
     /// same socket paths, so clients that reconnect carry on.
-    pub fn resume_running(&mut self) -> Result<Vec<String>> {
+    /// A qube that cannot be served is returned with the reason, and the others are
+    /// served all the same.
+    pub fn resume_running(&mut self) -> (Vec<String>, Vec<(String, anyhow::Error)>) {
         let mut resumed = Vec::new();
-        for name in self.vols.running_qubes()? {
-            let rt = self.catalogue().runtime(&name)?.unwrap_or_default();
-            let started = self.running_volumes(&name)?;
-            let server = self.serve(&name, &started)?;
+        let mut broken = Vec::new();
+        let names = match self.vols.running_qubes() {
+            Ok(n) => n,
+            Err(e) => {
+                broken.push(("(pool)".to_string(), anyhow!(e)));
+                return (resumed, broken);
+            }
+        };
+        for name in names {
+            let server = self
+                .running_volumes(&name)
+                .and_then(|started| self.serve(&name, &started));
+            let server = match server {
+                Ok(s) => s,
+                Err(e) => {
+                    broken.push((name, e));
+                    continue;
+                }
+            };
+            let rt = self
+                .catalogue()
+                .runtime(&name)
+                .ok()
+                .flatten()
+                .unwrap_or_default();
             let hv = if rt.hypervisor.is_empty() {
                 "none".to_string()
             } else {
@@ -1212,7 +1592,7 @@ impl Controller {
             );
             resumed.push(name);
         }
-        Ok(resumed)
+        (resumed, broken)
     }
 
     /// The volumes a qube marked running has in the pool now (after a daemon crash), in
@@ -1292,10 +1672,9 @@ fn xen_cmdline(cmdline: &str) -> String {
         .join(" ")
 }
 
-/// Where a template's root image comes from.
+/// Where a template's root image comes from: an image or a verified package's chunk
+/// stream (no temporary copy of the image).
 enum ImageSource<'a> {
-    File(&'a Path),
-    /// A verified package's chunk stream (no temporary copy of the image).
     Stream {
         what: String,
         size: u64,

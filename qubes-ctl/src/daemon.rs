@@ -8,8 +8,8 @@
 //! commit) with the running qubes still marked running; the next daemon serves them again
 //! at the same socket paths, so QEMU's `reconnect-delay` carries the guests across.
 
-use std::io::{BufRead, BufReader, Write};
-use std::os::unix::fs::PermissionsExt;
+use std::io::Write;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
@@ -24,8 +24,7 @@ use crate::paths::Paths;
 type Shared = Arc<Mutex<Controller>>;
 
 pub fn run(paths: &Paths) -> Result<()> {
-    let run_dir = paths.run_dir();
-    std::fs::create_dir_all(&run_dir).with_context(|| format!("creating {}", run_dir.display()))?;
+    paths.secure()?;
     let sock = paths.admin_socket();
     if api::daemon_alive(&sock, Duration::from_secs(2)) {
         bail!(
@@ -33,15 +32,28 @@ pub fn run(paths: &Paths) -> Result<()> {
             paths.root().display()
         );
     }
-    let mut ctl = Controller::open(paths, true, true)?;
-    let resumed = ctl
-        .resume_running()
-        .context("serving the qubes that were running")?;
+    // A command run without a daemon may hold the pool for a moment.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut ctl = loop {
+        match Controller::open(paths, true, true) {
+            Ok(c) => break c,
+            Err(e) if crate::cli::locked_by(&e).is_some() && Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            Err(e) => return Err(e),
+        }
+    };
+    // One broken qube must not keep the others from being served: it is reported (here
+    // and by `qube list`) and left for the user to shut down.
+    let (resumed, broken) = ctl.resume_running();
     if !resumed.is_empty() {
         eprintln!(
             "qubes-ctl daemon: serving again the exports of {}",
             resumed.join(", ")
         );
+    }
+    for (name, e) in &broken {
+        eprintln!("qubes-ctl daemon: warning: not serving {name}: {e:#}");
     }
     let _ = std::fs::remove_file(&sock);
     let listener =
@@ -73,11 +85,11 @@ pub fn run(paths: &Paths) -> Result<()> {
 
 fn serve_admin(conn: UnixStream, shared: &Shared, paths: &Paths) -> Result<()> {
     let mut writer = conn.try_clone()?;
-    let mut reader = BufReader::new(conn);
-    let mut line = String::new();
-    if reader.read_line(&mut line)? == 0 {
+    let (line, fds) = api::read_request(&conn)?;
+    if line.is_empty() {
         return Ok(());
     }
+    let files: Vec<std::fs::File> = fds.into_iter().map(std::fs::File::from).collect();
     let reply = match serde_json::from_str::<Request>(&line) {
         Err(e) => Reply::Error(format!("malformed request: {e}")),
         Ok(Request::DaemonStop) => {
@@ -93,9 +105,9 @@ fn serve_admin(conn: UnixStream, shared: &Shared, paths: &Paths) -> Result<()> {
         }
         Ok(req) => {
             let mut ctl = shared.lock().unwrap_or_else(|p| p.into_inner());
-            match ctl.handle(req) {
+            match ctl.handle_with(req, files) {
                 Ok(v) => Reply::Ok(v),
-                Err(e) => Reply::Error(format!("{e:#}")),
+                Err(e) => Reply::Error(crate::cli::error_text(&e)),
             }
         }
     };
@@ -148,10 +160,11 @@ fn spawn_signal_handler(shared: Shared, paths: Paths) -> Result<()> {
 /// Starts a daemon in the background (its own process group, output to
 /// `ROOT/run/daemon.log`) and waits until it answers.
 pub fn spawn(paths: &Paths) -> Result<()> {
-    std::fs::create_dir_all(paths.run_dir())?;
+    paths.secure()?;
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
+        .mode(0o600)
         .open(paths.daemon_log())
         .with_context(|| format!("opening {}", paths.daemon_log().display()))?;
     let exe = std::env::current_exe().context("locating the qubes-ctl binary")?;

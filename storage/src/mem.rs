@@ -232,6 +232,7 @@ impl Pool for MemPool {
             volumes: st.staged.keys.len() as u64,
             generation: st.generation,
             host_free: None,
+            warnings: Vec::new(),
         })
     }
 

@@ -132,7 +132,7 @@ pub enum PoolError {
     Invalid(String),
     #[error("no pool at {path}: {reason}; create one with `qubes-ctl pool init`")]
     NotAPool { path: String, reason: String },
-    #[error("the pool at {path} is in use by another process (pid {pid:?}); stop it or talk to it through `qubes-ctl daemon`")]
+    #[error("the pool at {path} is in use by another process{}; stop it or talk to it through `qubes-ctl daemon`", pid.map(|p| format!(" (pid {p})")).unwrap_or_default())]
     Locked { path: String, pid: Option<u32> },
     #[error("pool metadata is corrupt: {0}; run `qubes-ctl pool verify` for a full report")]
     Corrupt(String),
@@ -175,6 +175,9 @@ pub struct PoolInfo {
     /// own capacity.
     #[serde(default)]
     pub host_free: Option<u64>,
+    /// What the driver found wrong but worked around at open (a damaged superblock slot).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<String>,
 }
 
 /// One volume, as listings show it.

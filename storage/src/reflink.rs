@@ -615,6 +615,7 @@ impl Pool for ReflinkPool {
             host_free: rustix::fs::fstatvfs(&self.inner._lock)
                 .ok()
                 .map(|v| v.f_bavail.saturating_mul(v.f_frsize)),
+            warnings: Vec::new(),
         })
     }
 

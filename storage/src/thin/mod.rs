@@ -172,6 +172,8 @@ fn is_host_full(e: &std::io::Error) -> bool {
 pub struct ThinPool {
     path: PathBuf,
     _lock: File,
+    /// Set when open fell back to the older superblock slot: `info` reports it.
+    fallback: Option<String>,
     data: Arc<dyn BlockFile>,
     /// `data` without the dirty tracking.
     data_raw: Arc<dyn BlockFile>,
@@ -362,7 +364,7 @@ impl ThinPool {
         // Two commits: both superblock slots hold a valid pool from the start.
         m.commit().map_err(|e| e.into_pool(cs))?;
         m.commit().map_err(|e| e.into_pool(cs))?;
-        Ok(Self::assemble(dir, lock, meta_file, data, m))
+        Ok(Self::assemble(dir, lock, meta_file, data, m, None))
     }
 
     fn open_locked(
@@ -399,13 +401,27 @@ impl ThinPool {
             .pop()
             .filter(|o| best.is_some_and(|b| o.generation < b.generation));
         let Some(sb) = best else {
-            return Err(PoolError::Corrupt(format!(
-                "no valid superblock: {}",
-                problems.join("; ")
-            )));
+            // `pool verify` cannot open such a pool either: say what can be done.
+            return Err(PoolError::NotAPool {
+                path: dir.display().to_string(),
+                reason: format!(
+                    "both superblock slots of {META_FILE} are damaged ({}), so no commit can be found; \
+                     restore {META_FILE} from a backup, or move the pool directory away (its data cannot be \
+                     reached without the superblock)",
+                    problems.join("; ")
+                ),
+            });
         };
-        if !problems.is_empty() {
-            tracing::warn!(pool = %dir.display(), "using superblock generation {}: {}", sb.generation, problems.join("; "));
+        let fallback = (!problems.is_empty()).then(|| {
+            format!(
+                "a superblock slot of {META_FILE} is damaged ({}); opened the other one, generation {} \
+                 (the commit after it may be lost); the next commit rewrites the damaged slot",
+                problems.join("; "),
+                sb.generation
+            )
+        });
+        if let Some(f) = &fallback {
+            tracing::warn!(pool = %dir.display(), "{f}");
         }
         let cs = sb.chunk_size;
         if sb.needs_check {
@@ -437,7 +453,7 @@ impl ThinPool {
             .map_err(|e| PoolError::io("syncing pool.data", e))?;
         let mut m = Meta::new(meta_file.clone(), sb, cat, pages);
         m.keep_older(older);
-        Ok(Self::assemble(dir, lock, meta_file, data, m))
+        Ok(Self::assemble(dir, lock, meta_file, data, m, fallback))
     }
 
     fn assemble(
@@ -446,6 +462,7 @@ impl ThinPool {
         meta_file: Arc<dyn BlockFile>,
         data: Arc<dyn BlockFile>,
         m: Meta,
+        fallback: Option<String>,
     ) -> Arc<ThinPool> {
         let data_dirty = Arc::new(std::sync::atomic::AtomicBool::new(true));
         let data_raw = data.clone();
@@ -457,6 +474,7 @@ impl ThinPool {
             me: me.clone(),
             path: dir.to_path_buf(),
             _lock: lock,
+            fallback,
             data,
             data_raw,
             data_dirty,
@@ -1409,6 +1427,7 @@ impl Pool for ThinPool {
                 .data
                 .host_free()
                 .map_err(|e| PoolError::io("statvfs of pool.data", e))?,
+            warnings: self.fallback.iter().cloned().collect(),
         })
     }
 
@@ -1603,7 +1622,23 @@ impl Pool for ThinPool {
 
     fn verify(&self) -> Result<VerifyReport, PoolError> {
         let pin = self.pin();
-        Ok(verify::verify(&*self.meta_file, &pin.sb).0)
+        let mut report = verify::verify(&*self.meta_file, &pin.sb).0;
+        // A damaged slot is found at open (which uses the other); report it here too.
+        for slot in [PageNo(0), PageNo(1)] {
+            let problem = match meta::read_page(&*self.meta_file, slot) {
+                Ok(buf) => Superblock::unpack(slot, &buf[..])
+                    .err()
+                    .map(|e| e.to_string()),
+                Err(e) => Some(e.to_string()),
+            };
+            if let Some(p) = problem {
+                report.errors.push(format!(
+                    "superblock slot {} is damaged ({p}); the pool runs on the other slot (generation {}) and the next commit rewrites it",
+                    slot.0, pin.sb.generation
+                ));
+            }
+        }
+        Ok(report)
     }
 
     fn import_volume(
