@@ -509,7 +509,14 @@ impl Controller {
         let source = ImageSource::Stream {
             what: format!("package {}", file.display()),
             size: manifest.size,
-            reader: Box::new(pkg.image_reader()),
+            // The manifest's fingerprint is a claim: the bytes must prove it before the
+            // import commits (a forged package could name an official build's).
+            reader: Box::new(template_builder::FingerprintReader::new(
+                pkg.image_reader(),
+                manifest.size,
+                &manifest.fingerprint,
+                &format!("package {}", file.display()),
+            )),
         };
         self.install_root(&tname, source, rec, kernel.as_deref(), initrd.as_deref())?;
         self.template_info(&tname)
