@@ -39,6 +39,10 @@ pub enum Request {
         file: PathBuf,
         name: Option<String>,
     },
+    /// Template repositories: trust, sources, install/upgrade/downgrade/reinstall.
+    TemplateRepo {
+        action: crate::repo::RepoAction,
+    },
     QubeCreate {
         name: String,
         class: String,

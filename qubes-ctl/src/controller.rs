@@ -18,6 +18,8 @@ use crate::api::Request;
 use crate::catalogue::{Catalogue, QubePrefs, RuntimeRecord, TemplateRecord};
 use crate::paths::Paths;
 
+mod repo;
+
 /// Default kernel command line for templates whose build did not record one.
 pub const DEFAULT_CMDLINE: &str = "root=/dev/vda rw console=ttyS0";
 
@@ -179,6 +181,7 @@ impl Controller {
             Request::TemplateRemove { name } => self.template_remove(&name),
             Request::TemplateExport { name, file } => self.template_export(&name, &file),
             Request::TemplateImport { file, name } => self.template_import(&file, name),
+            Request::TemplateRepo { action } => self.template_repo(action),
             Request::QubeCreate {
                 name,
                 class,

@@ -13,6 +13,7 @@ pub mod fingerprint;
 pub mod image;
 pub mod package;
 pub mod recipe;
+pub mod repo;
 
 pub use build::{build, BuildError, BuildOptions, BuiltTemplate};
 pub use fingerprint::FingerprintReader;
