@@ -51,6 +51,10 @@ pub enum Request {
         #[serde(default)]
         replace: bool,
     },
+    /// Template repositories: trust, sources, install/upgrade/downgrade/reinstall.
+    TemplateRepo {
+        action: crate::repo::RepoAction,
+    },
     QubeCreate {
         name: String,
         class: String,

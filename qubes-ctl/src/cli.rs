@@ -15,6 +15,7 @@ use serde_json::Value;
 use crate::api::{self, Reply, Request};
 use crate::controller::{self, parse_volume_ref, Controller, InitOptions};
 use crate::paths::Paths;
+use crate::repo::{repo_args, InstallMode, RepoAction};
 use crate::units::{human_size, parse_size};
 
 /// `println!` that exits quietly when stdout is closed early (`qubes-ctl qube list | head
@@ -169,10 +170,51 @@ pub enum TemplateCmd {
         #[arg(long)]
         replace: bool,
     },
-    /// Templates with their origin, size and fingerprint.
-    List,
+    /// Templates with their origin, size and fingerprint (`--available`: in repositories).
+    List {
+        #[arg(long)]
+        available: bool,
+        /// Repository URL or directory (instead of the configured sources).
+        #[arg(long)]
+        repo: Vec<String>,
+    },
     /// Recipe hash, packages, build date, fingerprint, kernel, revisions, users.
-    Info { name: String },
+    Info {
+        name: String,
+        #[arg(long)]
+        available: bool,
+        #[arg(long)]
+        repo: Vec<String>,
+    },
+    /// Signed template repositories: keys, publishing, trusted keys, sources.
+    #[command(subcommand)]
+    Repo(crate::repo::RepoCmd),
+    /// Install NAME or NAME-VERSION from a signed repository (newest by default).
+    Install {
+        spec: String,
+        #[arg(long)]
+        repo: Vec<String>,
+    },
+    /// Upgrade one (or every) repository template, fetching only the changed chunks.
+    Upgrade {
+        name: Option<String>,
+        #[arg(long)]
+        repo: Vec<String>,
+    },
+    /// Install an older version (NAME, or NAME-VERSION) of a repository template.
+    Downgrade {
+        spec: String,
+        #[arg(long)]
+        allow_downgrade: bool,
+        #[arg(long)]
+        repo: Vec<String>,
+    },
+    /// Fetch and install the installed version again (repairs a modified template).
+    Reinstall {
+        name: String,
+        #[arg(long)]
+        repo: Vec<String>,
+    },
     /// Remove a template no qube uses any more.
     Remove { name: String },
     /// Write a portable, verified template package.
@@ -344,8 +386,42 @@ pub fn main_with(cli: Cli) -> Result<()> {
                 let v = execute_with(&paths, req, true, vec![f])?;
                 return print(format, "template", &v);
             }
-            TemplateCmd::List => (Request::TemplateList, false),
-            TemplateCmd::Info { name } => (Request::TemplateInfo { name }, false),
+            TemplateCmd::List {
+                available: false, ..
+            } => (Request::TemplateList, false),
+            TemplateCmd::Info {
+                name,
+                available: false,
+                ..
+            } => (Request::TemplateInfo { name }, false),
+            TemplateCmd::List { repo, .. } => repo_req(RepoAction::ListAvailable {
+                repos: repo_args(repo)?,
+            }),
+            TemplateCmd::Info { name, repo, .. } => repo_req(RepoAction::InfoAvailable {
+                name,
+                repos: repo_args(repo)?,
+            }),
+            TemplateCmd::Repo(cmd) => match crate::repo::repo_cmd(cmd)? {
+                Ok(v) => return print(format, "plain", &v),
+                Err(action) => (Request::TemplateRepo { action }, true),
+            },
+            TemplateCmd::Install { spec, repo } => {
+                install_req(InstallMode::Install, Some(spec), repo)?
+            }
+            TemplateCmd::Upgrade { name, repo } => install_req(InstallMode::Upgrade, name, repo)?,
+            TemplateCmd::Downgrade {
+                spec,
+                allow_downgrade,
+                repo,
+            } => {
+                if !allow_downgrade {
+                    bail!("a downgrade installs an older release, which may lack security fixes; confirm with --allow-downgrade");
+                }
+                install_req(InstallMode::Downgrade, Some(spec), repo)?
+            }
+            TemplateCmd::Reinstall { name, repo } => {
+                install_req(InstallMode::Reinstall, Some(name), repo)?
+            }
             TemplateCmd::Remove { name } => (Request::TemplateRemove { name }, true),
             TemplateCmd::Export { name, file } => {
                 return template_export(&paths, format, name, &absolute(&file)?)
@@ -518,6 +594,23 @@ fn stop_daemon(paths: &Paths, pid: u64) -> Result<Value> {
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
     Ok(v)
+}
+
+fn repo_req(action: RepoAction) -> (Request, bool) {
+    (Request::TemplateRepo { action }, false)
+}
+
+fn install_req(
+    mode: InstallMode,
+    spec: Option<String>,
+    repo: Vec<String>,
+) -> Result<(Request, bool)> {
+    let action = RepoAction::Install {
+        mode,
+        spec,
+        repos: repo_args(repo)?,
+    };
+    Ok((Request::TemplateRepo { action }, true))
 }
 
 fn absolute(p: &Path) -> Result<PathBuf> {

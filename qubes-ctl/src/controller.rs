@@ -18,6 +18,8 @@ use crate::api::Request;
 use crate::catalogue::{Catalogue, QubePrefs, RuntimeRecord, TemplateRecord};
 use crate::paths::Paths;
 
+mod repo;
+
 /// Default kernel command line for templates whose build did not record one.
 pub const DEFAULT_CMDLINE: &str = "root=/dev/vda rw console=ttyS0";
 
@@ -378,6 +380,7 @@ impl Controller {
                 let f = file(&path)?;
                 self.template_import(&path, f, name, replace)
             }
+            Request::TemplateRepo { action } => self.template_repo(action),
             Request::QubeCreate {
                 name,
                 class,
@@ -829,7 +832,14 @@ impl Controller {
         let source = ImageSource::Stream {
             what: format!("package {}", file.display()),
             size: manifest.size,
-            reader: Box::new(pkg.image_reader()),
+            // The manifest's fingerprint is a claim: the bytes must prove it before the
+            // import commits (a forged package could name an official build's).
+            reader: Box::new(template_builder::FingerprintReader::new(
+                pkg.image_reader(),
+                manifest.size,
+                &manifest.fingerprint,
+                &format!("package {}", file.display()),
+            )),
         };
         self.install_root(
             &tname,

@@ -7,4 +7,5 @@ pub mod cli;
 pub mod controller;
 pub mod daemon;
 pub mod paths;
+pub mod repo;
 pub mod units;

@@ -9,11 +9,14 @@
 //! Data flows one way: recipe -> tree -> image -> (the controller) pool volume.
 
 pub mod build;
+pub mod fingerprint;
 pub mod image;
 pub mod package;
 pub mod recipe;
+pub mod repo;
 
 pub use build::{build, BuildError, BuildOptions, BuiltTemplate};
+pub use fingerprint::FingerprintReader;
 pub use package::{
     export_package, read_package, ExportStats, PackageError, PackageManifest, RawImageFile,
     TemplateMeta, VerifiedPackage,

@@ -635,6 +635,12 @@ fn unpack_blob(stored: &[u8], b: &BlobRef, out: &mut [u8]) -> Result<(), String>
     Ok(())
 }
 
+/// [`check_manifest`] for a client that fetches a package piecewise (the manifest
+/// first): the layout must be sound before any blob offset is trusted.
+pub fn check_manifest_layout(m: &PackageManifest, data_end: u64) -> Result<(), String> {
+    check_manifest(m, data_end).map(|_| ())
+}
+
 /// Structural checks: counts, bounds, ordering, every non-zero chunk has a blob of the
 /// right length. Returns hash -> blob index.
 fn check_manifest(m: &PackageManifest, data_end: u64) -> Result<HashMap<[u8; 32], usize>, String> {
