@@ -4,7 +4,10 @@
 pub mod api;
 pub mod catalogue;
 pub mod cli;
+pub mod console;
 pub mod controller;
 pub mod daemon;
+pub mod guest_tools;
 pub mod paths;
+pub mod run;
 pub mod units;
