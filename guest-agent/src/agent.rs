@@ -422,17 +422,13 @@ fn stream(
                 PollFlags::OUT
             },
         ));
+        // With the host behind, the pipes are left out of the poll altogether: a pipe at
+        // its end reports HUP whatever is asked, which would spin this loop.
         let room = out.len() < OUT_HIGH;
-        let pipe_flags = if room {
-            PollFlags::IN
-        } else {
-            PollFlags::empty()
-        };
-        if let Some(f) = &stdout {
-            fds.push(PollFd::new(f, pipe_flags));
-        }
-        if let Some(f) = &stderr {
-            fds.push(PollFd::new(f, pipe_flags));
+        if room {
+            for f in [&stdout, &stderr].into_iter().flatten() {
+                fds.push(PollFd::new(f, PollFlags::IN));
+            }
         }
         if let Some(f) = &stdin {
             if !to_child.is_empty() {
