@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 qube=${1:-work}
 bash scripts/install-deps.sh
-cargo build --release -p qubes-ctl
+cargo build --release -p qubes-ctl -p guest-agent
 ctl=${CARGO_TARGET_DIR:-target}/release/qubes-ctl
 # The embedded default pool lives under the user's data directory
 # (/var/lib/qubes-ctl for root); it is created on first use.
@@ -14,4 +14,4 @@ $ctl template build recipes/debian/minimal.toml --name debian-12-minimal
 $ctl qube list | grep -q "^$qube " || $ctl qube create "$qube" --class AppVM --template debian-12-minimal --label blue
 $ctl qube list | grep -q "^$qube .*running" || $ctl qube start "$qube"
 $ctl qube list
-echo "console: $ctl qube console $qube    shut down: $ctl qube shutdown $qube"
+echo "console: $ctl qube console $qube (Ctrl-] detaches)    run: $ctl qube run $qube -- cat /etc/hostname    shut down: $ctl qube shutdown $qube"

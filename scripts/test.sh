@@ -11,5 +11,5 @@ cargo fmt --all -- --check
 echo "== cargo clippy"
 cargo clippy --workspace --all-targets -- -D warnings
 echo "== cargo test (release: the storage property tests and the VM boots need the speed)"
-cargo build --release -p qubes-ctl
+cargo build --release -p qubes-ctl -p guest-agent
 cargo test --workspace --release -- --test-threads=2

@@ -217,6 +217,11 @@ fn pool_templates_qubes_and_volumes_end_to_end() {
     // With no guest there is nothing to pause.
     let err = ctl.fails(&["qube", "pause", "work"]);
     assert!(err.contains("hypervisor none"), "{err}");
+    // Nor a console to attach to, nor an agent to run commands in.
+    let err = ctl.fails(&["qube", "console", "work"]);
+    assert!(err.contains("hypervisor none"), "{err}");
+    let err = ctl.fails(&["qube", "run", "work", "--", "true"]);
+    assert!(err.contains("hypervisor none"), "{err}");
     // Revert/import/remove of a running qube are refused.
     assert!(ctl
         .fails(&["volume", "revert", "work:private"])
@@ -231,6 +236,15 @@ fn pool_templates_qubes_and_volumes_end_to_end() {
     assert_eq!(ctl.state("work"), "halted");
     let err = ctl.fails(&["qube", "unpause", "work"]);
     assert!(err.contains("not running"), "{err}");
+    let err = ctl.fails(&["qube", "console", "work"]);
+    assert!(
+        err.contains("not running") && err.contains("--log"),
+        "{err}"
+    );
+    ctl.ok(&["qube", "console", "work", "--log"]);
+    let err = ctl.fails(&["qube", "run", "work", "--no-autostart", "--", "true"]);
+    assert!(err.contains("--no-autostart"), "{err}");
+    assert_eq!(ctl.state("work"), "halted");
     let p = export(&ctl, "work:private");
     assert!(
         p[MIB as usize..2 * MIB as usize].iter().all(|&x| x == 0x77),

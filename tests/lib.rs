@@ -18,7 +18,7 @@ pub fn qubes_ctl_bin() -> PathBuf {
     let bin = dir.join("qubes-ctl");
     assert!(
         bin.exists(),
-        "{} is missing: build it first (`cargo build -p qubes-ctl` with the same profile) or set QUBES_CTL_BIN",
+        "{} is missing: build it first (`cargo build -p qubes-ctl -p guest-agent` with the same profile) or set QUBES_CTL_BIN",
         bin.display()
     );
     bin

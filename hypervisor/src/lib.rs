@@ -277,6 +277,16 @@ pub trait Hypervisor: Send + Sync {
     fn set_memory(&self, name: &str, run_dir: &Path, mib: u64) -> Result<(), HvError>;
     /// Where the domain's console output is (or will be) logged.
     fn console_log(&self, run_dir: &Path) -> PathBuf;
+    /// A unix socket that is the domain's interactive console (one client at a time),
+    /// where the backend has one (QEMU). Xen: `xl console`.
+    fn console_socket(&self, _run_dir: &Path) -> Option<PathBuf> {
+        None
+    }
+    /// A unix socket that reaches the guest agent (`qube run`), where the backend has
+    /// one (QEMU: a virtio-serial port).
+    fn agent_socket(&self, _run_dir: &Path) -> Option<PathBuf> {
+        None
+    }
 }
 
 /// Xen where this is a Xen dom0 (`/proc/xen` exists), QEMU otherwise.

@@ -8,6 +8,8 @@
 //!     qemu.pid     written by QEMU (-pidfile); the domain exists while this pid lives
 //!     qmp.sock     QMP: query-status, system_powerdown, quit
 //!     console.log  the guest's serial console (previous boot: console.log.1)
+//!     console.sock the serial console itself (0600): `qubes-ctl qube console` attaches here
+//!     agent.sock   the virtio-serial port of the guest agent (0600): `qubes-ctl qube run`
 //! ```
 //!
 //! - Direct kernel boot (`-kernel/-initrd/-append`), or, for a qube without a kernel,
@@ -55,6 +57,8 @@ const MAX_UNIX_PATH: usize = 107;
 const START_TIMEOUT: Duration = Duration::from_secs(60);
 const QMP_TIMEOUT: Duration = Duration::from_secs(3);
 const PROBE_MARKER: &str = "QUBES-KVM-PROBE-OK";
+/// The virtio-serial port name the guest agent opens (guest-agent's `PORT_NAME`).
+pub const AGENT_PORT: &str = "org.qubes-ctl.agent.0";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -82,6 +86,8 @@ pub struct RunFiles {
     pub pidfile: PathBuf,
     pub qmp: PathBuf,
     pub console: PathBuf,
+    pub console_sock: PathBuf,
+    pub agent_sock: PathBuf,
     pub log: PathBuf,
     pub runtime_log: PathBuf,
     pub args: PathBuf,
@@ -93,6 +99,8 @@ impl RunFiles {
             pidfile: run_dir.join("qemu.pid"),
             qmp: run_dir.join("qmp.sock"),
             console: run_dir.join("console.log"),
+            console_sock: run_dir.join("console.sock"),
+            agent_sock: run_dir.join("agent.sock"),
             log: run_dir.join("qemu.log"),
             runtime_log: run_dir.join("qemu-runtime.log"),
             args: run_dir.join("qemu.args"),
@@ -237,14 +245,30 @@ impl Qemu {
             }
             push(&["-append", &cmdline]);
         }
+        // The serial console is a socket one client at a time can attach to; `logfile`
+        // keeps everything the guest writes in console.log, attached or not.
         push(&[
             "-chardev",
             &format!(
-                "file,id=console,path={}",
+                "socket,id=console,path={},server=on,wait=off,logfile={},logappend=off",
+                opt_escape(&utf8(&files.console_sock, "console socket")?),
                 opt_escape(&utf8(&files.console, "console log")?)
             ),
         ]);
         push(&["-serial", "chardev:console"]);
+        // The guest agent's port (`qube run`): /dev/virtio-ports/<PORT_NAME> in the guest.
+        push(&["-device", "virtio-serial-pci,id=vser0"]);
+        push(&[
+            "-chardev",
+            &format!(
+                "socket,id=agent,path={},server=on,wait=off",
+                opt_escape(&utf8(&files.agent_sock, "agent socket")?)
+            ),
+        ]);
+        push(&[
+            "-device",
+            &format!("virtserialport,bus=vser0.0,chardev=agent,name={AGENT_PORT}"),
+        ]);
         push(&[
             "-chardev",
             &format!(
@@ -360,6 +384,8 @@ impl Qemu {
         let files = RunFiles::new(run_dir);
         let _ = fs::remove_file(files.pidfile);
         let _ = fs::remove_file(files.qmp);
+        let _ = fs::remove_file(files.console_sock);
+        let _ = fs::remove_file(files.agent_sock);
     }
 
     fn wait_gone(&self, run_dir: &Path, timeout: Duration) -> bool {
@@ -457,6 +483,14 @@ impl Hypervisor for Qemu {
                 status: "exited right after start".into(),
                 detail: detail(),
             });
+        }
+        // QEMU creates its sockets with the umask's mode; only the owner may attach to
+        // the console or run commands in the guest.
+        for sock in [&files.console_sock, &files.agent_sock] {
+            use std::os::unix::fs::PermissionsExt;
+            if let Err(e) = fs::set_permissions(sock, fs::Permissions::from_mode(0o600)) {
+                tracing::warn!(qube = %spec.name, "chmod 0600 {}: {e}", sock.display());
+            }
         }
         tracing::info!(qube = %spec.name, ?accel, "qemu domain started");
         Ok(())
@@ -669,6 +703,14 @@ impl Hypervisor for Qemu {
     fn console_log(&self, run_dir: &Path) -> PathBuf {
         RunFiles::new(run_dir).console
     }
+
+    fn console_socket(&self, run_dir: &Path) -> Option<PathBuf> {
+        Some(RunFiles::new(run_dir).console_sock)
+    }
+
+    fn agent_socket(&self, run_dir: &Path) -> Option<PathBuf> {
+        Some(RunFiles::new(run_dir).agent_sock)
+    }
 }
 
 /// Maps QMP `query-status` run states onto the three the controller knows.
@@ -761,7 +803,8 @@ fn validate(spec: &DomainSpec) -> Result<(), HvError> {
     if spec.disks.len() > 26 {
         return bad(format!("{} disks; at most 26", spec.disks.len()));
     }
-    for p in [RunFiles::new(&spec.run_dir).qmp]
+    let files = RunFiles::new(&spec.run_dir);
+    for p in [files.qmp, files.console_sock, files.agent_sock]
         .iter()
         .chain(spec.disks.iter().map(|d| &d.nbd_socket))
     {
@@ -1097,6 +1140,23 @@ mod tests {
         )
         .unwrap();
         assert_eq!(first["bootindex"], 0);
+    }
+
+    #[test]
+    fn the_console_is_a_logged_socket_and_the_agent_a_virtio_serial_port() {
+        let args = Qemu::new().command_line(&spec(), Accel::Tcg).unwrap();
+        let chardevs = after(&args, "-chardev");
+        assert!(chardevs.contains(
+            &"socket,id=console,path=/run/qubes/work/console.sock,server=on,wait=off,\
+              logfile=/run/qubes/work/console.log,logappend=off"
+        ));
+        assert_eq!(after(&args, "-serial"), ["chardev:console"]);
+        assert!(chardevs
+            .contains(&"socket,id=agent,path=/run/qubes/work/agent.sock,server=on,wait=off"));
+        let devices = after(&args, "-device");
+        assert!(devices.contains(&"virtio-serial-pci,id=vser0"));
+        assert!(devices
+            .contains(&"virtserialport,bus=vser0.0,chardev=agent,name=org.qubes-ctl.agent.0"));
     }
 
     #[test]

@@ -575,3 +575,94 @@ poweroff -f
     });
     assert!(nlog().contains("NETVM-VIF-GONE"), "{}", nlog());
 }
+
+/// The serial console is a 0600 socket: what a client types reaches the guest, what
+/// the guest prints reaches the client, and console.log keeps all of it, with or
+/// without a client attached; the guest runs on after the client leaves.
+#[test]
+fn the_serial_console_is_an_interactive_socket_that_still_logs() {
+    use std::io::{Read, Write};
+    use std::os::unix::fs::PermissionsExt;
+    require("qemu-system-x86_64");
+    let tmp = tempfile::Builder::new()
+        .prefix("hvq")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let script = "\
+echo CONSOLE-READY
+while read -r line; do echo \"GOT:$line\"; done
+";
+    let initrd = initramfs(tmp.path(), script, &[]);
+    let spec = boot_spec("conq", tmp.path(), initrd, vec![]);
+    let hv = Qemu::new().with_accel(Accel::Tcg);
+    let _guard = DomainGuard {
+        hv: &hv,
+        name: spec.name.clone(),
+        run_dir: spec.run_dir.clone(),
+    };
+    hv.start(&spec).expect("start");
+    let log = hv.console_log(&spec.run_dir);
+    let sock = hv
+        .console_socket(&spec.run_dir)
+        .expect("QEMU has a console socket");
+    let mode = fs::metadata(&sock).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600, "console socket mode {mode:o}");
+    assert_eq!(
+        fs::metadata(hv.agent_socket(&spec.run_dir).unwrap())
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777,
+        0o600
+    );
+    // Nobody attached during boot: the log has it all the same.
+    wait_for("the guest's shell on the console", BOOT_DEADLINE, || {
+        fs::read_to_string(&log)
+            .map(|s| s.contains("CONSOLE-READY"))
+            .unwrap_or(false)
+    });
+    let mut c = std::os::unix::net::UnixStream::connect(&sock).unwrap();
+    c.set_read_timeout(Some(Duration::from_millis(500)))
+        .unwrap();
+    let mut seen = Vec::new();
+    let start = Instant::now();
+    let mut sent = Instant::now() - Duration::from_secs(10);
+    while !String::from_utf8_lossy(&seen).contains("GOT:typed-7") {
+        assert!(
+            start.elapsed() < BOOT_DEADLINE,
+            "no echo: {}",
+            String::from_utf8_lossy(&seen)
+        );
+        // Re-sent until seen: the first bytes may arrive before the guest reads.
+        if sent.elapsed() > Duration::from_secs(5) {
+            c.write_all(b"typed-7\n").unwrap();
+            sent = Instant::now();
+        }
+        let mut buf = [0u8; 512];
+        if let Ok(n) = c.read(&mut buf) {
+            seen.extend_from_slice(&buf[..n]);
+        }
+    }
+    drop(c);
+    // The log is written right after the client gets the bytes.
+    wait_for("the session in console.log", BOOT_DEADLINE, || {
+        fs::read_to_string(&log)
+            .map(|s| s.contains("GOT:typed-7"))
+            .unwrap_or(false)
+    });
+    assert_eq!(
+        hv.state("conq", &spec.run_dir).unwrap(),
+        DomainState::Running,
+        "detaching leaves the guest running"
+    );
+    // A second client after the first left works too.
+    let mut c = std::os::unix::net::UnixStream::connect(&sock).unwrap();
+    c.write_all(b"again-8\n").unwrap();
+    wait_for("the second client's line", BOOT_DEADLINE, || {
+        fs::read_to_string(&log)
+            .map(|s| s.contains("GOT:again-8"))
+            .unwrap_or(false)
+    });
+    hv.kill("conq", &spec.run_dir).unwrap();
+    assert!(!sock.exists(), "the socket goes with the domain");
+}

@@ -271,8 +271,36 @@ pub enum QubeCmd {
         #[arg(long)]
         kill: bool,
     },
-    /// Print the qube's serial console log.
-    Console { name: String },
+    /// Attach to the qube's serial console (Ctrl-] detaches); --log prints its log.
+    Console {
+        name: String,
+        /// Print the console log (this boot's, or the last one's) instead of attaching.
+        #[arg(long)]
+        log: bool,
+    },
+    /// Run a command in the qube through its guest agent (starting the qube if halted)
+    /// and exit with its status: `qube run work -- cat /etc/hostname`.
+    Run {
+        name: String,
+        /// The user in the qube (default root).
+        #[arg(long, short)]
+        user: Option<String>,
+        /// Pass this stdin to the command (stdout and stderr are always passed back).
+        #[arg(long, short)]
+        pass_io: bool,
+        /// Start the command and return at once, without its output or status.
+        #[arg(long)]
+        no_wait: bool,
+        /// Fail if the qube is not running instead of starting it.
+        #[arg(long)]
+        no_autostart: bool,
+        /// Seconds to wait for the qube's agent (a qube started now is still booting).
+        #[arg(long, default_value_t = 300)]
+        timeout: u64,
+        /// The command and its arguments (run directly, no shell).
+        #[arg(last = true, required = true)]
+        command: Vec<String>,
+    },
     /// Freeze a running qube's vCPUs (its volumes stay exported).
     Pause { name: String },
     /// Resume a paused qube.
@@ -475,7 +503,31 @@ pub fn main_with(cli: Cli) -> Result<()> {
                 },
                 true,
             ),
-            QubeCmd::Console { name } => (Request::QubeConsole { name }, false),
+            QubeCmd::Console { name, log: false } => return crate::console::attach(&paths, &name),
+            QubeCmd::Console { name, log: true } => (Request::QubeConsole { name }, false),
+            QubeCmd::Run {
+                name,
+                user,
+                pass_io,
+                no_wait,
+                no_autostart,
+                timeout,
+                command,
+            } => {
+                let code = crate::run::run(
+                    &paths,
+                    &crate::run::RunArgs {
+                        name,
+                        user,
+                        pass_io,
+                        no_wait,
+                        no_autostart,
+                        timeout,
+                        command,
+                    },
+                )?;
+                std::process::exit(code);
+            }
             QubeCmd::Pause { name } => (Request::QubePause { name }, true),
             QubeCmd::Unpause { name } => (Request::QubeUnpause { name }, true),
         },

@@ -639,7 +639,8 @@ impl Controller {
         name: Option<String>,
         mirror: Option<String>,
     ) -> Result<Value> {
-        let recipe_obj = template_builder::Recipe::load(recipe)?;
+        let mut recipe_obj = template_builder::Recipe::load(recipe)?;
+        crate::guest_tools::add_agent(&mut recipe_obj)?;
         let opts = template_builder::BuildOptions {
             name: name.clone(),
             mirror,

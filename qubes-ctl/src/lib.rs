@@ -4,8 +4,11 @@
 pub mod api;
 pub mod catalogue;
 pub mod cli;
+pub mod console;
 pub mod controller;
 pub mod daemon;
+pub mod guest_tools;
 pub mod paths;
 pub mod repo;
+pub mod run;
 pub mod units;
