@@ -16,5 +16,7 @@ pub mod abi;
 pub mod ring;
 pub mod testing;
 pub mod vbd;
+pub mod xen;
+pub mod xenbus;
 
 pub use vbd::{serve, EventChannel, GuestMemory, ServeError, Vbd, VbdParams};

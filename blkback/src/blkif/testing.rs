@@ -11,6 +11,7 @@ use xen_sys::{GrantSeg, SharedMem, PAGE_SIZE};
 use super::abi::*;
 use super::ring::FrontRing;
 use super::vbd::{EventChannel, GuestMemory};
+use super::xenbus::{Connector, FrontendParams};
 
 struct Grant {
     mem: Arc<SharedMem>,
@@ -200,6 +201,40 @@ impl Frontend {
         }
     }
 
+    /// A fresh ring of `2^order` pages in the same grant table (a driver reload).
+    pub fn reinit(&mut self, order: u32) {
+        for r in self.ring_refs.drain(..) {
+            self.grants.revoke(r);
+        }
+        let pages = 1usize << order;
+        let mem = Arc::new(SharedMem::anonymous(pages).expect("anonymous memory"));
+        self.ring_refs = (0..pages)
+            .map(|p| self.grants.grant(&mem, p, true))
+            .collect();
+        self.ring = FrontRing::init(mem);
+    }
+
+    /// The xenstore nodes a blkfront writes before switching to Initialised.
+    pub fn nodes(&self, fe_path: &str, event_channel: u32) -> Vec<(String, String)> {
+        let mut v = vec![
+            (
+                format!("{fe_path}/event-channel"),
+                event_channel.to_string(),
+            ),
+            (format!("{fe_path}/protocol"), "x86_64-abi".to_string()),
+        ];
+        if self.ring_refs.len() == 1 {
+            v.push((format!("{fe_path}/ring-ref"), self.ring_refs[0].to_string()));
+        } else {
+            let order = self.ring_refs.len().trailing_zeros();
+            v.push((format!("{fe_path}/ring-page-order"), order.to_string()));
+            for (i, r) in self.ring_refs.iter().enumerate() {
+                v.push((format!("{fe_path}/ring-ref{i}"), r.to_string()));
+            }
+        }
+        v
+    }
+
     /// The backend's end of the event channel.
     pub fn channel(&self) -> TestChannel {
         TestChannel {
@@ -291,5 +326,61 @@ impl Frontend {
         assert_eq!(r.id, id, "response for another request");
         assert_eq!(r.operation, op, "response operation");
         r.status
+    }
+}
+
+/// A [`Connector`] for tests: maps rings from one test frontend's grant table and
+/// serves them on a thread, as the Xen connector does with gntdev and evtchn.
+pub struct TestConnector {
+    pub grants: Arc<FakeGrants>,
+    pub to_front: Arc<Kick>,
+    pub to_back: Arc<Kick>,
+    pub device: Arc<dyn storage::BlockDevice>,
+    pub params: super::VbdParams,
+}
+
+pub struct TestRunning {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<Result<(), super::ServeError>>,
+    to_back: Arc<Kick>,
+    pub params: FrontendParams,
+}
+
+impl TestConnector {
+    pub fn for_frontend(front: &Frontend, device: Arc<dyn storage::BlockDevice>) -> Self {
+        TestConnector {
+            grants: front.grants.clone(),
+            to_front: front.to_front.clone(),
+            to_back: front.to_back.clone(),
+            device,
+            params: super::VbdParams::default(),
+        }
+    }
+}
+
+impl Connector for TestConnector {
+    type Running = TestRunning;
+    fn connect(&mut self, fe: &FrontendParams) -> Result<TestRunning, String> {
+        let mem = self.grants.map_ring(&fe.ring_refs)?;
+        let ring = super::ring::BackRing::attach(mem).map_err(|e| e.to_string())?;
+        let mut vbd = super::Vbd::new(ring, self.grants.clone(), self.device.clone(), self.params);
+        let chan = TestChannel {
+            to_front: self.to_front.clone(),
+            to_back: self.to_back.clone(),
+        };
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let s = stop.clone();
+        let thread = std::thread::spawn(move || super::serve(&mut vbd, &chan, &s));
+        Ok(TestRunning {
+            stop,
+            thread,
+            to_back: self.to_back.clone(),
+            params: fe.clone(),
+        })
+    }
+    fn disconnect(&mut self, r: TestRunning) {
+        r.stop.store(true, std::sync::atomic::Ordering::Release);
+        r.to_back.kick();
+        let _ = r.thread.join();
     }
 }

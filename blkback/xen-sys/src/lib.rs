@@ -196,6 +196,28 @@ impl Drop for SharedMem {
     }
 }
 
+/// Waits until `fd` is readable or `timeout` passes; true if readable. EINTR counts as
+/// a timeout (callers loop).
+pub fn wait_readable(fd: RawFd, timeout: std::time::Duration) -> io::Result<bool> {
+    let mut p = libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    let ms = timeout.as_millis().min(i32::MAX as u128) as i32;
+    // SAFETY: one valid pollfd on the stack, count 1.
+    let rc = unsafe { libc::poll(&mut p, 1, ms) };
+    if rc < 0 {
+        let e = io::Error::last_os_error();
+        return if e.kind() == io::ErrorKind::Interrupted {
+            Ok(false)
+        } else {
+            Err(e)
+        };
+    }
+    Ok(rc > 0)
+}
+
 // ---------------------------------------------------------------------------------------
 // xenstore
 // ---------------------------------------------------------------------------------------
@@ -380,6 +402,17 @@ impl XenStore {
         let token = s.pop().unwrap_or_default();
         let path = s.pop().unwrap_or_default();
         Ok(Some((path, token)))
+    }
+
+    /// The next watch event, waiting at most `timeout`.
+    pub fn wait_watch(&self, timeout: std::time::Duration) -> io::Result<Option<(String, String)>> {
+        if let Some(e) = self.check_watch()? {
+            return Ok(Some(e));
+        }
+        if !wait_readable(self.fileno(), timeout)? {
+            return Ok(None);
+        }
+        self.check_watch()
     }
 
     pub fn transaction_start(&self) -> io::Result<Txn> {
@@ -676,6 +709,16 @@ impl EvtChn {
     pub fn fd(&self) -> RawFd {
         // SAFETY: valid handle.
         unsafe { ffi::xenevtchn_fd(self.h.as_ptr()) }
+    }
+
+    /// Waits at most `timeout` for an event; returns its port, already unmasked.
+    pub fn wait(&self, timeout: std::time::Duration) -> io::Result<Option<u32>> {
+        if !wait_readable(self.fd(), timeout)? {
+            return Ok(None);
+        }
+        let port = self.pending()?;
+        self.unmask(port)?;
+        Ok(Some(port))
     }
 }
 
