@@ -213,3 +213,56 @@ fn missing_toolstack_nodes_are_named() {
         .unwrap();
     assert!(e.to_string().contains("frontend"), "{e}");
 }
+
+#[test]
+fn add_device_writes_what_a_frontend_needs_and_the_handshake_runs_on_it() {
+    use blkback::blkif::xenbus::{add_device, remove_device, BACKEND_KIND};
+    let xs = Arc::new(MemStore::new());
+    let paths = add_device(&xs, 0, 7, 51712, "xvda", false, "/pool/work/private").unwrap();
+    assert_eq!(paths.frontend, FE);
+    assert_eq!(
+        paths.backend,
+        format!("/local/domain/0/backend/{BACKEND_KIND}/7/51712")
+    );
+    // What blkfront reads to find its backend, and the backend's view of the guest.
+    assert_eq!(
+        node(&xs, &format!("{FE}/backend")),
+        Some(paths.backend.clone())
+    );
+    assert_eq!(node(&xs, &format!("{FE}/state")).as_deref(), Some("1"));
+    assert_eq!(
+        node(&xs, &format!("{}/frontend-id", paths.backend)).as_deref(),
+        Some("7")
+    );
+    // The guest owns its frontend nodes and may only read the backend's.
+    assert_eq!(xs.permissions(FE), Some(vec![(7, 0), (0, 1)]));
+    assert_eq!(xs.permissions(&paths.backend), Some(vec![(0, 0), (7, 1)]));
+    assert_eq!(
+        xs.permissions(&format!("{}/state", paths.backend)),
+        Some(vec![(0, 0), (7, 1)])
+    );
+
+    let pool = storage::MemPool::with_options(64 << 10, None);
+    pool.create_volume("v", MIB).unwrap();
+    let dev = pool.open_volume("v", false).unwrap();
+    let mut front = Frontend::new(1);
+    let info = DeviceInfo {
+        size: MIB,
+        read_only: false,
+        discard_granularity: 4096,
+    };
+    let conn = TestConnector::for_frontend(&front, dev);
+    let mut d = BlkifDevice::new(xs.clone(), &paths.backend, info, conn).unwrap();
+    for p in d.watch_paths() {
+        xs.watch(&p, "blkif").unwrap();
+    }
+    d.start().unwrap();
+    frontend_connects(&xs, &front);
+    pump(&xs, &mut d);
+    assert!(d.is_connected());
+    assert_eq!(front.write(0, &[3; PAGE_SIZE]), RSP_OKAY);
+    xs.rm("/local/domain/7").unwrap();
+    assert_eq!(pump(&xs, &mut d), Outcome::Gone);
+    remove_device(&xs, &paths).unwrap();
+    assert!(xs.dump().keys().all(|k| !k.contains("/7/51712")));
+}

@@ -47,6 +47,9 @@ impl XenStore for xen_sys::XenStore {
             "xenstore transaction kept conflicting (100 tries)",
         ))
     }
+    fn set_permissions(&self, path: &str, perms: &[(u32, u32)]) -> io::Result<()> {
+        xen_sys::XenStore::set_permissions(self, Self::NO_TXN, path, perms)
+    }
     fn watch(&self, path: &str, token: &str) -> io::Result<()> {
         xen_sys::XenStore::watch(self, path, token)
     }

@@ -30,6 +30,9 @@ pub trait XenStore: Send + Sync {
     /// Writes all nodes in one transaction (retried on conflict), so the frontend sees
     /// every feature at once with the state change that ends the list.
     fn write_all(&self, nodes: &[(String, String)]) -> io::Result<()>;
+    /// Sets `path`'s permissions: `(domid, XS_PERM_*)`, the first entry being the owner
+    /// and the default for everyone else (as `xenstore-chmod`).
+    fn set_permissions(&self, path: &str, perms: &[(u32, u32)]) -> io::Result<()>;
     fn watch(&self, path: &str, token: &str) -> io::Result<()>;
     fn unwatch(&self, path: &str, token: &str) -> io::Result<()>;
     /// The next watch event `(path, token)`, waiting at most `timeout`.
@@ -80,6 +83,7 @@ pub struct MemStore {
 #[derive(Default)]
 struct MemInner {
     nodes: BTreeMap<String, String>,
+    perms: BTreeMap<String, Vec<(u32, u32)>>,
     watches: Vec<(String, String)>,
     events: VecDeque<(String, String)>,
 }
@@ -114,6 +118,10 @@ impl MemInner {
 impl MemStore {
     pub fn new() -> MemStore {
         MemStore::default()
+    }
+    /// The permissions set on `path`, if any were.
+    pub fn permissions(&self, path: &str) -> Option<Vec<(u32, u32)>> {
+        self.inner.lock().unwrap().perms.get(path).cloned()
     }
     /// A snapshot of every node (for assertions).
     pub fn dump(&self) -> BTreeMap<String, String> {
@@ -159,6 +167,14 @@ impl XenStore for MemStore {
         }
         drop(g);
         self.cv.notify_all();
+        Ok(())
+    }
+    fn set_permissions(&self, path: &str, perms: &[(u32, u32)]) -> io::Result<()> {
+        let mut g = self.inner.lock().unwrap();
+        if !g.nodes.contains_key(path) {
+            return Err(io::Error::from(io::ErrorKind::NotFound));
+        }
+        g.perms.insert(path.to_string(), perms.to_vec());
         Ok(())
     }
     fn watch(&self, path: &str, token: &str) -> io::Result<()> {
@@ -512,6 +528,9 @@ impl<T: XenStore + ?Sized> XenStore for std::sync::Arc<T> {
     fn write_all(&self, nodes: &[(String, String)]) -> io::Result<()> {
         (**self).write_all(nodes)
     }
+    fn set_permissions(&self, path: &str, perms: &[(u32, u32)]) -> io::Result<()> {
+        (**self).set_permissions(path, perms)
+    }
     fn watch(&self, path: &str, token: &str) -> io::Result<()> {
         (**self).watch(path, token)
     }
@@ -521,4 +540,90 @@ impl<T: XenStore + ?Sized> XenStore for std::sync::Arc<T> {
     fn next_watch(&self, timeout: Duration) -> io::Result<Option<(String, String)>> {
         (**self).next_watch(timeout)
     }
+}
+
+/// xenstore permission bits (`xenstore_lib.h`).
+pub const XS_PERM_NONE: u32 = 0;
+pub const XS_PERM_READ: u32 = 1;
+
+/// Where a device's nodes live.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DevicePaths {
+    pub backend: String,
+    pub frontend: String,
+}
+
+/// The type directory of our backend (`/local/domain/0/backend/<KIND>/...`): not `vbd`,
+/// which a loaded kernel xen-blkback takes, nor `vbd3`/`qdisk` (tapdisk3, QEMU).
+pub const BACKEND_KIND: &str = "qubes-vbd";
+
+/// Writes the nodes a toolstack writes for a vbd (what libxl's device add does), for a
+/// domain created paused (`xl create -p`) whose disk our daemon serves: backend
+/// directory owned by the backend domain and readable by the guest, frontend directory
+/// owned by the guest and readable by the backend; then the caller creates the
+/// [`BlkifDevice`] on `backend` and unpauses the domain.
+#[allow(clippy::too_many_arguments)]
+pub fn add_device<X: XenStore>(
+    xs: &X,
+    backend_domid: u32,
+    domid: u32,
+    devid: u32,
+    vdev: &str,
+    read_only: bool,
+    params: &str,
+) -> io::Result<DevicePaths> {
+    let backend = format!("/local/domain/{backend_domid}/backend/{BACKEND_KIND}/{domid}/{devid}");
+    let frontend = format!("/local/domain/{domid}/device/vbd/{devid}");
+    let mode = if read_only { "r" } else { "w" };
+    let mut nodes: Vec<(String, String)> = [
+        ("frontend", frontend.clone()),
+        ("frontend-id", domid.to_string()),
+        ("online", "1".into()),
+        ("removable", "0".into()),
+        ("bootable", "1".into()),
+        ("state", State::Initialising.as_str()),
+        ("dev", vdev.to_string()),
+        ("type", "phy".into()),
+        ("mode", mode.into()),
+        ("device-type", "disk".into()),
+        ("params", params.to_string()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (format!("{backend}/{k}"), v))
+    .collect();
+    nodes.extend(
+        [
+            ("backend", backend.clone()),
+            ("backend-id", backend_domid.to_string()),
+            ("state", State::Initialising.as_str()),
+            ("virtual-device", devid.to_string()),
+            ("device-type", "disk".into()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (format!("{frontend}/{k}"), v)),
+    );
+    xs.rm(&backend)?;
+    xs.rm(&frontend)?;
+    xs.write_all(&nodes)?;
+    // Children inherit nothing once created, so set every node (xenstored checks each).
+    for (p, _) in &nodes {
+        if p.starts_with(&backend) {
+            xs.set_permissions(p, &[(backend_domid, XS_PERM_NONE), (domid, XS_PERM_READ)])?;
+        } else {
+            xs.set_permissions(p, &[(domid, XS_PERM_NONE), (backend_domid, XS_PERM_READ)])?;
+        }
+    }
+    for (dir, owner, reader) in [
+        (&backend, backend_domid, domid),
+        (&frontend, domid, backend_domid),
+    ] {
+        xs.set_permissions(dir, &[(owner, XS_PERM_NONE), (reader, XS_PERM_READ)])?;
+    }
+    Ok(DevicePaths { backend, frontend })
+}
+
+/// Removes what [`add_device`] wrote (after the device closed, or the domain died).
+pub fn remove_device<X: XenStore>(xs: &X, paths: &DevicePaths) -> io::Result<()> {
+    xs.rm(&paths.backend)?;
+    xs.rm(&paths.frontend)
 }
