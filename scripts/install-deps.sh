@@ -5,7 +5,7 @@
 set -euo pipefail
 [ "$(id -u)" = 0 ] || { echo "install-deps: run as root (apt-get)" >&2; exit 1; }
 
-stamp=/var/lib/qubes-ctl-deps.v2
+stamp=/var/lib/qubes-ctl-deps.v3
 if [ -f "$stamp" ] && [ "${1:-}" != "--force" ]; then exit 0; fi
 
 mirror=$(grep -rhoE '^(URIs:|deb) +[a-z]+://[^ ]+/debian/?( |$)' /etc/apt/sources.list /etc/apt/sources.list.d/ 2>/dev/null \
@@ -33,5 +33,5 @@ apt-get install -y -qq \
   rpm createrepo-c dnf gnupg \
   xfsprogs btrfs-progs zstd util-linux \
   clang libclang-dev libxen-dev liblvm2-dev pkg-config \
-  linux-image-amd64 busybox-static cpio socat >/dev/null
+  linux-image-amd64 busybox-static cpio socat kmod >/dev/null
 touch "$stamp"
