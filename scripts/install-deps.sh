@@ -33,5 +33,5 @@ apt-get install -y -qq \
   rpm createrepo-c dnf gnupg \
   xfsprogs btrfs-progs zstd util-linux \
   clang libclang-dev libxen-dev liblvm2-dev pkg-config \
-  linux-image-amd64 busybox-static cpio socat tmux >/dev/null
+  linux-image-amd64 busybox-static cpio socat tmux kmod >/dev/null
 touch "$stamp"

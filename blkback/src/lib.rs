@@ -17,6 +17,7 @@
 //! reader thread per connection plus a small shared worker pool keeps both cores busy with
 //! no extra dependency.
 
+pub mod blkif;
 pub mod fuzzing;
 pub mod negotiate;
 pub mod proto;

@@ -65,3 +65,12 @@ fn request_corpus() {
         mutate(&d, 3000, blkback::fuzzing::requests);
     }
 }
+
+#[test]
+fn blkif_corpus() {
+    for (p, d) in corpus("blkif") {
+        eprintln!("{}", p.display());
+        blkback::fuzzing::blkif(&d);
+        mutate(&d, 1000, blkback::fuzzing::blkif);
+    }
+}

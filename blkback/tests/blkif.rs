@@ -1,0 +1,457 @@
+//! The blkif ring protocol against an in-process frontend over shared memory (no Xen):
+//! data verified byte for byte against the pool volumes, flush = pool commit, discard
+//! frees chunks, indirect requests, multi-page rings, and a hostile frontend.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use blkback::blkif::abi::*;
+use blkback::blkif::ring::BackRing;
+use blkback::blkif::testing::Frontend;
+use blkback::blkif::{serve, ServeError, Vbd, VbdParams};
+use storage::{BlockDevice, Pool};
+
+const MIB: u64 = 1 << 20;
+const CHUNK: u64 = 64 << 10;
+
+struct Backend {
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<Result<(), ServeError>>>,
+}
+
+impl Backend {
+    fn start(front: &Frontend, dev: Arc<dyn BlockDevice>) -> Backend {
+        let ring = BackRing::attach(front.grants.map_ring(&front.ring_refs).unwrap()).unwrap();
+        let mut vbd = Vbd::new(ring, front.grants.clone(), dev, VbdParams::default());
+        let chan = front.channel();
+        let stop = Arc::new(AtomicBool::new(false));
+        let s = stop.clone();
+        let thread = std::thread::spawn(move || serve(&mut vbd, &chan, &s));
+        Backend {
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    fn stop(mut self) -> Result<(), ServeError> {
+        self.stop.store(true, Ordering::Release);
+        self.thread.take().unwrap().join().unwrap()
+    }
+}
+
+impl Drop for Backend {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Release);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn pattern(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+fn thin_pool(dir: &std::path::Path, capacity: u64) -> Arc<storage::ThinPool> {
+    storage::ThinPool::create(
+        dir,
+        storage::ThinOptions {
+            chunk_size: CHUNK,
+            capacity,
+        },
+    )
+    .unwrap()
+}
+
+fn read_dev(dev: &dyn BlockDevice, off: u64, len: usize) -> Vec<u8> {
+    let mut v = vec![0; len];
+    dev.read_at(&mut v, off).unwrap();
+    v
+}
+
+fn exercise_rw(dev: Arc<dyn BlockDevice>, order: u32) {
+    let mut front = Frontend::new(order);
+    let be = Backend::start(&front, dev.clone());
+    // 1 page, the most a direct request carries (11), indirect 64 pages and 256 (1 MiB).
+    for (i, pages) in [1usize, 11, 12, 64, 256].into_iter().enumerate() {
+        let data = pattern(pages * PAGE_SIZE, i as u64);
+        let sector = 8 * (1 + i as u64 * 300) + 3; // not chunk- or page-aligned
+        assert_eq!(
+            front.write(sector, &data),
+            RSP_OKAY,
+            "write of {pages} pages"
+        );
+        assert_eq!(
+            read_dev(&*dev, sector * 512, data.len()),
+            data,
+            "volume content after a {pages}-page write"
+        );
+        let (st, back) = front.read(sector, pages);
+        assert_eq!(st, RSP_OKAY);
+        assert_eq!(back, data, "read back {pages} pages");
+    }
+    be.stop().unwrap();
+}
+
+#[test]
+fn reads_and_writes_match_a_mem_volume_byte_for_byte() {
+    let pool = storage::MemPool::with_options(CHUNK, None);
+    pool.create_volume("work/private", 64 * MIB).unwrap();
+    exercise_rw(pool.open_volume("work/private", false).unwrap(), 0);
+}
+
+#[test]
+fn reads_and_writes_match_a_thin_volume_byte_for_byte_on_a_16_page_ring() {
+    let dir = tempfile::tempdir().unwrap();
+    let pool = thin_pool(dir.path(), 256 * MIB);
+    pool.create_volume("work/private", 64 * MIB).unwrap();
+    exercise_rw(pool.open_volume("work/private", false).unwrap(), 4);
+}
+
+#[test]
+fn partial_page_segments_move_exactly_their_sectors() {
+    let pool = storage::MemPool::with_options(CHUNK, None);
+    pool.create_volume("v", 4 * MIB).unwrap();
+    let dev = pool.open_volume("v", false).unwrap();
+    let mut front = Frontend::new(0);
+    let be = Backend::start(&front, dev.clone());
+    let page = pattern(PAGE_SIZE, 7);
+    let buf = front.alloc(1, Some(&page));
+    let seg = Segment {
+        gref: buf.refs[0],
+        first_sect: 2,
+        last_sect: 5,
+    };
+    let id = front.id();
+    let r = front.call(&encode::rw(OP_WRITE, id, 100, &[seg]));
+    assert_eq!((r.id, r.status), (id, RSP_OKAY));
+    assert_eq!(read_dev(&*dev, 100 * 512, 4 * 512), page[1024..3072]);
+    assert_eq!(read_dev(&*dev, 99 * 512, 512), vec![0; 512]);
+    assert_eq!(read_dev(&*dev, 104 * 512, 512), vec![0; 512]);
+    // Read sector 101 only into the last sector of a fresh page: the rest stays as is.
+    let dst = front.alloc(1, Some(&[0xaa; PAGE_SIZE]));
+    let seg = Segment {
+        gref: dst.refs[0],
+        first_sect: 7,
+        last_sect: 7,
+    };
+    let id = front.id();
+    assert_eq!(
+        front.call(&encode::rw(OP_READ, id, 101, &[seg])).status,
+        RSP_OKAY
+    );
+    let got = dst.read();
+    assert_eq!(got[..7 * 512], [0xaa; 7 * 512]);
+    assert_eq!(got[7 * 512..], page[1536..2048]);
+    be.stop().unwrap();
+}
+
+#[test]
+fn flush_is_a_pool_commit_and_survives_a_crash() {
+    let pool = storage::MemPool::with_options(CHUNK, None);
+    pool.create_volume("work/private", 8 * MIB).unwrap();
+    pool.commit().unwrap();
+    let dev = pool.open_volume("work/private", false).unwrap();
+    let mut front = Frontend::new(0);
+    let be = Backend::start(&front, dev.clone());
+    let flushed = pattern(16 * PAGE_SIZE, 1);
+    assert_eq!(front.write(0, &flushed), RSP_OKAY);
+    let id = front.id();
+    let r = front.call(&encode::simple(OP_FLUSH_DISKCACHE, id));
+    assert_eq!(
+        (r.id, r.operation, r.status),
+        (id, OP_FLUSH_DISKCACHE, RSP_OKAY)
+    );
+    let unflushed = pattern(16 * PAGE_SIZE, 2);
+    assert_eq!(front.write(0, &unflushed), RSP_OKAY);
+    // A barrier is served as a flush too.
+    let barriered = pattern(PAGE_SIZE, 3);
+    assert_eq!(front.write(1024, &barriered), RSP_OKAY);
+    let id = front.id();
+    let r = front.call(&encode::simple(OP_WRITE_BARRIER, id));
+    assert_eq!((r.operation, r.status), (OP_WRITE_BARRIER, RSP_OKAY));
+    be.stop().unwrap();
+    drop(dev);
+
+    let after = pool.crash();
+    let dev = after.open_volume("work/private", true).unwrap();
+    // The barrier committed everything before it, including the second write at 0.
+    assert_eq!(read_dev(&*dev, 0, unflushed.len()), unflushed);
+    assert_eq!(read_dev(&*dev, 1024 * 512, PAGE_SIZE), barriered);
+
+    // And without any flush, a crash loses the writes: the flush above is what kept them.
+    let pool = storage::MemPool::with_options(CHUNK, None);
+    pool.create_volume("v", MIB).unwrap();
+    pool.commit().unwrap();
+    let dev = pool.open_volume("v", false).unwrap();
+    let mut front = Frontend::new(0);
+    let be = Backend::start(&front, dev.clone());
+    assert_eq!(front.write(0, &flushed), RSP_OKAY);
+    be.stop().unwrap();
+    drop(dev);
+    let after = pool.crash();
+    let dev = after.open_volume("v", true).unwrap();
+    assert_eq!(read_dev(&*dev, 0, PAGE_SIZE), vec![0; PAGE_SIZE]);
+}
+
+#[test]
+fn discard_frees_chunks_in_a_thin_pool() {
+    let dir = tempfile::tempdir().unwrap();
+    let pool = thin_pool(dir.path(), 64 * MIB);
+    pool.create_volume("work/private", 16 * MIB).unwrap();
+    let dev = pool.open_volume("work/private", false).unwrap();
+    let mut front = Frontend::new(0);
+    let be = Backend::start(&front, dev.clone());
+    let data = pattern(MIB as usize, 5);
+    assert_eq!(front.write(0, &data), RSP_OKAY);
+    let mapped = pool.volume("work/private").unwrap().mapped;
+    assert_eq!(mapped, MIB);
+    let used = pool.info().unwrap().data_used;
+    // Discard the second half (whole chunks) and a ragged piece of the first.
+    let id = front.id();
+    let r = front.call(&encode::discard(id, 1024, 1024, false));
+    assert_eq!((r.id, r.operation, r.status), (id, OP_DISCARD, RSP_OKAY));
+    assert_eq!(pool.volume("work/private").unwrap().mapped, MIB / 2);
+    assert!(pool.info().unwrap().data_used <= used - MIB / 2);
+    let (st, back) = front.read(0, 256);
+    assert_eq!(st, RSP_OKAY);
+    assert_eq!(back[..MIB as usize / 2], data[..MIB as usize / 2]);
+    assert!(back[MIB as usize / 2..].iter().all(|&b| b == 0));
+    // Secure discard is not offered; past the end is an error; neither frees anything.
+    let id = front.id();
+    assert_eq!(
+        front.call(&encode::discard(id, 0, 128, true)).status,
+        RSP_EOPNOTSUPP
+    );
+    let id = front.id();
+    assert_eq!(
+        front.call(&encode::discard(id, 0, u64::MAX, false)).status,
+        RSP_ERROR
+    );
+    assert_eq!(pool.volume("work/private").unwrap().mapped, MIB / 2);
+    be.stop().unwrap();
+}
+
+#[test]
+fn a_full_multi_page_ring_of_requests_in_flight() {
+    let pool = storage::MemPool::with_options(CHUNK, None);
+    pool.create_volume("v", 64 * MIB).unwrap();
+    let dev = pool.open_volume("v", false).unwrap();
+    let mut front = Frontend::new(2);
+    assert_eq!(front.ring.entries(), 128);
+    let be = Backend::start(&front, dev.clone());
+    for round in 0..3u64 {
+        let mut bufs = Vec::new();
+        let mut ids = Vec::new();
+        for i in 0..128u64 {
+            let data = pattern(2 * PAGE_SIZE, round * 1000 + i);
+            let buf = front.alloc(2, Some(&data));
+            let id = front.id();
+            front.ring.put_request(&encode::rw(
+                OP_WRITE,
+                id,
+                i * 16,
+                &Frontend::page_segments(&buf),
+            ));
+            bufs.push((data, buf));
+            ids.push(id);
+        }
+        front.push();
+        for id in ids {
+            let r = front.wait_response();
+            assert_eq!((r.id, r.status), (id, RSP_OKAY));
+        }
+        for (i, (data, _)) in bufs.iter().enumerate() {
+            assert_eq!(&read_dev(&*dev, i as u64 * 16 * 512, data.len()), data);
+        }
+    }
+    be.stop().unwrap();
+}
+
+#[test]
+fn malformed_requests_get_errors_and_touch_nothing() {
+    let pool = storage::MemPool::with_options(CHUNK, None);
+    pool.create_volume("a", MIB).unwrap();
+    pool.create_volume("b", MIB).unwrap();
+    let dev = pool.open_volume("a", false).unwrap();
+    let other = pool.open_volume("b", false).unwrap();
+    other.write_at(&[0x5b; 4096], 0).unwrap();
+    let sectors = MIB / 512;
+    let mut front = Frontend::new(0);
+    let be = Backend::start(&front, dev.clone());
+    let data = pattern(PAGE_SIZE, 9);
+    let buf = front.alloc(1, Some(&data));
+    let good = Segment {
+        gref: buf.refs[0],
+        first_sect: 0,
+        last_sect: 7,
+    };
+    let seg = |gref, first_sect, last_sect| Segment {
+        gref,
+        first_sect,
+        last_sect,
+    };
+    let cases: Vec<(&str, [u8; REQUEST_SIZE], i16)> = vec![
+        ("unknown operation", encode::simple(4, 1), RSP_EOPNOTSUPP),
+        ("operation 200", encode::simple(200, 2), RSP_EOPNOTSUPP),
+        ("zero segments", encode::rw(OP_WRITE, 3, 0, &[]), RSP_ERROR),
+        (
+            "first > last",
+            encode::rw(OP_WRITE, 4, 0, &[seg(good.gref, 5, 4)]),
+            RSP_ERROR,
+        ),
+        (
+            "last past the page",
+            encode::rw(OP_WRITE, 5, 0, &[seg(good.gref, 0, 8)]),
+            RSP_ERROR,
+        ),
+        (
+            "last = 255",
+            encode::rw(OP_READ, 6, 0, &[seg(good.gref, 0, 255)]),
+            RSP_ERROR,
+        ),
+        (
+            "past the end",
+            encode::rw(OP_WRITE, 7, sectors - 7, &[good]),
+            RSP_ERROR,
+        ),
+        (
+            "read past the end",
+            encode::rw(OP_READ, 8, sectors, &[good]),
+            RSP_ERROR,
+        ),
+        (
+            "sector overflow",
+            encode::rw(OP_READ, 9, u64::MAX - 3, &[good]),
+            RSP_ERROR,
+        ),
+        (
+            "never-granted ref",
+            encode::rw(OP_WRITE, 10, 0, &[seg(99_999, 0, 7)]),
+            RSP_ERROR,
+        ),
+        (
+            "read into a bad ref",
+            encode::rw(OP_READ, 11, 0, &[good, seg(77_777, 0, 7)]),
+            RSP_ERROR,
+        ),
+        (
+            "indirect, 0 segments",
+            encode::indirect(OP_READ, 12, 0, 0, &[good.gref]),
+            RSP_ERROR,
+        ),
+        (
+            "indirect, 257 segments",
+            encode::indirect(OP_READ, 13, 0, 257, &[good.gref]),
+            RSP_ERROR,
+        ),
+        (
+            "indirect flush",
+            encode::indirect(OP_FLUSH_DISKCACHE, 14, 0, 1, &[good.gref]),
+            RSP_ERROR,
+        ),
+        (
+            "indirect, bad page ref",
+            encode::indirect(OP_WRITE, 15, 0, 4, &[55_555]),
+            RSP_ERROR,
+        ),
+        (
+            "discard past the end",
+            encode::discard(16, sectors - 1, 2, false),
+            RSP_ERROR,
+        ),
+    ];
+    // Twelve segments claimed by a direct request.
+    let mut twelve = encode::rw(OP_WRITE, 17, 0, &[good; 11]);
+    twelve[1] = 12;
+    let mut all = cases;
+    all.push(("12 direct segments", twelve, RSP_ERROR));
+    // Indirect page whose segments are themselves bad (last_sect 9, and an unknown ref).
+    let bad_segs: Vec<u8> = [seg(good.gref, 0, 9), seg(44_444, 0, 7)]
+        .iter()
+        .flat_map(|s| s.encode())
+        .collect();
+    let ind = front.alloc(1, Some(&bad_segs));
+    all.push((
+        "indirect bad segment",
+        encode::indirect(OP_WRITE, 18, 0, 1, &ind.refs),
+        RSP_ERROR,
+    ));
+    all.push((
+        "indirect unknown ref",
+        encode::indirect(OP_WRITE, 19, 0, 2, &ind.refs),
+        RSP_ERROR,
+    ));
+    for (what, raw, status) in &all {
+        let r = front.call(raw);
+        assert_eq!(r.status, *status, "{what}");
+        assert_eq!(
+            r.id,
+            u64::from_le_bytes(raw[8..16].try_into().unwrap()),
+            "{what}: id"
+        );
+    }
+    // Nothing was written anywhere, the other volume is intact, the ring still works.
+    assert_eq!(read_dev(&*dev, 0, MIB as usize), vec![0; MIB as usize]);
+    assert_eq!(read_dev(&*other, 0, 4096), vec![0x5b; 4096]);
+    assert_eq!(front.write(0, &data), RSP_OKAY);
+    assert_eq!(front.read(0, 1), (RSP_OKAY, data.clone()));
+    // A grant revoked by the guest fails the copy, not the backend.
+    front.grants.revoke(buf.refs[0]);
+    let id = front.id();
+    assert_eq!(
+        front.call(&encode::rw(OP_READ, id, 0, &[good])).status,
+        RSP_ERROR
+    );
+    be.stop().unwrap();
+}
+
+#[test]
+fn a_read_only_volume_refuses_writes_and_discards() {
+    let pool = storage::MemPool::with_options(CHUNK, None);
+    pool.create_volume("t/root", MIB).unwrap();
+    let rw = pool.open_volume("t/root", false).unwrap();
+    rw.write_at(&[7; 4096], 0).unwrap();
+    drop(rw);
+    let dev = pool.open_volume("t/root", true).unwrap();
+    let mut front = Frontend::new(0);
+    let be = Backend::start(&front, dev.clone());
+    assert_eq!(front.write(0, &[1; PAGE_SIZE]), RSP_ERROR);
+    let id = front.id();
+    assert_eq!(
+        front.call(&encode::discard(id, 0, 8, false)).status,
+        RSP_ERROR
+    );
+    assert_eq!(front.read(0, 1), (RSP_OKAY, vec![7; PAGE_SIZE]));
+    be.stop().unwrap();
+}
+
+#[test]
+fn a_producer_index_beyond_the_ring_closes_the_device() {
+    let pool = storage::MemPool::with_options(CHUNK, None);
+    pool.create_volume("v", MIB).unwrap();
+    let dev = pool.open_volume("v", false).unwrap();
+    let mut front = Frontend::new(0);
+    let be = Backend::start(&front, dev);
+    assert_eq!(front.read(0, 1).0, RSP_OKAY);
+    front.ring.set_req_prod(1000);
+    front.to_back.kick();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while !be.thread.as_ref().unwrap().is_finished() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "backend did not close"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    assert!(matches!(be.stop(), Err(ServeError::Ring(_))));
+}

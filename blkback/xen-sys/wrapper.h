@@ -1,0 +1,9 @@
+#include <stdbool.h>
+#include <stdint.h>
+#include <xenstore.h>
+#include <xengnttab.h>
+#include <xenevtchn.h>
+#include <xen/grant_table.h>
+#include <xen/io/xenbus.h>
+#include <xen/io/xs_wire.h>
+#include <xen/io/blkif.h>
