@@ -355,6 +355,9 @@ impl Controller {
             rec,
             kpaths.first().map(|p| p.as_path()),
             kpaths.get(1).map(|p| p.as_path()),
+            // install_one has decided: a fresh install refuses an existing name, the
+            // other modes replace a repository template (the old root stays a revision).
+            true,
         );
         let chunks_local = dev.as_ref().map(|_| local_count(&m, local)).unwrap_or(0);
         drop(dev);
