@@ -956,6 +956,9 @@ fn kind_of(req: &Request) -> &'static str {
         Request::QubeStart { .. } => "started",
         Request::QubeConsole { .. } => "console",
         Request::VolumeList { .. } => "volume-list",
+        Request::TemplateRepo {
+            action: RepoAction::ListAvailable { .. },
+        } => "template-available",
         Request::VolumeInfo { .. }
         | Request::VolumeRevert { .. }
         | Request::VolumeResize { .. }
@@ -1035,6 +1038,30 @@ fn print(format: Format, kind: &str, v: &Value) -> Result<()> {
                         size(t, "size"),
                         size(t, "usage"),
                         fp.chars().take(16).collect(),
+                    ]
+                })
+                .collect(),
+        ),
+        "template-available" => table(
+            &[
+                "NAME",
+                "VERSION",
+                "RELEASED",
+                "SIZE",
+                "INSTALLED",
+                "REPOSITORY",
+            ],
+            v.as_array()
+                .unwrap_or(&empty)
+                .iter()
+                .map(|t| {
+                    vec![
+                        s(t, "name"),
+                        s(t, "version"),
+                        s(t, "release_date"),
+                        size(t, "size"),
+                        s(t, "installed"),
+                        s(t, "repo"),
                     ]
                 })
                 .collect(),
