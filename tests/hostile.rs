@@ -652,6 +652,16 @@ fn a_killed_template_create_leaves_nothing_half_made() {
     ctl.ok(&["pool", "init", "--size", "2G"]);
     let img = ctl.root.join("big.img");
     std::fs::write(&img, pattern(7, 64 * MIB)).unwrap();
+    // Kills spread over twice the time a whole create takes: some land inside it.
+    let t0 = Instant::now();
+    ctl.ok(&[
+        "template",
+        "create",
+        "ref",
+        "--from-image",
+        img.to_str().unwrap(),
+    ]);
+    let whole = t0.elapsed();
     let mut complete = 0;
     for i in 0..12u64 {
         let name = format!("t{i}");
@@ -668,7 +678,7 @@ fn a_killed_template_create_leaves_nothing_half_made() {
             .stderr(Stdio::null())
             .spawn()
             .unwrap();
-        std::thread::sleep(Duration::from_millis(30 + i * 40));
+        std::thread::sleep(whole * (i as u32 + 1) / 6);
         let _ = child.kill();
         let _ = child.wait();
         let list = ctl.json(&["template", "list"]);
@@ -681,7 +691,8 @@ fn a_killed_template_create_leaves_nothing_half_made() {
             assert!(err.contains("does not exist"), "{err}");
         }
     }
-    eprintln!("{complete} of 12 killed creates had completed");
+    eprintln!("{complete} of 12 killed creates had completed (a whole one: {whole:?})");
+    assert!(complete < 12, "no kill landed inside a create");
     assert_eq!(ctl.json(&["pool", "verify"])["clean"], true);
 }
 
