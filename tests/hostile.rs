@@ -541,6 +541,49 @@ fn a_frozen_daemon_is_named_not_waited_for() {
     ctl.stop_daemon();
 }
 
+/// The other side of a frozen daemon: one busy with a long request (here an import
+/// waiting for its input) still answers `daemon status`, so it is not taken for frozen.
+#[test]
+fn a_busy_daemon_still_answers() {
+    let ctl = setup();
+    ctl.json(&["qube", "start", "work", "--hypervisor", "none"]);
+    ctl.ok(&["qube", "create", "idle", "--template", "tpl"]);
+    let mut import = ctl
+        .cmd(&["volume", "import", "idle:private", "-", "--size", "1M"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The daemon now holds its controller, reading our (still empty) pipe.
+    std::thread::sleep(Duration::from_secs(1));
+    let mut status = ctl
+        .cmd(&["--format", "json", "daemon", "status"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let t0 = Instant::now();
+    while status.try_wait().unwrap().is_none() && t0.elapsed() < Duration::from_secs(30) {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let answered = status.try_wait().unwrap().is_some();
+    if !answered {
+        let _ = status.kill();
+    }
+    let mut stdin = import.stdin.take().unwrap();
+    stdin.write_all(&pattern(8, MIB)).unwrap();
+    drop(stdin);
+    let out = import.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(answered, "daemon status hung on a busy daemon");
+    let v: Value = serde_json::from_slice(&status.wait_with_output().unwrap().stdout).unwrap();
+    assert_eq!(v["daemon"], "running", "{v}");
+    assert_eq!(v["qubes_served"], 1, "{v}");
+    assert_eq!(export(&ctl, "idle:private"), pattern(8, MIB));
+    ctl.ok(&["qube", "shutdown", "work"]);
+    ctl.stop_daemon();
+}
+
 /// Issue 14.12: empty images are not templates; errors do not repeat themselves.
 #[test]
 fn empty_images_are_refused_and_errors_say_things_once() {
