@@ -672,17 +672,20 @@ fn a_damaged_superblock_slot_is_reported() {
             );
             assert!(stderr(&out).contains("superblock"), "{}", stderr(&out));
         }
+        // The commit in use is sound; the damaged slot is a warning.
         let out = c.output(&["pool", "verify"]);
-        assert!(!out.status.success(), "verify calls a damaged slot clean");
         let text = String::from_utf8_lossy(&out.stdout);
-        assert!(text.contains("superblock slot"), "{text}");
+        assert!(
+            text.starts_with("clean, with warnings") && text.contains("warning: superblock slot"),
+            "verify calls a damaged slot clean: {text}"
+        );
     }
     assert_eq!(fell_back, 1, "exactly one slot holds the newest commit");
     let both = copy("both");
     flip(&both, 3224);
     flip(&both, 4096 + 3224);
     let err = both.fails(&["pool", "info"]);
-    assert!(err.contains("restore pool.meta"), "{err}");
+    assert!(err.contains("Restore pool.meta"), "{err}");
     assert!(!err.contains("run `qubes-ctl pool verify`"), "{err}");
 }
 
