@@ -541,6 +541,49 @@ fn a_frozen_daemon_is_named_not_waited_for() {
     ctl.stop_daemon();
 }
 
+/// The other side of a frozen daemon: one busy with a long request (here an import
+/// waiting for its input) still answers `daemon status`, so it is not taken for frozen.
+#[test]
+fn a_busy_daemon_still_answers() {
+    let ctl = setup();
+    ctl.json(&["qube", "start", "work", "--hypervisor", "none"]);
+    ctl.ok(&["qube", "create", "idle", "--template", "tpl"]);
+    let mut import = ctl
+        .cmd(&["volume", "import", "idle:private", "-", "--size", "1M"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The daemon now holds its controller, reading our (still empty) pipe.
+    std::thread::sleep(Duration::from_secs(1));
+    let mut status = ctl
+        .cmd(&["--format", "json", "daemon", "status"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let t0 = Instant::now();
+    while status.try_wait().unwrap().is_none() && t0.elapsed() < Duration::from_secs(30) {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let answered = status.try_wait().unwrap().is_some();
+    if !answered {
+        let _ = status.kill();
+    }
+    let mut stdin = import.stdin.take().unwrap();
+    stdin.write_all(&pattern(8, MIB)).unwrap();
+    drop(stdin);
+    let out = import.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(answered, "daemon status hung on a busy daemon");
+    let v: Value = serde_json::from_slice(&status.wait_with_output().unwrap().stdout).unwrap();
+    assert_eq!(v["daemon"], "running", "{v}");
+    assert_eq!(v["qubes_served"], 1, "{v}");
+    assert_eq!(export(&ctl, "idle:private"), pattern(8, MIB));
+    ctl.ok(&["qube", "shutdown", "work"]);
+    ctl.stop_daemon();
+}
+
 /// Issue 14.12: empty images are not templates; errors do not repeat themselves.
 #[test]
 fn empty_images_are_refused_and_errors_say_things_once() {
@@ -629,17 +672,20 @@ fn a_damaged_superblock_slot_is_reported() {
             );
             assert!(stderr(&out).contains("superblock"), "{}", stderr(&out));
         }
+        // The commit in use is sound; the damaged slot is a warning.
         let out = c.output(&["pool", "verify"]);
-        assert!(!out.status.success(), "verify calls a damaged slot clean");
         let text = String::from_utf8_lossy(&out.stdout);
-        assert!(text.contains("superblock slot"), "{text}");
+        assert!(
+            text.starts_with("clean, with warnings") && text.contains("warning: superblock slot"),
+            "verify calls a damaged slot clean: {text}"
+        );
     }
     assert_eq!(fell_back, 1, "exactly one slot holds the newest commit");
     let both = copy("both");
     flip(&both, 3224);
     flip(&both, 4096 + 3224);
     let err = both.fails(&["pool", "info"]);
-    assert!(err.contains("restore pool.meta"), "{err}");
+    assert!(err.contains("Restore pool.meta"), "{err}");
     assert!(!err.contains("run `qubes-ctl pool verify`"), "{err}");
 }
 
@@ -652,6 +698,16 @@ fn a_killed_template_create_leaves_nothing_half_made() {
     ctl.ok(&["pool", "init", "--size", "2G"]);
     let img = ctl.root.join("big.img");
     std::fs::write(&img, pattern(7, 64 * MIB)).unwrap();
+    // Kills spread over twice the time a whole create takes: some land inside it.
+    let t0 = Instant::now();
+    ctl.ok(&[
+        "template",
+        "create",
+        "ref",
+        "--from-image",
+        img.to_str().unwrap(),
+    ]);
+    let whole = t0.elapsed();
     let mut complete = 0;
     for i in 0..12u64 {
         let name = format!("t{i}");
@@ -668,7 +724,7 @@ fn a_killed_template_create_leaves_nothing_half_made() {
             .stderr(Stdio::null())
             .spawn()
             .unwrap();
-        std::thread::sleep(Duration::from_millis(30 + i * 40));
+        std::thread::sleep(whole * (i as u32 + 1) / 6);
         let _ = child.kill();
         let _ = child.wait();
         let list = ctl.json(&["template", "list"]);
@@ -681,7 +737,8 @@ fn a_killed_template_create_leaves_nothing_half_made() {
             assert!(err.contains("does not exist"), "{err}");
         }
     }
-    eprintln!("{complete} of 12 killed creates had completed");
+    eprintln!("{complete} of 12 killed creates had completed (a whole one: {whole:?})");
+    assert!(complete < 12, "no kill landed inside a create");
     assert_eq!(ctl.json(&["pool", "verify"])["clean"], true);
 }
 

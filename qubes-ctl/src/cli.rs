@@ -1117,12 +1117,13 @@ fn print(format: Format, kind: &str, v: &Value) -> Result<()> {
         "console" => out!("{}", v["text"].as_str().unwrap_or("")),
         "verify" => {
             let r = &v["report"];
+            let warned = r["warnings"].as_array().is_some_and(|w| !w.is_empty());
             outln!(
                 "{}: {} volumes, {} metadata pages, {} data chunks",
-                if v["clean"].as_bool() == Some(true) {
-                    "clean"
-                } else {
-                    "PROBLEMS FOUND"
+                match (v["clean"].as_bool() == Some(true), warned) {
+                    (true, false) => "clean",
+                    (true, true) => "clean, with warnings",
+                    (false, _) => "PROBLEMS FOUND",
                 },
                 s(r, "volumes"),
                 s(r, "metadata_pages"),
@@ -1133,6 +1134,9 @@ fn print(format: Format, kind: &str, v: &Value) -> Result<()> {
             }
             for e in r["errors"].as_array().unwrap_or(&empty) {
                 outln!("error: {}", e.as_str().unwrap_or(""));
+            }
+            for w in r["warnings"].as_array().unwrap_or(&empty) {
+                outln!("warning: {}", w.as_str().unwrap_or(""));
             }
             if v["clean"].as_bool() != Some(true) {
                 bail!("pool verify found problems");

@@ -23,6 +23,9 @@ use crate::paths::Paths;
 
 type Shared = Arc<Mutex<Controller>>;
 
+/// How many qubes this daemon serves, for pings answered without the controller.
+static SERVED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
 pub fn run(paths: &Paths) -> Result<()> {
     paths.secure()?;
     let sock = paths.admin_socket();
@@ -66,6 +69,10 @@ pub fn run(paths: &Paths) -> Result<()> {
         sock.display()
     );
 
+    SERVED.store(
+        ctl.served_qubes().len(),
+        std::sync::atomic::Ordering::Relaxed,
+    );
     let shared: Shared = Arc::new(Mutex::new(ctl));
     spawn_monitor(shared.clone());
     spawn_signal_handler(shared.clone(), paths.clone())?;
@@ -103,9 +110,22 @@ fn serve_admin(conn: UnixStream, shared: &Shared, paths: &Paths) -> Result<()> {
             ctl.detach_all();
             exit_cleanly(paths);
         }
+        // A ping is answered even while a long request (a build, an import) holds the
+        // controller: the CLI tells a busy daemon from a frozen one by it.
+        Ok(Request::Ping) => Reply::Ok(serde_json::json!({
+            "pong": true,
+            "pid": std::process::id(),
+            "build": api::build_id(),
+            "served": SERVED.load(std::sync::atomic::Ordering::Relaxed),
+        })),
         Ok(req) => {
             let mut ctl = shared.lock().unwrap_or_else(|p| p.into_inner());
-            match ctl.handle_with(req, files) {
+            let r = ctl.handle_with(req, files);
+            SERVED.store(
+                ctl.served_qubes().len(),
+                std::sync::atomic::Ordering::Relaxed,
+            );
+            match r {
                 Ok(v) => Reply::Ok(v),
                 Err(e) => Reply::Error(crate::cli::error_text(&e)),
             }
@@ -138,6 +158,10 @@ fn spawn_monitor(shared: Shared) {
                 ),
             }
         }
+        SERVED.store(
+            ctl.served_qubes().len(),
+            std::sync::atomic::Ordering::Relaxed,
+        );
     });
 }
 

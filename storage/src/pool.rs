@@ -134,7 +134,7 @@ pub enum PoolError {
     NotAPool { path: String, reason: String },
     #[error("the pool at {path} is in use by another process{}; stop it or talk to it through `qubes-ctl daemon`", pid.map(|p| format!(" (pid {p})")).unwrap_or_default())]
     Locked { path: String, pid: Option<u32> },
-    #[error("pool metadata is corrupt: {0}; run `qubes-ctl pool verify` for a full report")]
+    #[error("pool metadata is corrupt: {0}{hint}", hint = verify_hint(.0))]
     Corrupt(String),
     #[error("{op}: {source}")]
     Io {
@@ -144,6 +144,15 @@ pub enum PoolError {
     },
     #[error(transparent)]
     Block(#[from] BlockError),
+}
+
+/// `pool verify` needs an open pool: a pool that cannot be opened gets its own way out.
+fn verify_hint(msg: &str) -> &'static str {
+    if msg.contains("cannot be opened") {
+        ""
+    } else {
+        "; run `qubes-ctl pool verify` for a full report"
+    }
 }
 
 impl PoolError {
@@ -202,6 +211,10 @@ pub struct VerifyReport {
     pub leaks: Vec<String>,
     /// Checksums, refcount mismatches, dangling references, bad structure.
     pub errors: Vec<String>,
+    /// Damage the pool works around (a superblock slot, left torn by a power cut or
+    /// damaged since: the pool runs on the other one and its next commit rewrites it).
+    #[serde(default)]
+    pub warnings: Vec<String>,
 }
 
 impl VerifyReport {

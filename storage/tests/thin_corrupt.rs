@@ -200,8 +200,11 @@ fn one_bad_superblock_falls_back_to_the_other() {
         "falls back to the previous commit"
     );
     assert!(pool.exists("a").unwrap() && !pool.exists("b").unwrap());
+    // Nothing is wrong with the commit in use; the damaged slot is reported.
     let r = pool.verify().unwrap();
     assert!(r.is_clean(), "{r:?}");
+    assert!(r.warnings[0].contains("superblock slot"), "{r:?}");
+    assert!(pool.info().unwrap().warnings[0].contains("superblock"));
     let mut buf = [0u8; 8192];
     pool.open_volume("a", true)
         .unwrap()

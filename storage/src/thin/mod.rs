@@ -402,15 +402,13 @@ impl ThinPool {
             .filter(|o| best.is_some_and(|b| o.generation < b.generation));
         let Some(sb) = best else {
             // `pool verify` cannot open such a pool either: say what can be done.
-            return Err(PoolError::NotAPool {
-                path: dir.display().to_string(),
-                reason: format!(
-                    "both superblock slots of {META_FILE} are damaged ({}), so no commit can be found; \
-                     restore {META_FILE} from a backup, or move the pool directory away (its data cannot be \
-                     reached without the superblock)",
-                    problems.join("; ")
-                ),
-            });
+            return Err(PoolError::Corrupt(format!(
+                "no valid superblock: {}; the pool at {} cannot be opened (nor verified). \
+                 Restore {META_FILE} from a backup, or move the pool directory away and create a \
+                 new pool with `qubes-ctl pool init` (its data cannot be reached without a superblock)",
+                problems.join("; "),
+                dir.display()
+            )));
         };
         let fallback = (!problems.is_empty()).then(|| {
             format!(
@@ -1632,7 +1630,7 @@ impl Pool for ThinPool {
                 Err(e) => Some(e.to_string()),
             };
             if let Some(p) = problem {
-                report.errors.push(format!(
+                report.warnings.push(format!(
                     "superblock slot {} is damaged ({p}); the pool runs on the other slot (generation {}) and the next commit rewrites it",
                     slot.0, pin.sb.generation
                 ));
