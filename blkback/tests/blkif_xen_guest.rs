@@ -1,10 +1,11 @@
 //! The blkif backend with a real Xen guest: `scripts/testvm.sh --xen` boots Xen 4.17 with
 //! a Debian dom0 under QEMU TCG; there `blkback/tests/xen/blkif_guest.sh` boots a PV domU
-//! whose only disk is served by the `blkif_serve` example (built by `cargo test`) from a
-//! raw image, beside a loaded kernel xen-blkback, and checks read, O_DIRECT write +
-//! fsync, read back and discard byte for byte against the image, a clean 4 -> 5 -> 6
-//! close at guest poweroff and no backend nodes left. About 2.5 min (plus the harness's
-//! one-time root image build).
+//! whose only disk is served by the `blkif_serve` example (built by `cargo test`), first
+//! from a raw image, then from a thin pool volume, while the kernel's xen-blkback is
+//! loaded. Checked: read, O_DIRECT write + fsync, read back and discard, byte for byte
+//! against the image and the pool; the discard freed the pool's chunks (mapped bytes);
+//! a clean 4 -> 5 -> 6 close at guest poweroff; no backend nodes, qemu-nbd or nbd device
+//! left. About 3 min (plus the harness's one-time root image build).
 
 use std::path::Path;
 use std::process::Command;
