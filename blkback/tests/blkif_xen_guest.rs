@@ -4,8 +4,9 @@
 //! from a raw image, then from a thin pool volume, while the kernel's xen-blkback is
 //! loaded. Checked: read, O_DIRECT write + fsync, read back and discard, byte for byte
 //! against the image and the pool; the discard freed the pool's chunks (mapped bytes);
-//! a clean 4 -> 5 -> 6 close at guest poweroff; no backend nodes, qemu-nbd or nbd device
-//! left. About 3 min (plus the harness's one-time root image build).
+//! a clean 4 -> 5 -> 6 close at guest poweroff; a flushed write survives a SIGKILL of the
+//! backend; no backend nodes, qemu-nbd or nbd device left. About 3.5 min (plus the
+//! harness's one-time root image build).
 
 use std::path::Path;
 use std::process::Command;

@@ -23,6 +23,13 @@ mount -t proc proc /proc; mount -t sysfs sys /sys; mount -t devtmpfs dev /dev
 i=0; while [ ! -b /dev/xvda ] && [ $i -lt 120 ]; do sleep 1; i=$((i+1)); done
 h() { sha256sum | cut -d' ' -f1; }
 echo "GUEST size $(cat /sys/block/xvda/size)"
+if grep -q blkif.kill /proc/cmdline; then
+  # The host SIGKILLs the backend once this is flushed: the write must be in the pool.
+  dd if=/dev/urandom of=/tmp/d bs=1M count=4 2>/dev/null
+  dd if=/tmp/d of=/dev/xvda bs=1M seek=16 oflag=direct conv=fsync 2>/dev/null
+  echo "GUEST flushed $(h < /tmp/d)"
+  while :; do sleep 60; done
+fi
 echo "GUEST read0 $(dd if=/dev/xvda bs=1M count=4 iflag=direct 2>/dev/null | h)"
 dd if=/dev/urandom of=/tmp/d bs=1M count=4 2>/dev/null
 echo "GUEST wrote $(h < /tmp/d)"
@@ -41,7 +48,8 @@ Z4=$(dd if=/dev/zero bs=1M count=4 2>/dev/null | sha)
 Z8=$(dd if=/dev/zero bs=1M count=8 2>/dev/null | sha)
 fail=0
 
-# run_guest NAME BACKEND-ARGS...: boots the guest on that disk, leaves its console log
+# run_guest NAME BACKEND-ARGS... ($EXTRA: more kernel arguments; $KILL_AFTER: SIGKILL the
+# backend once the guest printed that GUEST line, then destroy the guest): boots the guest on that disk, leaves its console log
 # in $W/NAME.log and the backend's stdout in $W/NAME.out.
 run_guest() {
   name=$1; shift
@@ -52,7 +60,7 @@ kernel="/boot/vmlinuz-$KV"
 ramdisk="$W/g.cpio.gz"
 memory=256
 vcpus=1
-extra="console=hvc0 rdinit=/init"
+extra="console=hvc0 rdinit=/init ${EXTRA:-}"
 on_poweroff="destroy"
 on_crash="destroy"
 EOF
@@ -66,12 +74,20 @@ EOF
   done
   t0=$(date +%s)
   xl unpause $name
-  i=0; while xl domid $name >/dev/null 2>&1 && [ $i -lt 600 ]; do sleep 2; i=$((i+2)); done
+  log=/var/log/xen/console/guest-$name.log
+  i=0; while xl domid $name >/dev/null 2>&1 && [ $i -lt 600 ]; do
+    if [ -n "${KILL_AFTER:-}" ] && grep -aq "GUEST $KILL_AFTER" $log 2>/dev/null; then
+      kill -9 $serve; echo "$name: backend SIGKILLed"; xl destroy $name; break
+    fi
+    sleep 2; i=$((i+2))
+  done
   echo "$name: guest ran $(( $(date +%s) - t0 )) s"
   xl destroy $name 2>/dev/null || true
   i=0; while kill -0 $serve 2>/dev/null && [ $i -lt 30 ]; do sleep 1; i=$((i+1)); done
   kill $serve 2>/dev/null || true
-  wait $serve || { echo "FAIL: $name: blkif_serve exited with an error"; fail=1; }
+  if [ -z "${KILL_AFTER:-}" ]; then
+    wait $serve || { echo "FAIL: $name: blkif_serve exited with an error"; fail=1; }
+  fi
   tr -d '\r' < /var/log/xen/console/guest-$name.log > $W/$name.log
   echo "--- $name: guest"; grep -a "GUEST\|blkfront\|panic\|Oops" $W/$name.log || true
   echo "--- $name: blkif_serve"; tail -n 8 $W/$name.err
@@ -102,6 +118,11 @@ check blkt wrote "$(g blkt wrote)" "$($BIN --read-thin $W/pool 8388608 4194304 |
 check blkt readback "$(g blkt readback)" "$(g blkt wrote)"
 check blkt discarded "$(g blkt discarded)" "$Z8"
 check blkt mapped "$(awk '/^mapped/{print $2}' $W/blkt.out)" 4194304
+
+# 3. A flushed write survives a SIGKILL of the backend (FLUSH = pool commit).
+EXTRA=blkif.kill KILL_AFTER=flushed run_guest blkk --thin $W/pool 64
+check blkk flushed-after-kill "$($BIN --read-thin $W/pool 16777216 4194304 | sha)" "$(g blkk flushed)"
+xenstore-rm /local/domain/0/backend/qubes-vbd 2>/dev/null || true
 
 grep -q . /sys/block/nbd0/pid 2>/dev/null && { echo "FAIL: an nbd device is in use"; fail=1; }
 pgrep -x qemu-nbd >/dev/null && { echo "FAIL: qemu-nbd runs"; fail=1; }
