@@ -265,4 +265,9 @@ fn add_device_writes_what_a_frontend_needs_and_the_handshake_runs_on_it() {
     assert_eq!(pump(&xs, &mut d), Outcome::Gone);
     remove_device(&xs, &paths).unwrap();
     assert!(xs.dump().keys().all(|k| !k.contains("/7/51712")));
+    assert_eq!(
+        xs.directory(&format!("/local/domain/0/backend/{BACKEND_KIND}"))
+            .unwrap(),
+        Vec::<String>::new()
+    );
 }

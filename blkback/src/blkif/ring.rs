@@ -256,6 +256,44 @@ mod tests {
     }
 
     #[test]
+    fn a_backend_attaching_to_a_running_ring_redoes_unanswered_requests() {
+        // Groundwork for a daemon restart: answered requests stay answered, the ones in
+        // flight when the old backend died are served again.
+        let mem = Arc::new(SharedMem::anonymous(1).unwrap());
+        let mut front = FrontRing::init(mem.clone());
+        for id in 0..20u64 {
+            front.put_request(&encode::simple(OP_FLUSH_DISKCACHE, id));
+        }
+        front.push_requests();
+        let mut old = BackRing::attach(mem.clone()).unwrap();
+        for i in 0..10 {
+            let b = old.next_request().unwrap().unwrap();
+            if i < 6 {
+                old.put_response(&Response {
+                    id: u64::from_le_bytes(b[8..16].try_into().unwrap()),
+                    operation: b[0],
+                    status: RSP_OKAY,
+                });
+            }
+        }
+        old.push_responses();
+        drop(old); // 6..=9 consumed, never answered: the old backend died.
+        for id in 0..6 {
+            assert_eq!(front.next_response().unwrap().id, id);
+        }
+        for id in 20..30u64 {
+            front.put_request(&encode::simple(OP_FLUSH_DISKCACHE, id));
+        }
+        front.push_requests();
+        let mut new = BackRing::attach(mem).unwrap();
+        let mut seen = Vec::new();
+        while let Some(b) = new.next_request().unwrap() {
+            seen.push(u64::from_le_bytes(b[8..16].try_into().unwrap()));
+        }
+        assert_eq!(seen, (6..30).collect::<Vec<_>>());
+    }
+
+    #[test]
     fn notifications_follow_the_event_indices() {
         let mem = Arc::new(SharedMem::anonymous(1).unwrap());
         let mut front = FrontRing::init(mem.clone());

@@ -625,5 +625,12 @@ pub fn add_device<X: XenStore>(
 /// Removes what [`add_device`] wrote (after the device closed, or the domain died).
 pub fn remove_device<X: XenStore>(xs: &X, paths: &DevicePaths) -> io::Result<()> {
     xs.rm(&paths.backend)?;
-    xs.rm(&paths.frontend)
+    xs.rm(&paths.frontend)?;
+    // The per-domain directory under our type directory, once its last device is gone.
+    if let Some((dom_dir, _)) = paths.backend.rsplit_once('/') {
+        if xs.directory(dom_dir)?.is_empty() {
+            xs.rm(dom_dir)?;
+        }
+    }
+    Ok(())
 }
