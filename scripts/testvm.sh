@@ -210,7 +210,9 @@ up() { cut -d' ' -f1 /proc/uptime; }
 off() { sync; busybox poweroff -f; echo o > /proc/sysrq-trigger; sleep 60; }
 mkdir -p /dev/pts /dev/shm
 mount -t devpts devpts /dev/pts; mount -t tmpfs tmpfs /dev/shm; mount -t tmpfs tmpfs /tmp
-ln -sf /proc/self/fd /dev/fd 2>/dev/null
+# udev would make these; Xen's hotplug scripts lock through /dev/stdin.
+ln -sf /proc/self/fd /dev/fd; ln -sf /proc/self/fd/0 /dev/stdin
+ln -sf /proc/self/fd/1 /dev/stdout; ln -sf /proc/self/fd/2 /dev/stderr
 mount -o remount,rw / 2>/dev/null
 hostname testvm
 modprobe -a 9p 9pnet_virtio loop dm_mod 2>/dev/null
