@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Runs a command as root inside a Debian 12 VM under QEMU TCG, optionally as Xen 4.17's dom0.
 #
-#   scripts/testvm.sh [--xen] [--timeout S] [--mem MiB] [--scratch SIZE] [--share DIR]
-#                     [--verbose] -- COMMAND...
+#   scripts/testvm.sh [--xen] [--timeout S] [--mem MiB] [--scratch SIZE] [--scratch-from DIR]
+#                     [--share DIR] [--verbose] -- COMMAND...
 #
 # The VM boots Debian 12's 6.1 kernel (with --xen: Debian 12's Xen 4.17 with that kernel as
 # PV dom0) on a cached Debian 12 root (mmdebstrap: xen-utils-4.17, qemu-utils, kmod, ...),
@@ -10,7 +10,8 @@
 # read-only at /src (9p) and COMMAND runs there; the directory of this build's qubes-ctl
 # (target/release, or $QUBES_CTL_BIN's) is first on PATH; a fresh sparse scratch disk
 # (--scratch, default 16G) is formatted ext4 and mounted at /scratch, and QUBES_CTL_ROOT
-# points into it (dom0's RAM is small). --share DIR is mounted read-only at /share (9p). Modules loaded: loop, dm-mod, nbd, 9p; with --xen
+# points into it (dom0's RAM is small); --scratch-from DIR starts it with DIR's contents
+# (mke2fs -d on the host: a pool prepared natively instead of under nested TCG). --share DIR is mounted read-only at /share (9p). Modules loaded: loop, dm-mod, nbd, 9p; with --xen
 # also the Xen ones, and xenstored, xen-init-dom0 and `xenconsoled --log=guest` run.
 # COMMAND's output (stdout+stderr) is printed; the script exits with COMMAND's status,
 # 124 on timeout (QEMU is killed) and 125 when the VM failed before COMMAND ended.
@@ -23,7 +24,7 @@
 # The Debian mirror is the first one in this machine's apt sources.
 set -euo pipefail
 
-XEN=0 TIMEOUT=900 MEM="" SCRATCH=16G VERBOSE=0 SHARE=""
+XEN=0 TIMEOUT=900 MEM="" SCRATCH=16G VERBOSE=0 SHARE="" SCRATCH_FROM=""
 usage() { sed -n '2,5p' "$0" >&2; exit 2; }
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -31,6 +32,7 @@ while [ $# -gt 0 ]; do
     --timeout) TIMEOUT=${2:?}; shift ;;
     --mem) MEM=${2:?}; shift ;;
     --scratch) SCRATCH=${2:?}; shift ;;
+    --scratch-from) SCRATCH_FROM=$(cd "${2:?}" && pwd) || exit 2; shift ;;
     --share) SHARE=$(cd "${2:?}" && pwd) || exit 2; shift ;;
     --verbose|-v) VERBOSE=1 ;;
     --) shift; break ;;
@@ -210,7 +212,9 @@ up() { cut -d' ' -f1 /proc/uptime; }
 off() { sync; busybox poweroff -f; echo o > /proc/sysrq-trigger; sleep 60; }
 mkdir -p /dev/pts /dev/shm
 mount -t devpts devpts /dev/pts; mount -t tmpfs tmpfs /dev/shm; mount -t tmpfs tmpfs /tmp
-ln -sf /proc/self/fd /dev/fd 2>/dev/null
+# udev would make these; Xen's hotplug scripts lock through /dev/stdin.
+ln -sf /proc/self/fd /dev/fd; ln -sf /proc/self/fd/0 /dev/stdin
+ln -sf /proc/self/fd/1 /dev/stdout; ln -sf /proc/self/fd/2 /dev/stderr
 mount -o remount,rw / 2>/dev/null
 hostname testvm
 modprobe -a 9p 9pnet_virtio loop dm_mod 2>/dev/null
@@ -225,7 +229,7 @@ if [ "$TESTVM_SHARE" = 1 ]; then
     || { echo "TESTVM-FATAL: cannot mount the --share directory"; off; }
 fi
 if [ -b /dev/vdb ]; then
-  mke2fs -q -t ext4 -E lazy_itable_init=1,nodiscard /dev/vdb && mount /dev/vdb /scratch \
+  { [ "${TESTVM_SCRATCH_READY:-0}" = 1 ] || mke2fs -q -t ext4 -E lazy_itable_init=1,nodiscard /dev/vdb; } && mount /dev/vdb /scratch \
     || { echo "TESTVM-FATAL: cannot format/mount the scratch disk"; off; }
   export QUBES_CTL_ROOT=/scratch/qubes-ctl
 fi
@@ -246,11 +250,16 @@ rc=$?
 echo "==== TESTVM COMMAND END status=$rc uptime=$(up) ===="
 off
 EOF
+truncate -s "$SCRATCH" "$RUN/scratch.img"
+if [ -n "$SCRATCH_FROM" ]; then
+  mke2fs -q -F -t ext4 -E lazy_itable_init=1,nodiscard -L scratch -d "$SCRATCH_FROM" "$RUN/scratch.img" \
+    || die "mke2fs -d $SCRATCH_FROM for the scratch disk failed"
+  echo "TESTVM_SCRATCH_READY=1" >> "$RUN/arch/testvm/env"
+fi
 (cd "$RUN/arch" && find . | cpio -R 0:0 -H newc -o 2>/dev/null | gzip -1) > "$RUN/run.cpio.gz"
 # The kernel unpacks concatenated archives in order: the cached initramfs, then this run's.
 cat "$RD/initrd.cpio.gz" "$RUN/run.cpio.gz" > "$RUN/initrd"
 
-truncate -s "$SCRATCH" "$RUN/scratch.img"
 COMMON=(-accel tcg -smp 2 -nographic -no-reboot -monitor none -serial stdio -nic none
   -drive "file=$RD/root.img,format=raw,if=virtio,snapshot=on"
   -drive "file=$RUN/scratch.img,format=raw,if=virtio,cache=unsafe,discard=unmap"
