@@ -1,6 +1,7 @@
 //! fio (ioengine=nbd) against this server and its peers, side by side:
 //!
 //! * blkback on a 1 GiB volume (thin pool when available, and the sparse-file double),
+//!   and on a fresh thin snapshot of it (copy-on-write against the qcow2 overlay's),
 //! * `qemu-nbd -f raw --cache=writeback` on a raw file with the same bytes,
 //! * `qemu-nbd -f qcow2` on a fresh qcow2 overlay of that raw file,
 //! * `nbdkit file` on the raw file,
@@ -188,6 +189,42 @@ type Target = (
     Box<dyn Fn() -> (String, Option<Box<dyn std::any::Any>>)>,
 );
 
+fn name_dir(snapshot: bool) -> &'static str {
+    if snapshot {
+        "blkback-thin-snap"
+    } else {
+        "blkback-thin"
+    }
+}
+
+/// A thin pool in `pdir` with volume `vol` holding `base`'s bytes, fully written (reads
+/// hit data, writes overwrite mapped chunks), committed.
+fn thin_pool_with_volume(pdir: &Path, base: &Path, size: u64) -> Arc<storage::ThinPool> {
+    use std::io::Read;
+    use storage::Pool;
+    let _ = std::fs::remove_dir_all(pdir);
+    std::fs::create_dir(pdir).unwrap();
+    let pool = storage::ThinPool::create(
+        pdir,
+        storage::ThinOptions {
+            chunk_size: 64 << 10,
+            capacity: size * 2,
+        },
+    )
+    .unwrap();
+    pool.create_volume("vol", size).unwrap();
+    pool.commit().unwrap();
+    let dev = pool.open_volume("vol", false).unwrap();
+    let mut f = std::fs::File::open(base).unwrap();
+    let mut buf = vec![0u8; 1 << 20];
+    for i in 0..size >> 20 {
+        f.read_exact(&mut buf).unwrap();
+        dev.write_at(&buf, i << 20).unwrap();
+    }
+    dev.flush().unwrap();
+    pool
+}
+
 fn main() {
     // `cargo bench` passes `--bench`; nothing to parse.
     let secs: u64 = std::env::var("NBD_BENCH_SECS")
@@ -212,37 +249,31 @@ fn main() {
     write_base(&base, size);
 
     let mut targets: Vec<Target> = Vec::new();
-    {
+    for snapshot in [false, true] {
         let d = d.clone();
         let base = base.clone();
+        let name = if snapshot {
+            "blkback (thin snapshot)"
+        } else {
+            "blkback (thin pool)"
+        };
         targets.push((
-            "blkback (thin pool)".into(),
+            name.into(),
             Box::new(move || {
-                use std::io::Read;
-                use storage::Pool;
-                let pdir = d.join("thin");
-                let _ = std::fs::remove_dir_all(&pdir);
-                std::fs::create_dir(&pdir).unwrap();
-                let pool = storage::ThinPool::create(
-                    &pdir,
-                    storage::ThinOptions {
-                        chunk_size: 64 << 10,
-                        capacity: size * 2,
-                    },
-                )
-                .unwrap();
-                pool.create_volume("vol", size).unwrap();
-                pool.commit().unwrap();
-                let dev = pool.open_volume("vol", false).unwrap();
-                // Fully written first, so reads hit data and writes overwrite mapped chunks.
-                let mut f = std::fs::File::open(&base).unwrap();
-                let mut buf = vec![0u8; 1 << 20];
-                for i in 0..size >> 20 {
-                    f.read_exact(&mut buf).unwrap();
-                    dev.write_at(&buf, i << 20).unwrap();
-                }
-                dev.flush().unwrap();
-                let sock = d.join("blkback-thin.sock");
+                let pool = thin_pool_with_volume(&d.join(name_dir(snapshot)), &base, size);
+                // The snapshot row: a fresh snapshot of the fully written volume, so every
+                // first write to a chunk is a copy-on-write, as in the fresh qcow2 overlay
+                // (the "thin pool" row overwrites in place).
+                let key = if snapshot {
+                    use storage::Pool;
+                    pool.snapshot("vol", "snap").unwrap();
+                    pool.commit().unwrap();
+                    "snap"
+                } else {
+                    "vol"
+                };
+                let dev = storage::Pool::open_volume(&*pool, key, false).unwrap();
+                let sock = d.join(format!("{}.sock", name_dir(snapshot)));
                 let server = NbdServer::bind_unix(
                     &sock,
                     vec![Export {

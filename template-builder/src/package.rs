@@ -5,10 +5,12 @@
 //! the manifest hash, and the blake3 of EVERY stored chunk (and of the kernel and initrd)
 //! have been checked against the manifest; any damage is an error that names the region
 //! (header, manifest, chunk N, kernel, initrd) and nothing has been written anywhere. The
-//! verified compressed bytes are kept in memory, so what the caller then reads is what
-//! was verified (no re-read of a file that could change underneath). Each chunk carries
-//! two hashes: of its stored (zstd) bytes, checked at open without decompressing, and of
-//! its content, checked again as [`VerifiedPackage::image_reader`] unpacks it.
+//! package is streamed, never held in memory whole (it can be many GiB and comes from the
+//! network): open hashes each stored blob from the file, and reading re-reads it. Each
+//! chunk carries two hashes: of its stored (zstd) bytes, checked at open without
+//! decompressing, and of its content, checked again (against the verified manifest, kept
+//! in memory) as [`VerifiedPackage::image_reader`] unpacks it, so a file changed after
+//! verification is an error, never wrong data.
 //!
 //! # File layout (format version 1, little endian)
 //!
@@ -514,8 +516,9 @@ fn decode_header(path: &Path, h: &[u8; HEADER_LEN as usize]) -> Result<Header, P
 pub struct VerifiedPackage {
     path: PathBuf,
     manifest: PackageManifest,
-    /// The data region (file offsets HEADER_LEN..manifest_offset).
-    data: Vec<u8>,
+    /// The package file: blobs are read from it when needed (a package can be many GiB;
+    /// it is never held in memory whole).
+    file: fs::File,
     blob_of: HashMap<[u8; 32], usize>,
 }
 
@@ -561,8 +564,8 @@ pub fn read_package(file: &Path) -> Result<VerifiedPackage, PackageError> {
             actual,
         });
     }
-    let mut data = vec![0u8; (hdr.manifest_offset - HEADER_LEN) as usize];
-    f.read_exact(&mut data).map_err(io_err("reading", file))?;
+    f.seek(SeekFrom::Start(hdr.manifest_offset))
+        .map_err(io_err("seeking to the manifest of", file))?;
     let mut mjson = vec![0u8; hdr.manifest_len as usize];
     f.read_exact(&mut mjson)
         .map_err(io_err("reading manifest of", file))?;
@@ -580,15 +583,12 @@ pub fn read_package(file: &Path) -> Result<VerifiedPackage, PackageError> {
             first_use[b] = first_use[b].min(i as u64);
         }
     }
-    let slice = |b: &BlobRef| {
-        &data[(b.offset - HEADER_LEN) as usize..(b.offset - HEADER_LEN + b.stored_len) as usize]
-    };
     manifest
         .blobs
         .par_iter()
         .enumerate()
         .try_for_each(|(i, b)| {
-            check_blob(slice(b), b).map_err(|reason| {
+            check_blob(&f, b).map_err(|reason| {
                 let chunk = first_use[i];
                 PackageError::ChunkCorrupt {
                     path: file.into(),
@@ -600,7 +600,7 @@ pub fn read_package(file: &Path) -> Result<VerifiedPackage, PackageError> {
         })?;
     for (what, b) in [("kernel", &manifest.kernel), ("initrd", &manifest.initrd)] {
         if let Some(b) = b {
-            check_blob(slice(b), b).map_err(|reason| PackageError::BlobCorrupt {
+            check_blob(&f, b).map_err(|reason| PackageError::BlobCorrupt {
                 path: file.into(),
                 what,
                 reason,
@@ -610,13 +610,51 @@ pub fn read_package(file: &Path) -> Result<VerifiedPackage, PackageError> {
     Ok(VerifiedPackage {
         path: file.into(),
         manifest,
-        data,
+        file: f,
         blob_of,
     })
 }
 
-fn check_blob(stored: &[u8], b: &BlobRef) -> Result<(), String> {
-    if blake3::hash(stored).as_bytes() != &b.stored_hash {
+/// Hashes a blob's stored bytes straight from the file, a piece at a time.
+/// Fuzz entry (template-builder/fuzz and its corpus replay): `data` as a package file
+/// from the network, through open and verification and, if it passes, unpacking of the
+/// image (when at most 64 MiB), kernel and initrd. Must not panic or allocate without
+/// bound.
+#[doc(hidden)]
+pub fn fuzz_package(data: &[u8]) {
+    let dir = std::env::temp_dir().join(format!(
+        "qtpkg-fuzz-{}-{:?}",
+        std::process::id(),
+        std::thread::current().id()
+    ));
+    let _ = fs::create_dir_all(&dir);
+    let file = dir.join("p.qtpkg");
+    if fs::write(&file, data).is_err() {
+        return;
+    }
+    if let Ok(pkg) = read_package(&file) {
+        if pkg.manifest().size <= 64 << 20 {
+            let _ = std::io::copy(&mut pkg.image_reader(), &mut std::io::sink());
+        }
+        let _ = pkg.write_kernel(&dir);
+        let _ = pkg.write_initrd(&dir);
+    }
+    let _ = fs::remove_dir_all(&dir);
+}
+
+fn check_blob(f: &fs::File, b: &BlobRef) -> Result<(), String> {
+    use std::os::unix::fs::FileExt;
+    let mut h = blake3::Hasher::new();
+    let mut buf = vec![0u8; b.stored_len.min(1 << 20) as usize];
+    let mut pos = 0;
+    while pos < b.stored_len {
+        let n = (b.stored_len - pos).min(buf.len() as u64) as usize;
+        f.read_exact_at(&mut buf[..n], b.offset + pos)
+            .map_err(|e| format!("reading the stored bytes: {e}"))?;
+        h.update(&buf[..n]);
+        pos += n as u64;
+    }
+    if h.finalize().as_bytes() != &b.stored_hash {
         return Err("blake3 of the stored bytes does not match the manifest".into());
     }
     Ok(())
@@ -718,9 +756,16 @@ impl VerifiedPackage {
         }
     }
 
-    fn stored(&self, b: &BlobRef) -> &[u8] {
-        &self.data
-            [(b.offset - HEADER_LEN) as usize..(b.offset - HEADER_LEN + b.stored_len) as usize]
+    /// A blob's stored (compressed) bytes, read from the file. Its content hash is
+    /// checked again as it is unpacked, so a file changed after verification cannot
+    /// pass as data.
+    fn stored(&self, b: &BlobRef) -> Result<Vec<u8>, String> {
+        use std::os::unix::fs::FileExt;
+        let mut v = vec![0u8; b.stored_len as usize];
+        self.file
+            .read_exact_at(&mut v, b.offset)
+            .map_err(|e| format!("reading the stored bytes: {e}"))?;
+        Ok(v)
     }
 
     fn write_blob(
@@ -732,7 +777,10 @@ impl VerifiedPackage {
     ) -> Result<Option<PathBuf>, PackageError> {
         let Some(b) = b else { return Ok(None) };
         let mut bytes = vec![0u8; b.len as usize];
-        unpack_blob(self.stored(b), b, &mut bytes).map_err(|reason| PackageError::BlobCorrupt {
+        let r = self
+            .stored(b)
+            .and_then(|st| unpack_blob(&st, b, &mut bytes));
+        r.map_err(|reason| PackageError::BlobCorrupt {
             path: self.path.clone(),
             what,
             reason,
@@ -785,7 +833,8 @@ impl ImageReader<'_> {
                     return Ok(());
                 }
                 let b = &m.blobs[pkg.blob_of[h]];
-                unpack_blob(pkg.stored(b), b, out).map_err(|reason| {
+                let r = pkg.stored(b).and_then(|st| unpack_blob(&st, b, out));
+                r.map_err(|reason| {
                     std::io::Error::other(PackageError::ChunkCorrupt {
                         path: pkg.path.clone(),
                         chunk: i,

@@ -19,6 +19,8 @@
 //! another volume's bytes; a reused chunk is hole-punched before it is mapped readable.
 
 mod format;
+#[doc(hidden)]
+pub mod fuzzing;
 mod import;
 mod meta;
 mod verify;
