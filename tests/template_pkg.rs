@@ -151,13 +151,15 @@ fn forged_fingerprint_is_refused() {
     assert!(ctl
         .fails(&["template", "info", "looks-official"])
         .contains("looks-official"));
-    // Replacing an existing template's root is refused the same way, its root kept.
+    // Replacing an existing template's root (asked for with --replace) is refused the
+    // same way, its root kept.
     let err = ctl.fails(&[
         "template",
         "import",
         forged.to_str().unwrap(),
         "--name",
         "official",
+        "--replace",
     ]);
     assert!(err.contains("fingerprint"), "{err}");
     let info = ctl.json(&["template", "info", "official"]);
