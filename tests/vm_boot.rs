@@ -3,18 +3,21 @@
 //! `/rw/config/rc.local` (on the private volume the test imports) reports what it sees on
 //! the serial console and writes markers into /rw (private) and /etc (root).
 //!
-//! 1. first boot writes the markers; 2. the next boot sees /rw's, not /etc's;
+//! 0. `qube run` starts `work2` and runs commands through the guest agent (output, exit
+//!    status, stdin), `qube console` in a real terminal (tmux) logs in, runs a command,
+//!    detaches, the qube runs on; 1. first boot writes the markers; 2. the next boot sees /rw's, not /etc's;
 //! 3. a template update is seen by `work` at its next start, while `work2`, running across
 //!    the update, keeps the old root; 4. `volume revert work:private` brings back the state
 //!    before the markers; 5. a DispVM leaves nothing behind, a StandaloneVM does not follow
 //!    the template; 6. SIGKILL of the daemon while `work` runs: the pool verifies clean and
 //!    the private head is what it was before that start.
 
+use std::io::Write;
 use std::path::Path;
-use std::process::Command;
-use std::time::Duration;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
 
-use e2e_tests::{apt_mirror, private_image, wait_for, Ctl};
+use e2e_tests::{apt_mirror, private_image, qubes_ctl_bin, wait_for, Ctl};
 use serde_json::Value;
 
 const BOOT_TIMEOUT: Duration = Duration::from_secs(300);
@@ -169,6 +172,12 @@ fn debian_qubes_boot_persist_update_revert_and_survive_a_daemon_kill() {
         .unwrap()
         .len();
 
+    // 0. `qube run` starts a halted qube, as qvm-run does, and the guest agent runs
+    // commands in it; `qube console` is interactive. work2 stays up (qtest.stay).
+    ctl.ok(&["qube", "prefs", "work2", "kernelopts", "qtest.stay"]);
+    use_the_running_qube(&ctl, "work2");
+    ctl.ok(&["qube", "shutdown", "work2"]);
+
     // 1. First boot writes the markers.
     let r = boot(&ctl, "work", true);
     assert!(
@@ -313,4 +322,138 @@ fn debian_qubes_boot_persist_update_revert_and_survive_a_daemon_kill() {
     ctl.ok(&["qube", "shutdown", "work", "--timeout", "120"]);
     assert_eq!(ctl.state("work"), "halted");
     assert_eq!(ctl.json(&["pool", "verify"])["clean"], true);
+}
+
+/// Step 0: `q` is halted; `qube run` starts it, then the console and the agent are used
+/// on the running qube. Leaves `q` running.
+fn use_the_running_qube(ctl: &Ctl, q: &str) {
+    let _ = std::fs::remove_file(ctl.console_path(q));
+    // --no-autostart refuses a halted qube.
+    let e = ctl.fails(&["qube", "run", q, "--no-autostart", "--", "true"]);
+    assert!(e.contains("--no-autostart"), "{e}");
+    assert_eq!(ctl.state(q), "halted");
+    // qvm-run's autostart: boots the qube, waits for its agent, runs the command.
+    let t = Instant::now();
+    let out = ctl.output(&["qube", "run", q, "--", "cat", "/etc/hostname"]);
+    eprintln!("qube run with autostart took {:?}", t.elapsed());
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        ctl.console(q)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout), format!("{q}\n"));
+    assert_eq!(ctl.state(q), "running");
+    // The exit status is the command's; stderr is passed back apart from stdout.
+    let out = ctl.output(&["qube", "run", q, "--", "sh", "-c", "echo e >&2; exit 3"]);
+    assert_eq!(out.status.code(), Some(3), "{out:?}");
+    assert_eq!(String::from_utf8_lossy(&out.stderr), "e\n");
+    // --pass-io: this stdin is the command's.
+    let mut child = ctl
+        .cmd(&["qube", "run", q, "--pass-io", "--", "cat"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(b"hi\n").unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success());
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "hi\n");
+    // An unknown command: the shell's 127 and a message naming it.
+    let out = ctl.output(&["qube", "run", q, "--", "no-such-command-x"]);
+    assert_eq!(out.status.code(), Some(127), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no-such-command-x"));
+    // --user: the command runs as that user.
+    let out = ctl.ok(&["qube", "run", q, "--user", "nobody", "--", "id", "-un"]);
+    assert_eq!(out, "nobody\n");
+    // --no-wait returns at once; the command runs on in the qube.
+    ctl.ok(&[
+        "qube",
+        "run",
+        q,
+        "--no-wait",
+        "--",
+        "sh",
+        "-c",
+        "sleep 1; echo late > /tmp/late",
+    ]);
+    wait_for(
+        "the --no-wait command's file",
+        Duration::from_secs(60),
+        || {
+            ctl.output(&["qube", "run", q, "--", "cat", "/tmp/late"])
+                .stdout
+                == b"late\n"
+        },
+    );
+    console_in_tmux(ctl, q);
+    assert_eq!(ctl.state(q), "running", "detaching leaves the qube running");
+}
+
+/// `qube console work` in a real terminal: log in (root's autologin on the serial
+/// console: Enter gives a prompt), run a command, detach with Ctrl-].
+fn console_in_tmux(ctl: &Ctl, q: &str) {
+    let server = format!("qctest{}", std::process::id());
+    let tmux = |args: &[&str]| {
+        Command::new("tmux")
+            .args(["-L", &server])
+            .args(args)
+            .output()
+            .expect("tmux (scripts/install-deps.sh installs it)")
+    };
+    let pane =
+        || String::from_utf8_lossy(&tmux(&["capture-pane", "-p", "-t", "con"]).stdout).into_owned();
+    let cmd = format!(
+        "{} --root {} qube console {q}; echo CONSOLE-EXIT-$?; \
+         if stty -a | grep -qw -- -icanon; then echo TTY-RAW; else echo TTY-COOKED; fi; \
+         sleep 600",
+        qubes_ctl_bin().display(),
+        ctl.root.display()
+    );
+    let out = tmux(&[
+        "new-session",
+        "-d",
+        "-s",
+        "con",
+        "-x",
+        "160",
+        "-y",
+        "40",
+        &cmd,
+    ]);
+    assert!(out.status.success(), "{out:?}");
+    struct Kill<'a>(&'a dyn Fn(&[&str]) -> std::process::Output);
+    impl Drop for Kill<'_> {
+        fn drop(&mut self) {
+            (self.0)(&["kill-server"]);
+        }
+    }
+    let _kill = Kill(&tmux);
+    let t = Duration::from_secs(60);
+    wait_for("the console banner", t, || {
+        pane().contains("Escape character is ^]")
+    });
+    // One client at a time.
+    let e = ctl.fails(&["qube", "console", q]);
+    assert!(e.contains("already attached"), "{e}");
+    wait_for("a root shell prompt on the console", t, || {
+        tmux(&["send-keys", "-t", "con", "Enter"]);
+        std::thread::sleep(Duration::from_secs(1));
+        pane().contains(&format!("root@{q}"))
+    });
+    tmux(&["send-keys", "-t", "con", "echo CON-$((6*7))", "Enter"]);
+    wait_for("the command's output in the terminal", t, || {
+        pane().contains("CON-42")
+    });
+    tmux(&["send-keys", "-t", "con", "C-]"]);
+    wait_for("qube console to detach and exit 0", t, || {
+        let p = pane();
+        p.contains("CONSOLE-EXIT-0") && p.contains(&format!("Detached from {q}'s console"))
+    });
+    // The terminal was given back in its normal (cooked) mode.
+    assert!(pane().contains("TTY-COOKED"), "{}", pane());
+    assert!(
+        ctl.console(q).contains("CON-42"),
+        "console.log keeps the session"
+    );
 }
