@@ -124,7 +124,7 @@ fn main() {
         let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
         let cpu = (t1 - t0) as f64 / hz / w.elapsed().as_secs_f64() * 100.0;
 
-        let mut lat = |cli: bool| {
+        let lat = |cli: bool| {
             let (mut st, mut sd) = (Vec::new(), Vec::new());
             for _ in 0..rounds {
                 let t = Instant::now();
