@@ -244,3 +244,47 @@ fn a_daemon_of_another_build_is_replaced_when_idle() {
     assert!(with_new(&["qube", "shutdown", "work"]).status.success());
     let _ = with_new(&["daemon", "stop"]);
 }
+
+/// `daemon status --format json` says how much the daemon serves, and `qube log` shows
+/// the daemon's lines about that qube only (the daemon logs to ROOT/run/daemon.log when
+/// systemd does not run it).
+#[test]
+fn daemon_status_figures_and_qube_log() {
+    let ctl = setup();
+    ctl.json(&["qube", "start", "work", "--hypervisor", "none"]);
+    ctl.json(&["qube", "start", "other", "--hypervisor", "none"]);
+    let st = ctl.json(&["daemon", "status"]);
+    assert_eq!(st["daemon"], "running", "{st}");
+    assert_eq!(st["qubes_served"], 2, "{st}");
+    assert!(st["uptime_secs"].is_u64(), "{st}");
+    assert_eq!(st["nbd_connections"], 0, "{st}");
+    assert!(st["admin_requests_served"].as_u64().unwrap() >= 2, "{st}");
+    assert!(st["pool_usage"]["capacity"].as_u64().unwrap() > 0, "{st}");
+    assert!(st["pool_usage"]["data_used"].as_u64().unwrap() > 0, "{st}");
+
+    ctl.ok(&["qube", "shutdown", "work"]);
+    let log = ctl.json(&["qube", "log", "work"]);
+    let lines: Vec<&str> = log["daemon"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l.as_str().unwrap())
+        .collect();
+    assert!(
+        lines.iter().any(|l| l.contains("qube started")),
+        "{lines:?}"
+    );
+    assert!(
+        lines.iter().any(|l| l.contains("qube stopped")),
+        "{lines:?}"
+    );
+    assert!(
+        lines.iter().all(|l| l.contains("qube=work")),
+        "another qube's lines in work's log: {lines:?}"
+    );
+    let human = ctl.ok(&["qube", "log", "other"]);
+    assert!(
+        human.contains("== console") && human.contains("qube=other"),
+        "{human}"
+    );
+}

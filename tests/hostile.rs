@@ -297,7 +297,11 @@ fn one_broken_qube_does_not_keep_the_others_from_being_served() {
     std::fs::write(&sock, b"not a socket").unwrap();
     ctl.ok(&["daemon", "start"]);
     let log = std::fs::read_to_string(ctl.root.join("run/daemon.log")).unwrap();
-    assert!(log.contains("not serving k"), "{log}");
+    assert!(
+        log.lines()
+            .any(|l| l.contains("not serving the qube") && l.contains("qube=k")),
+        "{log}"
+    );
     assert_eq!(ctl.state("k"), "broken");
     assert_eq!(ctl.state("work"), "running");
     let uri = started["volumes"]

@@ -1,14 +1,21 @@
 //! The NBD server: a Unix socket, its exports, and the threads that serve them.
 //!
+//! Every server of the process shares one runtime: one accept thread waits (epoll, no
+//! timeout) on all listening sockets, and one worker pool sized to the cores runs the
+//! queued requests of every connection. An idle server therefore costs a registered
+//! descriptor and nothing else: no thread and no wake-up, however many qubes run.
+//! Isolation stays per socket: a connection accepted on a socket negotiates only among
+//! that socket's exports.
+//!
 //! ```text
-//!   accept thread ──> per connection: handshake, then the reader thread, which
+//!   accept thread (all sockets) ──> per connection: handshake, then the reader thread, which
 //!     - parses request headers and rejects bad ones itself (error reply, payload skipped),
 //!     - runs small READ/WRITE (<= 64 KiB, no FUA) inline, batching their replies into
 //!       one send per burst of pipelined requests, unless a worker is idle and more
 //!       requests are already buffered (then it shares the load),
 //!     - queues everything else (large transfers, FLUSH/FUA, TRIM, WRITE_ZEROES,
 //!       BLOCK_STATUS, CACHE) ──┐
-//!   worker pool (server-wide) <┘ runs the device call, builds the whole reply in one
+//!   worker pool (process-wide) <┘ runs the device call, builds the whole reply in one
 //!       buffer (read data lands straight behind its header) and sends it; concurrent
 //!       small replies are combined into one write (see `Conn::send`)
 //! ```
@@ -22,11 +29,11 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::io::{self, BufReader, Read, Write};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -115,29 +122,51 @@ struct Job {
     payload: Option<Vec<u8>>,
 }
 
-#[derive(Default)]
-struct QueueState {
-    jobs: VecDeque<Job>,
-    closed: bool,
-}
-
-struct Shared {
-    exports: Vec<Export>,
-    stopping: AtomicBool,
-    /// Live connections (a clone of each stream, to force-close them at shutdown).
-    conns: Mutex<HashMap<u64, UnixStream>>,
-    conns_changed: Condvar,
-    next_id: AtomicU64,
-    queue: Mutex<QueueState>,
+/// What every server of the process shares: the accept thread's epoll set and the
+/// worker pool. Created at the first bind and kept for the life of the process.
+struct Runtime {
+    epoll: OwnedFd,
+    /// Registered listening sockets by epoll token.
+    listeners: Mutex<HashMap<u64, Arc<Listening>>>,
+    next_token: AtomicU64,
+    queue: Mutex<VecDeque<Job>>,
     queue_cv: Condvar,
     /// Workers waiting for a job (a hint for [`Conn::offload`]).
-    idle_workers: std::sync::atomic::AtomicUsize,
+    idle_workers: AtomicUsize,
     /// Connection readers with requests in hand (not waiting on their socket): once they
     /// alone can keep every core busy, handing work to a worker only adds a context
     /// switch (a hint for [`Conn::offload`]).
-    busy_readers: std::sync::atomic::AtomicUsize,
+    busy_readers: AtomicUsize,
     cores: usize,
     bufs: BufPool,
+}
+
+/// A listening socket and the server it belongs to.
+struct Listening {
+    listener: UnixListener,
+    shared: Arc<Shared>,
+}
+
+/// Live connections of one server.
+#[derive(Default)]
+struct Conns {
+    /// A clone of each stream, to force-close them at shutdown.
+    streams: HashMap<u64, UnixStream>,
+    /// Their threads; a handle is added under the same lock that checks `stopping`, so
+    /// shutdown joins every connection it let in.
+    threads: Vec<JoinHandle<()>>,
+}
+
+/// One server: its exports and connections.
+struct Shared {
+    exports: Vec<Export>,
+    stopping: AtomicBool,
+    conns: Mutex<Conns>,
+    conns_changed: Condvar,
+    next_id: AtomicU64,
+    /// Requests parsed on this server's connections.
+    requests: AtomicU64,
+    rt: &'static Runtime,
 }
 
 /// A running NBD server on one Unix socket.
@@ -146,9 +175,49 @@ pub struct NbdServer {
     /// (st_dev, st_ino) of the socket we created, so shutdown removes only our own file.
     socket_id: (u64, u64),
     shared: Arc<Shared>,
-    accept_thread: Option<JoinHandle<()>>,
-    conn_threads: Arc<Mutex<Vec<JoinHandle<()>>>>,
-    workers: Vec<JoinHandle<()>>,
+    /// The socket's epoll token while it accepts; `None` once stopped.
+    token: Option<u64>,
+}
+
+/// The process's runtime, started at the first call.
+fn runtime() -> Result<&'static Runtime, NbdError> {
+    static RT: Mutex<Option<&'static Runtime>> = Mutex::new(None);
+    let mut rt = lock(&RT);
+    if let Some(r) = *rt {
+        return Ok(r);
+    }
+    let epoll = rustix::event::epoll::create(rustix::event::epoll::CreateFlags::CLOEXEC)
+        .map_err(|e| NbdError::SpawningThread(e.into()))?;
+    let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+    // Leaked on purpose: the threads below use it for the rest of the process.
+    let r: &'static Runtime = Box::leak(Box::new(Runtime {
+        epoll,
+        listeners: Mutex::new(HashMap::new()),
+        next_token: AtomicU64::new(0),
+        queue: Mutex::new(VecDeque::new()),
+        queue_cv: Condvar::new(),
+        idle_workers: AtomicUsize::new(0),
+        busy_readers: AtomicUsize::new(0),
+        cores,
+        bufs: BufPool {
+            free: Mutex::new(Vec::new()),
+        },
+    }));
+    // Workers block on device calls (a flush is a pool commit), so twice the cores keeps
+    // the CPUs busy while some wait; the same count one server used to start for itself.
+    let nworkers = cores.clamp(2, 8) * 2;
+    for i in 0..nworkers {
+        std::thread::Builder::new()
+            .name(format!("nbd-worker-{i}"))
+            .spawn(move || worker(r))
+            .map_err(NbdError::SpawningThread)?;
+    }
+    std::thread::Builder::new()
+        .name("nbd-accept".into())
+        .spawn(move || accept_loop(r))
+        .map_err(NbdError::SpawningThread)?;
+    *rt = Some(r);
+    Ok(r)
 }
 
 /// `nbd+unix:///EXPORT?socket=/path`, percent-encoding what a URI path/query cannot hold.
@@ -271,47 +340,37 @@ impl NbdServer {
                 path: path.into(),
                 source,
             })?;
+        let rt = runtime()?;
         let shared = Arc::new(Shared {
             exports,
             stopping: AtomicBool::new(false),
-            conns: Mutex::new(HashMap::new()),
+            conns: Mutex::new(Conns::default()),
             conns_changed: Condvar::new(),
             next_id: AtomicU64::new(0),
-            queue: Mutex::new(QueueState::default()),
-            queue_cv: Condvar::new(),
-            idle_workers: std::sync::atomic::AtomicUsize::new(0),
-            busy_readers: std::sync::atomic::AtomicUsize::new(0),
-            cores: std::thread::available_parallelism().map_or(2, |n| n.get()),
-            bufs: BufPool {
-                free: Mutex::new(Vec::new()),
-            },
+            requests: AtomicU64::new(0),
+            rt,
         });
         let mut server = NbdServer {
             path: path.to_owned(),
             socket_id: (meta.dev(), meta.ino()),
             shared: shared.clone(),
-            accept_thread: None,
-            conn_threads: Arc::new(Mutex::new(Vec::new())),
-            workers: Vec::new(),
+            token: None,
         };
-        let nworkers = std::thread::available_parallelism()
-            .map_or(2, |n| n.get())
-            .clamp(2, 8)
-            * 2;
-        for i in 0..nworkers {
-            let sh = shared.clone();
-            let h = std::thread::Builder::new()
-                .name(format!("nbd-worker-{i}"))
-                .spawn(move || worker(&sh))
-                .map_err(NbdError::SpawningThread)?;
-            server.workers.push(h);
-        }
-        let threads = server.conn_threads.clone();
-        let h = std::thread::Builder::new()
-            .name("nbd-accept".into())
-            .spawn(move || accept_loop(listener, shared, threads))
-            .map_err(NbdError::SpawningThread)?;
-        server.accept_thread = Some(h);
+        let token = rt.next_token.fetch_add(1, Ordering::Relaxed);
+        let l = Arc::new(Listening { listener, shared });
+        lock(&rt.listeners).insert(token, l.clone());
+        server.token = Some(token);
+        // From here on a failure is undone by the server's drop (deregister, remove socket).
+        rustix::event::epoll::add(
+            &rt.epoll,
+            &l.listener,
+            rustix::event::epoll::EventData::new_u64(token),
+            rustix::event::epoll::EventFlags::IN,
+        )
+        .map_err(|e| NbdError::Binding {
+            path: path.into(),
+            source: e.into(),
+        })?;
         Ok(server)
     }
 
@@ -320,7 +379,12 @@ impl NbdServer {
     }
 
     pub fn active_connections(&self) -> usize {
-        lock(&self.shared.conns).len()
+        lock(&self.shared.conns).streams.len()
+    }
+
+    /// Requests received on this socket's connections so far.
+    pub fn requests_served(&self) -> u64 {
+        self.shared.requests.load(Ordering::Relaxed)
     }
 
     /// Stop accepting; wait up to `grace` for clients to disconnect (after their last
@@ -330,15 +394,24 @@ impl NbdServer {
     }
 
     fn stop(&mut self, grace: Duration) -> Result<(), NbdError> {
-        let Some(accept) = self.accept_thread.take() else {
+        let Some(token) = self.token.take() else {
             return Ok(());
         };
-        self.shared.stopping.store(true, Ordering::SeqCst);
-        let _ = accept.join();
-        let deadline = Instant::now() + grace;
         {
+            // Under the connections' lock: the accept thread admits none after this.
+            let _conns = lock(&self.shared.conns);
+            self.shared.stopping.store(true, Ordering::SeqCst);
+        }
+        let rt = self.shared.rt;
+        if let Some(l) = lock(&rt.listeners).remove(&token) {
+            // Closing our descriptor would not remove it while the accept thread holds a
+            // clone of the Arc; deregister explicitly so it never wakes for this socket.
+            let _ = rustix::event::epoll::delete(&rt.epoll, &l.listener);
+        }
+        let deadline = Instant::now() + grace;
+        let threads = {
             let mut conns = lock(&self.shared.conns);
-            while !conns.is_empty() {
+            while !conns.streams.is_empty() {
                 let now = Instant::now();
                 if now >= deadline {
                     break;
@@ -350,16 +423,14 @@ impl NbdServer {
                     .unwrap_or_else(|p| p.into_inner())
                     .0;
             }
-            for s in conns.values() {
+            for s in conns.streams.values() {
                 let _ = s.shutdown(std::net::Shutdown::Both);
             }
-        }
-        for h in lock(&self.conn_threads).drain(..) {
-            let _ = h.join();
-        }
-        lock(&self.shared.queue).closed = true;
-        self.shared.queue_cv.notify_all();
-        for h in self.workers.drain(..) {
+            std::mem::take(&mut conns.threads)
+        };
+        // A connection's thread ends only once its queued requests have run, so after
+        // these joins no worker touches our devices any more.
+        for h in threads {
             let _ = h.join();
         }
         let mut first_err = None;
@@ -393,63 +464,72 @@ impl Drop for NbdServer {
     }
 }
 
-fn accept_loop(
-    listener: UnixListener,
-    shared: Arc<Shared>,
-    threads: Arc<Mutex<Vec<JoinHandle<()>>>>,
-) {
-    let mut pfd = libc::pollfd {
-        fd: listener.as_raw_fd(),
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    while !shared.stopping.load(Ordering::SeqCst) {
-        // SAFETY: `pfd` is one valid pollfd for the listener, which stays open for the call.
-        let rc = unsafe { libc::poll(&mut pfd, 1, 50) };
-        if rc <= 0 {
-            continue;
-        }
-        let stream = match listener.accept() {
-            Ok((s, _)) => s,
-            Err(e)
-                if e.kind() == io::ErrorKind::WouldBlock
-                    || e.kind() == io::ErrorKind::Interrupted =>
-            {
-                continue
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "NBD accept failed");
+/// The one accept thread: sleeps in epoll until some socket has a client.
+fn accept_loop(rt: &'static Runtime) {
+    let mut events = rustix::event::epoll::EventVec::with_capacity(64);
+    loop {
+        if let Err(e) = rustix::event::epoll::wait(&rt.epoll, &mut events, -1) {
+            if e != rustix::io::Errno::INTR {
+                tracing::error!(error = %e, "NBD accept: epoll_wait failed");
                 std::thread::sleep(Duration::from_millis(50));
-                continue;
             }
-        };
-        if shared.stopping.load(Ordering::SeqCst) {
-            break;
-        }
-        let Ok(clone) = stream.try_clone() else {
             continue;
-        };
-        let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
-        lock(&shared.conns).insert(id, clone);
-        let sh = shared.clone();
-        let spawned = std::thread::Builder::new()
-            .name(format!("nbd-conn-{id}"))
-            .spawn(move || {
-                if let Err(e) = serve_connection(stream, &sh) {
-                    tracing::debug!(error = %e, "NBD connection ended");
-                }
-                lock(&sh.conns).remove(&id);
-                sh.conns_changed.notify_all();
-            });
-        let mut t = lock(&threads);
-        t.retain(|h| !h.is_finished());
-        match spawned {
-            Ok(h) => t.push(h),
-            Err(e) => {
-                tracing::error!(error = %e, "cannot start an NBD connection thread");
-                lock(&shared.conns).remove(&id);
+        }
+        for ev in &events {
+            let l = lock(&rt.listeners).get(&ev.data.u64()).cloned();
+            if let Some(l) = l {
+                accept_pending(&l);
             }
         }
+    }
+}
+
+/// Accepts every client waiting on one socket (it is non-blocking).
+fn accept_pending(l: &Listening) {
+    loop {
+        let stream = match l.listener.accept() {
+            Ok((s, _)) => s,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => {
+                // Out of descriptors, say: the socket stays readable, so pause rather
+                // than spin; the client is accepted once resources free up.
+                tracing::warn!(socket = ?l.listener.local_addr().ok(), error = %e, "NBD accept failed");
+                std::thread::sleep(Duration::from_millis(50));
+                return;
+            }
+        };
+        start_connection(&l.shared, stream);
+    }
+}
+
+fn start_connection(sh: &Arc<Shared>, stream: UnixStream) {
+    let Ok(clone) = stream.try_clone() else {
+        return;
+    };
+    let mut conns = lock(&sh.conns);
+    if sh.stopping.load(Ordering::SeqCst) {
+        // Dropping the stream closes it: the client sees the server gone.
+        return;
+    }
+    let id = sh.next_id.fetch_add(1, Ordering::Relaxed);
+    let sh2 = sh.clone();
+    let spawned = std::thread::Builder::new()
+        .name(format!("nbd-conn-{id}"))
+        .spawn(move || {
+            if let Err(e) = serve_connection(stream, &sh2) {
+                tracing::debug!(error = %e, "NBD connection ended");
+            }
+            lock(&sh2.conns).streams.remove(&id);
+            sh2.conns_changed.notify_all();
+        });
+    conns.threads.retain(|h| !h.is_finished());
+    match spawned {
+        Ok(h) => {
+            conns.streams.insert(id, clone);
+            conns.threads.push(h);
+        }
+        Err(e) => tracing::error!(error = %e, "cannot start an NBD connection thread"),
     }
 }
 
@@ -626,8 +706,8 @@ impl Conn {
             0
         };
         buffered >= own + REQUEST_LEN
-            && self.shared.idle_workers.load(Ordering::Relaxed) > 0
-            && self.shared.busy_readers.load(Ordering::Relaxed) < self.shared.cores
+            && self.shared.rt.idle_workers.load(Ordering::Relaxed) > 0
+            && self.shared.rt.busy_readers.load(Ordering::Relaxed) < self.shared.rt.cores
     }
 
     fn flush_batch(&self, batch: &mut ReplyBuf) {
@@ -651,7 +731,7 @@ impl Conn {
                 Err(e)
             }
         };
-        let busy = &self.shared.busy_readers;
+        let busy = &self.shared.rt.busy_readers;
         busy.fetch_add(1, Ordering::Relaxed);
         let _not_busy = Defer(|| {
             busy.fetch_sub(1, Ordering::Relaxed);
@@ -677,6 +757,7 @@ impl Conn {
                 return Ok(());
             }
             let req = parse_request(&hdr).map_err(|e| bad_data(e.to_string()))?;
+            self.shared.requests.fetch_add(1, Ordering::Relaxed);
             let cmd = match check_request(&req, &self.params) {
                 Ok(c) => c,
                 Err(rej) => {
@@ -746,7 +827,7 @@ impl Conn {
                 if r.buffer().len() < n {
                     self.flush_batch(batch);
                 }
-                let mut b = self.shared.bufs.get(n);
+                let mut b = self.shared.rt.bufs.get(n);
                 if let Err(e) = r.read_exact(&mut b[..n]) {
                     self.done(cost);
                     return eof_ok(e);
@@ -755,8 +836,8 @@ impl Conn {
             } else {
                 None
             };
-            let sh = &self.shared;
-            lock(&sh.queue).jobs.push_back(Job {
+            let sh = self.shared.rt;
+            lock(&sh.queue).push_back(Job {
                 conn: self.clone(),
                 req,
                 cmd,
@@ -881,7 +962,7 @@ impl Conn {
         let dev = &*self.device;
         let then_flush =
             |r: Result<(), BlockError>| if fua { r.and_then(|()| dev.flush()) } else { r };
-        let bufs = &self.shared.bufs;
+        let bufs = &self.shared.rt.bufs;
         let mut out = ReplyBuf::from_vec(bufs.get(0));
         match cmd {
             Command::Read => self.read_reply(&req, &mut out),
@@ -1008,16 +1089,13 @@ impl Conn {
     }
 }
 
-fn worker(sh: &Shared) {
+fn worker(sh: &'static Runtime) {
     loop {
         let job = {
             let mut q = lock(&sh.queue);
             loop {
-                if let Some(j) = q.jobs.pop_front() {
+                if let Some(j) = q.pop_front() {
                     break j;
-                }
-                if q.closed {
-                    return;
                 }
                 sh.idle_workers.fetch_add(1, Ordering::Relaxed);
                 q = sh.queue_cv.wait(q).unwrap_or_else(|p| p.into_inner());

@@ -99,6 +99,9 @@ pub struct Cli {
     /// Output format.
     #[arg(long, global = true, value_enum, default_value_t = Format::Human)]
     pub format: Format,
+    /// More log lines on stderr: -v info, -vv debug, -vvv trace (RUST_LOG overrides).
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
     #[command(subcommand)]
     pub cmd: Cmd,
 }
@@ -128,6 +131,9 @@ pub enum Cmd {
         #[command(subcommand)]
         action: Option<DaemonCmd>,
     },
+    /// Shell completions and man pages from these definitions (for installers).
+    #[command(subcommand, hide = true)]
+    Generate(crate::generate::Generate),
 }
 
 #[derive(Subcommand, Debug)]
@@ -271,6 +277,13 @@ pub enum QubeCmd {
         #[arg(long)]
         kill: bool,
     },
+    /// The qube's console log and the daemon's lines about it.
+    Log {
+        name: String,
+        /// Daemon lines to show at most (the newest).
+        #[arg(long, default_value_t = 200)]
+        lines: usize,
+    },
     /// Attach to the qube's serial console (Ctrl-] detaches); --log prints its log.
     Console {
         name: String,
@@ -360,7 +373,17 @@ pub enum DaemonCmd {
 pub fn main_with(cli: Cli) -> Result<()> {
     let paths = Paths::new(cli.root.clone().unwrap_or_else(Paths::default_root));
     let format = cli.format;
+    // The daemon installs its own subscriber (journal or log file).
+    if !matches!(
+        cli.cmd,
+        Cmd::Daemon {
+            action: None | Some(DaemonCmd::Run)
+        }
+    ) {
+        crate::logging::init_cli(cli.verbose);
+    }
     let (req, mutating) = match cli.cmd {
+        Cmd::Generate(what) => return crate::generate::run(what),
         Cmd::Pool(PoolCmd::Init {
             chunk_size,
             size,
@@ -505,6 +528,7 @@ pub fn main_with(cli: Cli) -> Result<()> {
             ),
             QubeCmd::Console { name, log: false } => return crate::console::attach(&paths, &name),
             QubeCmd::Console { name, log: true } => (Request::QubeConsole { name }, false),
+            QubeCmd::Log { name, lines } => return qube_log(&paths, &name, lines, format),
             QubeCmd::Run {
                 name,
                 user,
@@ -926,12 +950,20 @@ fn daemon_cmd(paths: &Paths, action: DaemonCmd, format: Format) -> Result<()> {
         }
         DaemonCmd::Status => {
             let v = match api::ping(&paths.admin_socket(), std::time::Duration::from_secs(2)) {
-                Some(p) => serde_json::json!({
-                    "daemon": "running",
-                    "pid": p["pid"],
-                    "qubes_served": p["served"],
-                    "same_build": p["build"].as_str() == Some(api::build_id()),
-                }),
+                Some(p) => {
+                    let mut v = serde_json::json!({
+                        "daemon": "running",
+                        "pid": p["pid"],
+                        "qubes_served": p["served"],
+                        "same_build": p["build"].as_str() == Some(api::build_id()),
+                    });
+                    if let Some(stats) = p["stats"].as_object() {
+                        for (k, x) in stats {
+                            v[k] = x.clone();
+                        }
+                    }
+                    v
+                }
                 None => serde_json::json!({"daemon": "not running"}),
             };
             print(format, "plain", &v)
@@ -1171,4 +1203,37 @@ fn print_kv(v: &Value, prefix: &str) {
         }
         other => outln!("{other}"),
     }
+}
+
+/// `qube log NAME`: the console log, then the daemon's lines naming the qube (from the
+/// journal when the daemon runs under systemd, else from `ROOT/run/daemon.log`).
+fn qube_log(paths: &Paths, name: &str, lines: usize, format: Format) -> Result<()> {
+    let console = execute(
+        paths,
+        Request::QubeConsole {
+            name: name.to_string(),
+        },
+        false,
+    )?;
+    let mut daemon = crate::logging::qube_lines(&paths.daemon_log(), name, lines);
+    if daemon.is_empty() {
+        daemon = crate::logging::journal_lines(name, lines).unwrap_or_default();
+    }
+    if format == Format::Json {
+        let v = serde_json::json!({
+            "name": name,
+            "console_log": console["log"],
+            "console": console["text"],
+            "daemon": daemon,
+        });
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    println!("== console ({}) ==", console["log"].as_str().unwrap_or("-"));
+    print!("{}", console["text"].as_str().unwrap_or(""));
+    println!("== daemon ==");
+    for l in daemon {
+        println!("{l}");
+    }
+    Ok(())
 }

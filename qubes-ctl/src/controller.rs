@@ -19,6 +19,7 @@ use crate::catalogue::{Catalogue, QubePrefs, RuntimeRecord, TemplateRecord};
 use crate::paths::Paths;
 
 mod repo;
+mod status;
 
 /// Default kernel command line for templates whose build did not record one.
 pub const DEFAULT_CMDLINE: &str = "root=/dev/vda rw console=ttyS0";
@@ -341,12 +342,18 @@ impl Controller {
             })
         };
         match req {
-            Request::Ping => Ok(json!({
-                "pong": true,
-                "pid": std::process::id(),
-                "build": crate::api::build_id(),
-                "served": self.served.len(),
-            })),
+            Request::Ping => {
+                let mut v = json!({
+                    "pong": true,
+                    "pid": std::process::id(),
+                    "build": crate::api::build_id(),
+                    "served": self.served.len(),
+                });
+                if self.in_daemon {
+                    v["stats"] = self.serving_stats();
+                }
+                Ok(v)
+            }
             Request::PoolInfo => self.pool_info(),
             Request::PoolVerify => {
                 let report = self.pool().verify()?;
@@ -1263,6 +1270,7 @@ impl Controller {
                 hypervisor: hv_name.clone(),
             },
         );
+        tracing::info!(qube = %name, hypervisor = %hv_name, socket = %socket.display(), "qube started");
         let vols: Vec<Value> = started
             .iter()
             .map(|s| {
@@ -1485,6 +1493,7 @@ impl Controller {
         }
         self.catalogue().set_runtime(name, None)?;
         self.vols.stop(name)?;
+        tracing::info!(qube = %name, "qube stopped: private committed, snapshots dropped");
         Ok(())
     }
 

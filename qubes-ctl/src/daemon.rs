@@ -12,7 +12,8 @@ use std::io::Write;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::process::{Command, Stdio};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
@@ -26,8 +27,22 @@ type Shared = Arc<Mutex<Controller>>;
 /// How many qubes this daemon serves, for pings answered without the controller.
 static SERVED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
+static STARTED: OnceLock<Instant> = OnceLock::new();
+static ADMIN_REQUESTS: AtomicU64 = AtomicU64::new(0);
+
+/// How long this process has served as the daemon (`None` outside the daemon).
+pub fn uptime() -> Option<Duration> {
+    STARTED.get().map(|t| t.elapsed())
+}
+
+/// Admin requests this daemon has answered.
+pub fn admin_requests() -> u64 {
+    ADMIN_REQUESTS.load(Ordering::Relaxed)
+}
+
 pub fn run(paths: &Paths) -> Result<()> {
     paths.secure()?;
+    crate::logging::init_daemon(paths)?;
     let sock = paths.admin_socket();
     if api::daemon_alive(&sock, Duration::from_secs(2)) {
         bail!(
@@ -49,25 +64,24 @@ pub fn run(paths: &Paths) -> Result<()> {
     // One broken qube must not keep the others from being served: it is reported (here
     // and by `qube list`) and left for the user to shut down.
     let (resumed, broken) = ctl.resume_running();
-    if !resumed.is_empty() {
-        eprintln!(
-            "qubes-ctl daemon: serving again the exports of {}",
-            resumed.join(", ")
-        );
+    for name in &resumed {
+        tracing::info!(qube = %name, "serving the qube's exports again");
     }
     for (name, e) in &broken {
-        eprintln!("qubes-ctl daemon: warning: not serving {name}: {e:#}");
+        tracing::warn!(qube = %name, "not serving the qube: {e:#}");
     }
     let _ = std::fs::remove_file(&sock);
     let listener =
         UnixListener::bind(&sock).with_context(|| format!("binding {}", sock.display()))?;
     std::fs::set_permissions(&sock, std::fs::Permissions::from_mode(0o600))?;
     std::fs::write(paths.daemon_pid(), format!("{}\n", std::process::id()))?;
-    eprintln!(
-        "qubes-ctl daemon: pid {} serving {}",
-        std::process::id(),
-        sock.display()
+    tracing::info!(
+        pid = std::process::id(),
+        socket = %sock.display(),
+        root = %paths.root().display(),
+        "daemon serving"
     );
+    let _ = STARTED.set(Instant::now());
 
     SERVED.store(
         ctl.served_qubes().len(),
@@ -76,6 +90,14 @@ pub fn run(paths: &Paths) -> Result<()> {
     let shared: Shared = Arc::new(Mutex::new(ctl));
     spawn_monitor(shared.clone());
     spawn_signal_handler(shared.clone(), paths.clone())?;
+    // Only now: the admin socket is bound and every running qube is served again.
+    if let Err(e) = crate::notify::notify(&format!(
+        "READY=1\nMAINPID={}\nSTATUS=serving {} qubes",
+        std::process::id(),
+        resumed.len()
+    )) {
+        tracing::warn!("telling systemd the daemon is ready: {e}");
+    }
 
     for conn in listener.incoming() {
         let Ok(conn) = conn else { continue };
@@ -83,7 +105,7 @@ pub fn run(paths: &Paths) -> Result<()> {
         let paths = paths.clone();
         std::thread::spawn(move || {
             if let Err(e) = serve_admin(conn, &shared, &paths) {
-                eprintln!("qubes-ctl daemon: admin connection: {e:#}");
+                tracing::warn!("admin connection: {e:#}");
             }
         });
     }
@@ -96,6 +118,7 @@ fn serve_admin(conn: UnixStream, shared: &Shared, paths: &Paths) -> Result<()> {
     if line.is_empty() {
         return Ok(());
     }
+    ADMIN_REQUESTS.fetch_add(1, Ordering::Relaxed);
     let files: Vec<std::fs::File> = fds.into_iter().map(std::fs::File::from).collect();
     let reply = match serde_json::from_str::<Request>(&line) {
         Err(e) => Reply::Error(format!("malformed request: {e}")),
@@ -107,17 +130,31 @@ fn serve_admin(conn: UnixStream, shared: &Shared, paths: &Paths) -> Result<()> {
             ))?;
             out.push('\n');
             writer.write_all(out.as_bytes())?;
+            tracing::info!("stopping on request; running qubes stay marked running");
+            let _ = crate::notify::notify("STOPPING=1");
             ctl.detach_all();
             exit_cleanly(paths);
         }
         // A ping is answered even while a long request (a build, an import) holds the
         // controller: the CLI tells a busy daemon from a frozen one by it.
-        Ok(Request::Ping) => Reply::Ok(serde_json::json!({
-            "pong": true,
-            "pid": std::process::id(),
-            "build": api::build_id(),
-            "served": SERVED.load(std::sync::atomic::Ordering::Relaxed),
-        })),
+        Ok(Request::Ping) => {
+            let mut v = serde_json::json!({
+                "pong": true,
+                "pid": std::process::id(),
+                "build": api::build_id(),
+                "served": SERVED.load(std::sync::atomic::Ordering::Relaxed),
+            });
+            // The figures need the controller: add them only when it is free, so a
+            // ping never waits behind a long request.
+            match shared.try_lock() {
+                Ok(ctl) => v["stats"] = ctl.serving_stats(),
+                Err(std::sync::TryLockError::Poisoned(p)) => {
+                    v["stats"] = p.into_inner().serving_stats()
+                }
+                Err(std::sync::TryLockError::WouldBlock) => v["busy"] = true.into(),
+            }
+            Reply::Ok(v)
+        }
         Ok(req) => {
             let mut ctl = shared.lock().unwrap_or_else(|p| p.into_inner());
             let r = ctl.handle_with(req, files);
@@ -151,10 +188,11 @@ fn spawn_monitor(shared: Shared) {
         for (name, res) in ctl.reap_halted() {
             match res {
                 Ok(()) => {
-                    eprintln!("qubes-ctl daemon: {name} powered off; its volumes are stopped")
+                    tracing::info!(qube = %name, "guest powered off; its volumes are stopped")
                 }
-                Err(e) => eprintln!(
-                    "qubes-ctl daemon: {name} powered off but stopping its volumes failed: {e:#}"
+                Err(e) => tracing::error!(
+                    qube = %name,
+                    "guest powered off but stopping its volumes failed: {e:#}"
                 ),
             }
         }
@@ -172,7 +210,9 @@ fn spawn_signal_handler(shared: Shared, paths: Paths) -> Result<()> {
         signal_hook::consts::SIGINT,
     ])?;
     std::thread::spawn(move || {
-        if signals.forever().next().is_some() {
+        if let Some(sig) = signals.forever().next() {
+            tracing::info!(signal = sig, "stopping; running qubes stay marked running");
+            let _ = crate::notify::notify("STOPPING=1");
             let mut ctl = shared.lock().unwrap_or_else(|p| p.into_inner());
             ctl.detach_all();
             exit_cleanly(&paths);

@@ -1,0 +1,166 @@
+//! Idle cost and start/shutdown latency of the daemon with many running qubes
+//! (`--hypervisor none`: storage and NBD exports only, no guests).
+//!
+//! At 10, 200 and 1,000 running qubes: the daemon's CPU use while idle (utime+stime from
+//! `/proc/PID/stat` over a few seconds), its thread count and RSS, and the latency of a
+//! `qube start` and a `qube shutdown` of one more qube (p50/p99 over ROUNDS rounds), both
+//! as the daemon answers them on the admin socket and as the CLI sees them (a process
+//! per command, as a user runs it).
+//!
+//! `cargo bench -p e2e-tests --bench daemon_scale` (builds nothing itself: run
+//! `cargo build --release -p qubes-ctl` first, or set QUBES_CTL_BIN). Environment:
+//! `LEVELS=10,200,1000`, `ROUNDS=100`, `IDLE_SECS=5`.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use e2e_tests::{pattern, Ctl};
+use serde_json::{json, Value};
+
+fn call(sock: &Path, req: Value) -> Value {
+    let mut s = UnixStream::connect(sock).expect("connecting to the admin socket");
+    let mut line = req.to_string();
+    line.push('\n');
+    s.write_all(line.as_bytes()).unwrap();
+    let mut reply = String::new();
+    BufReader::new(&s).read_line(&mut reply).unwrap();
+    let v: Value = serde_json::from_str(&reply).unwrap_or_else(|e| panic!("{e}: {reply}"));
+    if let Some(e) = v.get("error") {
+        panic!("{req}: {e}");
+    }
+    v["ok"].clone()
+}
+
+fn env_or<T: std::str::FromStr>(k: &str, d: T) -> T {
+    std::env::var(k)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(d)
+}
+
+/// (cpu ticks, threads, rss KiB) of a process.
+fn proc_stat(pid: u32) -> (u64, u64, u64) {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let rest = stat.rsplit_once(')').unwrap().1;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // Fields after the comm: state is [0]; utime, stime are fields 14, 15 (1-based) -> [11], [12].
+    let ticks = f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap();
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    (ticks, field("Threads:"), field("VmRSS:"))
+}
+
+fn pct(sorted: &[f64], p: f64) -> f64 {
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+fn main() {
+    // `cargo bench` passes `--bench`; nothing else to parse.
+    let levels: Vec<usize> = std::env::var("LEVELS")
+        .unwrap_or_else(|_| "10,200,1000".into())
+        .split(',')
+        .filter_map(|s| s.trim().parse().ok())
+        .collect();
+    let rounds: usize = env_or("ROUNDS", 100);
+    let idle_secs: u64 = env_or("IDLE_SECS", 5);
+    let max = levels.iter().copied().max().unwrap_or(0);
+
+    let ctl = Ctl::new();
+    ctl.ok(&["pool", "init", "--size", "64G"]);
+    let img = ctl.root.join("tpl.img");
+    std::fs::write(&img, pattern(1, 4 << 20)).unwrap();
+    ctl.ok(&[
+        "template",
+        "create",
+        "tpl",
+        "--from-image",
+        img.to_str().unwrap(),
+    ]);
+    ctl.ok(&["daemon", "start"]);
+    let sock = ctl.root.join("run/admin.sock");
+    let pid = call(&sock, json!({"op": "ping"}))["pid"].as_u64().unwrap() as u32;
+    let t = Instant::now();
+    for i in 0..max + 2 {
+        call(
+            &sock,
+            json!({"op": "qube_create", "name": format!("q{i}"), "class": "AppVM",
+                   "template": "tpl", "label": null}),
+        );
+    }
+    eprintln!("created {} qubes in {:.1?}", max + 2, t.elapsed());
+    let probe_admin = format!("q{}", max);
+    let probe_cli = format!("q{}", max + 1);
+
+    println!(
+        "| running qubes | idle CPU (% of a core) | threads | RSS MiB | start p50/p99 (admin) | shutdown p50/p99 (admin) | start p50/p99 (CLI) | shutdown p50/p99 (CLI) |"
+    );
+    println!("|---:|---:|---:|---:|---:|---:|---:|---:|");
+    let mut running = 0;
+    for &n in &levels {
+        while running < n {
+            call(
+                &sock,
+                json!({"op": "qube_start", "name": format!("q{running}"), "hypervisor": "none"}),
+            );
+            running += 1;
+        }
+        // Let the starts settle, then measure the idle daemon.
+        std::thread::sleep(Duration::from_secs(1));
+        let (t0, _, _) = proc_stat(pid);
+        let w = Instant::now();
+        std::thread::sleep(Duration::from_secs(idle_secs));
+        let (t1, threads, rss) = proc_stat(pid);
+        // SAFETY: sysconf has no memory-safety preconditions.
+        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+        let cpu = (t1 - t0) as f64 / hz / w.elapsed().as_secs_f64() * 100.0;
+
+        let lat = |cli: bool| {
+            let (mut st, mut sd) = (Vec::new(), Vec::new());
+            for _ in 0..rounds {
+                let t = Instant::now();
+                if cli {
+                    ctl.ok(&["qube", "start", &probe_cli, "--hypervisor", "none"]);
+                } else {
+                    call(
+                        &sock,
+                        json!({"op": "qube_start", "name": probe_admin, "hypervisor": "none"}),
+                    );
+                }
+                st.push(t.elapsed().as_secs_f64() * 1e3);
+                let t = Instant::now();
+                if cli {
+                    ctl.ok(&["qube", "shutdown", &probe_cli]);
+                } else {
+                    call(
+                        &sock,
+                        json!({"op": "qube_shutdown", "name": probe_admin, "timeout_secs": 10, "kill": false}),
+                    );
+                }
+                sd.push(t.elapsed().as_secs_f64() * 1e3);
+            }
+            st.sort_by(f64::total_cmp);
+            sd.sort_by(f64::total_cmp);
+            (
+                format!("{:.1}/{:.1} ms", pct(&st, 0.5), pct(&st, 0.99)),
+                format!("{:.1}/{:.1} ms", pct(&sd, 0.5), pct(&sd, 0.99)),
+            )
+        };
+        let (sa, da) = lat(false);
+        let (sc, dc) = lat(true);
+        println!(
+            "| {n} | {cpu:.2} | {threads} | {:.0} | {sa} | {da} | {sc} | {dc} |",
+            rss as f64 / 1024.0
+        );
+    }
+    ctl.stop_daemon();
+}
