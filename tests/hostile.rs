@@ -811,3 +811,93 @@ fn a_nearly_full_host_filesystem_is_seen_from_the_cli() {
     ctl.ok(&["qube", "shutdown", "work"]);
     ctl.stop_daemon();
 }
+
+/// Issue 14.2, template builds: the CLI resolves the recipe (its `extends` chain and the
+/// files it installs) and hands the result and descriptors to the daemon, which opens no
+/// path the client named. The recipe lives in a mount only the CLI's mount namespace
+/// sees; the build then fails at the bootstrap (a mirror on a closed port), after the
+/// daemon got everything it needs. (Old code: the daemon opened the recipe by path and
+/// failed with "reading recipe ...: No such file or directory".)
+#[test]
+fn template_builds_send_the_resolved_recipe_not_its_path() {
+    let ctl = setup();
+    ctl.ok(&["daemon", "start"]);
+    let src = ctl.root.join("recipe-src");
+    let seen = ctl.root.join("recipes");
+    std::fs::create_dir_all(&src).unwrap();
+    std::fs::create_dir_all(&seen).unwrap();
+    std::fs::write(
+        src.join("base.toml"),
+        "name = \"hidden\"\ndistribution = \"debian\"\nrelease = \"bookworm\"\n\
+         image_size = \"64M\"\n\
+         files = [{ src = \"motd\", dest = \"/etc/motd\" }]\n",
+    )
+    .unwrap();
+    std::fs::write(src.join("motd"), b"only the client can see this\n").unwrap();
+    std::fs::write(
+        src.join("child.toml"),
+        "extends = \"base.toml\"\npackages = [\"less\"]\n",
+    )
+    .unwrap();
+    let script = format!(
+        "mount --bind {} {} && exec {} --root {} template build {}/child.toml --mirror http://127.0.0.1:9/debian",
+        src.display(),
+        seen.display(),
+        e2e_tests::qubes_ctl_bin().display(),
+        ctl.root.display(),
+        seen.display()
+    );
+    let out = Command::new("unshare")
+        .args(["--mount", "--propagation", "private", "sh", "-c", &script])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let err = stderr(&out);
+    assert!(
+        !out.status.success(),
+        "the bootstrap cannot reach the mirror"
+    );
+    assert!(
+        !err.contains("No such file") && !err.contains("reading recipe"),
+        "the daemon must not open the recipe or its files by path: {err}"
+    );
+    assert!(
+        std::fs::read_dir(&seen).unwrap().next().is_none(),
+        "the recipe is only visible to the CLI"
+    );
+    let log = std::fs::read_to_string(ctl.root.join("run/daemon.log")).unwrap_or_default();
+    assert!(
+        err.contains("mmdebstrap") || err.contains("bootstrap") || log.contains("bootstrap"),
+        "the build got as far as the bootstrap: {err}"
+    );
+    ctl.stop_daemon();
+}
+
+/// Issue 14.10: a failed `qube start` leaves no `run/qubes/NAME/` behind, a later start
+/// works, and a failed start of a running qube leaves its run directory alone. (Old code:
+/// the directory stayed after the failure.)
+#[test]
+fn a_failed_start_leaves_no_run_directory() {
+    let ctl = setup();
+    let run = ctl.root.join("run/qubes/work");
+    let out = ctl
+        .cmd(&["qube", "start", "work", "--hypervisor", "qemu"])
+        .env("QUBES_QEMU", "/nonexistent/qemu-system-x86_64")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "QEMU is missing");
+    assert!(
+        !run.exists(),
+        "{} was left behind by a failed start ({})",
+        run.display(),
+        stderr(&out)
+    );
+    let started = ctl.json(&["qube", "start", "work", "--hypervisor", "none"]);
+    assert_eq!(started["state"], "running");
+    assert!(run.is_dir(), "{}", run.display());
+    ctl.fails(&["qube", "start", "work", "--hypervisor", "none"]);
+    assert!(run.is_dir(), "a running qube keeps its run directory");
+    ctl.ok(&["qube", "shutdown", "work"]);
+    ctl.stop_daemon();
+}

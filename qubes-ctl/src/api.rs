@@ -27,8 +27,12 @@ pub enum Request {
         #[serde(default)]
         replace: bool,
     },
+    /// The recipe as the client resolved it (its `extends` merged, its files read with the
+    /// client's rights); each of its `files`, then each local `gpg_keys` file, travels as a
+    /// descriptor, in that order. `recipe` is the path the client named, for messages.
     TemplateBuild {
         recipe: PathBuf,
+        resolved: Box<template_builder::Recipe>,
         name: Option<String>,
         mirror: Option<String>,
     },
@@ -151,8 +155,9 @@ pub enum Reply {
     Error(String),
 }
 
-/// Most descriptors one request carries.
-pub const MAX_FDS: usize = 4;
+/// Most descriptors one request carries (a template build sends one per file its recipe
+/// installs; the kernel's own limit, SCM_MAX_FD, is 253).
+pub const MAX_FDS: usize = 64;
 
 /// Sends one request to the daemon and waits for its reply.
 pub fn call(socket: &Path, req: &Request) -> std::io::Result<Reply> {

@@ -413,14 +413,44 @@ pub fn main_with(cli: Cli) -> Result<()> {
                 recipe,
                 name,
                 mirror,
-            } => (
-                Request::TemplateBuild {
-                    recipe: absolute(&recipe)?,
+            } => {
+                // We resolve the recipe and open what it installs, with the caller's
+                // rights: a daemon builds from these, never from a path we name.
+                let recipe = absolute(&recipe)?;
+                let resolved = template_builder::Recipe::load(&recipe)?;
+                let mut files = Vec::new();
+                let keys = resolved.gpg_keys.iter().filter(|k| !k.contains("://"));
+                for src in resolved
+                    .files
+                    .iter()
+                    .map(|f| f.src.as_path())
+                    .chain(keys.map(Path::new))
+                {
+                    files.push(File::open(src).with_context(|| {
+                        format!(
+                            "opening {} (named by recipe {})",
+                            src.display(),
+                            recipe.display()
+                        )
+                    })?);
+                }
+                if files.len() > api::MAX_FDS {
+                    bail!(
+                        "recipe {} installs {} files (with its GPG keys); at most {} fit one build request: pack some into one archive or a command",
+                        recipe.display(),
+                        files.len(),
+                        api::MAX_FDS
+                    );
+                }
+                let req = Request::TemplateBuild {
+                    recipe,
+                    resolved: Box::new(resolved),
                     name,
                     mirror,
-                },
-                true,
-            ),
+                };
+                let v = execute_with(&paths, req, true, files)?;
+                return print(format, "template", &v);
+            }
             TemplateCmd::Create {
                 name,
                 from_image,

@@ -5,6 +5,7 @@
 
 use std::collections::BTreeMap;
 use std::fs;
+use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -369,9 +370,16 @@ impl Controller {
             }
             Request::TemplateBuild {
                 recipe,
+                resolved,
                 name,
                 mirror,
-            } => self.template_build(&recipe, name, mirror),
+            } => {
+                let local_keys = resolved.gpg_keys.iter().filter(|k| !k.contains("://"));
+                let inputs = (0..resolved.files.len() + local_keys.count())
+                    .map(|_| file(&recipe))
+                    .collect::<Result<Vec<_>>>()?;
+                self.template_build(&recipe, *resolved, inputs, name, mirror)
+            }
             Request::TemplateList => self.template_list(),
             Request::TemplateInfo { name } => self.template_info(&name),
             Request::TemplateRemove { name } => self.template_remove(&name),
@@ -640,13 +648,51 @@ impl Controller {
         Ok(())
     }
 
+    /// Builds from a recipe the client resolved; `inputs` are its files then its local GPG
+    /// keys, opened by the client (see [`Request::TemplateBuild`]).
     fn template_build(
         &mut self,
         recipe: &Path,
+        mut recipe_obj: template_builder::Recipe,
+        inputs: Vec<fs::File>,
         name: Option<String>,
         mirror: Option<String>,
     ) -> Result<Value> {
-        let mut recipe_obj = template_builder::Recipe::load(recipe)?;
+        recipe_obj.path = recipe.to_path_buf();
+        // The builder reads files by path: give it copies of what the client sent, in a
+        // directory of ours that goes when the build ends.
+        let work = self.paths.cache_dir().join("work");
+        fs::create_dir_all(&work).with_context(|| format!("creating {}", work.display()))?;
+        let copies = tempfile::Builder::new()
+            .prefix("recipe-inputs.")
+            .tempdir_in(&work)
+            .with_context(|| format!("creating a directory in {}", work.display()))?;
+        let mut inputs = inputs.into_iter();
+        let mut copy = |what: &str, expect: Option<&str>| -> Result<PathBuf> {
+            let mut f = inputs
+                .next()
+                .ok_or_else(|| anyhow!("no open file came with the request for {what}"))?;
+            let mut bytes = Vec::new();
+            f.read_to_end(&mut bytes)
+                .with_context(|| format!("reading {what} (sent by the client)"))?;
+            let hash = blake3::hash(&bytes).to_hex().to_string();
+            if expect.is_some_and(|e| e != hash) {
+                bail!("{what} changed while the build was being requested; run the build again");
+            }
+            let dst = copies.path().join(&hash);
+            fs::write(&dst, &bytes).with_context(|| format!("writing {}", dst.display()))?;
+            Ok(dst)
+        };
+        for f in &mut recipe_obj.files {
+            f.src = copy(&f.src.display().to_string(), Some(&f.content_hash))?;
+        }
+        for k in recipe_obj
+            .gpg_keys
+            .iter_mut()
+            .filter(|k| !k.contains("://"))
+        {
+            *k = copy(k, None)?.to_string_lossy().into_owned();
+        }
         crate::guest_tools::add_agent(&mut recipe_obj)?;
         let opts = template_builder::BuildOptions {
             name: name.clone(),
@@ -1171,6 +1217,32 @@ impl Controller {
     }
 
     fn qube_start(&mut self, name: &str, hypervisor: Option<String>) -> Result<Value> {
+        let r = self.start_qube(name, hypervisor);
+        if let Err(e) = &r {
+            // A failed start leaves nothing behind in run/qubes/NAME (sockets, pid files,
+            // a half-written qemu.args), unless the qube runs after all (it was running
+            // before, or a domain answers) or QEMU timed out: its log there is the
+            // diagnosis the error points to.
+            let keep = e.chain().any(|c| {
+                matches!(
+                    c.downcast_ref::<hypervisor::HvError>(),
+                    Some(
+                        hypervisor::HvError::CommandTimeout { .. }
+                            | hypervisor::HvError::AlreadyRunning { .. }
+                    )
+                )
+            });
+            if !keep
+                && !self.served.contains_key(name)
+                && matches!(self.vols.is_running(name), Ok(false))
+            {
+                let _ = fs::remove_dir_all(self.paths.qube_run_dir(name));
+            }
+        }
+        r
+    }
+
+    fn start_qube(&mut self, name: &str, hypervisor: Option<String>) -> Result<Value> {
         let q = self.vols.qube(name)?;
         if self.served.contains_key(name) {
             bail!("{name} is already running");

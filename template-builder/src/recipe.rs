@@ -212,7 +212,7 @@ const KEYS: &[&str] = &[
 ];
 
 /// One file copied into the image.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FileSpec {
     /// Absolute path on the build host.
     pub src: PathBuf,
@@ -224,8 +224,9 @@ pub struct FileSpec {
     pub content_hash: String,
 }
 
-/// A resolved recipe (see the module doc).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+/// A resolved recipe (see the module doc). It deserialises too, so a client can resolve it
+/// (reading the files with its own rights) and hand it to a builder elsewhere.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Recipe {
     #[serde(skip)]
     pub path: PathBuf,
@@ -505,8 +506,9 @@ impl Recipe {
     }
 
     /// blake3 (hex) over the resolved recipe and the content of every file it installs
-    /// (as read by [`Recipe::load`]). Host paths of the files do not count, so a moved
-    /// checkout hashes the same.
+    /// (as read by [`Recipe::load`]). Host paths of the files and of local GPG keys do not
+    /// count (their bytes do), so a moved checkout, or a builder that received copies of
+    /// them, hashes the same.
     pub fn hash(&self) -> String {
         let mut h = blake3::Hasher::new();
         h.update(b"qubes-template-recipe v1\0");
@@ -517,6 +519,9 @@ impl Recipe {
                     o.remove("src");
                 }
             }
+        }
+        if let Some(keys) = doc.get_mut("gpg_keys").and_then(|k| k.as_array_mut()) {
+            keys.retain(|k| k.as_str().is_some_and(|k| k.contains("://")));
         }
         h.update(doc.to_string().as_bytes());
         for k in self.gpg_keys.iter().filter(|k| !k.contains("://")) {
