@@ -23,6 +23,8 @@
 //!   caveat: dom0's kernel NBD client attaches each export to a `/dev/nbdN`
 //!   (`qemu-nbd --connect`, recorded in `run_dir/nbd-devices`) and the domain gets
 //!   `backendtype=phy` disks; the devices are detached after shutdown/kill.
+//! - [`XenDiskMode::Blkif`] (`QUBES_XEN_DISKS=blkif`): `xl create -p` with no disk lines;
+//!   the controller serves the disks with its own blkif backend, then unpauses.
 //! - on_poweroff/on_reboot/on_crash = destroy: a guest that stops is gone, so
 //!   `xl list` failing with "invalid domain" means Halted.
 
@@ -49,6 +51,11 @@ pub enum XenDiskMode {
     /// (`qemu-nbd --connect`) and given to the domain as `backendtype=phy`, served
     /// by the kernel's blkback. Needs the `nbd` module in dom0.
     KernelNbd,
+    /// The controller's own userspace blkif backend (blkback's `blkif`) serves the disks
+    /// straight from the pool. The domain is created paused (`xl create -p`) with no disk
+    /// lines; the controller writes the vbd nodes for [`Xen::domid`], starts serving,
+    /// then unpauses it. Selected by `QUBES_XEN_DISKS=blkif`.
+    Blkif,
 }
 
 pub struct Xen {
@@ -78,6 +85,7 @@ impl Xen {
         // client (which works with stock Xen and QEMU) is the default.
         let disk_mode = match std::env::var("QUBES_XEN_DISKS").ok().as_deref() {
             Some("qdisk") => XenDiskMode::Qdisk,
+            Some("blkif") => XenDiskMode::Blkif,
             _ => XenDiskMode::KernelNbd,
         };
         Xen {
@@ -98,6 +106,39 @@ impl Xen {
     pub fn with_disk_mode(mut self, mode: XenDiskMode) -> Self {
         self.disk_mode = mode;
         self
+    }
+
+    pub fn disk_mode(&self) -> XenDiskMode {
+        self.disk_mode
+    }
+
+    /// The domain id of the running domain `name` (`xl domid`), for the backend nodes of
+    /// [`XenDiskMode::Blkif`].
+    pub fn domid(&self, name: &str) -> Result<u32, HvError> {
+        match self.xl(name, &["domid", name], XL_TIMEOUT)? {
+            Xl::Ok(out) => out.trim().parse().map_err(|_| HvError::Command {
+                name: name.to_string(),
+                cmd: format!("xl domid {name}"),
+                status: "0".into(),
+                detail: format!("printed {:?}, not a domain id", out.trim()),
+            }),
+            Xl::Failed {
+                cmd,
+                status,
+                stderr,
+            } => Err(HvError::Command {
+                name: name.to_string(),
+                cmd,
+                status,
+                detail: stderr,
+            }),
+            Xl::TimedOut(cmd) => Err(HvError::CommandTimeout {
+                name: name.to_string(),
+                cmd,
+                timeout: XL_TIMEOUT,
+                fix: "check that xenstored runs",
+            }),
+        }
     }
 
     /// The `qemu-nbd` binary and the sysfs block directory used by
@@ -220,6 +261,7 @@ impl Xen {
                 let devices = self.attach_kernel_nbd(spec)?;
                 config_text_phy(spec, &devices)?
             }
+            XenDiskMode::Blkif => config_text_no_disks(spec)?,
         };
         let cfg = Self::config_path(&spec.run_dir);
         let tmp = spec.run_dir.join("xl.cfg.tmp");
@@ -228,7 +270,12 @@ impl Xen {
         fs::write(spec.run_dir.join("domain.name"), &spec.name)
             .map_err(io_err(&spec.name, "writing domain.name"))?;
         let cfg_s = cfg.to_string_lossy().into_owned();
-        match self.xl(&spec.name, &["create", &cfg_s], CREATE_TIMEOUT)? {
+        // Paused: the disks must be served before the guest's blkfront looks for them.
+        let args: &[&str] = match self.disk_mode {
+            XenDiskMode::Blkif => &["create", "-p", &cfg_s],
+            _ => &["create", &cfg_s],
+        };
+        match self.xl(&spec.name, args, CREATE_TIMEOUT)? {
             Xl::Ok(_) => Ok(()),
             Xl::Failed {
                 cmd,
@@ -622,6 +669,13 @@ pub fn config_text_phy(spec: &DomainSpec, devices: &[PathBuf]) -> Result<String,
     render(spec, &disks)
 }
 
+/// The xl config for `spec` with no disk lines ([`XenDiskMode::Blkif`]: the controller
+/// adds the disks itself, under its own backend type directory).
+pub fn config_text_no_disks(spec: &DomainSpec) -> Result<String, HvError> {
+    check_spec(spec)?;
+    render(spec, &[])
+}
+
 fn render(spec: &DomainSpec, disk_specs: &[String]) -> Result<String, HvError> {
     let n = &spec.name;
     let q = |what: &str, v: &str| quote(n, what, v);
@@ -715,6 +769,33 @@ mod tests {
         ));
         assert!(c.contains("vif = [ \"backend=sys-firewall\" ]"));
         assert!(c.contains("on_poweroff = \"destroy\""));
+    }
+
+    #[test]
+    fn blkif_config_has_no_disks_but_everything_else() {
+        let s = spec(VirtMode::Pv);
+        let c = config_text_no_disks(&s).unwrap();
+        let disk_line = c.lines().find(|l| l.starts_with("disk =")).unwrap();
+        assert_eq!(disk_line.replace(' ', ""), "disk=[]", "{c}");
+        assert!(!c.contains("nbd"), "{c}");
+        let full = config_text(&s).unwrap();
+        let strip = |t: &str| {
+            t.lines()
+                .filter(|l| !l.starts_with("disk ="))
+                .collect::<Vec<_>>()
+                .join("\n")
+        };
+        assert_eq!(strip(&c), strip(&full));
+        // The spec is still checked.
+        let mut bad = spec(VirtMode::Pv);
+        bad.name = "a b".into();
+        assert!(config_text_no_disks(&bad).is_err());
+        assert_eq!(
+            Xen::with_xl("xl")
+                .with_disk_mode(XenDiskMode::Blkif)
+                .disk_mode(),
+            XenDiskMode::Blkif
+        );
     }
 
     #[test]

@@ -29,6 +29,8 @@ pub const DEFAULT_CMDLINE: &str = "root=/dev/vda rw console=ttyS0";
 struct Served {
     server: blkback::NbdServer,
     hypervisor: String,
+    /// The disks our blkif backend serves (Xen with `QUBES_XEN_DISKS=blkif`).
+    xen_disks: Option<crate::xen_disks::RealXenDisks>,
 }
 
 pub struct Controller {
@@ -1308,6 +1310,7 @@ impl Controller {
             }
         };
         let socket = served.path().to_path_buf();
+        let mut xen_disks = None;
         if hv_name != "none" {
             let undo = |ctl: &mut Self, served: blkback::NbdServer| {
                 let _ = served.shutdown(Duration::from_secs(1));
@@ -1327,12 +1330,19 @@ impl Controller {
             if hv_name == "xen" {
                 spec.cmdline = xen_cmdline(&spec.cmdline);
             }
-            if let Err(e) = hv.start(&spec) {
-                if let Some(n) = &prefs.netvm {
-                    let _ = hv.detach_client(n, &self.paths.qube_run_dir(n), name);
+            let started_hv = hv
+                .start(&spec)
+                .map_err(|e| anyhow!(e).context(format!("starting {name} on {hv_name}")))
+                .and_then(|()| self.xen_blkif_disks(name, &hv_name, &spec, &started));
+            match started_hv {
+                Ok(d) => xen_disks = d,
+                Err(e) => {
+                    if let Some(n) = &prefs.netvm {
+                        let _ = hv.detach_client(n, &self.paths.qube_run_dir(n), name);
+                    }
+                    undo(self, served);
+                    return Err(e);
                 }
-                undo(self, served);
-                return Err(anyhow!(e).context(format!("starting {name} on {hv_name}")));
             }
         }
         self.served.insert(
@@ -1340,6 +1350,7 @@ impl Controller {
             Served {
                 server: served,
                 hypervisor: hv_name.clone(),
+                xen_disks,
             },
         );
         tracing::info!(qube = %name, hypervisor = %hv_name, socket = %socket.display(), "qube started");
@@ -1362,6 +1373,52 @@ impl Controller {
             "console": hv.console_log(&run_dir),
             "volumes": vols,
         }))
+    }
+
+    /// Under Xen with [`hypervisor::XenDiskMode::Blkif`] the domain was created paused
+    /// without disks: serve its volumes over blkif, then unpause it. On failure the
+    /// domain is destroyed (the caller undoes the storage).
+    fn xen_blkif_disks(
+        &self,
+        name: &str,
+        hv_name: &str,
+        spec: &hypervisor::DomainSpec,
+        started: &[StartedVolume],
+    ) -> Result<Option<crate::xen_disks::RealXenDisks>> {
+        if hv_name != "xen" {
+            return Ok(None);
+        }
+        let xen = hypervisor::Xen::new();
+        if xen.disk_mode() != hypervisor::XenDiskMode::Blkif {
+            return Ok(None);
+        }
+        let r = (|| {
+            let domid = xen.domid(name)?;
+            let chunk = self.pool().info()?.chunk_size;
+            let mut vols = Vec::new();
+            for (s, d) in started.iter().zip(&spec.disks) {
+                let device = self.pool().open_volume(&s.key, s.read_only)?;
+                vols.push((
+                    d.vdev.clone(),
+                    s.read_only,
+                    format!("{name}:{} ({})", s.name, s.key),
+                    device,
+                ));
+            }
+            let disks = crate::xen_disks::attach_real(domid, chunk, vols)?;
+            if let Err(e) = hypervisor::Hypervisor::unpause(&xen, name, &spec.run_dir) {
+                let _ = disks.detach();
+                return Err(e.into());
+            }
+            anyhow::Ok(disks)
+        })();
+        match r {
+            Ok(d) => Ok(Some(d)),
+            Err(e) => {
+                let _ = hypervisor::Hypervisor::kill(&xen, name, &spec.run_dir);
+                Err(e.context(format!("serving {name}'s disks over blkif")))
+            }
+        }
     }
 
     /// Qubes' network for the domain: its address, gateway and MAC on the kernel command
@@ -1559,6 +1616,11 @@ impl Controller {
             let _ = fs::remove_file(nrun.join(format!("vif-{name}.sock")));
         }
         if let Some(s) = self.served.remove(name) {
+            if let Some(d) = s.xen_disks {
+                if let Err(e) = d.detach() {
+                    tracing::warn!(qube = name, "closing the blkif disks: {e:#}");
+                }
+            }
             s.server
                 .shutdown(grace)
                 .with_context(|| format!("closing {name}'s exports"))?;
@@ -1680,6 +1742,8 @@ impl Controller {
                 Served {
                     server,
                     hypervisor: hv,
+                    // Re-attaching a running domain's blkif rings is not done yet.
+                    xen_disks: None,
                 },
             );
             resumed.push(name);

@@ -15,3 +15,4 @@ pub mod paths;
 pub mod repo;
 pub mod run;
 pub mod units;
+pub mod xen_disks;
