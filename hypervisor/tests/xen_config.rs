@@ -346,3 +346,39 @@ fn kernel_nbd_mode_cleans_up_when_xl_create_fails_or_nbd_is_missing() {
     let e = hv.start(&s).unwrap_err().to_string();
     assert!(e.contains("modprobe nbd"), "{e}");
 }
+
+/// Found on real Xen: right after `xl shutdown -w` the first `qemu-nbd --disconnect`
+/// of each device failed (blkback still held it), and the shutdown reported the
+/// devices as still attached. A disconnect that fails at first is retried.
+#[test]
+fn kernel_nbd_detach_retries_a_disconnect_that_fails_at_first() {
+    let tmp = tempfile::tempdir().unwrap();
+    let xl = fake_xl(tmp.path());
+    let (qemu_nbd, sys) = fake_kernel_nbd(tmp.path());
+    // Every device's first disconnect fails.
+    let flaky = format!(
+        "#!/bin/sh\necho \"$*\" >> '{calls}'\ncase \"$1\" in --disconnect=*)\n  \
+         f='{dir}'/seen-$(basename \"${{1#--disconnect=}}\")\n  \
+         [ -e \"$f\" ] || {{ touch \"$f\"; echo busy >&2; exit 1; }} ;;\nesac\n",
+        calls = tmp.path().join("qemu-nbd.calls").display(),
+        dir = tmp.path().display()
+    );
+    fs::write(&qemu_nbd, flaky).unwrap();
+    let hv = Xen::with_xl(xl.to_string_lossy())
+        .with_disk_mode(XenDiskMode::KernelNbd)
+        .with_kernel_nbd_tools(qemu_nbd.to_string_lossy(), &sys);
+    let run_dir = tmp.path().join("work-1");
+    let s = spec(VirtMode::Pv, &run_dir, "/run/qubes/work-1/nbd.sock");
+    hv.start(&s).unwrap();
+    hv.shutdown("work-1", &run_dir, Duration::from_secs(5))
+        .unwrap();
+    let calls = fs::read_to_string(tmp.path().join("qemu-nbd.calls")).unwrap();
+    for dev in ["/dev/nbd0", "/dev/nbd2", "/dev/nbd3"] {
+        assert_eq!(
+            calls.matches(&format!("--disconnect={dev}\n")).count(),
+            2,
+            "{calls}"
+        );
+    }
+    assert!(!run_dir.join("nbd-devices").exists());
+}
