@@ -39,7 +39,9 @@ use crate::{DiskSpec, DomainSpec, DomainState, HvError, Hypervisor, VirtMode};
 
 const XL_FIX: &str =
     "the xen backend needs a Xen dom0 with xen-utils installed; elsewhere use the qemu backend";
-const CREATE_TIMEOUT: Duration = Duration::from_secs(120);
+/// `xl create` loads the kernel and runs a hotplug script per disk: under a nested
+/// (TCG) Xen that took over 120 s, so the bound is generous; a hang still ends.
+const CREATE_TIMEOUT: Duration = Duration::from_secs(300);
 const XL_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// How a domain's disks reach its NBD exports.
@@ -68,6 +70,8 @@ pub struct Xen {
 
 /// One line per attached `/dev/nbdN`, detached when the domain is gone.
 const NBD_DEVICES: &str = "nbd-devices";
+/// How long a failing `qemu-nbd --disconnect` is retried.
+const DETACH_TIMEOUT: Duration = Duration::from_secs(60);
 const QEMU_NBD_FIX: &str = "run scripts/install-deps.sh (package qemu-utils)";
 
 impl Default for Xen {
@@ -224,15 +228,26 @@ impl Xen {
         let bin = find_tool(&self.qemu_nbd, QEMU_NBD_FIX)?;
         let mut failed = Vec::new();
         for dev in text.lines().filter(|l| !l.trim().is_empty()) {
-            let ok = run_with_timeout(
-                Command::new(&bin).arg(format!("--disconnect={dev}")),
-                XL_TIMEOUT,
-            )
-            .ok()
-            .flatten()
-            .is_some_and(|o| o.status.success());
-            if !ok {
-                failed.push(dev.to_string());
+            // `--disconnect` takes no argument: the device follows it (real qemu-nbd
+            // refuses `--disconnect=DEV`, which a stand-in accepted; found on real Xen).
+            // A disconnect that fails (a device still busy) is retried for a while.
+            let deadline = std::time::Instant::now() + DETACH_TIMEOUT;
+            let mut last: String;
+            loop {
+                match run_with_timeout(
+                    Command::new(&bin).arg("--disconnect").arg(dev),
+                    XL_TIMEOUT,
+                ) {
+                    Ok(Some(o)) if o.status.success() => break,
+                    Ok(Some(o)) => last = format!("{} {}", o.status, o.stderr.trim()),
+                    Ok(None) => last = "timed out".into(),
+                    Err(e) => last = e.to_string(),
+                }
+                if std::time::Instant::now() >= deadline {
+                    failed.push(format!("{dev} ({last})"));
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(500));
             }
         }
         if failed.is_empty() {

@@ -253,7 +253,9 @@ fn fake_kernel_nbd(dir: &Path) -> (PathBuf, PathBuf) {
     fs::write(
         &script,
         format!(
-            "#!/bin/sh\necho \"$*\" >> '{}'\n",
+            // As qemu-nbd's getopt: `--disconnect` takes no argument.
+            "#!/bin/sh\necho \"$*\" >> '{}'\ncase \"$1\" in --disconnect=*) \
+             echo \"qemu-nbd: option '--disconnect' doesn't allow an argument\" >&2; exit 1;; esac\n",
             dir.join("qemu-nbd.calls").display()
         ),
     )
@@ -315,7 +317,7 @@ fn kernel_nbd_mode_gives_phy_disks_and_detaches_them() {
         .unwrap();
     let calls = fs::read_to_string(tmp.path().join("qemu-nbd.calls")).unwrap();
     for dev in ["/dev/nbd0", "/dev/nbd2", "/dev/nbd3"] {
-        assert!(calls.contains(&format!("--disconnect={dev}\n")), "{calls}");
+        assert!(calls.contains(&format!("--disconnect {dev}\n")), "{calls}");
     }
     assert!(!run_dir.join("nbd-devices").exists());
 }
@@ -334,7 +336,7 @@ fn kernel_nbd_mode_cleans_up_when_xl_create_fails_or_nbd_is_missing() {
     let e = hv.start(&s).unwrap_err().to_string();
     assert!(e.contains("qube work-1") && e.contains("boom"), "{e}");
     let calls = fs::read_to_string(tmp.path().join("qemu-nbd.calls")).unwrap();
-    assert_eq!(calls.matches("--disconnect=").count(), 3, "{calls}");
+    assert_eq!(calls.matches("--disconnect /dev/").count(), 3, "{calls}");
     assert!(!run_dir.join("nbd-devices").exists());
 
     // No nbd devices at all: the error says how to get them.
@@ -345,4 +347,39 @@ fn kernel_nbd_mode_cleans_up_when_xl_create_fails_or_nbd_is_missing() {
         .with_kernel_nbd_tools(qemu_nbd.to_string_lossy(), &empty);
     let e = hv.start(&s).unwrap_err().to_string();
     assert!(e.contains("modprobe nbd"), "{e}");
+}
+
+/// A disconnect that fails at first (a device still busy) is retried; the shutdown
+/// reports devices as still attached only when the retries run out.
+#[test]
+fn kernel_nbd_detach_retries_a_disconnect_that_fails_at_first() {
+    let tmp = tempfile::tempdir().unwrap();
+    let xl = fake_xl(tmp.path());
+    let (qemu_nbd, sys) = fake_kernel_nbd(tmp.path());
+    // Every device's first disconnect fails.
+    let flaky = format!(
+        "#!/bin/sh\necho \"$*\" >> '{calls}'\ncase \"$1\" in --disconnect=*) exit 1;; --disconnect)\n  \
+         f='{dir}'/seen-$(basename \"$2\")\n  \
+         [ -e \"$f\" ] || {{ touch \"$f\"; echo busy >&2; exit 1; }} ;;\nesac\n",
+        calls = tmp.path().join("qemu-nbd.calls").display(),
+        dir = tmp.path().display()
+    );
+    fs::write(&qemu_nbd, flaky).unwrap();
+    let hv = Xen::with_xl(xl.to_string_lossy())
+        .with_disk_mode(XenDiskMode::KernelNbd)
+        .with_kernel_nbd_tools(qemu_nbd.to_string_lossy(), &sys);
+    let run_dir = tmp.path().join("work-1");
+    let s = spec(VirtMode::Pv, &run_dir, "/run/qubes/work-1/nbd.sock");
+    hv.start(&s).unwrap();
+    hv.shutdown("work-1", &run_dir, Duration::from_secs(5))
+        .unwrap();
+    let calls = fs::read_to_string(tmp.path().join("qemu-nbd.calls")).unwrap();
+    for dev in ["/dev/nbd0", "/dev/nbd2", "/dev/nbd3"] {
+        assert_eq!(
+            calls.matches(&format!("--disconnect {dev}\n")).count(),
+            2,
+            "{calls}"
+        );
+    }
+    assert!(!run_dir.join("nbd-devices").exists());
 }
