@@ -234,10 +234,8 @@ impl Xen {
             let deadline = std::time::Instant::now() + DETACH_TIMEOUT;
             let mut last: String;
             loop {
-                match run_with_timeout(
-                    Command::new(&bin).arg("--disconnect").arg(dev),
-                    XL_TIMEOUT,
-                ) {
+                match run_with_timeout(Command::new(&bin).arg("--disconnect").arg(dev), XL_TIMEOUT)
+                {
                     Ok(Some(o)) if o.status.success() => break,
                     Ok(Some(o)) => last = format!("{} {}", o.status, o.stderr.trim()),
                     Ok(None) => last = "timed out".into(),
