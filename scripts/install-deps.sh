@@ -5,7 +5,7 @@
 set -euo pipefail
 [ "$(id -u)" = 0 ] || { echo "install-deps: run as root (apt-get)" >&2; exit 1; }
 
-stamp=/var/lib/qubes-ctl-deps.v3
+stamp=/var/lib/qubes-ctl-deps.v4
 if [ -f "$stamp" ] && [ "${1:-}" != "--force" ]; then exit 0; fi
 
 mirror=$(grep -rhoE '^(URIs:|deb) +[a-z]+://[^ ]+/debian/?( |$)' /etc/apt/sources.list /etc/apt/sources.list.d/ 2>/dev/null \
