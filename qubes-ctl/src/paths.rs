@@ -125,11 +125,21 @@ impl Paths {
         let link = self.root.join("run");
         if run != link {
             self.make_short_run_dir(&run, &link)?;
-        } else if !run.exists() {
-            std::fs::DirBuilder::new()
-                .mode(0o700)
-                .create(&run)
-                .with_context(|| format!("creating {}", run.display()))?;
+        } else {
+            // A `run` symlink was left by the root's earlier, longer path (the root was
+            // moved or copied): its target belongs to that path. The run directory holds
+            // only sockets and pids, so a real one replaces the link.
+            if std::fs::symlink_metadata(&run).is_ok_and(|m| m.file_type().is_symlink()) {
+                tracing::warn!(link = %run.display(), "replacing a run link left by an earlier root path");
+                std::fs::remove_file(&run)
+                    .with_context(|| format!("removing the stale link {}", run.display()))?;
+            }
+            if !run.exists() {
+                std::fs::DirBuilder::new()
+                    .mode(0o700)
+                    .create(&run)
+                    .with_context(|| format!("creating {}", run.display()))?;
+            }
         }
         dirs.push(run.clone());
         dirs.push(run.join("qubes"));
@@ -168,6 +178,13 @@ impl Paths {
                 run.display(),
                 self.root.display()
             );
+        }
+        // A link to another directory was made under the root's earlier path.
+        let stale = std::fs::symlink_metadata(link).is_ok_and(|m| m.file_type().is_symlink())
+            && std::fs::read_link(link).is_ok_and(|t| t != run);
+        if stale {
+            std::fs::remove_file(link)
+                .with_context(|| format!("removing the stale link {}", link.display()))?;
         }
         if std::fs::symlink_metadata(link).is_err() {
             std::os::unix::fs::symlink(run, link)
