@@ -224,3 +224,72 @@ pub fn private_image(dir: &Path, name: &str, rc_local: &str, size: &str) -> Path
     assert!(st.success(), "mke2fs for {name}");
     img
 }
+
+/// Where the VM harness (scripts/testvm.sh) and the VM tests cache what they build:
+/// `$QUBES_TESTVM_CACHE`, default /var/cache/qubes-ctl-testvm.
+pub fn testvm_cache() -> PathBuf {
+    std::env::var_os("QUBES_TESTVM_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/var/cache/qubes-ctl-testvm"))
+}
+
+/// The repository's top directory.
+pub fn repo_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ is inside the repository")
+        .to_path_buf()
+}
+
+/// A template package of recipes/debian/minimal.toml (template `debian-12-minimal`),
+/// built once with this build's `template build` + `template export` and cached under
+/// [`testvm_cache`], keyed by the hash of the recipe and the guest integration it
+/// extends, so the VM tests and their reruns share one build (`template import` it).
+/// `$QUBES_TEST_TEMPLATE_PKG` names a package to use instead.
+pub fn debian_template_package() -> PathBuf {
+    use std::os::unix::io::AsRawFd;
+    if let Some(p) = std::env::var_os("QUBES_TEST_TEMPLATE_PKG") {
+        return PathBuf::from(p);
+    }
+    let recipes = repo_dir().join("recipes");
+    let mut h = blake3::Hasher::new();
+    let mut files = vec![recipes.join("debian/minimal.toml")];
+    let mut guest: Vec<PathBuf> = std::fs::read_dir(recipes.join("guest"))
+        .expect("recipes/guest")
+        .map(|e| e.unwrap().path())
+        .collect();
+    guest.sort();
+    files.extend(guest);
+    for f in &files {
+        h.update(f.file_name().unwrap().as_encoded_bytes());
+        h.update(&std::fs::read(f).unwrap());
+    }
+    let key = &h.finalize().to_hex()[..16];
+    let dir = testvm_cache().join("templates");
+    std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("creating {}: {e}", dir.display()));
+    let pkg = dir.join(format!("debian-12-minimal-{key}.qtpl"));
+    let lock = std::fs::File::create(dir.join(".lock")).unwrap();
+    // SAFETY: flock(2) on a descriptor this function owns; released when `lock` drops.
+    assert_eq!(unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) }, 0);
+    if pkg.exists() {
+        return pkg;
+    }
+    let ctl = Ctl::new();
+    ctl.ok(&["pool", "init", "--size", "8G"]);
+    let recipe = recipes.join("debian/minimal.toml");
+    let mut args = vec!["template", "build", recipe.to_str().unwrap()];
+    let mirror = apt_mirror();
+    if let Some(m) = mirror.as_deref() {
+        args.extend(["--mirror", m]);
+    }
+    ctl.ok(&args);
+    let tmp = dir.join(format!(".{key}.tmp"));
+    ctl.ok(&[
+        "template",
+        "export",
+        "debian-12-minimal",
+        tmp.to_str().unwrap(),
+    ]);
+    std::fs::rename(&tmp, &pkg).unwrap();
+    pkg
+}

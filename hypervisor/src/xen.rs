@@ -320,7 +320,7 @@ impl Xen {
         }
         // -F: an HVM guest without PV drivers gets an ACPI power button press instead.
         match self.xl(name, &["shutdown", "-F", "-w", name], timeout)? {
-            Xl::Ok(_) => Ok(()),
+            Xl::Ok(_) => self.reap_shut_down(name),
             Xl::Failed { stderr, .. } => {
                 tracing::warn!(qube = name, "xl shutdown failed ({stderr}), destroying");
                 self.destroy_domain(name, run_dir)
@@ -329,6 +329,49 @@ impl Xen {
                 tracing::warn!(qube = name, ?timeout, "guest did not shut down, destroying");
                 self.destroy_domain(name, run_dir)
             }
+        }
+    }
+
+    /// After `xl shutdown -w` the domain can linger in the shutdown state until xl's
+    /// monitor destroys it (found on real Xen: still in `xl list` when the shutdown
+    /// returned), and a start of the same name would then fail. Wait a little for it to
+    /// go, then destroy what is left: it has already shut down.
+    fn reap_shut_down(&self, name: &str) -> Result<(), HvError> {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let listed = matches!(self.xl(name, &["list", name], XL_TIMEOUT)?, Xl::Ok(out) if parse_xl_list(&out, name).is_some());
+            if !listed {
+                return Ok(());
+            }
+            if std::time::Instant::now() >= deadline {
+                tracing::info!(
+                    qube = name,
+                    "domain still listed after its shutdown; destroying it"
+                );
+                return match self.xl(name, &["destroy", name], XL_TIMEOUT)? {
+                    Xl::Ok(_) => Ok(()),
+                    Xl::Failed { stderr, .. } if stderr.contains("invalid domain identifier") => {
+                        Ok(())
+                    }
+                    Xl::Failed {
+                        cmd,
+                        status,
+                        stderr,
+                    } => Err(HvError::Command {
+                        name: name.to_string(),
+                        cmd,
+                        status,
+                        detail: stderr,
+                    }),
+                    Xl::TimedOut(cmd) => Err(HvError::CommandTimeout {
+                        name: name.to_string(),
+                        cmd,
+                        timeout: XL_TIMEOUT,
+                        fix: "check `xl list` and xenstored",
+                    }),
+                };
+            }
+            std::thread::sleep(Duration::from_millis(250));
         }
     }
 
