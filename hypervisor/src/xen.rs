@@ -126,22 +126,7 @@ impl Xen {
                 status: "0".into(),
                 detail: format!("printed {:?}, not a domain id", out.trim()),
             }),
-            Xl::Failed {
-                cmd,
-                status,
-                stderr,
-            } => Err(HvError::Command {
-                name: name.to_string(),
-                cmd,
-                status,
-                detail: stderr,
-            }),
-            Xl::TimedOut(cmd) => Err(HvError::CommandTimeout {
-                name: name.to_string(),
-                cmd,
-                timeout: XL_TIMEOUT,
-                fix: "check that xenstored runs",
-            }),
+            other => Err(other.into_error(name, "check that xenstored runs")),
         }
     }
 
@@ -353,22 +338,7 @@ impl Xen {
                     Xl::Failed { stderr, .. } if stderr.contains("invalid domain identifier") => {
                         Ok(())
                     }
-                    Xl::Failed {
-                        cmd,
-                        status,
-                        stderr,
-                    } => Err(HvError::Command {
-                        name: name.to_string(),
-                        cmd,
-                        status,
-                        detail: stderr,
-                    }),
-                    Xl::TimedOut(cmd) => Err(HvError::CommandTimeout {
-                        name: name.to_string(),
-                        cmd,
-                        timeout: XL_TIMEOUT,
-                        fix: "check `xl list` and xenstored",
-                    }),
+                    other => Err(other.into_error(name, "check `xl list` and xenstored")),
                 };
             }
             std::thread::sleep(Duration::from_millis(250));
@@ -409,22 +379,7 @@ impl Xen {
         }
         match self.xl(name, &["destroy", name], XL_TIMEOUT)? {
             Xl::Ok(_) => Ok(()),
-            Xl::Failed {
-                cmd,
-                status,
-                stderr,
-            } => Err(HvError::Command {
-                name: name.to_string(),
-                cmd,
-                status,
-                detail: stderr,
-            }),
-            Xl::TimedOut(cmd) => Err(HvError::CommandTimeout {
-                name: name.to_string(),
-                cmd,
-                timeout: XL_TIMEOUT,
-                fix: "check `xl list` and xenstored",
-            }),
+            other => Err(other.into_error(name, "check `xl list` and xenstored")),
         }
     }
 
@@ -453,6 +408,36 @@ enum Xl {
         stderr: String,
     },
     TimedOut(String),
+}
+
+impl Xl {
+    /// The error for a failed or hung `xl` call (not for `Ok`, which callers handle).
+    fn into_error(self, name: &str, fix: &'static str) -> HvError {
+        match self {
+            Xl::Ok(out) => HvError::Command {
+                name: name.to_string(),
+                cmd: "xl".into(),
+                status: "0".into(),
+                detail: out,
+            },
+            Xl::Failed {
+                cmd,
+                status,
+                stderr,
+            } => HvError::Command {
+                name: name.to_string(),
+                cmd,
+                status,
+                detail: stderr,
+            },
+            Xl::TimedOut(cmd) => HvError::CommandTimeout {
+                name: name.to_string(),
+                cmd,
+                timeout: XL_TIMEOUT,
+                fix,
+            },
+        }
+    }
 }
 
 impl Hypervisor for Xen {
@@ -514,22 +499,7 @@ impl Hypervisor for Xen {
             Xl::Failed { stderr, .. } if stderr.contains("invalid domain identifier") => {
                 Ok(DomainState::Halted)
             }
-            Xl::Failed {
-                cmd,
-                status,
-                stderr,
-            } => Err(HvError::Command {
-                name: name.to_string(),
-                cmd,
-                status,
-                detail: stderr,
-            }),
-            Xl::TimedOut(cmd) => Err(HvError::CommandTimeout {
-                name: name.to_string(),
-                cmd,
-                timeout: XL_TIMEOUT,
-                fix: "check that xenstored runs",
-            }),
+            other => Err(other.into_error(name, "check that xenstored runs")),
         }
     }
 
