@@ -450,7 +450,11 @@ fn console_in_tmux(ctl: &Ctl, q: &str) {
         let p = pane();
         p.contains("CONSOLE-EXIT-0") && p.contains(&format!("Detached from {q}'s console"))
     });
-    // The terminal was given back in its normal (cooked) mode.
+    // The terminal was given back in its normal (cooked) mode. The shell prints the mode
+    // after the exit status, so wait for that line too rather than racing it.
+    wait_for("the shell to report the terminal mode", t, || {
+        pane().contains("TTY-")
+    });
     assert!(pane().contains("TTY-COOKED"), "{}", pane());
     assert!(
         ctl.console(q).contains("CON-42"),
