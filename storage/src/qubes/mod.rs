@@ -697,10 +697,14 @@ impl Volumes {
         let mut txn = Txn::new(self.p());
         // Leftovers of a run that did not stop cleanly are dropped first (they may be open,
         // and then nothing else has been staged yet).
+        // A running snapshot of a volume that is not saved at stop holds nothing anyone
+        // keeps: Qubes' lvm_thin leaves `vm-Q-root-snap` behind after a crash, and its
+        // next start then failed on it (qubes-issues #3964, #7573).
         for v in vols.iter().filter(|v| !v.save_on_stop) {
-            let head = head_key(name, &v.name);
-            if self.exists(&head)? {
-                txn.remove(&head)?;
+            for key in [head_key(name, &v.name), run_key(name, &v.name)] {
+                if self.exists(&key)? {
+                    txn.remove(&key)?;
+                }
             }
         }
         let mut started = Vec::new();
