@@ -146,9 +146,16 @@ pub enum PoolCmd {
         /// Data capacity (default: 95% of the filesystem's free space).
         #[arg(long)]
         size: Option<String>,
-        /// thin (default) or reflink (files on XFS/btrfs).
+        /// thin (default), reflink (files on XFS/btrfs) or lvm_thin (an existing LVM
+        /// thin pool, Qubes' layout: give --volume-group and --thin-pool).
         #[arg(long, default_value = "thin")]
         driver: String,
+        /// lvm_thin: the volume group holding the thin pool (Qubes: qubes_dom0).
+        #[arg(long)]
+        volume_group: Option<String>,
+        /// lvm_thin: the thin pool LV (Qubes: vm-pool).
+        #[arg(long)]
+        thin_pool: Option<String>,
     },
     /// Capacity, usage, chunk size, volume count, commit generation.
     Info,
@@ -388,6 +395,8 @@ pub fn main_with(cli: Cli) -> Result<()> {
             chunk_size,
             size,
             driver,
+            volume_group,
+            thin_pool,
         }) => {
             if crate::daemon::is_running(&paths) {
                 bail!(
@@ -399,6 +408,8 @@ pub fn main_with(cli: Cli) -> Result<()> {
                 driver,
                 chunk_size: parse_size(&chunk_size)?,
                 capacity: size.as_deref().map(parse_size).transpose()?,
+                volume_group,
+                thin_pool,
             };
             let v = controller::init_pool(&paths, &opts)?;
             return print(format, "pool-info", &v);

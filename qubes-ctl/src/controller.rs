@@ -45,6 +45,8 @@ pub struct Controller {
 fn detect_driver(dir: &Path) -> Option<&'static str> {
     if dir.join("pool.meta").exists() {
         Some("thin")
+    } else if dir.join("lvm.json").exists() {
+        Some("lvm_thin")
     } else if dir.join("pool.json").exists() {
         Some("reflink")
     } else {
@@ -173,6 +175,9 @@ pub struct InitOptions {
     pub driver: String,
     pub chunk_size: u64,
     pub capacity: Option<u64>,
+    /// lvm_thin: the VG and thin pool it uses.
+    pub volume_group: Option<String>,
+    pub thin_pool: Option<String>,
 }
 
 impl Default for InitOptions {
@@ -181,6 +186,8 @@ impl Default for InitOptions {
             driver: "thin".into(),
             chunk_size: 64 << 10,
             capacity: None,
+            volume_group: None,
+            thin_pool: None,
         }
     }
 }
@@ -192,6 +199,19 @@ pub fn init_pool(paths: &Paths, opts: &InitOptions) -> Result<Value> {
         bail!("a {d} pool already exists at {}; remove that directory first if you really want a new one", dir.display());
     }
     paths.secure()?;
+    if opts.driver == "lvm_thin" {
+        let (Some(vg), Some(tp)) = (&opts.volume_group, &opts.thin_pool) else {
+            bail!("the lvm_thin driver uses an existing LVM thin pool: give --volume-group VG --thin-pool POOL (Qubes' are qubes_dom0 and vm-pool)");
+        };
+        storage::LvmThinPool::create(&dir, &storage::LvmThinOptions::new(vg, tp))
+            .with_context(|| format!("making an lvm_thin pool over {vg}/{tp}"))?;
+        paths.secure()?;
+        let info = open_pool(paths)?.info()?;
+        return Ok(serde_json::to_value(info)?);
+    }
+    if opts.volume_group.is_some() || opts.thin_pool.is_some() {
+        bail!("--volume-group and --thin-pool are for --driver lvm_thin");
+    }
     // Leave a little room on the filesystem for metadata and the rest of the system.
     let free = fs_free_bytes(&dir)?;
     let capacity = match opts.capacity {
@@ -218,7 +238,7 @@ pub fn init_pool(paths: &Paths, opts: &InitOptions) -> Result<Value> {
             },
         )?,
         "reflink" => Arc::new(storage::reflink::ReflinkPool::create(&dir)?),
-        other => bail!("unknown pool driver {other:?}; use thin (default) or reflink"),
+        other => bail!("unknown pool driver {other:?}; use thin (default), reflink or lvm_thin"),
     };
     drop(pool);
     // The files were made inside the 0700 directory; make them 0600 themselves.
@@ -233,6 +253,7 @@ fn open_pool(paths: &Paths) -> Result<Arc<dyn Pool>> {
     match detect_driver(&dir) {
         Some("thin") => Ok(storage::thin::ThinPool::open(&dir)?),
         Some("reflink") => Ok(Arc::new(storage::reflink::ReflinkPool::open(&dir)?)),
+        Some("lvm_thin") => Ok(Arc::new(storage::LvmThinPool::open(&dir)?)),
         _ => bail!(
             "no pool at {}; create one with `qubes-ctl pool init`",
             dir.display()
@@ -498,7 +519,15 @@ impl Controller {
     /// The pool's figures, with the free space of the filesystem holding it: the pool
     /// file is sparse, so a host filesystem that fills up stops guests' writes.
     fn pool_info(&self) -> Result<Value> {
-        let mut v = serde_json::to_value(self.pool().info()?)?;
+        let info = self.pool().info()?;
+        let mut v = serde_json::to_value(&info)?;
+        let pct = |used: u64, cap: u64| (used as f64 * 1000.0 / cap as f64).round() / 10.0;
+        if info.capacity > 0 {
+            v["data_used_percent"] = json!(pct(info.data_used, info.capacity));
+        }
+        if let Some(mc) = info.metadata_capacity.filter(|&c| c > 0) {
+            v["metadata_used_percent"] = json!(pct(info.metadata_used, mc));
+        }
         let free = fs_free_bytes(&self.paths.pool_dir())?;
         v["host_free"] = json!(free);
         if free < HOST_FREE_WARN {

@@ -14,6 +14,7 @@
 //! [`BlockDevice`] trait; everything the volume model needs from a driver is [`Pool`].
 
 pub mod io;
+pub mod lvm_thin;
 pub mod mem;
 pub mod names;
 pub mod pool;
@@ -21,6 +22,7 @@ pub mod qubes;
 pub mod reflink;
 pub mod thin;
 
+pub use lvm_thin::{LvmThinOptions, LvmThinPool};
 pub use mem::MemPool;
 pub use names::{validate_name, NameError};
 pub use pool::{

@@ -229,6 +229,7 @@ impl Pool for MemPool {
             capacity: self.shared.capacity.unwrap_or(u64::MAX),
             data_used: self.shared.used.load(Ordering::Relaxed),
             metadata_used: (st.staged.keys.len() + st.staged.meta.len()) as u64 * 64,
+            metadata_capacity: None,
             volumes: st.staged.keys.len() as u64,
             generation: st.generation,
             host_free: None,

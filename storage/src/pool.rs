@@ -128,6 +128,14 @@ pub enum PoolError {
     Busy { volume: String, users: usize },
     #[error("shrinking volume {volume} from {from} to {to} bytes loses data; pass --allow-shrink to do it anyway")]
     ShrinkRefused { volume: String, from: u64, to: u64 },
+    #[error("{pool}: {space} space is {used} used, at or above the {threshold_pct}% threshold below which new volumes (a qube start, a create) are allowed; {fix}")]
+    SpaceLow {
+        pool: String,
+        space: &'static str,
+        used: String,
+        threshold_pct: u32,
+        fix: String,
+    },
     #[error("invalid argument: {0}")]
     Invalid(String),
     #[error("no pool at {path}: {reason}; create one with `qubes-ctl pool init`")]
@@ -176,6 +184,10 @@ pub struct PoolInfo {
     pub data_used: u64,
     /// Metadata bytes in use.
     pub metadata_used: u64,
+    /// Size of a fixed metadata area (`lvm_thin`: the thin pool's metadata LV); `None`
+    /// when metadata grows in the pool's own space.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metadata_capacity: Option<u64>,
     pub volumes: u64,
     /// Commit counter (superblock generation for `thin`).
     pub generation: u64,
@@ -244,7 +256,7 @@ pub struct ImportStats {
 /// See [`Pool::batch`]; dropping it lets other threads' commits through again.
 pub struct BatchGuard<'a>(pub Option<parking_lot::ReentrantMutexGuard<'a, ()>>);
 
-/// A pool driver. Implementations: `thin` (default), `reflink`, `mem` (simulation).
+/// A pool driver. Implementations: `thin` (default), `reflink`, `lvm_thin`, `mem` (simulation).
 /// All methods are callable from several threads.
 pub trait Pool: Send + Sync {
     fn driver(&self) -> &'static str;

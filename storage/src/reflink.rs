@@ -610,6 +610,7 @@ impl Pool for ReflinkPool {
             capacity,
             data_used: used,
             metadata_used: meta,
+            metadata_capacity: None,
             volumes: st.staged.volumes.len() as u64,
             generation: st.staged.generation,
             host_free: rustix::fs::fstatvfs(&self.inner._lock)

@@ -5,7 +5,7 @@
 mod backends;
 
 mod suite {
-    include!("conformance_suite.rs");
+    include!("suite/conformance.rs");
 }
 use suite::*;
 #[allow(unused_imports)]

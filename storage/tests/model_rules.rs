@@ -6,7 +6,7 @@
 mod backends;
 
 mod suite {
-    include!("model_rules_suite.rs");
+    include!("suite/model_rules.rs");
 }
 use suite::*;
 

@@ -1421,6 +1421,7 @@ impl Pool for ThinPool {
             capacity: self.geo.data_chunks * self.geo.chunk_size,
             data_used: m.data_used * self.geo.chunk_size,
             metadata_used: m.meta_used * PAGE_SIZE as u64,
+            metadata_capacity: None,
             volumes: m.cat.volumes.len() as u64,
             generation: m.sb.generation,
             host_free: self

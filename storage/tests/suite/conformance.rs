@@ -1,5 +1,5 @@
-// The body of conformance.rs (shared with lvm_thin.rs, which runs it inside a VM):
-// the checks, written once against `&dyn Pool`; the test modules are in conformance.rs.
+// The body of storage/tests/conformance.rs (shared with tests/lvm_thin.rs, which runs it inside a VM):
+// the checks, written once against `&dyn Pool`; the test modules are in storage/tests/conformance.rs.
 
 use super::backends;
 

@@ -1,5 +1,5 @@
-// The body of model_rules.rs (shared with lvm_thin.rs, which runs it inside a VM):
-// the checks, written once against `&dyn Pool`; the test modules are in model_rules.rs.
+// The body of storage/tests/model_rules.rs (shared with tests/lvm_thin.rs, which runs it inside a VM):
+// the checks, written once against `&dyn Pool`; the test modules are in storage/tests/model_rules.rs.
 
 use super::backends;
 
