@@ -282,3 +282,109 @@ fn fixtures_work() {
         assert!(!b.crash().exists("a").unwrap(), "{}", b.name());
     }
 }
+
+/// `lvm_thin` on a thin pool of a volume group of its own (LV names are unique per VG,
+/// and the tests run in parallel), on a loop device over a sparse file in
+/// `$QUBES_LVM_TEST_DIR` (set by `lvm_thin.rs` inside the VM harness); removed on drop.
+pub struct LvmThin {
+    dir: tempfile::TempDir,
+    vg: String,
+    loopdev: String,
+    img: PathBuf,
+    pool: Option<Arc<storage::LvmThinPool>>,
+}
+
+impl Default for LvmThin {
+    fn default() -> Self {
+        Self::with_size("384M")
+    }
+}
+
+impl LvmThin {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn with_size(size: &str) -> Self {
+        static N: AtomicU64 = AtomicU64::new(0);
+        let base = std::env::var("QUBES_LVM_TEST_DIR").expect(
+            "QUBES_LVM_TEST_DIR names a directory for the PV images (lvm_thin.rs sets it in the VM)",
+        );
+        let vg = format!(
+            "qt{}x{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        );
+        let img = Path::new(&base).join(format!("{vg}.img"));
+        std::fs::File::create(&img)
+            .unwrap()
+            .set_len(1 << 30)
+            .unwrap();
+        let out = Command::new("losetup")
+            .args(["-f", "--show"])
+            .arg(&img)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "losetup: {out:?}");
+        let loopdev = String::from_utf8(out.stdout).unwrap().trim().to_string();
+        run(Command::new("vgcreate").args(["-q", &vg, &loopdev]));
+        run(Command::new("lvcreate").args([
+            "-q",
+            "--type",
+            "thin-pool",
+            "-L",
+            size,
+            "-n",
+            "pool",
+            &vg,
+        ]));
+        let dir = tempfile::tempdir().unwrap();
+        let pool = storage::LvmThinPool::create(
+            &dir.path().join("pool"),
+            &storage::LvmThinOptions::new(&vg, "pool"),
+        )
+        .unwrap();
+        LvmThin {
+            dir,
+            vg,
+            loopdev,
+            img,
+            pool: Some(Arc::new(pool)),
+        }
+    }
+}
+
+impl Backend for LvmThin {
+    fn name(&self) -> &'static str {
+        "lvm_thin"
+    }
+
+    fn pool(&self) -> Arc<dyn Pool> {
+        self.pool.clone().expect("pool is open")
+    }
+
+    fn crash(&mut self) -> Arc<dyn Pool> {
+        let p = self.pool.take().expect("pool is open");
+        assert_eq!(
+            Arc::strong_count(&p),
+            1,
+            "a handle to the pool is still alive"
+        );
+        drop(p);
+        self.pool = Some(Arc::new(
+            storage::LvmThinPool::open(&self.dir.path().join("pool")).unwrap(),
+        ));
+        self.pool()
+    }
+}
+
+impl Drop for LvmThin {
+    fn drop(&mut self) {
+        self.pool = None;
+        let _ = Command::new("vgremove")
+            .args(["-q", "-y", "-f", &self.vg])
+            .status();
+        let _ = Command::new("losetup").args(["-d", &self.loopdev]).status();
+        let _ = std::fs::remove_file(&self.img);
+    }
+}
