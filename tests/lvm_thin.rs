@@ -289,7 +289,7 @@ mod vm_cli {
             std::thread::sleep(Duration::from_millis(200));
             let v = ctl.json(&["pool", "verify"]);
             assert!(
-                v["errors"].as_array().unwrap().is_empty(),
+                v["report"]["errors"].as_array().unwrap().is_empty(),
                 "round {round} {args:?}: {v}"
             );
             // No orphans: every LV is a volume the model knows about (or a revision).
