@@ -288,3 +288,142 @@ fn daemon_status_figures_and_qube_log() {
         "{human}"
     );
 }
+
+/// Runs `cmd` to its end within `secs` (killed and reported otherwise): a request the
+/// daemon holds back shows as a failure, not as a hung test.
+fn finishes_within(mut cmd: Command, secs: u64, what: &str) -> std::process::Output {
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(secs);
+    while child.try_wait().unwrap().is_none() {
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{what} did not answer within {secs} s while an import was held back");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{what} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// Daemon processes serving `root` (their command line names it).
+fn daemons_of(root: &std::path::Path) -> usize {
+    let root = root.to_string_lossy();
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
+        .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
+        .filter(|c| c.contains(&*root) && c.contains("daemon run"))
+        .count()
+}
+
+/// One request does not hold back the others: while an import into `other` is stuck on
+/// its reader, `work` starts and shuts down, `qube list` and `daemon status` answer, and
+/// only one daemon exists; a start of `other` itself waits for the import (requests on
+/// one qube are ordered) and then serves the imported data.
+#[test]
+fn a_held_import_does_not_hold_back_other_qubes() {
+    use std::io::Write;
+    let ctl = setup();
+    ctl.ok(&["volume", "resize", "other:private", "64M", "--allow-shrink"]);
+    ctl.ok(&["daemon", "start"]);
+    let image = pattern(21, 64 << 20);
+    let mut import = ctl
+        .cmd(&["volume", "import", "other:private", "-", "--size", "64M"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut feed = import.stdin.take().unwrap();
+    feed.write_all(&image[..8 << 20]).unwrap();
+    feed.flush().unwrap();
+    // The daemon is now reading the import (the pipe holds far less than 8 MiB).
+
+    let status = std::time::Instant::now();
+    let out = finishes_within(
+        ctl.cmd(&["--format", "json", "daemon", "status"]),
+        30,
+        "daemon status",
+    );
+    let status = status.elapsed();
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["daemon"], "running", "{v}");
+    let mut start_other = ctl
+        .cmd(&["qube", "start", "other", "--hypervisor", "none"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    finishes_within(
+        ctl.cmd(&["qube", "start", "work", "--hypervisor", "none"]),
+        60,
+        "qube start work",
+    );
+    let list = finishes_within(
+        ctl.cmd(&["--format", "json", "qube", "list"]),
+        60,
+        "qube list",
+    );
+    let list: Value = serde_json::from_slice(&list.stdout).unwrap();
+    let state = |n: &str| {
+        list.as_array()
+            .unwrap()
+            .iter()
+            .find(|q| q["name"] == n)
+            .unwrap()["state"]
+            .clone()
+    };
+    assert_eq!(state("work"), "running", "{list}");
+    assert_eq!(state("other"), "halted", "{list}");
+    finishes_within(
+        ctl.cmd(&["qube", "shutdown", "work"]),
+        60,
+        "qube shutdown work",
+    );
+    assert_eq!(daemons_of(&ctl.root), 1, "one daemon serves the root");
+    assert!(
+        start_other.try_wait().unwrap().is_none(),
+        "other started while an import into its volume ran"
+    );
+
+    feed.write_all(&image[8 << 20..]).unwrap();
+    drop(feed);
+    let out = import.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "import: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = start_other.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "start of other after the import: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let info = ctl.json(&["volume", "info", "other:private"]);
+    let back = ctl.root.join("back.img");
+    run(Command::new("qemu-img")
+        .args(["convert", "-f", "raw", "-O", "raw"])
+        .arg(info["nbd_uri"].as_str().unwrap())
+        .arg(&back));
+    assert!(
+        std::fs::read(&back).unwrap() == image,
+        "other's private differs from the import"
+    );
+    eprintln!("daemon status answered in {status:?} while the import was held");
+    ctl.ok(&["qube", "shutdown", "other"]);
+    assert_eq!(ctl.json(&["pool", "verify"])["clean"], true);
+}

@@ -757,7 +757,7 @@ pub fn execute_with(
             };
         }
         match Controller::open(paths, mutating, false) {
-            Ok(mut ctl) => return ctl.handle_with(req, files),
+            Ok(ctl) => return ctl.handle_with(req, files),
             Err(e) => {
                 let Some(pid) = locked_by(&e) else {
                     return Err(e);

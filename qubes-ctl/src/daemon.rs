@@ -13,7 +13,7 @@ use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
@@ -22,7 +22,7 @@ use crate::api::{self, Reply, Request};
 use crate::controller::Controller;
 use crate::paths::Paths;
 
-type Shared = Arc<Mutex<Controller>>;
+type Shared = Arc<Controller>;
 
 /// How many qubes this daemon serves, for pings answered without the controller.
 static SERVED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
@@ -52,7 +52,7 @@ pub fn run(paths: &Paths) -> Result<()> {
     }
     // A command run without a daemon may hold the pool for a moment.
     let deadline = Instant::now() + Duration::from_secs(20);
-    let mut ctl = loop {
+    let ctl = loop {
         match Controller::open(paths, true, true) {
             Ok(c) => break c,
             Err(e) if crate::cli::locked_by(&e).is_some() && Instant::now() < deadline => {
@@ -87,7 +87,7 @@ pub fn run(paths: &Paths) -> Result<()> {
         ctl.served_qubes().len(),
         std::sync::atomic::Ordering::Relaxed,
     );
-    let shared: Shared = Arc::new(Mutex::new(ctl));
+    let shared: Shared = Arc::new(ctl);
     spawn_monitor(shared.clone());
     spawn_signal_handler(shared.clone(), paths.clone())?;
     // Only now: the admin socket is bound and every running qube is served again.
@@ -123,8 +123,7 @@ fn serve_admin(conn: UnixStream, shared: &Shared, paths: &Paths) -> Result<()> {
     let reply = match serde_json::from_str::<Request>(&line) {
         Err(e) => Reply::Error(format!("malformed request: {e}")),
         Ok(Request::DaemonStop) => {
-            let mut ctl = shared.lock().unwrap_or_else(|p| p.into_inner());
-            let served = ctl.served_qubes();
+            let served = shared.served_qubes();
             let mut out = serde_json::to_string(&Reply::Ok(
                 serde_json::json!({"stopping": true, "detached": served}),
             ))?;
@@ -132,11 +131,11 @@ fn serve_admin(conn: UnixStream, shared: &Shared, paths: &Paths) -> Result<()> {
             writer.write_all(out.as_bytes())?;
             tracing::info!("stopping on request; running qubes stay marked running");
             let _ = crate::notify::notify("STOPPING=1");
-            ctl.detach_all();
+            shared.detach_all();
             exit_cleanly(paths);
         }
-        // A ping is answered even while a long request (a build, an import) holds the
-        // controller: the CLI tells a busy daemon from a frozen one by it.
+        // A ping is answered at once, whatever else runs: the CLI tells a busy daemon
+        // from a frozen one by it.
         Ok(Request::Ping) => {
             let mut v = serde_json::json!({
                 "pong": true,
@@ -144,22 +143,13 @@ fn serve_admin(conn: UnixStream, shared: &Shared, paths: &Paths) -> Result<()> {
                 "build": api::build_id(),
                 "served": SERVED.load(std::sync::atomic::Ordering::Relaxed),
             });
-            // The figures need the controller: add them only when it is free, so a
-            // ping never waits behind a long request.
-            match shared.try_lock() {
-                Ok(ctl) => v["stats"] = ctl.serving_stats(),
-                Err(std::sync::TryLockError::Poisoned(p)) => {
-                    v["stats"] = p.into_inner().serving_stats()
-                }
-                Err(std::sync::TryLockError::WouldBlock) => v["busy"] = true.into(),
-            }
+            v["stats"] = shared.serving_stats();
             Reply::Ok(v)
         }
         Ok(req) => {
-            let mut ctl = shared.lock().unwrap_or_else(|p| p.into_inner());
-            let r = ctl.handle_with(req, files);
+            let r = shared.handle_with(req, files);
             SERVED.store(
-                ctl.served_qubes().len(),
+                shared.served_qubes().len(),
                 std::sync::atomic::Ordering::Relaxed,
             );
             match r {
@@ -184,8 +174,7 @@ fn exit_cleanly(paths: &Paths) -> ! {
 fn spawn_monitor(shared: Shared) {
     std::thread::spawn(move || loop {
         std::thread::sleep(Duration::from_millis(500));
-        let mut ctl = shared.lock().unwrap_or_else(|p| p.into_inner());
-        for (name, res) in ctl.reap_halted() {
+        for (name, res) in shared.reap_halted() {
             match res {
                 Ok(()) => {
                     tracing::info!(qube = %name, "guest powered off; its volumes are stopped")
@@ -197,7 +186,7 @@ fn spawn_monitor(shared: Shared) {
             }
         }
         SERVED.store(
-            ctl.served_qubes().len(),
+            shared.served_qubes().len(),
             std::sync::atomic::Ordering::Relaxed,
         );
     });
@@ -213,8 +202,7 @@ fn spawn_signal_handler(shared: Shared, paths: Paths) -> Result<()> {
         if let Some(sig) = signals.forever().next() {
             tracing::info!(signal = sig, "stopping; running qubes stay marked running");
             let _ = crate::notify::notify("STOPPING=1");
-            let mut ctl = shared.lock().unwrap_or_else(|p| p.into_inner());
-            ctl.detach_all();
+            shared.detach_all();
             exit_cleanly(&paths);
         }
     });
