@@ -427,3 +427,69 @@ fn a_held_import_does_not_hold_back_other_qubes() {
     ctl.ok(&["qube", "shutdown", "other"]);
     assert_eq!(ctl.json(&["pool", "verify"])["clean"], true);
 }
+
+/// One daemon per root: a second `daemon run` refuses at once, naming the first one's pid
+/// and the root, even while the first does not answer (stopped); after the first dies by
+/// SIGKILL, its stale socket does not keep a new daemon from starting.
+#[test]
+fn a_second_daemon_on_the_same_root_is_refused() {
+    let ctl = setup();
+    ctl.ok(&["daemon", "start"]);
+    let pid: i32 = std::fs::read_to_string(ctl.root.join("run/daemon.pid"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    // SAFETY: plain kill(2) on the pid the daemon wrote.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGSTOP) }, 0);
+    let t = std::time::Instant::now();
+    let out = ctl.output(&["daemon", "run"]);
+    let took = t.elapsed();
+    // SAFETY: as above.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGCONT) }, 0);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "a second daemon ran: {err}");
+    assert!(
+        err.contains(&format!("pid {pid}")) && err.contains(&*ctl.root.to_string_lossy()),
+        "the refusal names the first daemon's pid and the root: {err}"
+    );
+    // It refused on the lock, not after waiting out the pool lock (20 s).
+    assert!(took < Duration::from_secs(15), "took {took:?}");
+    assert_eq!(daemons_of(&ctl.root), 1);
+    ctl.ok(&["qube", "start", "work", "--hypervisor", "none"]);
+
+    // SAFETY: as above.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
+    wait_for_exit(pid);
+    assert!(
+        ctl.root.join("run/admin.sock").exists(),
+        "the dead daemon's socket stays"
+    );
+    ctl.ok(&["daemon", "start"]);
+    let list = ctl.json(&["qube", "list"]);
+    let work = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|q| q["name"] == "work");
+    assert_eq!(work.unwrap()["state"], "running", "{list}");
+    ctl.ok(&["qube", "shutdown", "work"]);
+}
+
+fn wait_for_exit(pid: i32) {
+    for _ in 0..200 {
+        // SAFETY: kill(pid, 0) only checks that the process exists.
+        if unsafe { libc::kill(pid, 0) } != 0 {
+            return;
+        }
+        // The daemon is a child of an earlier `daemon start`, reparented: not ours to reap.
+        if std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
+            s.rsplit_once(')')
+                .is_some_and(|(_, r)| r.trim_start().starts_with('Z'))
+        }) {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("daemon {pid} did not exit");
+}

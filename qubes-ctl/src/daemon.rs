@@ -42,14 +42,11 @@ pub fn admin_requests() -> u64 {
 
 pub fn run(paths: &Paths) -> Result<()> {
     paths.secure()?;
+    // Before anything else (the log, the pool, the socket): a second daemon on this
+    // root stops here, even if the first one does not answer (stopped, hung).
+    let lock = take_daemon_lock(paths)?;
     crate::logging::init_daemon(paths)?;
     let sock = paths.admin_socket();
-    if api::daemon_alive(&sock, Duration::from_secs(2)) {
-        bail!(
-            "a daemon already serves {}; stop it with `qubes-ctl daemon stop`",
-            paths.root().display()
-        );
-    }
     // A command run without a daemon may hold the pool for a moment.
     let deadline = Instant::now() + Duration::from_secs(20);
     let ctl = loop {
@@ -70,6 +67,7 @@ pub fn run(paths: &Paths) -> Result<()> {
     for (name, e) in &broken {
         tracing::warn!(qube = %name, "not serving the qube: {e:#}");
     }
+    // We hold the daemon lock: a socket file here is a dead daemon's.
     let _ = std::fs::remove_file(&sock);
     let listener =
         UnixListener::bind(&sock).with_context(|| format!("binding {}", sock.display()))?;
@@ -99,6 +97,8 @@ pub fn run(paths: &Paths) -> Result<()> {
         tracing::warn!("telling systemd the daemon is ready: {e}");
     }
 
+    // The lock is held until the process exits (exit_cleanly does not return).
+    let _lock = lock;
     for conn in listener.incoming() {
         let Ok(conn) = conn else { continue };
         let shared = shared.clone();
@@ -162,6 +162,46 @@ fn serve_admin(conn: UnixStream, shared: &Shared, paths: &Paths) -> Result<()> {
     out.push('\n');
     writer.write_all(out.as_bytes())?;
     Ok(())
+}
+
+/// Takes `ROOT/daemon.lock` (flock, exclusive, not waiting) and writes our pid in it.
+/// The kernel drops the lock when the process dies, however it dies: a daemon killed by
+/// SIGKILL leaves no lock behind, only a stale socket (removed before binding).
+fn take_daemon_lock(paths: &Paths) -> Result<std::fs::File> {
+    use std::io::{Seek, SeekFrom};
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = paths.daemon_lock();
+    let mut f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(&path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    match rustix::fs::flock(&f, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
+        Ok(()) => {}
+        Err(rustix::io::Errno::WOULDBLOCK) => {
+            let pid = std::fs::read_to_string(&path)
+                .ok()
+                .and_then(|s| s.trim().parse::<u32>().ok());
+            let who = pid
+                .map(|p| format!("pid {p}"))
+                .unwrap_or_else(|| "another process".into());
+            bail!(
+                "another daemon ({who}) already owns {} (it holds {}); stop it with `qubes-ctl daemon stop`{}",
+                paths.root().display(),
+                path.display(),
+                pid.map(|p| format!(", or `kill {p}` if it does not answer"))
+                    .unwrap_or_default()
+            );
+        }
+        Err(e) => return Err(e).with_context(|| format!("locking {}", path.display())),
+    }
+    f.set_len(0)?;
+    f.seek(SeekFrom::Start(0))?;
+    writeln!(f, "{}", std::process::id())?;
+    Ok(f)
 }
 
 fn exit_cleanly(paths: &Paths) -> ! {
