@@ -493,3 +493,81 @@ fn wait_for_exit(pid: i32) {
     }
     panic!("daemon {pid} did not exit");
 }
+
+/// Sends one raw request line to the admin socket; returns the reply.
+fn raw_call(sock: &std::path::Path, line: &str) -> Value {
+    use std::io::{BufRead, Write};
+    let mut s = std::os::unix::net::UnixStream::connect(sock).unwrap();
+    s.write_all(format!("{line}\n").as_bytes()).unwrap();
+    let mut reply = String::new();
+    std::io::BufReader::new(&s).read_line(&mut reply).unwrap();
+    serde_json::from_str(&reply).unwrap_or_else(|e| panic!("{e}: {reply}"))
+}
+
+/// The admin protocol is versioned and its errors typed: a request of another version
+/// gets an error of kind `protocol` naming both versions and the fix (ping and
+/// daemon_stop are answered whatever the version), a failed request a `kind` a script can
+/// match; and the CLI facing a daemon of an older protocol that serves qubes says so
+/// instead of sending it requests it would misread.
+#[test]
+fn the_admin_protocol_is_versioned_and_its_errors_typed() {
+    let ctl = setup();
+    ctl.ok(&["daemon", "start"]);
+    let sock = ctl.root.join("run/admin.sock");
+    let ping = raw_call(&sock, r#"{"op":"ping"}"#);
+    let ours = ping["ok"]["protocol"]
+        .as_u64()
+        .expect("the ping names the protocol");
+    for (line, theirs) in [
+        (r#"{"op":"qube_list"}"#.to_string(), 1),
+        (
+            format!(r#"{{"op":"qube_list","v":{}}}"#, ours + 1),
+            ours + 1,
+        ),
+    ] {
+        let r = raw_call(&sock, &line);
+        assert_eq!(r["error"]["kind"], "protocol", "{line}: {r}");
+        let msg = r["error"]["message"].as_str().unwrap();
+        assert!(
+            msg.contains(&format!("version {ours}"))
+                && msg.contains(&format!("version {theirs}"))
+                && msg.contains("qubes-ctl daemon stop"),
+            "{msg}"
+        );
+    }
+    let r = raw_call(
+        &sock,
+        &format!(r#"{{"op":"qube_start","name":"nosuch","hypervisor":"none","v":{ours}}}"#),
+    );
+    assert_eq!(r["error"]["kind"], "not_found", "{r}");
+    let r = raw_call(&sock, &format!(r#"{{"op":"qube_list","v":{ours}}}"#));
+    assert!(r["ok"].is_array(), "{r}");
+    ctl.ok(&["daemon", "stop"]);
+
+    // A daemon from before the versioned protocol, serving a qube: its ping has no
+    // "protocol" and another build.
+    std::fs::create_dir_all(ctl.root.join("run")).unwrap();
+    let _ = std::fs::remove_file(&sock);
+    let listener = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+    std::thread::spawn(move || {
+        use std::io::{BufRead, Write};
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { continue };
+            let mut line = String::new();
+            let _ = std::io::BufReader::new(&conn).read_line(&mut line);
+            let reply = if line.contains(r#""op":"ping""#) {
+                r#"{"ok":{"pong":true,"pid":1,"build":"0.0.1-old","served":1}}"#
+            } else {
+                r#"{"ok":[]}"#
+            };
+            let _ = conn.write_all(format!("{reply}\n").as_bytes());
+        }
+    });
+    let err = ctl.fails(&["qube", "list"]);
+    assert!(
+        err.contains("version 1")
+            && err.contains(&format!("version {ours}"))
+            && err.contains("qubes-ctl daemon stop"),
+        "{err}"
+    );
+}

@@ -489,6 +489,7 @@ impl Controller {
             Request::Ping => {
                 let mut v = json!({
                     "pong": true,
+                    "protocol": crate::api::PROTOCOL,
                     "pid": std::process::id(),
                     "build": crate::api::build_id(),
                     "served": self.served().len(),

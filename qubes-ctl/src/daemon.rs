@@ -120,8 +120,8 @@ fn serve_admin(conn: UnixStream, shared: &Shared, paths: &Paths) -> Result<()> {
     }
     ADMIN_REQUESTS.fetch_add(1, Ordering::Relaxed);
     let files: Vec<std::fs::File> = fds.into_iter().map(std::fs::File::from).collect();
-    let reply = match serde_json::from_str::<Request>(&line) {
-        Err(e) => Reply::Error(format!("malformed request: {e}")),
+    let reply = match api::parse_request(&line) {
+        Err(e) => Reply::Error(e),
         Ok(Request::DaemonStop) => {
             let served = shared.served_qubes();
             let mut out = serde_json::to_string(&Reply::Ok(
@@ -139,6 +139,7 @@ fn serve_admin(conn: UnixStream, shared: &Shared, paths: &Paths) -> Result<()> {
         Ok(Request::Ping) => {
             let mut v = serde_json::json!({
                 "pong": true,
+                "protocol": api::PROTOCOL,
                 "pid": std::process::id(),
                 "build": api::build_id(),
                 "served": SERVED.load(std::sync::atomic::Ordering::Relaxed),
@@ -154,7 +155,7 @@ fn serve_admin(conn: UnixStream, shared: &Shared, paths: &Paths) -> Result<()> {
             );
             match r {
                 Ok(v) => Reply::Ok(v),
-                Err(e) => Reply::Error(crate::cli::error_text(&e)),
+                Err(e) => Reply::Error(api::ApiError::of(&e)),
             }
         }
     };

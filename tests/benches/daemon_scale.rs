@@ -23,7 +23,14 @@ use std::time::{Duration, Instant};
 use e2e_tests::{pattern, Ctl};
 use serde_json::{json, Value};
 
-fn call(sock: &Path, req: Value) -> Value {
+/// One request, in the protocol version the daemon's ping names.
+fn call(sock: &Path, mut req: Value) -> Value {
+    static PROTOCOL: std::sync::OnceLock<Value> = std::sync::OnceLock::new();
+    if req["op"] != "ping" {
+        req["v"] = PROTOCOL
+            .get_or_init(|| call(sock, json!({"op": "ping"}))["protocol"].clone())
+            .clone();
+    }
     let mut s = UnixStream::connect(sock).expect("connecting to the admin socket");
     let mut line = req.to_string();
     line.push('\n');
