@@ -571,3 +571,39 @@ fn the_admin_protocol_is_versioned_and_its_errors_typed() {
         "{err}"
     );
 }
+
+/// What the daemon creates is its owner's alone from the start: a qube's run directory
+/// is 0700 and the files in it 0600, whatever the umask of whoever started the daemon.
+#[test]
+fn the_daemon_creates_private_run_files() {
+    let ctl = setup();
+    // A permissive umask in the shell that starts the daemon must not leak into its files.
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "umask 000 && exec {} --root {} daemon start",
+            e2e_tests::qubes_ctl_bin().display(),
+            ctl.root.display()
+        ))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    ctl.ok(&["qube", "start", "work", "--hypervisor", "none"]);
+    let run = ctl.root.join("run/qubes/work");
+    let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&run), 0o700, "{}", run.display());
+    for e in std::fs::read_dir(&run).unwrap().flatten() {
+        assert_eq!(
+            mode(&e.path()) & 0o077,
+            0,
+            "{} is open to others",
+            e.path().display()
+        );
+    }
+    assert_eq!(mode(&ctl.root.join("daemon.lock")), 0o600);
+    ctl.ok(&["qube", "shutdown", "work"]);
+}

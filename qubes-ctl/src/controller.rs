@@ -1423,7 +1423,15 @@ impl Controller {
             .unwrap_or_else(|| hypervisor::default_hypervisor().name().to_string());
         let hv = hypervisor::by_name(&hv_name)?;
         let run_dir = self.paths.qube_run_dir(name);
-        fs::create_dir_all(&run_dir).with_context(|| format!("creating {}", run_dir.display()))?;
+        {
+            use std::os::unix::fs::DirBuilderExt;
+            // The qube's sockets and logs: ours alone, whatever the umask.
+            fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(&run_dir)
+                .with_context(|| format!("creating {}", run_dir.display()))?;
+        }
         // As in Qubes, a qube's netvm is started first (with the same hypervisor).
         if let (Some(n), true) = (&prefs.netvm, hv_name != "none") {
             self.check_network_prefs(name, &prefs)?;

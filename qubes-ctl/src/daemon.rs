@@ -41,6 +41,10 @@ pub fn admin_requests() -> u64 {
 }
 
 pub fn run(paths: &Paths) -> Result<()> {
+    // Everything the daemon and the QEMUs it starts create (sockets, logs, pid files,
+    // run directories) is its owner's alone from the start, with no window before a
+    // chmod: others may not even connect to a qube's console or QMP socket.
+    rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o077));
     paths.secure()?;
     // Before anything else (the log, the pool, the socket): a second daemon on this
     // root stops here, even if the first one does not answer (stopped, hung).
