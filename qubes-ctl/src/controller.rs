@@ -84,6 +84,14 @@ impl QubeLocks {
         Some(self.take(&mut held, names))
     }
 
+    /// A request is working on `name`.
+    fn is_held(&self, name: &str) -> bool {
+        self.held
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(name)
+    }
+
     fn take(&self, held: &mut BTreeSet<String>, names: &[&str]) -> QubeGuard<'_> {
         let mut mine = Vec::new();
         for n in names {
@@ -1127,6 +1135,11 @@ impl Controller {
             return Ok("halted");
         }
         if self.in_daemon && !self.is_served(name) {
+            // A start or a shutdown under way passes through this state for a moment
+            // (Qubes calls it Transient).
+            if self.qube_locks.is_held(name) {
+                return Ok("transient");
+            }
             // Marked running, but the daemon could not serve it (see its log).
             return Ok("broken");
         }
