@@ -654,24 +654,36 @@ pub fn main_with(cli: Cli) -> Result<()> {
 /// run the old code for every command: with no qube running it is stopped (the next
 /// `qube start` starts the new one); otherwise the user is told how to restart it.
 /// Returns whether a daemon answers afterwards.
-fn retire_stale_daemon(paths: &Paths) -> bool {
+fn retire_stale_daemon(paths: &Paths) -> Result<bool> {
     let sock = paths.admin_socket();
     let Some(p) = api::ping(&sock, std::time::Duration::from_secs(2)) else {
-        return false;
+        return Ok(false);
     };
     if p["build"].as_str() == Some(api::build_id()) {
-        return true;
+        return Ok(true);
     }
     let pid = p["pid"].as_u64().unwrap_or(0);
+    // Daemons before the versioned protocol do not say theirs: version 1.
+    let theirs = p["protocol"]
+        .as_u64()
+        .map(|v| u32::try_from(v).unwrap_or(u32::MAX))
+        .unwrap_or(1);
+    if p["served"].as_u64() != Some(0) && theirs != api::PROTOCOL {
+        let who = format!("the daemon, pid {pid}, was started by another qubes-ctl build");
+        bail!(api::ApiError::new(
+            api::ErrorKind::Protocol,
+            api::protocol_mismatch(theirs, api::PROTOCOL, &who)
+        ));
+    }
     if p["served"].as_u64() != Some(0) {
         eprintln!(
             "qubes-ctl: warning: the daemon (pid {pid}) runs another qubes-ctl build; \
              shut its qubes down and run `qubes-ctl daemon stop` to switch to this one"
         );
-        return true;
+        return Ok(true);
     }
     let _ = stop_daemon(paths, pid);
-    api::daemon_alive(&sock, std::time::Duration::from_secs(1))
+    Ok(api::daemon_alive(&sock, std::time::Duration::from_secs(1)))
 }
 
 /// Asks the daemon (process `pid`, 0 if unknown) to stop and waits until it has exited:
@@ -739,7 +751,7 @@ pub fn execute_with(
     let sock = paths.admin_socket();
     let deadline = Instant::now() + lock_timeout();
     loop {
-        let mut alive = retire_stale_daemon(paths);
+        let mut alive = retire_stale_daemon(paths)?;
         if !alive && api::listening(&sock) {
             refuse_frozen_daemon(paths)?;
         }
@@ -757,7 +769,7 @@ pub fn execute_with(
             };
         }
         match Controller::open(paths, mutating, false) {
-            Ok(mut ctl) => return ctl.handle_with(req, files),
+            Ok(ctl) => return ctl.handle_with(req, files),
             Err(e) => {
                 let Some(pid) = locked_by(&e) else {
                     return Err(e);
