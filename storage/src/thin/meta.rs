@@ -79,7 +79,7 @@ fn span(level: u32) -> u64 {
 
 #[derive(Clone, Debug)]
 pub(crate) enum Body {
-    Interior(Vec<u64>),
+    Interior(Vec<PageRef>),
     Rc(Vec<u32>),
     Roots(Vec<RootEntry>),
 }
@@ -97,7 +97,7 @@ pub(crate) struct ArrayTree {
     pub interior: PageKind,
     pub leaf: PageKind,
     pub per_leaf: u64,
-    pub root: PageNo,
+    pub root: PageRef,
     pub height: u32,
     nodes: HashMap<(u32, u64), ANode>,
 }
@@ -136,7 +136,7 @@ impl ArrayTree {
 
     fn zero_body(&self, level: u32) -> Body {
         if level > 0 {
-            Body::Interior(vec![0; INTERIOR_FANOUT])
+            Body::Interior(vec![PageRef::NULL; INTERIOR_FANOUT])
         } else if self.leaf == PageKind::RootsLeaf {
             Body::Roots(vec![RootEntry::default(); ROOTS_LEAF_ENTRIES])
         } else {
@@ -146,8 +146,8 @@ impl ArrayTree {
 
     fn grow_to(&mut self, idx: u64) {
         while idx >= self.cap(self.height) {
-            let mut children = vec![0u64; INTERIOR_FANOUT];
-            children[0] = self.root.0;
+            let mut children = vec![PageRef::NULL; INTERIOR_FANOUT];
+            children[0] = self.root;
             // The old root keeps its key (height-1, 0): it is child 0 of the new root.
             self.nodes.insert(
                 (self.height, 0),
@@ -158,7 +158,7 @@ impl ArrayTree {
                     body: Body::Interior(children),
                 },
             );
-            self.root = PageNo(0);
+            self.root = PageRef::NULL;
             self.height += 1;
         }
     }
@@ -171,8 +171,8 @@ impl ArrayTree {
         idx: u64,
     ) -> Result<&mut ANode, Error> {
         if !self.nodes.contains_key(&(level, idx)) {
-            let page = if level + 1 >= self.height {
-                self.root.0
+            let r = if level + 1 >= self.height {
+                self.root
             } else {
                 let parent = self.load(file, hw, level + 1, idx / INTERIOR_FANOUT as u64)?;
                 match &parent.body {
@@ -184,22 +184,22 @@ impl ArrayTree {
                     }
                 }
             };
-            let body = if page == 0 {
+            let body = if r.is_null() {
                 self.zero_body(level)
             } else {
-                let buf = read_page(file, PageNo(page))?;
+                let buf = read_page(file, r.page)?;
                 if level > 0 {
-                    Body::Interior(unpack_interior(self.interior, PageNo(page), &buf[..], hw)?)
+                    Body::Interior(unpack_interior(self.interior, r, &buf[..], hw)?)
                 } else if self.leaf == PageKind::RootsLeaf {
-                    Body::Roots(unpack_roots_leaf(PageNo(page), &buf[..], hw)?)
+                    Body::Roots(unpack_roots_leaf(r, &buf[..], hw)?)
                 } else {
-                    Body::Rc(unpack_rc_leaf(self.leaf, PageNo(page), &buf[..])?)
+                    Body::Rc(unpack_rc_leaf(self.leaf, r, &buf[..])?)
                 }
             };
             self.nodes.insert(
                 (level, idx),
                 ANode {
-                    page,
+                    page: r.page.0,
                     fresh: false,
                     dirty: false,
                     body,
@@ -304,6 +304,50 @@ impl ArrayTree {
         v
     }
 
+    /// Writes the dirty nodes (each has a page of this transaction by now) leaves first,
+    /// so each parent records its children's final pointers; the root's goes to
+    /// [`ArrayTree::tree_root`].
+    fn write_dirty(&mut self, file: &dyn BlockFile, gen: u64) -> Result<(), Error> {
+        let mut keys: Vec<(u32, u64)> = self
+            .nodes
+            .iter()
+            .filter(|(_, n)| n.dirty)
+            .map(|(k, _)| *k)
+            .collect();
+        keys.sort_unstable();
+        let fan = INTERIOR_FANOUT as u64;
+        for (level, idx) in keys {
+            let n = &self.nodes[&(level, idx)];
+            let page = PageNo(n.page);
+            let buf = match &n.body {
+                Body::Interior(c) => pack_interior(self.interior, page, gen, c),
+                Body::Rc(v) => pack_rc_leaf(self.leaf, page, gen, v),
+                Body::Roots(v) => pack_roots_leaf(page, gen, v),
+            };
+            file.write_at(&buf[..], page.offset())
+                .map_err(io_err("writing a refcount or roots page"))?;
+            let r = PageRef::of(&buf);
+            if level + 1 >= self.height {
+                self.root = r;
+                continue;
+            }
+            match self.nodes.get_mut(&(level + 1, idx / fan)) {
+                Some(ANode {
+                    body: Body::Interior(c),
+                    dirty: true,
+                    ..
+                }) => c[(idx % fan) as usize] = r,
+                _ => {
+                    return Err(Error::Inconsistent(format!(
+                        "{:?} page {page} has no parent in this commit",
+                        self.leaf
+                    )))
+                }
+            }
+        }
+        Ok(())
+    }
+
     fn finish_commit(&mut self) {
         for n in self.nodes.values_mut() {
             n.dirty = false;
@@ -333,7 +377,7 @@ pub(crate) struct CatVolume {
 
 #[derive(Clone, Debug)]
 pub(crate) enum MapNode {
-    Interior(Vec<u64>),
+    Interior(Vec<PageRef>),
     Leaf(Vec<MapEntry>),
 }
 
@@ -384,6 +428,8 @@ pub(crate) struct Meta {
     /// Map nodes cached before clean ones are evicted ([`NODE_CACHE_LIMIT`]).
     node_cache_limit: usize,
     fresh: HashSet<u64>,
+    /// Volumes whose root may point to a fresh node: the commit seals their maps.
+    fresh_roots: HashSet<u64>,
     pub cat: CatalogueDoc,
     /// Volume id -> index in `cat.volumes`, and key -> id.
     pub by_key: BTreeMap<String, u64>,
@@ -453,6 +499,7 @@ impl Meta {
             nodes: HashMap::new(),
             node_cache_limit: NODE_CACHE_LIMIT,
             fresh: HashSet::new(),
+            fresh_roots: HashSet::new(),
             cat,
             by_key,
             by_id,
@@ -615,9 +662,10 @@ impl Meta {
 
     /// Drops one reference to map node `p` (of tree level `level`); frees it and drops
     /// its children when it was the last.
-    pub fn page_dec(&mut self, p: u64, level: u32) -> Result<(), Error> {
-        let mut stack = vec![(p, level)];
-        while let Some((p, level)) = stack.pop() {
+    pub fn page_dec(&mut self, r: PageRef, level: u32) -> Result<(), Error> {
+        let mut stack = vec![(r, level)];
+        while let Some((r, level)) = stack.pop() {
+            let p = r.page.0;
             let rc = self.meta_rc(p)?;
             if rc == 0 {
                 return Err(Error::Inconsistent(format!(
@@ -629,12 +677,12 @@ impl Meta {
                 self.set_meta_rc(p, rc - 1)?;
                 continue;
             }
-            match self.node(p, level)?.clone() {
+            match self.node(r, level)?.clone() {
                 MapNode::Interior(children) => {
                     stack.extend(
                         children
                             .into_iter()
-                            .filter(|&c| c != 0)
+                            .filter(|c| !c.is_null())
                             .map(|c| (c, level - 1)),
                     );
                 }
@@ -773,7 +821,47 @@ impl Meta {
 
     // ---- block-map nodes -------------------------------------------------------------
 
-    pub fn node(&mut self, p: u64, level: u32) -> Result<&MapNode, Error> {
+    /// Seals fresh block-map page `p` and the fresh pages below it (children first, so
+    /// each records its children's pointers), writes them, and returns the pointer to
+    /// `p`. A fresh page shared by several parents is sealed once (`sealed`).
+    fn seal_map(
+        &mut self,
+        p: u64,
+        gen: u64,
+        sealed: &mut HashMap<u64, PageRef>,
+    ) -> Result<PageRef, Error> {
+        if let Some(r) = sealed.get(&p) {
+            return Ok(*r);
+        }
+        let mut node = self.nodes.remove(&p).ok_or_else(|| {
+            Error::Inconsistent(format!(
+                "block-map page {p} of this transaction is not cached"
+            ))
+        })?;
+        if let MapNode::Interior(children) = &mut node {
+            for c in children.iter_mut() {
+                if !c.is_null() && self.fresh.contains(&c.page.0) {
+                    *c = self.seal_map(c.page.0, gen, sealed)?;
+                }
+            }
+        }
+        let buf = match &node {
+            MapNode::Interior(c) => pack_interior(PageKind::MapInterior, PageNo(p), gen, c),
+            MapNode::Leaf(es) => pack_map_leaf(PageNo(p), gen, es),
+        };
+        self.nodes.insert(p, node);
+        self.file
+            .write_at(&buf[..], PageNo(p).offset())
+            .map_err(io_err("writing a block-map page"))?;
+        let r = PageRef::of(&buf);
+        sealed.insert(p, r);
+        Ok(r)
+    }
+
+    /// The node `r` points to, from the cache or read and checked against `r` (a page
+    /// of this transaction is always cached).
+    pub fn node(&mut self, r: PageRef, level: u32) -> Result<&MapNode, Error> {
+        let p = r.page.0;
         if !self.nodes.contains_key(&p) {
             if p < 2 || p >= self.meta_hw {
                 return Err(Error::Inconsistent(format!(
@@ -786,7 +874,7 @@ impl Meta {
             let buf = read_page(&*self.file, PageNo(p))?;
             let n = if level == 0 {
                 MapNode::Leaf(unpack_map_leaf(
-                    PageNo(p),
+                    r,
                     &buf[..],
                     self.geo.data_chunks,
                     self.geo.subs,
@@ -794,7 +882,7 @@ impl Meta {
             } else {
                 MapNode::Interior(unpack_interior(
                     PageKind::MapInterior,
-                    PageNo(p),
+                    r,
                     &buf[..],
                     self.meta_hw,
                 )?)
@@ -833,7 +921,7 @@ impl Meta {
         let n = if level == 0 {
             MapNode::Leaf(vec![MapEntry::UNMAPPED; MAP_LEAF_ENTRIES])
         } else {
-            MapNode::Interior(vec![0; INTERIOR_FANOUT])
+            MapNode::Interior(vec![PageRef::NULL; INTERIOR_FANOUT])
         };
         self.nodes.insert(p, n);
         self.fresh.insert(p);
@@ -841,7 +929,8 @@ impl Meta {
     }
 
     /// A page holding node `p`'s content that this transaction may change in place.
-    fn make_writable(&mut self, p: u64, level: u32) -> Result<u64, Error> {
+    fn make_writable(&mut self, r: PageRef, level: u32) -> Result<u64, Error> {
+        let p = r.page.0;
         let rc = self.meta_rc(p)?;
         if rc == 0 {
             return Err(Error::Inconsistent(format!(
@@ -851,13 +940,13 @@ impl Meta {
         if rc == 1 && self.fresh.contains(&p) {
             return Ok(p);
         }
-        let node = self.node(p, level)?.clone();
+        let node = self.node(r, level)?.clone();
         let new = self.alloc_meta_page()?;
         if rc > 1 {
             match &node {
                 MapNode::Interior(c) => {
-                    for &c in c.iter().filter(|&&c| c != 0) {
-                        self.page_inc(c)?;
+                    for c in c.iter().filter(|c| !c.is_null()) {
+                        self.page_inc(c.page.0)?;
                     }
                 }
                 MapNode::Leaf(es) => {
@@ -875,7 +964,7 @@ impl Meta {
                 match &node {
                     MapNode::Interior(c) => self
                         .dropped_pages
-                        .extend(c.iter().copied().filter(|&c| c != 0)),
+                        .extend(c.iter().filter(|c| !c.is_null()).map(|c| c.page.0)),
                     MapNode::Leaf(es) => self
                         .dropped_chunks
                         .extend(es.iter().filter(|e| e.is_mapped()).map(|e| e.chunk.0)),
@@ -899,6 +988,9 @@ impl Meta {
     }
 
     pub fn set_root(&mut self, id: u64, r: RootEntry) -> Result<(), Error> {
+        if r.present && self.fresh.contains(&r.root.page.0) {
+            self.fresh_roots.insert(id);
+        }
         let hw = self.meta_hw;
         self.trees[ROOTS].set_root(&*self.file, hw, id, r)
     }
@@ -910,16 +1002,16 @@ impl Meta {
         let root = if r.root.is_null() {
             self.new_node(top)?
         } else {
-            self.make_writable(r.root.0, top)?
+            self.make_writable(r.root, top)?
         };
-        if root != r.root.0 {
-            r.root = PageNo(root);
+        if root != r.root.page.0 {
+            r.root = PageRef::unsealed(root);
             self.set_root(id, r)?;
         }
         let mut node = root;
         for level in (1..r.height).rev() {
             let idx = ((vc / span(level)) % INTERIOR_FANOUT as u64) as usize;
-            let child = match self.node(node, level)? {
+            let child = match self.node(PageRef::unsealed(node), level)? {
                 MapNode::Interior(c) => c[idx],
                 MapNode::Leaf(_) => {
                     return Err(Error::Inconsistent(format!(
@@ -927,14 +1019,14 @@ impl Meta {
                     )))
                 }
             };
-            let new = if child == 0 {
+            let new = if child.is_null() {
                 self.new_node(level - 1)?
             } else {
                 self.make_writable(child, level - 1)?
             };
-            if new != child {
+            if new != child.page.0 {
                 match self.nodes.get_mut(&node) {
-                    Some(MapNode::Interior(c)) => c[idx] = new,
+                    Some(MapNode::Interior(c)) => c[idx] = PageRef::unsealed(new),
                     _ => {
                         return Err(Error::Inconsistent(format!(
                             "page {node} vanished from the cache"
@@ -959,10 +1051,10 @@ impl Meta {
     /// Current entry of `vc` without changing anything.
     pub fn lookup(&mut self, id: u64, vc: u64) -> Result<MapEntry, Error> {
         let r = self.root(id)?;
-        let mut node = r.root.0;
+        let mut node = r.root;
         let mut level = r.height - 1;
         loop {
-            if node == 0 {
+            if node.is_null() {
                 return Ok(MapEntry::UNMAPPED);
             }
             match self.node(node, level)? {
@@ -970,7 +1062,8 @@ impl Meta {
                 MapNode::Interior(c) => {
                     if level == 0 {
                         return Err(Error::Inconsistent(format!(
-                            "page {node}: interior at leaf level"
+                            "page {}: interior at leaf level",
+                            node.page
                         )));
                     }
                     node = c[((vc / span(level)) % INTERIOR_FANOUT as u64) as usize];
@@ -985,14 +1078,14 @@ impl Meta {
         let r = self.root(id)?;
         let mut out = Vec::new();
         if !r.root.is_null() {
-            self.collect(r.root.0, r.height - 1, 0, lo, hi, &mut out)?;
+            self.collect(r.root, r.height - 1, 0, lo, hi, &mut out)?;
         }
         Ok(out)
     }
 
     fn collect(
         &mut self,
-        p: u64,
+        p: PageRef,
         level: u32,
         base: u64,
         lo: u64,
@@ -1012,7 +1105,7 @@ impl Meta {
                 let s = span(level);
                 for (i, &child) in c.iter().enumerate() {
                     let b = base + i as u64 * s;
-                    if child != 0 && b < hi && b.saturating_add(s) > lo {
+                    if !child.is_null() && b < hi && b.saturating_add(s) > lo {
                         self.collect(child, level - 1, b, lo, hi, out)?;
                     }
                 }
@@ -1066,9 +1159,9 @@ impl Meta {
             if !r.root.is_null() {
                 let p = self.new_node(r.height)?;
                 if let Some(MapNode::Interior(c)) = self.nodes.get_mut(&p) {
-                    c[0] = r.root.0;
+                    c[0] = r.root;
                 }
-                r.root = PageNo(p);
+                r.root = PageRef::unsealed(p);
             }
             r.height += 1;
         }
@@ -1121,7 +1214,7 @@ impl Meta {
     pub fn remove_volume(&mut self, id: u64) -> Result<(), Error> {
         let r = self.root(id)?;
         if !r.root.is_null() {
-            self.page_dec(r.root.0, r.height - 1)?;
+            self.page_dec(r.root, r.height - 1)?;
         }
         self.set_root(id, RootEntry::default())?;
         if let Some(i) = self.vol_index(id) {
@@ -1137,7 +1230,7 @@ impl Meta {
     pub fn snapshot(&mut self, src: u64, key: &str) -> Result<u64, Error> {
         let r = self.root(src)?;
         if !r.root.is_null() {
-            self.page_inc(r.root.0)?;
+            self.page_inc(r.root.page.0)?;
         }
         let (size, fp) = match self.vol(src) {
             Some(v) => (v.size, v.fingerprint.clone()),
@@ -1223,9 +1316,16 @@ impl Meta {
 
     /// Writes every dirty page and the new superblock. The caller has synced the data
     /// file and holds off all data I/O. On error the caller must poison the pool.
+    ///
+    /// Pages are sealed children first, so every parent records the generation and
+    /// checksum of what its children hold on disk ([`PageRef`]): the block maps (whose
+    /// roots go into the roots array), then the array trees level by level, then the
+    /// catalogue chain from its end; the superblock records the roots of all.
     pub fn commit(&mut self) -> Result<(), Error> {
+        let gen = self.sb.generation + 1;
+        let file = self.file.clone();
         // Catalogue: a fresh chain whenever it changed.
-        let mut cat_writes: Vec<(u64, u64, Vec<u8>)> = Vec::new();
+        let mut cat_writes: Vec<(u64, Vec<u8>)> = Vec::new();
         let (mut cat_first, mut cat_len) = (self.sb.catalogue, self.sb.catalogue_len);
         if self.cat_dirty || self.cat_pages.is_empty() {
             let doc = serde_json::to_vec(&self.cat)
@@ -1243,12 +1343,30 @@ impl Meta {
                 self.free_meta_page(old)?;
             }
             for (i, piece) in pieces.iter().enumerate() {
-                let next = pages.get(i + 1).copied().unwrap_or(0);
-                cat_writes.push((pages[i], next, piece.to_vec()));
+                cat_writes.push((pages[i], piece.to_vec()));
             }
-            cat_first = PageNo(pages[0]);
             cat_len = doc.len() as u64;
             self.cat_pages = pages;
+        }
+        // Block maps: seal each fresh subtree from its volume root down, write it, and
+        // record its root in the roots array (which dirties that array's leaves before
+        // they get their pages below).
+        let mut sealed: HashMap<u64, PageRef> = HashMap::new();
+        let mut ids: Vec<u64> = self.fresh_roots.drain().collect();
+        ids.sort_unstable();
+        for id in ids {
+            let hw = self.meta_hw;
+            let mut r = self.trees[ROOTS].get_root(&*file, hw, id)?;
+            if !r.present || !self.fresh.contains(&r.root.page.0) {
+                continue;
+            }
+            r.root = self.seal_map(r.root.page.0, gen, &mut sealed)?;
+            self.trees[ROOTS].set_root(&*file, hw, id, r)?;
+        }
+        if let Some(p) = self.fresh.iter().find(|p| !sealed.contains_key(p)) {
+            return Err(Error::Inconsistent(format!(
+                "block-map page {p} of this transaction is reachable from no volume"
+            )));
         }
         // Array trees: give every dirty node its own page; that changes the metadata
         // refcounts, so repeat until nothing new needs a page.
@@ -1279,7 +1397,7 @@ impl Meta {
                 }
                 let tree_height = self.trees[t].height;
                 if level + 1 >= tree_height {
-                    self.trees[t].root = PageNo(new);
+                    self.trees[t].root = PageRef::unsealed(new);
                 } else {
                     let hw = self.meta_hw;
                     let parent = self.trees[t].load(
@@ -1289,46 +1407,28 @@ impl Meta {
                         idx / INTERIOR_FANOUT as u64,
                     )?;
                     if let Body::Interior(c) = &mut parent.body {
-                        c[(idx % INTERIOR_FANOUT as u64) as usize] = new;
+                        c[(idx % INTERIOR_FANOUT as u64) as usize] = PageRef::unsealed(new);
                     }
                     parent.dirty = true;
                 }
             }
         }
-        // Write: map nodes, array-tree nodes, catalogue.
-        let file = self.file.clone();
-        let mut fresh: Vec<u64> = self.fresh.iter().copied().collect();
-        fresh.sort_unstable();
-        for p in fresh {
-            let buf = match &self.nodes[&p] {
-                MapNode::Interior(c) => pack_interior(PageKind::MapInterior, PageNo(p), c),
-                MapNode::Leaf(es) => pack_map_leaf(PageNo(p), es),
-            };
-            file.write_at(&buf[..], PageNo(p).offset())
-                .map_err(io_err("writing a block-map page"))?;
-        }
         for t in 0..3 {
-            let tree = &self.trees[t];
-            for ((level, _), n) in tree.nodes.iter().filter(|(_, n)| n.dirty) {
-                let page = PageNo(n.page);
-                let buf = match &n.body {
-                    Body::Interior(c) => pack_interior(tree.interior, page, c),
-                    Body::Rc(v) => pack_rc_leaf(tree.leaf, page, v),
-                    Body::Roots(v) => pack_roots_leaf(page, v),
-                };
-                debug_assert!(*level > 0 || !matches!(n.body, Body::Interior(_)));
-                file.write_at(&buf[..], page.offset())
-                    .map_err(io_err("writing a refcount or roots page"))?;
-            }
+            self.trees[t].write_dirty(&*file, gen)?;
         }
-        for (p, next, bytes) in &cat_writes {
-            let buf = pack_catalogue(PageNo(*p), PageNo(*next), bytes);
+        let mut next = PageRef::NULL;
+        for (p, bytes) in cat_writes.iter().rev() {
+            let buf = pack_catalogue(PageNo(*p), gen, next, bytes);
             file.write_at(&buf[..], PageNo(*p).offset())
                 .map_err(io_err("writing a catalogue page"))?;
+            next = PageRef::of(&buf);
+        }
+        if !cat_writes.is_empty() {
+            cat_first = next;
         }
         file.sync().map_err(io_err("syncing pool.meta"))?;
         let sb = Superblock {
-            generation: self.sb.generation + 1,
+            generation: gen,
             chunk_size: self.geo.chunk_size,
             data_chunks: self.geo.data_chunks,
             meta_hw: self.meta_hw,
@@ -1385,18 +1485,18 @@ mod tests {
             data_used: 0,
             meta_used: 0,
             meta_rc: TreeRoot {
-                page: PageNo(0),
+                page: PageRef::NULL,
                 height: 1,
             },
             data_rc: TreeRoot {
-                page: PageNo(0),
+                page: PageRef::NULL,
                 height: 1,
             },
             roots: TreeRoot {
-                page: PageNo(0),
+                page: PageRef::NULL,
                 height: 1,
             },
-            catalogue: PageNo(0),
+            catalogue: PageRef::NULL,
             catalogue_len: 0,
             needs_check: false,
         };
@@ -1435,7 +1535,7 @@ mod tests {
         assert!(m.fresh.is_empty());
         m.nodes.clear();
         m.node_cache_limit = 16;
-        let root = m.root(id).unwrap().root.0;
+        let root = m.root(id).unwrap().root.page.0;
         for round in 0..3 {
             for &(vc, c) in want.iter().rev() {
                 let e = m.lookup(id, vc).unwrap();
@@ -1487,8 +1587,8 @@ mod tests {
         assert_eq!(map_height(0), 1);
         assert_eq!(map_height(168), 1);
         assert_eq!(map_height(169), 2);
-        assert_eq!(map_height(168 * 504), 2);
-        assert_eq!(map_height(168 * 504 + 1), 3);
+        assert_eq!(map_height(168 * 168), 2);
+        assert_eq!(map_height(168 * 168 + 1), 3);
     }
 
     #[test]
@@ -1504,7 +1604,7 @@ mod tests {
                 },
             )
             .unwrap();
-        let vcs = [0u64, 1, 167, 168, 5000, 84_671, 84_672, 199_999];
+        let vcs = [0u64, 1, 167, 168, 5000, 28_223, 28_224, 199_999];
         for (i, &vc) in vcs.iter().enumerate() {
             let leaf = m.shadow_path(id, vc).unwrap();
             let (c, _) = m.alloc_chunk().unwrap();
@@ -1523,12 +1623,12 @@ mod tests {
         }
         assert_eq!(m.lookup(id, 2).unwrap(), MapEntry::UNMAPPED);
         let got: Vec<u64> = m
-            .mapped_in(id, 1, 84_672)
+            .mapped_in(id, 1, 28_224)
             .unwrap()
             .iter()
             .map(|x| x.0)
             .collect();
-        assert_eq!(got, vec![1, 167, 168, 5000, 84_671]);
+        assert_eq!(got, vec![1, 167, 168, 5000, 28_223]);
         // Snapshot, then unmapping in the origin leaves the snapshot intact.
         let snap = m.snapshot(id, "s").unwrap();
         assert_eq!(m.unmap_range(id, 0, 200_000).unwrap(), vcs.len() as u64);
@@ -1563,7 +1663,7 @@ mod tests {
         m.set_root(a, r).unwrap();
         m.commit().unwrap();
         let b = m.snapshot(a, "b").unwrap();
-        let root = m.root(a).unwrap().root.0;
+        let root = m.root(a).unwrap().root.page.0;
         assert_eq!(m.meta_rc(root).unwrap(), 2);
         // Writing a's path shadows root and leaf; the chunk becomes shared by two leaves.
         let leaf_a = m.shadow_path(a, 200).unwrap();

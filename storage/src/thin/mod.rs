@@ -34,7 +34,7 @@ use parking_lot::{Condvar, Mutex, MutexGuard, RwLock};
 use thiserror::Error;
 
 pub use format::{Chunk, FormatError, PageKind, PageNo};
-use format::{MapEntry, Superblock, TreeRoot, PAGE_SIZE};
+use format::{MapEntry, PageRef, Superblock, TreeRoot, PAGE_SIZE};
 use meta::{CatalogueDoc, Geometry, Meta};
 
 use crate::io::{BlockFile, RealFile};
@@ -333,7 +333,7 @@ impl ThinPool {
         data.set_len((chunks + 1) * cs)
             .map_err(|e| PoolError::io("sizing pool.data", e))?;
         let empty = TreeRoot {
-            page: PageNo(0),
+            page: PageRef::NULL,
             height: 1,
         };
         let sb = Superblock {
@@ -347,7 +347,7 @@ impl ThinPool {
             meta_rc: empty,
             data_rc: empty,
             roots: empty,
-            catalogue: PageNo(0),
+            catalogue: PageRef::NULL,
             catalogue_len: 0,
             needs_check: false,
         };
@@ -389,12 +389,28 @@ impl ThinPool {
         }
         let mut valid: Vec<Superblock> = Vec::new();
         let mut problems = Vec::new();
+        let mut old_format = None;
         for slot in [PageNo(0), PageNo(1)] {
             let buf = meta::read_page(&*meta_file, slot).map_err(|e| e.into_pool(4096))?;
             match Superblock::unpack(slot, &buf[..]) {
                 Ok(sb) => valid.push(sb),
+                Err(FormatError::OldFormat { found }) => old_format = Some(found),
                 Err(e) => problems.push(e.to_string()),
             }
+        }
+        if let (Some(found), true) = (old_format, valid.is_empty()) {
+            // No in-place conversion: every pointer in the pool grows (generation and
+            // checksum), so every page would be rewritten; the old build still reads it.
+            return Err(PoolError::OldFormat {
+                path: dir.display().to_string(),
+                reason: format!(
+                    "has metadata format {found}; this build reads format {} (lost-write \
+                     detection) and does not convert pools. With the qubes-ctl that wrote the pool, \
+                     `qubes-ctl volume export VOLUME FILE` each volume (templates: `template export`), \
+                     then move the pool directory away, `qubes-ctl pool init` a new one and import them",
+                    format::FORMAT_VERSION
+                ),
+            });
         }
         valid.sort_by_key(|sb| sb.generation);
         let best = valid.pop();
@@ -1171,7 +1187,15 @@ impl ThinVolume {
         offset: u64,
         length: u64,
     ) -> impl Fn(Error) -> BlockError + '_ {
-        move |e| self.err(e.kind(), op, offset, length, e.to_string())
+        move |e| {
+            let hint = match &e {
+                Error::Format(FormatError::Stale { .. }) => {
+                    "; `qubes-ctl pool verify` lists every volume the lost write damaged"
+                }
+                _ => "",
+            };
+            self.err(e.kind(), op, offset, length, format!("{e}{hint}"))
+        }
     }
 
     /// Whole chunks inside `[off, off+len)`; the volume's last partial chunk counts as
