@@ -161,3 +161,33 @@ fn a_lost_metadata_write_is_found_on_read_and_by_verify() {
         );
     }
 }
+
+/// A pool written before lost-write detection (format 1) is refused at open with the
+/// way out, not reported as damage or as "no pool".
+#[test]
+fn a_format_1_pool_is_refused_with_the_way_out() {
+    let dir = tempfile::tempdir().unwrap();
+    let (data, images, _) = history(dir.path());
+    let mut meta = images.last().unwrap().clone();
+    for slot in 0..2u64 {
+        let page = &mut meta[slot as usize * PAGE..(slot as usize + 1) * PAGE];
+        page[36..40].copy_from_slice(&1u32.to_le_bytes());
+        page[52..60].fill(0);
+        // The checksum as format 1 keyed it (kind and page number).
+        let mut key = [0u8; 32];
+        key[..16].copy_from_slice(b"qubes-thin-page1");
+        key[16..20].copy_from_slice(&(PageKind::Superblock as u32).to_le_bytes());
+        key[20..28].copy_from_slice(&slot.to_le_bytes());
+        let sum = *blake3::keyed_hash(&key, &page[32..]).as_bytes();
+        page[..32].copy_from_slice(&sum);
+    }
+    let Err(e) = open(dir.path(), meta, &data) else {
+        panic!("a format-1 pool opened");
+    };
+    assert!(matches!(e, PoolError::OldFormat { .. }), "{e:?}");
+    let e = e.to_string();
+    assert!(
+        e.contains("format 1") && e.contains("volume export") && e.contains("pool init"),
+        "{e}"
+    );
+}
