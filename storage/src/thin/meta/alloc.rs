@@ -14,9 +14,9 @@ impl Meta {
         let hw = self.meta_hw;
         self.trees[META_RC].set_rc(&*self.file, hw, p, v)
     }
-    pub fn data_rc(&mut self, c: u64) -> Result<u32, Error> {
+    pub fn data_rc(&mut self, c: Chunk) -> Result<u32, Error> {
         let hw = self.meta_hw;
-        self.trees[DATA_RC].get_rc(&*self.file, hw, c)
+        self.trees[DATA_RC].get_rc(&*self.file, hw, c.0)
     }
     pub(super) fn set_data_rc(&mut self, c: u64, v: u32) -> Result<(), Error> {
         let hw = self.meta_hw;
@@ -27,7 +27,7 @@ impl Meta {
         if c.is_none() {
             return Ok(());
         }
-        let rc = self.data_rc(c.0)?;
+        let rc = self.data_rc(c)?;
         if rc == 0 {
             return Err(Error::Inconsistent(format!(
                 "data chunk {c} is referenced but has refcount 0"
@@ -43,7 +43,7 @@ impl Meta {
         if c.is_none() {
             return Ok(());
         }
-        let rc = self.data_rc(c.0)?;
+        let rc = self.data_rc(c)?;
         if rc == 0 {
             return Err(Error::Inconsistent(format!(
                 "data chunk {c}: refcount underflow"
@@ -201,7 +201,7 @@ impl Meta {
         }
         let (c, reused) = loop {
             if let Some(c) = self.free_chunks.pop_first() {
-                if self.data_rc(c)? == 0 && !self.chunks_deferred.contains(&c) {
+                if self.data_rc(Chunk(c))? == 0 && !self.chunks_deferred.contains(&c) {
                     break (c, true);
                 }
                 continue;

@@ -181,7 +181,7 @@ impl Meta {
     }
 
     /// Shadows the path to the leaf holding `vc`; returns the (writable) leaf page.
-    pub fn shadow_path(&mut self, id: u64, vc: u64) -> Result<u64, Error> {
+    pub fn shadow_path(&mut self, id: u64, vc: u64) -> Result<PageNo, Error> {
         let mut r = self.root(id)?;
         let top = r.height - 1;
         let root = if r.root.is_null() {
@@ -221,11 +221,11 @@ impl Meta {
             }
             node = new;
         }
-        Ok(node)
+        Ok(PageNo(node))
     }
 
-    pub fn leaf_mut(&mut self, p: u64) -> Result<&mut Vec<MapEntry>, Error> {
-        match self.nodes.get_mut(&p) {
+    pub fn leaf_mut(&mut self, p: PageNo) -> Result<&mut Vec<MapEntry>, Error> {
+        match self.nodes.get_mut(&p.0) {
             Some(MapNode::Leaf(es)) => Ok(es),
             _ => Err(Error::Inconsistent(format!(
                 "page {p} is not a cached leaf"

@@ -182,7 +182,7 @@ pub(crate) struct Meta {
     pub dropped_pages: HashSet<u64>,
     pub dropped_chunks: HashSet<u64>,
     /// Chunks with data I/O in flight that readers and writers must not touch yet.
-    pub inflight: HashSet<u64>,
+    pub inflight: HashSet<Chunk>,
     /// (volume id, virtual chunk) with a write in flight whose mapping is installed only
     /// once its data is on disk: other writers and unmaps of the same chunk wait.
     pub inflight_vcs: HashSet<(u64, u64)>,
@@ -623,16 +623,16 @@ mod tests {
         // Writing a's path shadows root and leaf; the chunk becomes shared by two leaves.
         let leaf_a = m.shadow_path(a, 200).unwrap();
         assert_ne!(leaf_a, leaf);
-        assert_eq!(m.data_rc(c.0).unwrap(), 2);
+        assert_eq!(m.data_rc(c).unwrap(), 2);
         assert_eq!(m.lookup(b, 200).unwrap().chunk, c);
         m.remove_volume(b).unwrap();
-        assert_eq!(m.data_rc(c.0).unwrap(), 1);
+        assert_eq!(m.data_rc(c).unwrap(), 1);
         assert!(
             m.dropped_chunks.contains(&c.0),
             "chunk shared at the last commit must not be written in place"
         );
         m.remove_volume(a).unwrap();
-        assert_eq!(m.data_rc(c.0).unwrap(), 0);
+        assert_eq!(m.data_rc(c).unwrap(), 0);
         assert_eq!(m.data_used, 0);
         // Freed in this transaction: not reusable before the commit.
         let (c2, _) = m.alloc_chunk().unwrap();
