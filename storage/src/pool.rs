@@ -132,6 +132,9 @@ pub enum PoolError {
     Invalid(String),
     #[error("no pool at {path}: {reason}; create one with `qubes-ctl pool init`")]
     NotAPool { path: String, reason: String },
+    /// The pool was written in an older on-disk format this build does not read.
+    #[error("the pool at {path} {reason}")]
+    OldFormat { path: String, reason: String },
     #[error("the pool at {path} is in use by another process{}; stop it or talk to it through `qubes-ctl daemon`", pid.map(|p| format!(" (pid {p})")).unwrap_or_default())]
     Locked { path: String, pid: Option<u32> },
     #[error("pool metadata is corrupt: {0}{hint}", hint = verify_hint(.0))]
