@@ -12,7 +12,8 @@
 #
 # Environment: CEPH_MICRO_PORT (mon port; default: a free one), CEPH_MICRO_OSD_SIZE
 # (bluestore file size, default 4G, sparse), CEPH_MICRO_NO_MGR=1 (skip the mgr: RBD does
-# not need it, it saves ~150 MiB of RAM and a second of start-up).
+# not need it, it saves ~150 MiB of RAM and a second of start-up), CEPH_MICRO_WATCH_PID
+# (stop the cluster once that process is gone: tests killed by a timeout leave no daemons).
 set -euo pipefail
 
 usage() { echo "usage: $0 start|stop|kill-osd|start-osd DIR" >&2; exit 2; }
@@ -149,9 +150,22 @@ EOF
     ceph-mgr -c "$CEPH_CONF" -i x --pid-file "$dir/run/mgr.x.pid"
   fi
   wait_for "osd.0 to come up" 300 osd_up
+  if [ -n "${CEPH_MICRO_WATCH_PID:-}" ]; then
+    watched=$CEPH_MICRO_WATCH_PID
+    (
+      exec </dev/null >/dev/null 2>&1
+      while kill -0 "$watched" 2>/dev/null; do sleep 1; done
+      "$0" stop "$dir"
+    ) &
+    echo $! > "$dir/run/watch.pid"
+  fi
   echo "CEPH_CONF=$CEPH_CONF"
   ;;
 stop)
+  if [ -f "$dir/run/watch.pid" ] && [ "$(cat "$dir/run/watch.pid")" != "$BASHPID" ]; then
+    kill "$(cat "$dir/run/watch.pid")" 2>/dev/null || true
+  fi
+  rm -f "$dir/run/watch.pid"
   stop_pidfile "$dir/run/mgr.x.pid"
   stop_pidfile "$dir/run/osd.0.pid"
   stop_pidfile "$dir/run/mon.a.pid"
