@@ -155,6 +155,9 @@ struct Inner {
     machine: String,
     /// Open images by volume key.
     open: Mutex<HashMap<String, Arc<Open>>>,
+    /// Serializes snapshots: each needs the source's exclusive lock, and concurrent
+    /// short-lived handles in one process pass it back and forth until librbd times out.
+    snapshots: Mutex<()>,
     /// Commits by this process (`info().generation`): the cluster has no pool-wide
     /// commit, so this only shows that commits happen.
     commits: std::sync::atomic::AtomicU64,
@@ -256,6 +259,7 @@ impl RbdPool {
                 machine,
                 open: Mutex::new(HashMap::new()),
                 commits: Default::default(),
+                snapshots: Mutex::new(()),
                 _lock: lock,
             }),
         })
@@ -457,6 +461,7 @@ impl Pool for RbdPool {
                 .unwrap_or(0)
         );
         let (src, dst) = (image_name(source), image_name(target));
+        let _serial = self.inner.snapshots.lock();
         self.with_image(source, |img| {
             // Acknowledged writes sit in librbd's cache until a flush.
             img.flush()?;
@@ -723,15 +728,34 @@ impl Pool for RbdPool {
         let img =
             Image::open(&self.inner.io, &image_name(key), true).map_err(|e| pool_err(e, key))?;
         let size = img.size().map_err(|e| pool_err(e, key))?;
+        // Holes hash as zeros without a round trip to the OSDs.
+        let runs = img.allocated(0, size).map_err(|e| pool_err(e, key))?;
         let mut hasher = blake3::Hasher::new();
         let mut buf = vec![0u8; 4 << 20];
+        let zeros = vec![0u8; 4 << 20];
         let mut pos = 0;
-        while pos < size {
-            let n = (size - pos).min(buf.len() as u64) as usize;
-            img.read(&mut buf[..n], pos).map_err(|e| pool_err(e, key))?;
-            hasher.update(&buf[..n]);
-            pos += n as u64;
+        let hash_zeros = |h: &mut blake3::Hasher, mut n: u64| {
+            while n > 0 {
+                let k = n.min(zeros.len() as u64) as usize;
+                h.update(&zeros[..k]);
+                n -= k as u64;
+            }
+        };
+        for r in runs.iter().filter(|r| r.exists) {
+            let (start, end) = (r.offset.max(pos), (r.offset + r.length).min(size));
+            if end <= start {
+                continue;
+            }
+            hash_zeros(&mut hasher, start - pos);
+            pos = start;
+            while pos < end {
+                let n = (end - pos).min(buf.len() as u64) as usize;
+                img.read(&mut buf[..n], pos).map_err(|e| pool_err(e, key))?;
+                hasher.update(&buf[..n]);
+                pos += n as u64;
+            }
         }
+        hash_zeros(&mut hasher, size - pos);
         Ok(hasher.finalize().to_hex().to_string())
     }
 }

@@ -610,7 +610,9 @@ impl Image {
     }
 
     /// Allocated runs of `[off, off+len)` including the parent's (what a read would
-    /// fetch from an object), in order.
+    /// fetch from an object), in order, at object granularity: with the object-map and
+    /// fast-diff features (librbd's defaults) this reads the in-memory object map instead
+    /// of asking the OSDs about every object.
     pub fn allocated(&self, off: u64, len: u64) -> Result<Vec<Run>> {
         extern "C" fn cb(o: u64, l: usize, exists: c_int, arg: *mut c_void) -> c_int {
             // SAFETY: arg is the &mut Vec<Run> passed below, alive for the whole call.
@@ -631,7 +633,7 @@ impl Image {
                 off,
                 len,
                 1,
-                0,
+                1,
                 Some(cb),
                 (&mut runs as *mut Vec<Run>).cast(),
             )
