@@ -146,9 +146,25 @@ pub enum PoolCmd {
         /// Data capacity (default: 95% of the filesystem's free space).
         #[arg(long)]
         size: Option<String>,
-        /// thin (default) or reflink (files on XFS/btrfs).
+        /// thin (default), reflink (files on XFS/btrfs) or rbd (Ceph RBD images, shared
+        /// by every machine that uses the same Ceph pool).
         #[arg(long, default_value = "thin")]
         driver: String,
+        /// rbd: the Ceph pool (created and `rbd pool init`ed beforehand).
+        #[arg(long)]
+        ceph_pool: Option<String>,
+        /// rbd: ceph.conf (default: $CEPH_CONF, then /etc/ceph/ceph.conf).
+        #[arg(long)]
+        ceph_conf: Option<PathBuf>,
+        /// rbd: Ceph user, without `client.` (default admin).
+        #[arg(long)]
+        ceph_id: Option<String>,
+        /// rbd: RBD namespace inside the pool (default: the pool's own).
+        #[arg(long)]
+        ceph_namespace: Option<String>,
+        /// rbd: this machine's name in "in use on machine X" errors (default HOST:ROOT).
+        #[arg(long)]
+        machine_name: Option<String>,
     },
     /// Capacity, usage, chunk size, volume count, commit generation.
     Info,
@@ -388,6 +404,11 @@ pub fn main_with(cli: Cli) -> Result<()> {
             chunk_size,
             size,
             driver,
+            ceph_pool,
+            ceph_conf,
+            ceph_id,
+            ceph_namespace,
+            machine_name,
         }) => {
             if crate::daemon::is_running(&paths) {
                 bail!(
@@ -396,9 +417,25 @@ pub fn main_with(cli: Cli) -> Result<()> {
                 );
             }
             let opts = InitOptions {
-                driver,
+                driver: driver.clone(),
                 chunk_size: parse_size(&chunk_size)?,
                 capacity: size.as_deref().map(parse_size).transpose()?,
+                rbd: match (driver.as_str(), ceph_pool) {
+                    ("rbd", Some(p)) => {
+                        let mut o = storage::RbdOptions::new(&p);
+                        o.ceph_conf = ceph_conf
+                            .map(|c| std::path::absolute(&c))
+                            .transpose()
+                            .context("--ceph-conf")?;
+                        o.ceph_id = ceph_id;
+                        o.ceph_namespace = ceph_namespace;
+                        o.machine = machine_name;
+                        Some(o)
+                    }
+                    ("rbd", None) => bail!("--driver rbd needs --ceph-pool NAME"),
+                    (_, Some(_)) => bail!("--ceph-pool is for --driver rbd"),
+                    _ => None,
+                },
             };
             let v = controller::init_pool(&paths, &opts)?;
             return print(format, "pool-info", &v);

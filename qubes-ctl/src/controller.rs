@@ -160,6 +160,8 @@ fn detect_driver(dir: &Path) -> Option<&'static str> {
         Some("thin")
     } else if dir.join("pool.json").exists() {
         Some("reflink")
+    } else if dir.join("rbd.json").exists() {
+        Some("rbd")
     } else {
         None
     }
@@ -286,6 +288,8 @@ pub struct InitOptions {
     pub driver: String,
     pub chunk_size: u64,
     pub capacity: Option<u64>,
+    /// `rbd` only: which cluster and pool (the other drivers ignore it).
+    pub rbd: Option<storage::RbdOptions>,
 }
 
 impl Default for InitOptions {
@@ -294,6 +298,7 @@ impl Default for InitOptions {
             driver: "thin".into(),
             chunk_size: 64 << 10,
             capacity: None,
+            rbd: None,
         }
     }
 }
@@ -305,6 +310,19 @@ pub fn init_pool(paths: &Paths, opts: &InitOptions) -> Result<Value> {
         bail!("a {d} pool already exists at {}; remove that directory first if you really want a new one", dir.display());
     }
     paths.secure()?;
+    if opts.driver == "rbd" {
+        let rbd = opts
+            .rbd
+            .as_ref()
+            .ok_or_else(|| anyhow!("the rbd driver needs --ceph-pool NAME"))?;
+        drop(
+            storage::RbdPool::create(&dir, rbd)
+                .with_context(|| format!("creating an rbd pool on Ceph pool {}", rbd.ceph_pool))?,
+        );
+        paths.secure()?;
+        let pool = open_pool(paths)?;
+        return Ok(serde_json::to_value(pool.info()?)?);
+    }
     // Leave a little room on the filesystem for metadata and the rest of the system.
     let free = fs_free_bytes(&dir)?;
     let capacity = match opts.capacity {
@@ -331,7 +349,7 @@ pub fn init_pool(paths: &Paths, opts: &InitOptions) -> Result<Value> {
             },
         )?,
         "reflink" => Arc::new(storage::reflink::ReflinkPool::create(&dir)?),
-        other => bail!("unknown pool driver {other:?}; use thin (default) or reflink"),
+        other => bail!("unknown pool driver {other:?}; use thin (default), reflink or rbd"),
     };
     drop(pool);
     // The files were made inside the 0700 directory; make them 0600 themselves.
@@ -346,6 +364,7 @@ fn open_pool(paths: &Paths) -> Result<Arc<dyn Pool>> {
     match detect_driver(&dir) {
         Some("thin") => Ok(storage::thin::ThinPool::open(&dir)?),
         Some("reflink") => Ok(Arc::new(storage::reflink::ReflinkPool::open(&dir)?)),
+        Some("rbd") => Ok(Arc::new(storage::RbdPool::open(&dir)?)),
         _ => bail!(
             "no pool at {}; create one with `qubes-ctl pool init`",
             dir.display()

@@ -126,6 +126,14 @@ pub enum PoolError {
     HostFull { op: String },
     #[error("volume {volume} is open ({users} users); stop the qube that uses it first")]
     Busy { volume: String, users: usize },
+    /// A shared pool (`rbd`): another machine has the volume open for writing.
+    #[error("volume {volume} is in use on machine {holder} (RBD exclusive lock held by {owners}: {detail}); stop the qube there first; if that machine is dead, break the lock with `rbd lock rm` or start the qube from that machine's root")]
+    HeldElsewhere {
+        volume: String,
+        holder: String,
+        owners: String,
+        detail: String,
+    },
     #[error("shrinking volume {volume} from {from} to {to} bytes loses data; pass --allow-shrink to do it anyway")]
     ShrinkRefused { volume: String, from: u64, to: u64 },
     #[error("invalid argument: {0}")]

@@ -329,6 +329,21 @@ pub fn commit_is_atomic_across_a_crash(b: &mut dyn Backend) {
         .map(|i| i.key)
         .collect();
     keys.sort();
+    if !b.transactional() {
+        // Every operation was durable when it returned (rbd): all of it survives.
+        assert_eq!(keys, ["kept", "renamed2", "snap", "staged"]);
+        let kept = p.volume("kept").unwrap();
+        assert_eq!(kept.size, 8 * c);
+        assert_eq!(kept.attrs.get("a").map(String::as_str), Some("2"));
+        assert_eq!(p.get_meta("m").unwrap().as_deref(), Some("2"));
+        assert_eq!(p.get_meta("n").unwrap().as_deref(), Some("new"));
+        let dev = p.open_volume("snap", true).unwrap();
+        assert_eq!(read(&*dev, 0, 9), b"committed");
+        assert_eq!(read(&*dev, c, 7), b"flushed");
+        drop(dev);
+        assert!(p.verify().unwrap().is_clean());
+        return;
+    }
     assert_eq!(keys, ["kept", "removed", "renamed"]);
     let kept = p.volume("kept").unwrap();
     assert_eq!(kept.size, 4 * c);
@@ -536,7 +551,9 @@ pub fn import_skips_zeros_dedups_and_fingerprints(b: &mut dyn Backend) {
     let want = blake3::hash(&full).to_hex().to_string();
     assert_eq!(stats.fingerprint, want);
     assert!(stats.zero_chunks >= 1);
-    assert!(stats.dedup_chunks >= 1, "{stats:?}");
+    if b.dedups_within_image() {
+        assert!(stats.dedup_chunks >= 1, "{stats:?}");
+    }
     assert_eq!(p.fingerprint("img").unwrap(), want);
     let dev = p.open_volume("img", true).unwrap();
     assert_eq!(read(&*dev, 0, full.len()), full);
@@ -772,6 +789,7 @@ conformance!(mem, backends::Mem::new());
 conformance!(thin, backends::Thin::new());
 conformance!(reflink_xfs, backends::Reflink::xfs());
 conformance!(reflink_btrfs, backends::Reflink::btrfs());
+conformance!(rbd, backends::Rbd::new());
 
 #[test]
 fn mem_pool_full_is_a_clean_error() {
