@@ -516,7 +516,9 @@ impl<X: XenStore, C: Connector> BlkifDevice<X, C> {
         let Some(fe) = fe else {
             // The frontend's directory is gone: the domain died or was destroyed.
             self.disconnect();
-            self.set_state(State::Closed)?;
+            if self.state != State::Closed {
+                self.set_state(State::Closed)?;
+            }
             return Ok(Outcome::Gone);
         };
         match State::parse(&fe) {
