@@ -19,12 +19,16 @@
 //!   (as the legacy xen_disk did); see the crate report.
 //! - `cmdline` is written as `cmdline =` (xl.cfg(5): preferred over root/extra, which
 //!   it overrides). PV and PVH get `console=hvc0` unless the command line names one.
-//! - [`XenDiskMode::KernelNbd`] (the default; `QUBES_XEN_DISKS=qdisk` opts out) avoids that
-//!   caveat: dom0's kernel NBD client attaches each export to a `/dev/nbdN`
-//!   (`qemu-nbd --connect`, recorded in `run_dir/nbd-devices`) and the domain gets
-//!   `backendtype=phy` disks; the devices are detached after shutdown/kill.
-//! - [`XenDiskMode::Blkif`] (`QUBES_XEN_DISKS=blkif`): `xl create -p` with no disk lines;
-//!   the controller serves the disks with its own blkif backend, then unpauses.
+//! - [`XenDiskMode::Blkif`] (the default): `xl create -p` with no disk lines; the
+//!   controller serves the disks with its own userspace blkif backend straight from the
+//!   pool (no NBD hop, no kernel blkback, no QEMU), then unpauses.
+//! - [`XenDiskMode::KernelNbd`] (the fallback, `QUBES_XEN_DISKS=nbd`): dom0's kernel NBD
+//!   client attaches each export to a `/dev/nbdN` (`qemu-nbd --connect`, recorded in
+//!   `run_dir/nbd-devices`) and the domain gets `backendtype=phy` disks served by the
+//!   kernel's blkback; the devices are detached after shutdown/kill.
+//! - [`XenDiskMode::Qdisk`] (`QUBES_XEN_DISKS=qdisk`): see the caveat above.
+//! - The variable is read by the process that starts the domain: the daemon, so it
+//!   takes effect for a daemon started with it (`qubes-ctl daemon stop` first).
 //! - on_poweroff/on_reboot/on_crash = destroy: a guest that stops is gone, so
 //!   `xl list` failing with "invalid domain" means Halted.
 
@@ -56,8 +60,22 @@ pub enum XenDiskMode {
     /// The controller's own userspace blkif backend (blkback's `blkif`) serves the disks
     /// straight from the pool. The domain is created paused (`xl create -p`) with no disk
     /// lines; the controller writes the vbd nodes for [`Xen::domid`], starts serving,
-    /// then unpauses it. Selected by `QUBES_XEN_DISKS=blkif`.
+    /// then unpauses it. The default.
     Blkif,
+}
+
+impl XenDiskMode {
+    /// The mode `QUBES_XEN_DISKS` names (unset or empty: [`XenDiskMode::Blkif`]).
+    pub fn from_env_value(v: Option<&str>) -> Result<XenDiskMode, String> {
+        match v.map(str::trim) {
+            None | Some("") | Some("blkif") => Ok(XenDiskMode::Blkif),
+            Some("nbd") | Some("kernel-nbd") => Ok(XenDiskMode::KernelNbd),
+            Some("qdisk") => Ok(XenDiskMode::Qdisk),
+            Some(other) => Err(format!(
+                "QUBES_XEN_DISKS={other:?} is not a disk path: use blkif (the default), nbd or qdisk"
+            )),
+        }
+    }
 }
 
 pub struct Xen {
@@ -88,16 +106,15 @@ impl Default for Xen {
 
 impl Xen {
     /// `QUBES_XL` overrides the `xl` binary (tests use a stand-in script).
-    /// Disks default to [`XenDiskMode::KernelNbd`]; `QUBES_XEN_DISKS=qdisk` selects
-    /// [`XenDiskMode::Qdisk`] (for a QEMU whose qdisk accepts NBD targets).
+    /// Disks default to [`XenDiskMode::Blkif`]; `QUBES_XEN_DISKS=nbd` selects the
+    /// kernel-NBD fallback, `qdisk` QEMU's qdisk (for a QEMU that accepts NBD targets).
     pub fn new() -> Self {
-        // Stock QEMU's xen-block opens qdisk targets only as files, so the kernel NBD
-        // client (which works with stock Xen and QEMU) is the default.
-        let disk_mode = match std::env::var("QUBES_XEN_DISKS").ok().as_deref() {
-            Some("qdisk") => XenDiskMode::Qdisk,
-            Some("blkif") => XenDiskMode::Blkif,
-            _ => XenDiskMode::KernelNbd,
-        };
+        let disk_mode =
+            XenDiskMode::from_env_value(std::env::var("QUBES_XEN_DISKS").ok().as_deref())
+                .unwrap_or_else(|e| {
+                    tracing::warn!("{e}; using blkif");
+                    XenDiskMode::Blkif
+                });
         Xen {
             xl: std::env::var("QUBES_XL").unwrap_or_else(|_| "xl".into()),
             qemu_nbd: "qemu-nbd".into(),
@@ -862,6 +879,33 @@ mod tests {
                 .disk_mode(),
             XenDiskMode::Blkif
         );
+    }
+
+    #[test]
+    fn blkif_is_the_default_disk_path_and_nbd_the_fallback() {
+        assert_eq!(XenDiskMode::from_env_value(None), Ok(XenDiskMode::Blkif));
+        assert_eq!(
+            XenDiskMode::from_env_value(Some("")),
+            Ok(XenDiskMode::Blkif)
+        );
+        assert_eq!(
+            XenDiskMode::from_env_value(Some("blkif")),
+            Ok(XenDiskMode::Blkif)
+        );
+        assert_eq!(
+            XenDiskMode::from_env_value(Some("nbd")),
+            Ok(XenDiskMode::KernelNbd)
+        );
+        assert_eq!(
+            XenDiskMode::from_env_value(Some("kernel-nbd")),
+            Ok(XenDiskMode::KernelNbd)
+        );
+        assert_eq!(
+            XenDiskMode::from_env_value(Some("qdisk")),
+            Ok(XenDiskMode::Qdisk)
+        );
+        let e = XenDiskMode::from_env_value(Some("tap")).unwrap_err();
+        assert!(e.contains("nbd"), "{e}");
     }
 
     #[test]

@@ -30,6 +30,9 @@ use crate::paths::Paths;
 mod repo;
 mod status;
 
+/// The guest's disk names, in volume order (root, private, volatile, kernel).
+const XEN_VDEVS: [&str; 4] = ["xvda", "xvdb", "xvdc", "xvdd"];
+
 /// Default kernel command line for templates whose build did not record one.
 pub const DEFAULT_CMDLINE: &str = "root=/dev/vda rw console=ttyS0";
 
@@ -37,7 +40,7 @@ pub const DEFAULT_CMDLINE: &str = "root=/dev/vda rw console=ttyS0";
 struct Served {
     server: blkback::NbdServer,
     hypervisor: String,
-    /// The disks our blkif backend serves (Xen with `QUBES_XEN_DISKS=blkif`).
+    /// The disks our blkif backend serves (Xen, unless `QUBES_XEN_DISKS=nbd`).
     xen_disks: Option<crate::xen_disks::RealXenDisks>,
 }
 
@@ -1593,16 +1596,7 @@ impl Controller {
         let r = (|| {
             let domid = xen.domid(name)?;
             let chunk = self.pool().info()?.chunk_size;
-            let mut vols = Vec::new();
-            for (s, d) in started.iter().zip(&spec.disks) {
-                let device = self.pool().open_volume(&s.key, s.read_only)?;
-                vols.push((
-                    d.vdev.clone(),
-                    s.read_only,
-                    format!("{name}:{} ({})", s.name, s.key),
-                    device,
-                ));
-            }
+            let vols = self.blkif_volumes(name, started)?;
             let disks = crate::xen_disks::attach_real(domid, chunk, vols)?;
             if let Err(e) = hypervisor::Hypervisor::unpause(&xen, name, &spec.run_dir) {
                 let _ = disks.detach();
@@ -1617,6 +1611,51 @@ impl Controller {
                 Err(e.context(format!("serving {name}'s disks over blkif")))
             }
         }
+    }
+
+    /// The volumes of a Xen qube as its blkif disks, in the order (and so with the
+    /// vdevs) of [`Self::domain_spec`].
+    fn blkif_volumes(
+        &self,
+        name: &str,
+        started: &[StartedVolume],
+    ) -> Result<Vec<crate::xen_disks::RealVolume>> {
+        let mut vols = Vec::new();
+        for (s, vdev) in started.iter().zip(XEN_VDEVS) {
+            let device = self.pool().open_volume(&s.key, s.read_only)?;
+            vols.push((
+                vdev.to_string(),
+                s.read_only,
+                format!("{name}:{} ({})", s.name, s.key),
+                device,
+            ));
+        }
+        Ok(vols)
+    }
+
+    /// After a daemon restart: a running Xen domain whose disks an earlier daemon served
+    /// over blkif gets them served again from the same rings (its backend nodes are
+    /// still in xenstore); `None` for other domains (kernel NBD disks reconnect to the
+    /// NBD socket by themselves).
+    fn xen_blkif_resume(
+        &self,
+        name: &str,
+        started: &[StartedVolume],
+    ) -> Result<Option<crate::xen_disks::RealXenDisks>> {
+        let xen = hypervisor::Xen::new();
+        let run_dir = self.paths.qube_run_dir(name);
+        if hypervisor::Hypervisor::state(&xen, name, &run_dir)? == hypervisor::DomainState::Halted {
+            return Ok(None);
+        }
+        let domid = xen.domid(name)?;
+        if !crate::xen_disks::has_blkif_disks(domid)? {
+            return Ok(None);
+        }
+        let chunk = self.pool().info()?.chunk_size;
+        let vols = self.blkif_volumes(name, started)?;
+        let disks = crate::xen_disks::reattach_real(domid, chunk, vols)
+            .with_context(|| format!("serving {name}'s blkif disks again (domain {domid})"))?;
+        Ok(Some(disks))
     }
 
     /// Qubes' network for the domain: its address, gateway and MAC on the kernel command
@@ -1721,10 +1760,9 @@ impl Controller {
         } else {
             format!("{cmdline} {}", prefs.kernelopts)
         };
-        let vdevs = ["xvda", "xvdb", "xvdc", "xvdd"];
         let disks = started
             .iter()
-            .zip(vdevs)
+            .zip(XEN_VDEVS)
             .map(|(s, vdev)| hypervisor::DiskSpec {
                 vdev: vdev.to_string(),
                 nbd_socket: socket.to_path_buf(),
@@ -1911,10 +1949,14 @@ impl Controller {
             }
         };
         for name in names {
-            let server = self
-                .running_volumes(&name)
-                .and_then(|started| self.serve(&name, &started));
-            let server = match server {
+            let started = match self.running_volumes(&name) {
+                Ok(s) => s,
+                Err(e) => {
+                    broken.push((name, e));
+                    continue;
+                }
+            };
+            let server = match self.serve(&name, &started) {
                 Ok(s) => s,
                 Err(e) => {
                     broken.push((name, e));
@@ -1932,13 +1974,24 @@ impl Controller {
             } else {
                 rt.hypervisor
             };
+            let xen_disks = if hv == "xen" {
+                match self.xen_blkif_resume(&name, &started) {
+                    Ok(d) => d,
+                    Err(e) => {
+                        // Served over NBD all the same, so `qube shutdown` can stop it.
+                        tracing::warn!(qube = %name, "{e:#}");
+                        None
+                    }
+                }
+            } else {
+                None
+            };
             self.served().insert(
                 name.clone(),
                 Served {
                     server,
                     hypervisor: hv,
-                    // Re-attaching a running domain's blkif rings is not done yet.
-                    xen_disks: None,
+                    xen_disks,
                 },
             );
             resumed.push(name);
