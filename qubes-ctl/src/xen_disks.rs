@@ -368,6 +368,26 @@ mod tests {
         }
     }
 
+    /// What a blkfront writes to connect (ring, event channel, then its state).
+    fn frontend_connects(xs: &MemStore, fe: &str, ring: &str, evtchn: &str, state: &str) {
+        xs.write(&format!("{fe}/ring-ref"), ring).unwrap();
+        xs.write(&format!("{fe}/event-channel"), evtchn).unwrap();
+        xs.write(&format!("{fe}/state"), state).unwrap();
+    }
+
+    /// No backend node of ours is left (nor, with `frontends`, any vbd node at all).
+    fn assert_nothing_left(xs: &MemStore, frontends: bool) {
+        let left: Vec<String> = xs
+            .dump()
+            .into_keys()
+            .filter(|k| {
+                k.starts_with("/local/domain/0/backend/qubes-vbd/")
+                    || (frontends && k.contains("/vbd/"))
+            })
+            .collect();
+        assert!(left.is_empty(), "left behind: {left:?}");
+    }
+
     fn disks(xs: &Arc<MemStore>, domid: u32, log: &Arc<Mutex<Vec<String>>>) -> Vec<Disk<Probe>> {
         ["xvda", "xvdb"]
             .iter()
@@ -421,9 +441,7 @@ mod tests {
             Some(be)
         );
         // The guest's blkfront connects xvda only.
-        xs.write(&format!("{fe}/ring-ref"), "8").unwrap();
-        xs.write(&format!("{fe}/event-channel"), "3").unwrap();
-        xs.write(&format!("{fe}/state"), "3").unwrap();
+        frontend_connects(&xs, fe, "8", "3", "3");
         wait_for(&xs, &format!("{be}/state"), "4");
         assert_eq!(*log.lock().unwrap(), vec!["connect [8]".to_string()]);
         d.detach().unwrap();
@@ -432,12 +450,7 @@ mod tests {
             *log.lock().unwrap(),
             vec!["connect [8]".to_string(), "disconnect at state 5".into()]
         );
-        let left: Vec<String> = xs
-            .dump()
-            .into_keys()
-            .filter(|k| k.starts_with("/local/domain/0/backend/qubes-vbd/") || k.contains("/vbd/"))
-            .collect();
-        assert!(left.is_empty(), "left behind: {left:?}");
+        assert_nothing_left(&xs, true);
     }
 
     #[test]
@@ -447,21 +460,14 @@ mod tests {
         let d = XenDisks::attach(xs.clone(), 9, disks(&xs, 9, &log)).unwrap();
         let be = "/local/domain/0/backend/qubes-vbd/9/51712";
         let fe = "/local/domain/9/device/vbd/51712";
-        xs.write(&format!("{fe}/ring-ref"), "1").unwrap();
-        xs.write(&format!("{fe}/event-channel"), "2").unwrap();
-        xs.write(&format!("{fe}/state"), "4").unwrap();
+        frontend_connects(&xs, fe, "1", "2", "4");
         wait_for(&xs, &format!("{be}/state"), "4");
         // The toolstack destroys the domain: its whole directory goes.
         xs.rm("/local/domain/9").unwrap();
         wait_for(&xs, &format!("{be}/state"), "6");
         assert_eq!(log.lock().unwrap().len(), 2, "{:?}", log.lock().unwrap());
         d.detach().unwrap();
-        let left: Vec<String> = xs
-            .dump()
-            .into_keys()
-            .filter(|k| k.starts_with("/local/domain/0/backend/qubes-vbd/"))
-            .collect();
-        assert!(left.is_empty(), "left behind: {left:?}");
+        assert_nothing_left(&xs, false);
     }
 
     #[test]
@@ -471,9 +477,7 @@ mod tests {
         let d = XenDisks::attach(xs.clone(), 7, disks(&xs, 7, &log)).unwrap();
         let be = "/local/domain/0/backend/qubes-vbd/7/51712";
         let fe = "/local/domain/7/device/vbd/51712";
-        xs.write(&format!("{fe}/ring-ref"), "8").unwrap();
-        xs.write(&format!("{fe}/event-channel"), "3").unwrap();
-        xs.write(&format!("{fe}/state"), "4").unwrap();
+        frontend_connects(&xs, fe, "8", "3", "4");
         wait_for(&xs, &format!("{be}/state"), "4");
         // The daemon goes (exit or kill): the rings stop, xenstore stays as it was.
         drop(d);
@@ -490,17 +494,10 @@ mod tests {
         assert_eq!(xs.dump(), before);
         // The pump serves the reattached devices: xvdb's frontend connects now.
         let fe_b = "/local/domain/7/device/vbd/51728";
-        xs.write(&format!("{fe_b}/ring-ref"), "9").unwrap();
-        xs.write(&format!("{fe_b}/event-channel"), "4").unwrap();
-        xs.write(&format!("{fe_b}/state"), "3").unwrap();
+        frontend_connects(&xs, fe_b, "9", "4", "3");
         wait_for(&xs, "/local/domain/0/backend/qubes-vbd/7/51728/state", "4");
         d.detach().unwrap();
-        let left: Vec<String> = xs
-            .dump()
-            .into_keys()
-            .filter(|k| k.starts_with("/local/domain/0/backend/qubes-vbd/") || k.contains("/vbd/"))
-            .collect();
-        assert!(left.is_empty(), "left behind: {left:?}");
+        assert_nothing_left(&xs, true);
     }
 
     #[test]
@@ -522,11 +519,6 @@ mod tests {
         ds[1].vdev = "hda".into();
         let e = XenDisks::attach(xs.clone(), 5, ds).err().unwrap();
         assert!(format!("{e:#}").contains("hda"), "{e:#}");
-        let left: Vec<String> = xs
-            .dump()
-            .into_keys()
-            .filter(|k| k.starts_with("/local/domain/0/backend/qubes-vbd/") || k.contains("/vbd/"))
-            .collect();
-        assert!(left.is_empty(), "left behind: {left:?}");
+        assert_nothing_left(&xs, true);
     }
 }
