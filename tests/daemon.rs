@@ -156,11 +156,7 @@ fn sigkill_of_the_daemon_keeps_flushed_writes_and_serves_again() {
         .spawn()
         .unwrap();
     std::thread::sleep(Duration::from_millis(300));
-    let pid: i32 = std::fs::read_to_string(ctl.root.join("run/daemon.pid"))
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap();
+    let pid = ctl.daemon_pid();
     // SAFETY: plain kill(2) on a pid we read from the daemon's pid file.
     assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
     let _ = writer.wait();
@@ -435,11 +431,7 @@ fn a_held_import_does_not_hold_back_other_qubes() {
 fn a_second_daemon_on_the_same_root_is_refused() {
     let ctl = setup();
     ctl.ok(&["daemon", "start"]);
-    let pid: i32 = std::fs::read_to_string(ctl.root.join("run/daemon.pid"))
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap();
+    let pid = ctl.daemon_pid();
     // SAFETY: plain kill(2) on the pid the daemon wrote.
     assert_eq!(unsafe { libc::kill(pid, libc::SIGSTOP) }, 0);
     let t = std::time::Instant::now();

@@ -299,11 +299,7 @@ fn debian_qubes_boot_persist_update_revert_and_survive_a_daemon_kill() {
     ctl.ok(&["qube", "prefs", "work", "kernelopts", "qtest.stay"]);
     let r = boot(&ctl, "work", false);
     assert!(r.contains("host=work"), "{r}");
-    let pid: i32 = std::fs::read_to_string(ctl.root.join("run/daemon.pid"))
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap();
+    let pid = ctl.daemon_pid();
     // SAFETY: kill(2) of the daemon's pid, read from its pid file.
     assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
     std::thread::sleep(Duration::from_millis(500));
