@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use e2e_tests::{apt_mirror, private_image, qubes_ctl_bin, wait_for, Ctl};
 use serde_json::Value;
 
-const BOOT_TIMEOUT: Duration = Duration::from_secs(300);
+const BOOT_TIMEOUT: Duration = Duration::from_secs(600);
 
 /// What every qube's private volume runs at boot (through the guest integration's
 /// /rw/config/rc.local hook): report, bump the /rw counter, mark /etc, power off unless
