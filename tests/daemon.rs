@@ -198,13 +198,24 @@ fn a_daemon_of_another_build_is_replaced_when_idle() {
     let new_bin = ctl.root.join("qubes-ctl-new");
     std::fs::copy(e2e_tests::qubes_ctl_bin(), &new_bin).unwrap();
     let with_new = |args: &[&str]| {
-        Command::new(&new_bin)
-            .arg("--root")
-            .arg(&ctl.root)
-            .args(args)
-            .env_remove("QUBES_CTL_ROOT")
-            .output()
-            .unwrap()
+        // A test thread forking while the copy was open for writing holds that
+        // descriptor until its exec: ETXTBSY for a moment (a Linux race), not an error.
+        let mut tries = 0;
+        loop {
+            match Command::new(&new_bin)
+                .arg("--root")
+                .arg(&ctl.root)
+                .args(args)
+                .env_remove("QUBES_CTL_ROOT")
+                .output()
+            {
+                Err(e) if e.kind() == std::io::ErrorKind::ExecutableFileBusy && tries < 100 => {
+                    tries += 1;
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                r => break r.unwrap(),
+            }
+        }
     };
     // A qube runs: the old daemon keeps serving it; the user is warned.
     let out = with_new(&["qube", "list"]);
