@@ -216,6 +216,14 @@ unsafe impl Sync for IoCtx {}
 
 /// Reads a (key list, value list) pair of NUL-separated strings, as the rbd metadata
 /// list calls return them.
+/// The first NUL-terminated string of a metadata value buffer (empty if none).
+fn first_string(buf: &[u8]) -> String {
+    split_nul(buf, buf.len())
+        .into_iter()
+        .next()
+        .unwrap_or_default()
+}
+
 fn split_nul(buf: &[u8], len: usize) -> Vec<String> {
     buf[..len.min(buf.len())]
         .split(|&b| b == 0)
@@ -369,12 +377,7 @@ impl IoCtx {
         let v = with_buf(&op, |buf, len| unsafe {
             ffi::rbd_pool_metadata_get(self.h, k.as_ptr(), buf, len)
         })?;
-        Ok(v.map(|b| {
-            split_nul(&b, b.len())
-                .into_iter()
-                .next()
-                .unwrap_or_default()
-        }))
+        Ok(v.map(|b| first_string(&b)))
     }
 
     pub fn pool_meta_set(&self, key: &str, value: Option<&str>) -> Result<()> {
@@ -733,12 +736,7 @@ impl Image {
         let v = with_buf(&op, |buf, len| unsafe {
             ffi::rbd_metadata_get(self.h, k.as_ptr(), buf, len)
         })?;
-        Ok(v.map(|b| {
-            split_nul(&b, b.len())
-                .into_iter()
-                .next()
-                .unwrap_or_default()
-        }))
+        Ok(v.map(|b| first_string(&b)))
     }
 
     pub fn meta_set(&self, key: &str, value: Option<&str>) -> Result<()> {
