@@ -156,11 +156,7 @@ fn sigkill_of_the_daemon_keeps_flushed_writes_and_serves_again() {
         .spawn()
         .unwrap();
     std::thread::sleep(Duration::from_millis(300));
-    let pid: i32 = std::fs::read_to_string(ctl.root.join("run/daemon.pid"))
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap();
+    let pid = ctl.daemon_pid();
     // SAFETY: plain kill(2) on a pid we read from the daemon's pid file.
     assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
     let _ = writer.wait();
@@ -202,13 +198,24 @@ fn a_daemon_of_another_build_is_replaced_when_idle() {
     let new_bin = ctl.root.join("qubes-ctl-new");
     std::fs::copy(e2e_tests::qubes_ctl_bin(), &new_bin).unwrap();
     let with_new = |args: &[&str]| {
-        Command::new(&new_bin)
-            .arg("--root")
-            .arg(&ctl.root)
-            .args(args)
-            .env_remove("QUBES_CTL_ROOT")
-            .output()
-            .unwrap()
+        // A test thread forking while the copy was open for writing holds that
+        // descriptor until its exec: ETXTBSY for a moment (a Linux race), not an error.
+        let mut tries = 0;
+        loop {
+            match Command::new(&new_bin)
+                .arg("--root")
+                .arg(&ctl.root)
+                .args(args)
+                .env_remove("QUBES_CTL_ROOT")
+                .output()
+            {
+                Err(e) if e.kind() == std::io::ErrorKind::ExecutableFileBusy && tries < 100 => {
+                    tries += 1;
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                r => break r.unwrap(),
+            }
+        }
     };
     // A qube runs: the old daemon keeps serving it; the user is warned.
     let out = with_new(&["qube", "list"]);
@@ -287,4 +294,319 @@ fn daemon_status_figures_and_qube_log() {
         human.contains("== console") && human.contains("qube=other"),
         "{human}"
     );
+}
+
+/// Runs `cmd` to its end within `secs` (killed and reported otherwise): a request the
+/// daemon holds back shows as a failure, not as a hung test.
+fn finishes_within(mut cmd: Command, secs: u64, what: &str) -> std::process::Output {
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(secs);
+    while child.try_wait().unwrap().is_none() {
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{what} did not answer within {secs} s while an import was held back");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{what} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// Daemon processes serving `root` (their command line names it).
+fn daemons_of(root: &std::path::Path) -> usize {
+    let root = root.to_string_lossy();
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
+        .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
+        .filter(|c| c.contains(&*root) && c.contains("daemon run"))
+        .count()
+}
+
+/// One request does not hold back the others: while an import into `other` is stuck on
+/// its reader, `work` starts and shuts down, `qube list` and `daemon status` answer, and
+/// only one daemon exists; a start of `other` itself waits for the import (requests on
+/// one qube are ordered) and then serves the imported data.
+#[test]
+fn a_held_import_does_not_hold_back_other_qubes() {
+    use std::io::Write;
+    let ctl = setup();
+    ctl.ok(&["volume", "resize", "other:private", "64M", "--allow-shrink"]);
+    ctl.ok(&["daemon", "start"]);
+    let image = pattern(21, 64 << 20);
+    let mut import = ctl
+        .cmd(&["volume", "import", "other:private", "-", "--size", "64M"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut feed = import.stdin.take().unwrap();
+    feed.write_all(&image[..8 << 20]).unwrap();
+    feed.flush().unwrap();
+    // The daemon is now reading the import (the pipe holds far less than 8 MiB).
+
+    let status = std::time::Instant::now();
+    let out = finishes_within(
+        ctl.cmd(&["--format", "json", "daemon", "status"]),
+        30,
+        "daemon status",
+    );
+    let status = status.elapsed();
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["daemon"], "running", "{v}");
+    let mut start_other = ctl
+        .cmd(&["qube", "start", "other", "--hypervisor", "none"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    finishes_within(
+        ctl.cmd(&["qube", "start", "work", "--hypervisor", "none"]),
+        60,
+        "qube start work",
+    );
+    let list = finishes_within(
+        ctl.cmd(&["--format", "json", "qube", "list"]),
+        60,
+        "qube list",
+    );
+    let list: Value = serde_json::from_slice(&list.stdout).unwrap();
+    let state = |n: &str| {
+        list.as_array()
+            .unwrap()
+            .iter()
+            .find(|q| q["name"] == n)
+            .unwrap()["state"]
+            .clone()
+    };
+    assert_eq!(state("work"), "running", "{list}");
+    assert_eq!(state("other"), "halted", "{list}");
+    finishes_within(
+        ctl.cmd(&["qube", "shutdown", "work"]),
+        60,
+        "qube shutdown work",
+    );
+    assert_eq!(daemons_of(&ctl.root), 1, "one daemon serves the root");
+    assert!(
+        start_other.try_wait().unwrap().is_none(),
+        "other started while an import into its volume ran"
+    );
+
+    feed.write_all(&image[8 << 20..]).unwrap();
+    drop(feed);
+    let out = import.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "import: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = start_other.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "start of other after the import: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let info = ctl.json(&["volume", "info", "other:private"]);
+    let back = ctl.root.join("back.img");
+    run(Command::new("qemu-img")
+        .args(["convert", "-f", "raw", "-O", "raw"])
+        .arg(info["nbd_uri"].as_str().unwrap())
+        .arg(&back));
+    assert!(
+        std::fs::read(&back).unwrap() == image,
+        "other's private differs from the import"
+    );
+    eprintln!("daemon status answered in {status:?} while the import was held");
+    ctl.ok(&["qube", "shutdown", "other"]);
+    assert_eq!(ctl.json(&["pool", "verify"])["clean"], true);
+}
+
+/// One daemon per root: a second `daemon run` refuses at once, naming the first one's pid
+/// and the root, even while the first does not answer (stopped); after the first dies by
+/// SIGKILL, its stale socket does not keep a new daemon from starting.
+#[test]
+fn a_second_daemon_on_the_same_root_is_refused() {
+    let ctl = setup();
+    ctl.ok(&["daemon", "start"]);
+    let pid = ctl.daemon_pid();
+    // SAFETY: plain kill(2) on the pid the daemon wrote.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGSTOP) }, 0);
+    let t = std::time::Instant::now();
+    let out = ctl.output(&["daemon", "run"]);
+    let took = t.elapsed();
+    // SAFETY: as above.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGCONT) }, 0);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "a second daemon ran: {err}");
+    assert!(
+        err.contains(&format!("pid {pid}")) && err.contains(&*ctl.root.to_string_lossy()),
+        "the refusal names the first daemon's pid and the root: {err}"
+    );
+    // It refused on the lock, not after waiting out the pool lock (20 s).
+    assert!(took < Duration::from_secs(15), "took {took:?}");
+    assert_eq!(daemons_of(&ctl.root), 1);
+    ctl.ok(&["qube", "start", "work", "--hypervisor", "none"]);
+
+    // SAFETY: as above.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
+    wait_for_exit(pid);
+    assert!(
+        ctl.root.join("run/admin.sock").exists(),
+        "the dead daemon's socket stays"
+    );
+    ctl.ok(&["daemon", "start"]);
+    let list = ctl.json(&["qube", "list"]);
+    let work = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|q| q["name"] == "work");
+    assert_eq!(work.unwrap()["state"], "running", "{list}");
+    ctl.ok(&["qube", "shutdown", "work"]);
+}
+
+fn wait_for_exit(pid: i32) {
+    for _ in 0..200 {
+        // SAFETY: kill(pid, 0) only checks that the process exists.
+        if unsafe { libc::kill(pid, 0) } != 0 {
+            return;
+        }
+        // The daemon is a child of an earlier `daemon start`, reparented: not ours to reap.
+        if std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
+            s.rsplit_once(')')
+                .is_some_and(|(_, r)| r.trim_start().starts_with('Z'))
+        }) {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("daemon {pid} did not exit");
+}
+
+/// Sends one raw request line to the admin socket; returns the reply.
+fn raw_call(sock: &std::path::Path, line: &str) -> Value {
+    use std::io::{BufRead, Write};
+    let mut s = std::os::unix::net::UnixStream::connect(sock).unwrap();
+    s.write_all(format!("{line}\n").as_bytes()).unwrap();
+    let mut reply = String::new();
+    std::io::BufReader::new(&s).read_line(&mut reply).unwrap();
+    serde_json::from_str(&reply).unwrap_or_else(|e| panic!("{e}: {reply}"))
+}
+
+/// The admin protocol is versioned and its errors typed: a request of another version
+/// gets an error of kind `protocol` naming both versions and the fix (ping and
+/// daemon_stop are answered whatever the version), a failed request a `kind` a script can
+/// match; and the CLI facing a daemon of an older protocol that serves qubes says so
+/// instead of sending it requests it would misread.
+#[test]
+fn the_admin_protocol_is_versioned_and_its_errors_typed() {
+    let ctl = setup();
+    ctl.ok(&["daemon", "start"]);
+    let sock = ctl.root.join("run/admin.sock");
+    let ping = raw_call(&sock, r#"{"op":"ping"}"#);
+    let ours = ping["ok"]["protocol"]
+        .as_u64()
+        .expect("the ping names the protocol");
+    for (line, theirs) in [
+        (r#"{"op":"qube_list"}"#.to_string(), 1),
+        (
+            format!(r#"{{"op":"qube_list","v":{}}}"#, ours + 1),
+            ours + 1,
+        ),
+    ] {
+        let r = raw_call(&sock, &line);
+        assert_eq!(r["error"]["kind"], "protocol", "{line}: {r}");
+        let msg = r["error"]["message"].as_str().unwrap();
+        assert!(
+            msg.contains(&format!("version {ours}"))
+                && msg.contains(&format!("version {theirs}"))
+                && msg.contains("qubes-ctl daemon stop"),
+            "{msg}"
+        );
+    }
+    let r = raw_call(
+        &sock,
+        &format!(r#"{{"op":"qube_start","name":"nosuch","hypervisor":"none","v":{ours}}}"#),
+    );
+    assert_eq!(r["error"]["kind"], "not_found", "{r}");
+    let r = raw_call(&sock, &format!(r#"{{"op":"qube_list","v":{ours}}}"#));
+    assert!(r["ok"].is_array(), "{r}");
+    ctl.ok(&["daemon", "stop"]);
+
+    // A daemon from before the versioned protocol, serving a qube: its ping has no
+    // "protocol" and another build.
+    std::fs::create_dir_all(ctl.root.join("run")).unwrap();
+    let _ = std::fs::remove_file(&sock);
+    let listener = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+    std::thread::spawn(move || {
+        use std::io::{BufRead, Write};
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { continue };
+            let mut line = String::new();
+            let _ = std::io::BufReader::new(&conn).read_line(&mut line);
+            let reply = if line.contains(r#""op":"ping""#) {
+                r#"{"ok":{"pong":true,"pid":1,"build":"0.0.1-old","served":1}}"#
+            } else {
+                r#"{"ok":[]}"#
+            };
+            let _ = conn.write_all(format!("{reply}\n").as_bytes());
+        }
+    });
+    let err = ctl.fails(&["qube", "list"]);
+    assert!(
+        err.contains("version 1")
+            && err.contains(&format!("version {ours}"))
+            && err.contains("qubes-ctl daemon stop"),
+        "{err}"
+    );
+}
+
+/// What the daemon creates is its owner's alone from the start: a qube's run directory
+/// is 0700 and the files in it 0600, whatever the umask of whoever started the daemon.
+#[test]
+fn the_daemon_creates_private_run_files() {
+    let ctl = setup();
+    // A permissive umask in the shell that starts the daemon must not leak into its files.
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "umask 000 && exec {} --root {} daemon start",
+            e2e_tests::qubes_ctl_bin().display(),
+            ctl.root.display()
+        ))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    ctl.ok(&["qube", "start", "work", "--hypervisor", "none"]);
+    let run = ctl.root.join("run/qubes/work");
+    let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&run), 0o700, "{}", run.display());
+    for e in std::fs::read_dir(&run).unwrap().flatten() {
+        assert_eq!(
+            mode(&e.path()) & 0o077,
+            0,
+            "{} is open to others",
+            e.path().display()
+        );
+    }
+    assert_eq!(mode(&ctl.root.join("daemon.lock")), 0o600);
+    ctl.ok(&["qube", "shutdown", "work"]);
 }

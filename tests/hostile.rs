@@ -522,11 +522,7 @@ fn parallel_commands_wait_for_the_pool_lock() {
 fn a_frozen_daemon_is_named_not_waited_for() {
     let ctl = setup();
     ctl.ok(&["daemon", "start"]);
-    let pid: i32 = std::fs::read_to_string(ctl.root.join("run/daemon.pid"))
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap();
+    let pid = ctl.daemon_pid();
     // SAFETY: kill(2) on the daemon we started.
     unsafe { libc::kill(pid, libc::SIGSTOP) };
     let mut child = ctl

@@ -98,6 +98,16 @@ impl Ctl {
     }
 
     /// Stops a daemon if one runs for this root (best effort).
+    /// The pid the running daemon wrote to `ROOT/run/daemon.pid`.
+    pub fn daemon_pid(&self) -> i32 {
+        let path = self.root.join("run/daemon.pid");
+        std::fs::read_to_string(&path)
+            .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+            .trim()
+            .parse()
+            .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+    }
+
     pub fn stop_daemon(&self) {
         let _ = self.output(&["daemon", "stop"]);
     }

@@ -7,10 +7,9 @@
 
 use std::io::Read;
 use std::net::TcpListener;
-use std::path::Path;
 use std::time::{Duration, Instant};
 
-use e2e_tests::{apt_mirror, private_image, wait_for, Ctl};
+use e2e_tests::{debian_template_package, private_image, wait_for, Ctl};
 use serde_json::Value;
 
 const BOOT_TIMEOUT: Duration = Duration::from_secs(300);
@@ -41,19 +40,10 @@ fn a_qube_reaches_the_network_only_through_its_netvm() {
     let work = ctl.root.join("w");
     std::fs::create_dir_all(&work).unwrap();
     ctl.ok(&["pool", "init", "--size", "20G"]);
-    let recipe = Path::new(env!("CARGO_MANIFEST_DIR")).join("../recipes/debian/minimal.toml");
-    let mut args = vec![
-        "template",
-        "build",
-        recipe.to_str().unwrap(),
-        "--name",
-        "deb",
-    ];
-    let mirror = apt_mirror();
-    if let Some(m) = mirror.as_deref() {
-        args.extend(["--mirror", m]);
-    }
-    ctl.ok(&args);
+    // The shared template package (built once for all VM tests; vm_boot tests `template
+    // build` itself).
+    let pkg = debian_template_package();
+    ctl.ok(&["template", "import", pkg.to_str().unwrap(), "--name", "deb"]);
 
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let port = listener.local_addr().unwrap().port();

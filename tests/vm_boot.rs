@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use e2e_tests::{apt_mirror, private_image, qubes_ctl_bin, wait_for, Ctl};
 use serde_json::Value;
 
-const BOOT_TIMEOUT: Duration = Duration::from_secs(300);
+const BOOT_TIMEOUT: Duration = Duration::from_secs(600);
 
 /// What every qube's private volume runs at boot (through the guest integration's
 /// /rw/config/rc.local hook): report, bump the /rw counter, mark /etc, power off unless
@@ -299,11 +299,7 @@ fn debian_qubes_boot_persist_update_revert_and_survive_a_daemon_kill() {
     ctl.ok(&["qube", "prefs", "work", "kernelopts", "qtest.stay"]);
     let r = boot(&ctl, "work", false);
     assert!(r.contains("host=work"), "{r}");
-    let pid: i32 = std::fs::read_to_string(ctl.root.join("run/daemon.pid"))
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap();
+    let pid = ctl.daemon_pid();
     // SAFETY: kill(2) of the daemon's pid, read from its pid file.
     assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
     std::thread::sleep(Duration::from_millis(500));

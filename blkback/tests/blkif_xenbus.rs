@@ -271,3 +271,85 @@ fn add_device_writes_what_a_frontend_needs_and_the_handshake_runs_on_it() {
         Vec::<String>::new()
     );
 }
+
+#[test]
+fn a_new_backend_takes_over_a_connected_ring_and_redoes_the_unanswered_requests() {
+    let (xs, mut front, mut d, dev) = setup(false);
+    frontend_connects(&xs, &front);
+    pump(&xs, &mut d);
+    assert!(d.is_connected());
+    let first: Vec<u8> = (0..PAGE_SIZE).map(|i| (i % 13) as u8).collect();
+    assert_eq!(front.write(8, &first), RSP_OKAY);
+    // The daemon dies (SIGKILL): its ring thread is gone, xenstore is left as it was.
+    drop(d);
+    assert_eq!(node(&xs, &format!("{BE}/state")).as_deref(), Some("4"));
+    // The guest queues a write nobody serves yet.
+    let second: Vec<u8> = (0..PAGE_SIZE).map(|i| (i % 7) as u8 + 1).collect();
+    let buf = front.alloc(1, Some(&second));
+    let id = front.id();
+    front.ring.put_request(&encode::rw(
+        OP_WRITE,
+        id,
+        16,
+        &Frontend::page_segments(&buf),
+    ));
+    front.push();
+
+    // A new daemon: same nodes, a new device object that resumes instead of starting.
+    let info = DeviceInfo {
+        size: dev.size(),
+        read_only: false,
+        discard_granularity: 64 << 10,
+    };
+    let conn = TestConnector::for_frontend(&front, dev.clone());
+    let mut d2: Dev = BlkifDevice::new(xs.clone(), BE, info, conn).unwrap();
+    for p in d2.watch_paths() {
+        xs.watch(&p, "blkif2").unwrap();
+    }
+    d2.resume().unwrap();
+    assert!(d2.is_connected());
+    assert_eq!(d2.state(), State::Connected);
+    assert_eq!(pump(&xs, &mut d2), Outcome::Alive);
+    assert_eq!(node(&xs, &format!("{BE}/state")).as_deref(), Some("4"));
+    // The write queued while no backend ran is served, and I/O goes on.
+    let r = front.wait_response();
+    assert_eq!((r.id, r.status), (id, RSP_OKAY));
+    let mut v = vec![0; PAGE_SIZE];
+    dev.read_at(&mut v, 16 * 512).unwrap();
+    assert_eq!(v, second);
+    assert_eq!(front.read(8, 1), (RSP_OKAY, first));
+    // And it still closes as usual.
+    d2.shutdown().unwrap();
+    assert_eq!(node(&xs, &format!("{BE}/state")).as_deref(), Some("6"));
+}
+
+#[test]
+fn resuming_a_device_that_waited_for_its_frontend_finishes_the_handshake() {
+    let (xs, front, d, dev) = setup(false);
+    drop(d);
+    assert_eq!(node(&xs, &format!("{BE}/state")).as_deref(), Some("2"));
+    let info = DeviceInfo {
+        size: dev.size(),
+        read_only: false,
+        discard_granularity: 64 << 10,
+    };
+    let conn = TestConnector::for_frontend(&front, dev.clone());
+    let mut d2: Dev = BlkifDevice::new(xs.clone(), BE, info.clone(), conn).unwrap();
+    for p in d2.watch_paths() {
+        xs.watch(&p, "blkif2").unwrap();
+    }
+    d2.resume().unwrap();
+    assert_eq!(d2.state(), State::InitWait);
+    assert!(!d2.is_connected());
+    frontend_connects(&xs, &front);
+    pump(&xs, &mut d2);
+    assert!(d2.is_connected());
+    assert_eq!(node(&xs, &format!("{BE}/state")).as_deref(), Some("4"));
+
+    // A backend whose nodes are gone cannot be resumed: the error names the node.
+    xs.rm(&format!("{BE}/state")).unwrap();
+    let conn = TestConnector::for_frontend(&front, dev);
+    let mut d3: Dev = BlkifDevice::new(xs.clone(), BE, info, conn).unwrap();
+    let e = d3.resume().unwrap_err().to_string();
+    assert!(e.contains("state"), "{e}");
+}

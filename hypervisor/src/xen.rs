@@ -19,12 +19,16 @@
 //!   (as the legacy xen_disk did); see the crate report.
 //! - `cmdline` is written as `cmdline =` (xl.cfg(5): preferred over root/extra, which
 //!   it overrides). PV and PVH get `console=hvc0` unless the command line names one.
-//! - [`XenDiskMode::KernelNbd`] (the default; `QUBES_XEN_DISKS=qdisk` opts out) avoids that
-//!   caveat: dom0's kernel NBD client attaches each export to a `/dev/nbdN`
-//!   (`qemu-nbd --connect`, recorded in `run_dir/nbd-devices`) and the domain gets
-//!   `backendtype=phy` disks; the devices are detached after shutdown/kill.
-//! - [`XenDiskMode::Blkif`] (`QUBES_XEN_DISKS=blkif`): `xl create -p` with no disk lines;
-//!   the controller serves the disks with its own blkif backend, then unpauses.
+//! - [`XenDiskMode::Blkif`] (the default): `xl create -p` with no disk lines; the
+//!   controller serves the disks with its own userspace blkif backend straight from the
+//!   pool (no NBD hop, no kernel blkback, no QEMU), then unpauses.
+//! - [`XenDiskMode::KernelNbd`] (the fallback, `QUBES_XEN_DISKS=nbd`): dom0's kernel NBD
+//!   client attaches each export to a `/dev/nbdN` (`qemu-nbd --connect`, recorded in
+//!   `run_dir/nbd-devices`) and the domain gets `backendtype=phy` disks served by the
+//!   kernel's blkback; the devices are detached after shutdown/kill.
+//! - [`XenDiskMode::Qdisk`] (`QUBES_XEN_DISKS=qdisk`): see the caveat above.
+//! - The variable is read by the process that starts the domain: the daemon, so it
+//!   takes effect for a daemon started with it (`qubes-ctl daemon stop` first).
 //! - on_poweroff/on_reboot/on_crash = destroy: a guest that stops is gone, so
 //!   `xl list` failing with "invalid domain" means Halted.
 
@@ -56,8 +60,22 @@ pub enum XenDiskMode {
     /// The controller's own userspace blkif backend (blkback's `blkif`) serves the disks
     /// straight from the pool. The domain is created paused (`xl create -p`) with no disk
     /// lines; the controller writes the vbd nodes for [`Xen::domid`], starts serving,
-    /// then unpauses it. Selected by `QUBES_XEN_DISKS=blkif`.
+    /// then unpauses it. The default.
     Blkif,
+}
+
+impl XenDiskMode {
+    /// The mode `QUBES_XEN_DISKS` names (unset or empty: [`XenDiskMode::Blkif`]).
+    pub fn from_env_value(v: Option<&str>) -> Result<XenDiskMode, String> {
+        match v.map(str::trim) {
+            None | Some("") | Some("blkif") => Ok(XenDiskMode::Blkif),
+            Some("nbd") | Some("kernel-nbd") => Ok(XenDiskMode::KernelNbd),
+            Some("qdisk") => Ok(XenDiskMode::Qdisk),
+            Some(other) => Err(format!(
+                "QUBES_XEN_DISKS={other:?} is not a disk path: use blkif (the default), nbd or qdisk"
+            )),
+        }
+    }
 }
 
 pub struct Xen {
@@ -66,7 +84,13 @@ pub struct Xen {
     disk_mode: XenDiskMode,
     /// Where the kernel lists block devices (`/sys/block`); tests point it elsewhere.
     sys_block: PathBuf,
+    /// How long a domain that has shut down may stay listed (xl's monitor is still
+    /// destroying it: hotplug scripts run) before we destroy it ourselves.
+    linger: Duration,
 }
+
+/// See [`Xen::with_linger`]: a loaded dom0 runs the block hotplug scripts slowly.
+const LINGER: Duration = Duration::from_secs(60);
 
 /// One line per attached `/dev/nbdN`, detached when the domain is gone.
 const NBD_DEVICES: &str = "nbd-devices";
@@ -82,21 +106,21 @@ impl Default for Xen {
 
 impl Xen {
     /// `QUBES_XL` overrides the `xl` binary (tests use a stand-in script).
-    /// Disks default to [`XenDiskMode::KernelNbd`]; `QUBES_XEN_DISKS=qdisk` selects
-    /// [`XenDiskMode::Qdisk`] (for a QEMU whose qdisk accepts NBD targets).
+    /// Disks default to [`XenDiskMode::Blkif`]; `QUBES_XEN_DISKS=nbd` selects the
+    /// kernel-NBD fallback, `qdisk` QEMU's qdisk (for a QEMU that accepts NBD targets).
     pub fn new() -> Self {
-        // Stock QEMU's xen-block opens qdisk targets only as files, so the kernel NBD
-        // client (which works with stock Xen and QEMU) is the default.
-        let disk_mode = match std::env::var("QUBES_XEN_DISKS").ok().as_deref() {
-            Some("qdisk") => XenDiskMode::Qdisk,
-            Some("blkif") => XenDiskMode::Blkif,
-            _ => XenDiskMode::KernelNbd,
-        };
+        let disk_mode =
+            XenDiskMode::from_env_value(std::env::var("QUBES_XEN_DISKS").ok().as_deref())
+                .unwrap_or_else(|e| {
+                    tracing::warn!("{e}; using blkif");
+                    XenDiskMode::Blkif
+                });
         Xen {
             xl: std::env::var("QUBES_XL").unwrap_or_else(|_| "xl".into()),
             qemu_nbd: "qemu-nbd".into(),
             disk_mode,
             sys_block: "/sys/block".into(),
+            linger: LINGER,
         }
     }
 
@@ -105,6 +129,13 @@ impl Xen {
             xl: xl.into(),
             ..Self::new()
         }
+    }
+
+    /// How long a shut-down domain may stay in `xl list` before it is destroyed
+    /// (default one minute; tests shorten it).
+    pub fn with_linger(mut self, linger: Duration) -> Self {
+        self.linger = linger;
+        self
     }
 
     pub fn with_disk_mode(mut self, mode: XenDiskMode) -> Self {
@@ -307,6 +338,16 @@ impl Xen {
         match self.xl(name, &["shutdown", "-F", "-w", name], timeout)? {
             Xl::Ok(_) => self.reap_shut_down(name),
             Xl::Failed { stderr, .. } => {
+                // The wait can fail while the domain is already going (seen on a loaded
+                // nested Xen); destroying it then races xl's own teardown, whose
+                // hotplug scripts find their nodes gone and fail the destroy.
+                if self.state(name, run_dir)? == DomainState::Halted {
+                    tracing::warn!(
+                        qube = name,
+                        "xl shutdown failed ({stderr}) but the domain is going"
+                    );
+                    return self.reap_shut_down(name);
+                }
                 tracing::warn!(qube = name, "xl shutdown failed ({stderr}), destroying");
                 self.destroy_domain(name, run_dir)
             }
@@ -319,29 +360,58 @@ impl Xen {
 
     /// After `xl shutdown -w` the domain can linger in the shutdown state until xl's
     /// monitor destroys it (found on real Xen: still in `xl list` when the shutdown
-    /// returned), and a start of the same name would then fail. Wait a little for it to
-    /// go, then destroy what is left: it has already shut down.
+    /// returned), and a start of the same name would then fail. Wait for it to go, then
+    /// destroy what is left: it has already shut down.
     fn reap_shut_down(&self, name: &str) -> Result<(), HvError> {
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        if self.gone_within(name, self.linger)? {
+            return Ok(());
+        }
+        tracing::info!(
+            qube = name,
+            "domain still listed {:?} after its shutdown; destroying it",
+            self.linger
+        );
+        self.destroy_listed(name)
+    }
+
+    /// Whether `name` leaves `xl list` within `wait`.
+    fn gone_within(&self, name: &str, wait: Duration) -> Result<bool, HvError> {
+        let deadline = std::time::Instant::now() + wait;
         loop {
-            let listed = matches!(self.xl(name, &["list", name], XL_TIMEOUT)?, Xl::Ok(out) if parse_xl_list(&out, name).is_some());
-            if !listed {
-                return Ok(());
+            if !self.listed(name)? {
+                return Ok(true);
             }
             if std::time::Instant::now() >= deadline {
-                tracing::info!(
-                    qube = name,
-                    "domain still listed after its shutdown; destroying it"
-                );
-                return match self.xl(name, &["destroy", name], XL_TIMEOUT)? {
-                    Xl::Ok(_) => Ok(()),
-                    Xl::Failed { stderr, .. } if stderr.contains("invalid domain identifier") => {
-                        Ok(())
-                    }
-                    other => Err(other.into_error(name, "check `xl list` and xenstored")),
-                };
+                return Ok(false);
             }
             std::thread::sleep(Duration::from_millis(250));
+        }
+    }
+
+    fn listed(&self, name: &str) -> Result<bool, HvError> {
+        Ok(matches!(self.xl(name, &["list", name], XL_TIMEOUT)?,
+            Xl::Ok(out) if parse_xl_list(&out, name).is_some()))
+    }
+
+    /// `xl destroy NAME`, and success when the domain is gone even though xl said it
+    /// failed: a destroy that races the one xl's monitor is doing (the domain died on
+    /// its own meanwhile) fails in libxl ("unable to find domain info", the block
+    /// hotplug script finding its device gone) after the domain went away. Found on
+    /// real Xen under load.
+    fn destroy_listed(&self, name: &str) -> Result<(), HvError> {
+        match self.xl(name, &["destroy", name], XL_TIMEOUT)? {
+            Xl::Ok(_) => Ok(()),
+            Xl::Failed { stderr, .. } if stderr.contains("invalid domain identifier") => Ok(()),
+            failed => {
+                if self.gone_within(name, Duration::from_secs(5))? {
+                    tracing::warn!(
+                        qube = name,
+                        "xl destroy reported a failure but the domain is gone"
+                    );
+                    return Ok(());
+                }
+                Err(failed.into_error(name, "check `xl list` and xenstored"))
+            }
         }
     }
 
@@ -377,10 +447,7 @@ impl Xen {
         if self.state(name, run_dir)? == DomainState::Halted {
             return Ok(());
         }
-        match self.xl(name, &["destroy", name], XL_TIMEOUT)? {
-            Xl::Ok(_) => Ok(()),
-            other => Err(other.into_error(name, "check `xl list` and xenstored")),
-        }
+        self.destroy_listed(name)
     }
 
     fn xl(&self, name: &str, args: &[&str], timeout: Duration) -> Result<Xl, HvError> {
@@ -621,6 +688,19 @@ fn check_spec(spec: &DomainSpec) -> Result<(), HvError> {
             return bad(format!("bad netvm name {n:?}"));
         }
     }
+    // Part of the VIFSPEC, so no separator may hide in it.
+    let octets: Vec<&str> = spec.net.mac.split(':').collect();
+    if !spec.net.mac.is_empty()
+        && (octets.len() != 6
+            || !octets
+                .iter()
+                .all(|o| o.len() == 2 && o.chars().all(|c| c.is_ascii_hexdigit())))
+    {
+        return bad(format!(
+            "bad MAC {:?}: six hex octets joined by ':'",
+            spec.net.mac
+        ));
+    }
     Ok(())
 }
 
@@ -632,6 +712,17 @@ pub fn phy_disk_spec_string(d: &DiskSpec, dev: &Path) -> String {
         if d.read_only { "ro" } else { "rw" },
         dev.display()
     )
+}
+
+/// The xl VIFSPEC of the qube's one NIC, served by its netvm. The MAC is the one the
+/// controller put on the guest's command line (`qubes.mac=`): the guest integration
+/// finds its NIC by it, and libxl would otherwise pick a random one.
+pub fn vif_spec_string(spec: &DomainSpec, netvm: &str) -> String {
+    if spec.net.mac.is_empty() {
+        format!("backend={netvm}")
+    } else {
+        format!("backend={netvm},mac={}", spec.net.mac)
+    }
 }
 
 /// `/dev/nbdN` devices with no client attached, in N order. The kernel shows an
@@ -745,7 +836,7 @@ fn render(spec: &DomainSpec, disk_specs: &[String]) -> Result<String, HvError> {
     match &spec.netvm {
         Some(netvm) => c.push_str(&format!(
             "vif = [ {} ]\n",
-            q("vif", &format!("backend={netvm}"))?
+            q("vif", &vif_spec_string(spec, netvm))?
         )),
         None => c.push_str("vif = [ ]\n"),
     }
@@ -798,6 +889,25 @@ mod tests {
     }
 
     #[test]
+    fn the_vif_carries_the_mac_the_guest_looks_for() {
+        let mut s = spec(VirtMode::Pvh);
+        s.net.mac = "00:16:3e:5e:6c:05".into();
+        let c = config_text(&s).unwrap();
+        assert!(
+            c.contains("vif = [ \"backend=sys-firewall,mac=00:16:3e:5e:6c:05\" ]"),
+            "{c}"
+        );
+        for bad in [
+            "00:16:3e:5e:6c",
+            "00:16:3e:5e:6c:05,ip=1.2.3.4",
+            "zz:16:3e:5e:6c:05",
+        ] {
+            s.net.mac = bad.into();
+            assert!(config_text(&s).is_err(), "{bad} accepted");
+        }
+    }
+
+    #[test]
     fn blkif_config_has_no_disks_but_everything_else() {
         let s = spec(VirtMode::Pv);
         let c = config_text_no_disks(&s).unwrap();
@@ -822,6 +932,33 @@ mod tests {
                 .disk_mode(),
             XenDiskMode::Blkif
         );
+    }
+
+    #[test]
+    fn blkif_is_the_default_disk_path_and_nbd_the_fallback() {
+        assert_eq!(XenDiskMode::from_env_value(None), Ok(XenDiskMode::Blkif));
+        assert_eq!(
+            XenDiskMode::from_env_value(Some("")),
+            Ok(XenDiskMode::Blkif)
+        );
+        assert_eq!(
+            XenDiskMode::from_env_value(Some("blkif")),
+            Ok(XenDiskMode::Blkif)
+        );
+        assert_eq!(
+            XenDiskMode::from_env_value(Some("nbd")),
+            Ok(XenDiskMode::KernelNbd)
+        );
+        assert_eq!(
+            XenDiskMode::from_env_value(Some("kernel-nbd")),
+            Ok(XenDiskMode::KernelNbd)
+        );
+        assert_eq!(
+            XenDiskMode::from_env_value(Some("qdisk")),
+            Ok(XenDiskMode::Qdisk)
+        );
+        let e = XenDiskMode::from_env_value(Some("tap")).unwrap_err();
+        assert!(e.contains("nbd"), "{e}");
     }
 
     #[test]

@@ -125,3 +125,79 @@ fn none_refuses_to_set_memory() {
     let e = hv.set_memory("c-nonemem", &spec.run_dir, 800).unwrap_err();
     assert!(e.to_string().contains("runs no guest"), "{e}");
 }
+
+/// Found on real Xen under load: `xl shutdown -w` returned while the domain was still
+/// listed (xl's monitor was running the block hotplug scripts), and the `xl destroy`
+/// that reaps it then failed in libxl although the domain was gone by then. The stand-in
+/// keeps the domain listed after the shutdown until a destroy, which fails the way libxl
+/// does and removes the domain. Failed on the old code (`qube shutdown` errored).
+#[test]
+fn xen_shutdown_survives_a_destroy_racing_xls_own_reaping() {
+    use std::os::unix::fs::PermissionsExt;
+    let tmp = tempfile::tempdir().unwrap();
+    let (running, calls) = (tmp.path().join("running"), tmp.path().join("calls"));
+    let xl = tmp.path().join("xl");
+    std::fs::write(
+        &xl,
+        format!(
+            "#!/bin/sh\n\
+             echo \"$*\" >> '{calls}'\n\
+             case \"$1\" in\n\
+             create) touch '{running}' ;;\n\
+             shutdown) echo ---s-- > '{running}' ;;\n\
+             destroy) rm -f '{running}'\n\
+               echo 'libxl: error: libxl_exec.c:117: /etc/xen/scripts/block remove exited with error status 1' >&2\n\
+               echo 'libxl: error: libxl_dom.c:1216:libxl__userdata_path: unable to find domain info for domain 1' >&2\n\
+               echo 'destroy failed (rc=-15)' >&2; exit 1 ;;\n\
+             list)\n\
+               if [ -e '{running}' ]; then\n\
+                 state=$(cat '{running}'); state=${{state:--b----}}\n\
+                 echo 'Name                                        ID   Mem VCPUs\tState\tTime(s)'\n\
+                 echo \"$2                                     7   400     2     $state       0.3\"\n\
+               else\n\
+                 echo \"$2 is an invalid domain identifier (rc=-6)\" >&2; exit 1\n\
+               fi ;;\n\
+             esac\n",
+            calls = calls.display(),
+            running = running.display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&xl, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let hv = Xen::with_xl(xl.to_string_lossy())
+        .with_disk_mode(XenDiskMode::Qdisk)
+        .with_linger(Duration::from_millis(300));
+    let spec = plain_spec("c-linger", tmp.path());
+    hv.start(&spec).unwrap();
+    hv.shutdown("c-linger", &spec.run_dir, Duration::from_secs(5))
+        .expect("the domain is gone: the shutdown succeeded");
+    assert_eq!(
+        hv.state("c-linger", &spec.run_dir).unwrap(),
+        DomainState::Halted
+    );
+    let calls = std::fs::read_to_string(&calls).unwrap();
+    assert!(calls.lines().any(|l| l == "destroy c-linger"), "{calls}");
+}
+
+/// A destroy that fails while the domain stays listed is still an error.
+#[test]
+fn xen_kill_reports_a_destroy_that_leaves_the_domain() {
+    use std::os::unix::fs::PermissionsExt;
+    let tmp = tempfile::tempdir().unwrap();
+    let xl = tmp.path().join("xl");
+    std::fs::write(
+        &xl,
+        "#!/bin/sh\n\
+         case \"$1\" in\n\
+         destroy) echo 'libxl: error: cannot destroy' >&2; exit 1 ;;\n\
+         list) echo 'Name  ID   Mem VCPUs\tState\tTime(s)'\n\
+               echo \"$2   7   400     2     -b----       0.3\" ;;\n\
+         esac\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(&xl, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let hv = Xen::with_xl(xl.to_string_lossy()).with_disk_mode(XenDiskMode::Qdisk);
+    let rd = tmp.path().join("c-stuck");
+    let e = hv.kill("c-stuck", &rd).unwrap_err().to_string();
+    assert!(e.contains("cannot destroy"), "{e}");
+}

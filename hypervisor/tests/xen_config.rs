@@ -7,6 +7,7 @@
 mod common;
 
 use std::fs;
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -83,7 +84,7 @@ fn check(spec: &DomainSpec) -> XlConfig {
 
     let vifs = cfg.list("vif").expect("vif list");
     match &spec.netvm {
-        Some(n) => assert_eq!(vifs, vec![format!("backend={n}")]),
+        Some(n) => assert_eq!(vifs, vec![hypervisor::xen::vif_spec_string(spec, n)]),
         None => assert!(vifs.is_empty()),
     }
     cfg
@@ -91,12 +92,18 @@ fn check(spec: &DomainSpec) -> XlConfig {
 
 #[test]
 fn pv_config_parses_with_three_nbd_disks_and_a_vif() {
-    let s = spec(
+    let mut s = spec(
         VirtMode::Pv,
         Path::new("/run/qubes/work-1"),
         "/run/qubes/work-1/nbd.sock",
     );
+    s.net.mac = "00:16:3e:5e:6c:07".into();
     let cfg = check(&s);
+    // The guest finds its NIC by this MAC (qubes.mac=); without it libxl picks one.
+    assert_eq!(
+        cfg.list("vif").unwrap(),
+        vec!["backend=sys-firewall,mac=00:16:3e:5e:6c:07".to_string()]
+    );
     assert_eq!(
         cfg.string("cmdline").as_deref(),
         Some("root=/dev/mapper/dmroot ro nomodeset console=hvc0")
@@ -199,6 +206,60 @@ fn start_writes_the_config_and_drives_xl() {
     assert!(calls.contains("shutdown -F -w work-1\n"), "{calls}");
     // kill of a halted domain does not call destroy.
     assert!(!calls.contains("destroy"), "{calls}");
+}
+
+/// Seen on a loaded nested Xen: `xl shutdown -w` failed while xl's own monitor tore the
+/// domain down, and the `xl destroy` that followed failed too ("unable to find domain
+/// info"), so `qube shutdown` reported an error for a domain that was gone.
+#[test]
+fn a_destroy_that_loses_the_race_with_xls_teardown_is_not_an_error() {
+    let tmp = tempfile::tempdir().unwrap();
+    let xl = fake_xl(tmp.path());
+    let hv = Xen::with_xl(xl.to_string_lossy()).with_disk_mode(XenDiskMode::Qdisk);
+    let run_dir = tmp.path().join("work-1");
+    let s = spec(VirtMode::Pvh, &run_dir, "/run/qubes/work-1/nbd.sock");
+    hv.start(&s).unwrap();
+    // From now on: the wait fails with the domain still listed, and the destroy
+    // fails although the domain goes.
+    let marker = tmp.path().join("xl.running");
+    let racing = tmp.path().join("xl-racing");
+    fs::write(
+        &racing,
+        format!(
+            "#!/bin/sh\n\
+             case \"$1\" in\n\
+             shutdown) echo \"$*\" >> '{calls}'; echo 'libxl: error: wait failed' >&2; exit 1 ;;\n\
+             destroy) echo \"$*\" >> '{calls}'; rm -f '{marker}'; \
+                      echo 'libxl: error: unable to find domain info for domain 7' >&2; exit 1 ;;\n\
+             esac\n\
+             exec '{xl}' \"$@\"\n",
+            calls = tmp.path().join("xl.calls").display(),
+            marker = marker.display(),
+            xl = xl.display()
+        ),
+    )
+    .unwrap();
+    fs::set_permissions(&racing, fs::Permissions::from_mode(0o755)).unwrap();
+    let hv = Xen::with_xl(racing.to_string_lossy()).with_disk_mode(XenDiskMode::Qdisk);
+    hv.shutdown("work-1", &run_dir, Duration::from_secs(5))
+        .expect("the domain is gone: the shutdown succeeded");
+    assert_eq!(hv.state("work-1", &run_dir).unwrap(), DomainState::Halted);
+    let calls = fs::read_to_string(tmp.path().join("xl.calls")).unwrap();
+    assert!(calls.contains("destroy work-1"), "{calls}");
+    // A destroy that fails with the domain still there stays an error.
+    hv.start(&s).unwrap();
+    fs::write(
+        &racing,
+        format!(
+            "#!/bin/sh\n\
+             [ \"$1\" = destroy ] && {{ echo 'libxl: error: busy' >&2; exit 1; }}\n\
+             exec '{}' \"$@\"\n",
+            xl.display()
+        ),
+    )
+    .unwrap();
+    assert!(hv.kill("work-1", &run_dir).is_err());
+    assert_eq!(hv.state("work-1", &run_dir).unwrap(), DomainState::Running);
 }
 
 proptest::proptest! {

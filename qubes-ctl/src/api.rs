@@ -1,6 +1,12 @@
-//! The admin API: every CLI command is a [`Request`]; the answer is JSON. The CLI sends
-//! it to the daemon over `ROOT/run/admin.sock` (one JSON line each way) when a daemon owns
-//! the pool, and runs it in-process otherwise: one code path either way.
+//! The admin API: every CLI command is a [`Request`]; the answer is a [`Reply`]. The CLI
+//! sends it to the daemon over `ROOT/run/admin.sock` (one JSON line each way) when a
+//! daemon owns the pool, and runs it in-process otherwise: one code path either way.
+//!
+//! The protocol is versioned ([`PROTOCOL`]): each request line carries `"v"`, and the ping
+//! reply says the daemon's. A daemon answers a request of another version with an error
+//! of kind [`ErrorKind::Protocol`] naming both versions and the fix; `ping` and
+//! `daemon_stop` are answered whatever the version, so any client can find and stop any
+//! daemon. Errors are typed: a `kind` a script can match, and the message.
 //!
 //! Files a command reads or writes are opened by the CLI, with the caller's rights and
 //! umask, and travel to the daemon as descriptors (`SCM_RIGHTS` on the request line): the
@@ -13,6 +19,145 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
+
+/// The admin protocol's version. Bump it when a request or a reply changes shape.
+/// Version 1 is the unversioned protocol (no `"v"` in requests, errors as bare strings).
+pub const PROTOCOL: u32 = 2;
+
+/// What went wrong, for scripts to match (the message is for people).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorKind {
+    /// The client and the daemon speak different protocol versions.
+    Protocol,
+    /// The request line is not a request of this protocol.
+    Malformed,
+    /// No such qube, template, volume or revision.
+    NotFound,
+    /// The name is taken.
+    Exists,
+    /// The qube runs (or its volume holds a run's writes); shut it down first.
+    Running,
+    NotRunning,
+    /// Another operation holds what the request needs (an import, a client, the pool).
+    Busy,
+    /// Other qubes depend on it.
+    InUse,
+    /// The pool or the host filesystem is full.
+    NoSpace,
+    /// A value in the request is not acceptable.
+    Invalid,
+    /// Anything else (I/O, a hypervisor command, a damaged pool...).
+    Failed,
+}
+
+/// A typed error reply. Version 1 daemons sent a bare string: it reads as `Failed`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+#[serde(from = "ErrorWire")]
+#[error("{message}")]
+pub struct ApiError {
+    pub kind: ErrorKind,
+    pub message: String,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum ErrorWire {
+    Typed { kind: ErrorKind, message: String },
+    Text(String),
+}
+
+impl From<ErrorWire> for ApiError {
+    fn from(w: ErrorWire) -> Self {
+        match w {
+            ErrorWire::Typed { kind, message } => ApiError { kind, message },
+            ErrorWire::Text(message) => ApiError {
+                kind: ErrorKind::Failed,
+                message,
+            },
+        }
+    }
+}
+
+impl ApiError {
+    pub fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
+        ApiError {
+            kind,
+            message: message.into(),
+        }
+    }
+
+    /// The reply to a request of protocol `client` (this daemon speaks [`PROTOCOL`]).
+    pub fn protocol(client: u32) -> Self {
+        let who = if client < PROTOCOL {
+            "an older qubes-ctl than the one that started the daemon"
+        } else {
+            "a newer qubes-ctl than the one that started the daemon"
+        };
+        ApiError::new(
+            ErrorKind::Protocol,
+            protocol_mismatch(PROTOCOL, client, who),
+        )
+    }
+
+    /// The kind of a controller error, from the typed errors in its chain.
+    pub fn of(e: &anyhow::Error) -> Self {
+        use storage::qubes::ModelError as M;
+        use storage::PoolError as P;
+        let kind = e
+            .chain()
+            .find_map(|c| {
+                if let Some(a) = c.downcast_ref::<ApiError>() {
+                    return Some(a.kind);
+                }
+                if let Some(m) = c.downcast_ref::<M>() {
+                    return match m {
+                        M::NoSuchQube { .. }
+                        | M::NoSuchVolume { .. }
+                        | M::NoRevisions { .. }
+                        | M::NoSuchRevision { .. } => Some(ErrorKind::NotFound),
+                        M::QubeExists { .. } => Some(ErrorKind::Exists),
+                        M::Running { .. } | M::Dirty { .. } => Some(ErrorKind::Running),
+                        M::NotRunning { .. } => Some(ErrorKind::NotRunning),
+                        M::Busy { .. } => Some(ErrorKind::Busy),
+                        M::InUse { .. } => Some(ErrorKind::InUse),
+                        M::Name(_)
+                        | M::TemplateRequired { .. }
+                        | M::TemplateNotAllowed { .. }
+                        | M::WrongTemplateClass { .. }
+                        | M::NotPersistent { .. }
+                        | M::FollowsSource { .. } => Some(ErrorKind::Invalid),
+                        _ => None,
+                    };
+                }
+                if let Some(p) = c.downcast_ref::<P>() {
+                    return match p {
+                        P::NoSuchVolume(_) => Some(ErrorKind::NotFound),
+                        P::VolumeExists(_) => Some(ErrorKind::Exists),
+                        P::NoSpace { .. } | P::HostFull { .. } => Some(ErrorKind::NoSpace),
+                        P::Busy { .. } | P::Locked { .. } => Some(ErrorKind::Busy),
+                        P::BadVolumeKey { .. } | P::ShrinkRefused { .. } => {
+                            Some(ErrorKind::Invalid)
+                        }
+                        _ => None,
+                    };
+                }
+                if c.downcast_ref::<storage::NameError>().is_some() {
+                    return Some(ErrorKind::Invalid);
+                }
+                None
+            })
+            .unwrap_or(ErrorKind::Failed);
+        ApiError::new(kind, crate::cli::error_text(e))
+    }
+}
+
+/// The message for a client of protocol `client` talking to a daemon of `daemon`.
+pub fn protocol_mismatch(daemon: u32, client: u32, who: &str) -> String {
+    format!(
+        "the daemon speaks admin protocol version {daemon} and this client version {client}          ({who}); restart the daemon with this qubes-ctl: `qubes-ctl daemon stop` (running          qubes stay marked running and the next daemon serves them again), then run the          command again"
+    )
+}
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
@@ -147,12 +292,31 @@ impl Request {
     }
 }
 
-/// One reply line: either `{"ok": VALUE}` or `{"error": "message"}`.
+/// One reply line: either `{"ok": VALUE}` or `{"error": {"kind": KIND, "message": TEXT}}`.
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Reply {
     Ok(serde_json::Value),
-    Error(String),
+    Error(ApiError),
+}
+
+/// Reads a request line: its protocol version (1 if it names none) and the request, or
+/// the error to answer with.
+pub fn parse_request(line: &str) -> Result<Request, ApiError> {
+    let v: serde_json::Value = serde_json::from_str(line)
+        .map_err(|e| ApiError::new(ErrorKind::Malformed, format!("malformed request: {e}")))?;
+    let version = v
+        .get("v")
+        .and_then(|x| x.as_u64())
+        .map(|x| u32::try_from(x).unwrap_or(u32::MAX))
+        .unwrap_or(1);
+    // Any client may find and stop any daemon.
+    let op = v.get("op").and_then(|x| x.as_str());
+    if version != PROTOCOL && !matches!(op, Some("ping" | "daemon_stop")) {
+        return Err(ApiError::protocol(version));
+    }
+    serde_json::from_value(v)
+        .map_err(|e| ApiError::new(ErrorKind::Malformed, format!("malformed request: {e}")))
 }
 
 /// Most descriptors one request carries (a template build sends one per file its recipe
@@ -176,7 +340,9 @@ pub fn call_with_fds(
     stream.set_read_timeout(timeout)?;
     stream.set_write_timeout(timeout)?;
     let mut writer = stream.try_clone()?;
-    let mut line = serde_json::to_string(req).map_err(std::io::Error::other)?;
+    let mut v = serde_json::to_value(req).map_err(std::io::Error::other)?;
+    v["v"] = PROTOCOL.into();
+    let mut line = v.to_string();
     line.push('\n');
     let mut space = [0u8; rustix::cmsg_space!(ScmRights(MAX_FDS))];
     let mut control = rustix::net::SendAncillaryBuffer::new(&mut space);

@@ -146,10 +146,26 @@ pub enum PoolCmd {
         /// Data capacity (default: 95% of the filesystem's free space).
         #[arg(long)]
         size: Option<String>,
-        /// thin (default), reflink (files on XFS/btrfs) or lvm_thin (an existing LVM
+        /// thin (default), reflink (files on XFS/btrfs), rbd (Ceph RBD images, shared
+        /// by every machine that uses the same Ceph pool) or lvm_thin (an existing LVM
         /// thin pool, Qubes' layout: give --volume-group and --thin-pool).
         #[arg(long, default_value = "thin")]
         driver: String,
+        /// rbd: the Ceph pool (created and `rbd pool init`ed beforehand).
+        #[arg(long)]
+        ceph_pool: Option<String>,
+        /// rbd: ceph.conf (default: $CEPH_CONF, then /etc/ceph/ceph.conf).
+        #[arg(long)]
+        ceph_conf: Option<PathBuf>,
+        /// rbd: Ceph user, without `client.` (default admin).
+        #[arg(long)]
+        ceph_id: Option<String>,
+        /// rbd: RBD namespace inside the pool (default: the pool's own).
+        #[arg(long)]
+        ceph_namespace: Option<String>,
+        /// rbd: this machine's name in "in use on machine X" errors (default HOST:ROOT).
+        #[arg(long)]
+        machine_name: Option<String>,
         /// lvm_thin: the volume group holding the thin pool (Qubes: qubes_dom0).
         #[arg(long)]
         volume_group: Option<String>,
@@ -395,6 +411,11 @@ pub fn main_with(cli: Cli) -> Result<()> {
             chunk_size,
             size,
             driver,
+            ceph_pool,
+            ceph_conf,
+            ceph_id,
+            ceph_namespace,
+            machine_name,
             volume_group,
             thin_pool,
         }) => {
@@ -405,9 +426,25 @@ pub fn main_with(cli: Cli) -> Result<()> {
                 );
             }
             let opts = InitOptions {
-                driver,
+                driver: driver.clone(),
                 chunk_size: parse_size(&chunk_size)?,
                 capacity: size.as_deref().map(parse_size).transpose()?,
+                rbd: match (driver.as_str(), ceph_pool) {
+                    ("rbd", Some(p)) => {
+                        let mut o = storage::RbdOptions::new(&p);
+                        o.ceph_conf = ceph_conf
+                            .map(|c| std::path::absolute(&c))
+                            .transpose()
+                            .context("--ceph-conf")?;
+                        o.ceph_id = ceph_id;
+                        o.ceph_namespace = ceph_namespace;
+                        o.machine = machine_name;
+                        Some(o)
+                    }
+                    ("rbd", None) => bail!("--driver rbd needs --ceph-pool NAME"),
+                    (_, Some(_)) => bail!("--ceph-pool is for --driver rbd"),
+                    _ => None,
+                },
                 volume_group,
                 thin_pool,
             };
@@ -665,24 +702,36 @@ pub fn main_with(cli: Cli) -> Result<()> {
 /// run the old code for every command: with no qube running it is stopped (the next
 /// `qube start` starts the new one); otherwise the user is told how to restart it.
 /// Returns whether a daemon answers afterwards.
-fn retire_stale_daemon(paths: &Paths) -> bool {
+fn retire_stale_daemon(paths: &Paths) -> Result<bool> {
     let sock = paths.admin_socket();
     let Some(p) = api::ping(&sock, std::time::Duration::from_secs(2)) else {
-        return false;
+        return Ok(false);
     };
     if p["build"].as_str() == Some(api::build_id()) {
-        return true;
+        return Ok(true);
     }
     let pid = p["pid"].as_u64().unwrap_or(0);
+    // Daemons before the versioned protocol do not say theirs: version 1.
+    let theirs = p["protocol"]
+        .as_u64()
+        .map(|v| u32::try_from(v).unwrap_or(u32::MAX))
+        .unwrap_or(1);
+    if p["served"].as_u64() != Some(0) && theirs != api::PROTOCOL {
+        let who = format!("the daemon, pid {pid}, was started by another qubes-ctl build");
+        bail!(api::ApiError::new(
+            api::ErrorKind::Protocol,
+            api::protocol_mismatch(theirs, api::PROTOCOL, &who)
+        ));
+    }
     if p["served"].as_u64() != Some(0) {
         eprintln!(
             "qubes-ctl: warning: the daemon (pid {pid}) runs another qubes-ctl build; \
              shut its qubes down and run `qubes-ctl daemon stop` to switch to this one"
         );
-        return true;
+        return Ok(true);
     }
     let _ = stop_daemon(paths, pid);
-    api::daemon_alive(&sock, std::time::Duration::from_secs(1))
+    Ok(api::daemon_alive(&sock, std::time::Duration::from_secs(1)))
 }
 
 /// Asks the daemon (process `pid`, 0 if unknown) to stop and waits until it has exited:
@@ -750,7 +799,7 @@ pub fn execute_with(
     let sock = paths.admin_socket();
     let deadline = Instant::now() + lock_timeout();
     loop {
-        let mut alive = retire_stale_daemon(paths);
+        let mut alive = retire_stale_daemon(paths)?;
         if !alive && api::listening(&sock) {
             refuse_frozen_daemon(paths)?;
         }
@@ -768,7 +817,7 @@ pub fn execute_with(
             };
         }
         match Controller::open(paths, mutating, false) {
-            Ok(mut ctl) => return ctl.handle_with(req, files),
+            Ok(ctl) => return ctl.handle_with(req, files),
             Err(e) => {
                 let Some(pid) = locked_by(&e) else {
                     return Err(e);

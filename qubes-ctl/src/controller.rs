@@ -1,13 +1,21 @@
 //! The controller: carries out [`Request`]s against the pool, the qube catalogue, the NBD
-//! exports and the hypervisor. The daemon owns one `Controller` behind a mutex; without a
-//! daemon the CLI builds one for a single request. The controller owns no storage logic:
-//! volume semantics are `storage::qubes`, serving is `blkback`, domains are `hypervisor`.
+//! exports and the hypervisor. The daemon shares one `Controller` between the threads
+//! answering requests; without a daemon the CLI builds one for a single request. The
+//! controller owns no storage logic: volume semantics are `storage::qubes`, serving is
+//! `blkback`, domains are `hypervisor`.
+//!
+//! Concurrency: requests on different qubes run in parallel; requests naming the same
+//! qube are ordered by that qube's lock ([`QubeLocks`]). Catalogue edits are staged in the
+//! pool and made durable by the next commit, so every stage-then-commit sequence holds
+//! [`Controller::txn`] (short: never while an image copies, a guest boots or exports
+//! drain), so that no request commits another's half-staged edit.
 
 use std::collections::BTreeMap;
+use std::collections::BTreeSet;
 use std::fs;
 use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{anyhow, bail, Context, Result};
@@ -22,6 +30,9 @@ use crate::paths::Paths;
 mod repo;
 mod status;
 
+/// The guest's disk names, in volume order (root, private, volatile, kernel).
+const XEN_VDEVS: [&str; 4] = ["xvda", "xvdb", "xvdc", "xvdd"];
+
 /// Default kernel command line for templates whose build did not record one.
 pub const DEFAULT_CMDLINE: &str = "root=/dev/vda rw console=ttyS0";
 
@@ -29,16 +40,121 @@ pub const DEFAULT_CMDLINE: &str = "root=/dev/vda rw console=ttyS0";
 struct Served {
     server: blkback::NbdServer,
     hypervisor: String,
-    /// The disks our blkif backend serves (Xen with `QUBES_XEN_DISKS=blkif`).
+    /// The disks our blkif backend serves (Xen, unless `QUBES_XEN_DISKS=nbd`).
     xen_disks: Option<crate::xen_disks::RealXenDisks>,
 }
 
 pub struct Controller {
     paths: Paths,
     vols: Volumes,
-    served: BTreeMap<String, Served>,
+    served: Mutex<BTreeMap<String, Served>>,
     /// True inside the daemon: only the daemon may leave exports behind a request.
     in_daemon: bool,
+    qube_locks: QubeLocks,
+    txn: Mutex<()>,
+}
+
+/// Per-qube locks: a request takes the locks of every qube it names, all at once (so two
+/// requests naming the same qubes in another order cannot deadlock), and a request for
+/// another qube goes on meanwhile.
+#[derive(Default)]
+struct QubeLocks {
+    held: Mutex<BTreeSet<String>>,
+    freed: Condvar,
+}
+
+/// The locks of some qubes, released when dropped.
+pub(crate) struct QubeGuard<'a> {
+    locks: &'a QubeLocks,
+    names: Vec<String>,
+}
+
+impl QubeLocks {
+    fn lock(&self, names: &[&str]) -> QubeGuard<'_> {
+        let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
+        while names.iter().any(|n| held.contains(*n)) {
+            held = self.freed.wait(held).unwrap_or_else(|p| p.into_inner());
+        }
+        self.take(&mut held, names)
+    }
+
+    /// `None` if one of `names` is held by a request under way.
+    fn try_lock(&self, names: &[&str]) -> Option<QubeGuard<'_>> {
+        let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
+        if names.iter().any(|n| held.contains(*n)) {
+            return None;
+        }
+        Some(self.take(&mut held, names))
+    }
+
+    /// A request is working on `name`.
+    fn is_held(&self, name: &str) -> bool {
+        self.held
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(name)
+    }
+
+    fn take(&self, held: &mut BTreeSet<String>, names: &[&str]) -> QubeGuard<'_> {
+        let mut mine = Vec::new();
+        for n in names {
+            if held.insert(n.to_string()) {
+                mine.push(n.to_string());
+            }
+        }
+        QubeGuard {
+            locks: self,
+            names: mine,
+        }
+    }
+}
+
+impl Drop for QubeGuard<'_> {
+    fn drop(&mut self) {
+        let mut held = self.locks.held.lock().unwrap_or_else(|p| p.into_inner());
+        for n in &self.names {
+            held.remove(n);
+        }
+        self.locks.freed.notify_all();
+    }
+}
+
+/// The qubes a request acts on, whose locks it holds while it runs. Requests that make
+/// a template take its lock themselves (the name may be known only once it is built),
+/// and a start takes its netvm's when it starts it.
+fn locked_qubes(req: &Request) -> Vec<&str> {
+    match req {
+        Request::TemplateRemove { name }
+        | Request::TemplateExport { name, .. }
+        | Request::QubeCreate { name, .. }
+        | Request::QubeRemove { name }
+        | Request::QubePrefs { name, .. }
+        | Request::QubeStart { name, .. }
+        | Request::QubeShutdown { name, .. }
+        | Request::QubePause { name }
+        | Request::QubeUnpause { name } => vec![name],
+        Request::QubeClone { src, dst } => vec![src, dst],
+        Request::VolumeRevert { qube, .. }
+        | Request::VolumeResize { qube, .. }
+        | Request::VolumeImport { qube, .. }
+        | Request::VolumeExport { qube, .. }
+        | Request::VolumeConfig { qube, .. }
+        | Request::VolumeDiscard { qube, .. } => vec![qube],
+        Request::Ping
+        | Request::PoolInfo
+        | Request::PoolVerify
+        | Request::TemplateCreate { .. }
+        | Request::TemplateBuild { .. }
+        | Request::TemplateList
+        | Request::TemplateInfo { .. }
+        | Request::TemplateImport { .. }
+        | Request::TemplateRepo { .. }
+        | Request::QubeList
+        | Request::QubeConsole { .. }
+        | Request::VolumeList { .. }
+        | Request::VolumeInfo { .. }
+        | Request::DaemonStop => Vec::new(),
+    }
 }
 
 /// Which pool driver a directory holds.
@@ -49,6 +165,8 @@ fn detect_driver(dir: &Path) -> Option<&'static str> {
         Some("lvm_thin")
     } else if dir.join("pool.json").exists() {
         Some("reflink")
+    } else if dir.join("rbd.json").exists() {
+        Some("rbd")
     } else {
         None
     }
@@ -175,6 +293,8 @@ pub struct InitOptions {
     pub driver: String,
     pub chunk_size: u64,
     pub capacity: Option<u64>,
+    /// `rbd` only: which cluster and pool (the other drivers ignore it).
+    pub rbd: Option<storage::RbdOptions>,
     /// lvm_thin: the VG and thin pool it uses.
     pub volume_group: Option<String>,
     pub thin_pool: Option<String>,
@@ -186,6 +306,7 @@ impl Default for InitOptions {
             driver: "thin".into(),
             chunk_size: 64 << 10,
             capacity: None,
+            rbd: None,
             volume_group: None,
             thin_pool: None,
         }
@@ -199,6 +320,19 @@ pub fn init_pool(paths: &Paths, opts: &InitOptions) -> Result<Value> {
         bail!("a {d} pool already exists at {}; remove that directory first if you really want a new one", dir.display());
     }
     paths.secure()?;
+    if opts.driver == "rbd" {
+        let rbd = opts
+            .rbd
+            .as_ref()
+            .ok_or_else(|| anyhow!("the rbd driver needs --ceph-pool NAME"))?;
+        drop(
+            storage::RbdPool::create(&dir, rbd)
+                .with_context(|| format!("creating an rbd pool on Ceph pool {}", rbd.ceph_pool))?,
+        );
+        paths.secure()?;
+        let pool = open_pool(paths)?;
+        return Ok(serde_json::to_value(pool.info()?)?);
+    }
     if opts.driver == "lvm_thin" {
         let (Some(vg), Some(tp)) = (&opts.volume_group, &opts.thin_pool) else {
             bail!("the lvm_thin driver uses an existing LVM thin pool: give --volume-group VG --thin-pool POOL (Qubes' are qubes_dom0 and vm-pool)");
@@ -238,7 +372,9 @@ pub fn init_pool(paths: &Paths, opts: &InitOptions) -> Result<Value> {
             },
         )?,
         "reflink" => Arc::new(storage::reflink::ReflinkPool::create(&dir)?),
-        other => bail!("unknown pool driver {other:?}; use thin (default), reflink or lvm_thin"),
+        other => {
+            bail!("unknown pool driver {other:?}; use thin (default), reflink, rbd or lvm_thin")
+        }
     };
     drop(pool);
     // The files were made inside the 0700 directory; make them 0600 themselves.
@@ -253,6 +389,7 @@ fn open_pool(paths: &Paths) -> Result<Arc<dyn Pool>> {
     match detect_driver(&dir) {
         Some("thin") => Ok(storage::thin::ThinPool::open(&dir)?),
         Some("reflink") => Ok(Arc::new(storage::reflink::ReflinkPool::open(&dir)?)),
+        Some("rbd") => Ok(Arc::new(storage::RbdPool::open(&dir)?)),
         Some("lvm_thin") => Ok(Arc::new(storage::LvmThinPool::open(&dir)?)),
         _ => bail!(
             "no pool at {}; create one with `qubes-ctl pool init`",
@@ -292,11 +429,13 @@ impl Controller {
         for w in pool.info().map(|i| i.warnings).unwrap_or_default() {
             eprintln!("qubes-ctl: warning: {w}");
         }
-        let mut ctl = Controller {
+        let ctl = Controller {
             paths: paths.clone(),
             vols: Volumes::new(pool),
-            served: BTreeMap::new(),
+            served: Mutex::new(BTreeMap::new()),
             in_daemon,
+            qube_locks: QubeLocks::default(),
+            txn: Mutex::new(()),
         };
         // We hold the pool lock: a creation marker left is from a process that died.
         ctl.undo_killed_creations()?;
@@ -304,7 +443,8 @@ impl Controller {
     }
 
     /// Removes what a killed create / import / clone / build left (see [`CREATING`]).
-    fn undo_killed_creations(&mut self) -> Result<()> {
+    fn undo_killed_creations(&self) -> Result<()> {
+        let _txn = self.txn();
         let keys = self.pool().meta_keys(CREATING)?;
         if keys.is_empty() {
             return Ok(());
@@ -346,16 +486,49 @@ impl Controller {
         self.vols.pool()
     }
 
+    /// The qubes this process serves (poisoning ignored: the map stays consistent, each
+    /// edit is one insert or remove).
+    fn served(&self) -> MutexGuard<'_, BTreeMap<String, Served>> {
+        self.served.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn is_served(&self, name: &str) -> bool {
+        self.served().contains_key(name)
+    }
+
+    /// The hypervisor a served qube runs on.
+    fn served_hypervisor(&self, name: &str) -> Option<String> {
+        self.served().get(name).map(|s| s.hypervisor.clone())
+    }
+
+    /// Held while catalogue edits are staged and committed (see the module's notes).
+    fn txn(&self) -> MutexGuard<'_, ()> {
+        self.txn.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Locks these qubes for one request (see [`QubeLocks`]).
+    pub(crate) fn lock_qubes(&self, names: &[&str]) -> QubeGuard<'_> {
+        self.qube_locks.lock(names)
+    }
+
     fn catalogue(&self) -> Catalogue<'_> {
         Catalogue::new(self.vols.pool().as_ref())
     }
 
-    pub fn handle(&mut self, req: Request) -> Result<Value> {
+    pub fn handle(&self, req: Request) -> Result<Value> {
         self.handle_with(req, Vec::new())
     }
 
-    /// Carries out `req` with the files the client opened for it (see [`crate::api`]).
-    pub fn handle_with(&mut self, req: Request, files: Vec<fs::File>) -> Result<Value> {
+    /// Carries out `req` with the files the client opened for it (see [`crate::api`]),
+    /// holding the locks of the qubes it names.
+    pub fn handle_with(&self, req: Request, files: Vec<fs::File>) -> Result<Value> {
+        let names: Vec<String> = locked_qubes(&req).into_iter().map(String::from).collect();
+        let names: Vec<&str> = names.iter().map(String::as_str).collect();
+        let _locked = self.lock_qubes(&names);
+        self.dispatch(req, files)
+    }
+
+    fn dispatch(&self, req: Request, files: Vec<fs::File>) -> Result<Value> {
         let mut files = files.into_iter();
         let mut file = |what: &Path| {
             files.next().ok_or_else(|| {
@@ -369,9 +542,10 @@ impl Controller {
             Request::Ping => {
                 let mut v = json!({
                     "pong": true,
+                    "protocol": crate::api::PROTOCOL,
                     "pid": std::process::id(),
                     "build": crate::api::build_id(),
-                    "served": self.served.len(),
+                    "served": self.served().len(),
                 });
                 if self.in_daemon {
                     v["stats"] = self.serving_stats();
@@ -446,7 +620,10 @@ impl Controller {
                 revision,
             } => {
                 self.refuse_if_served(&qube, "revert a volume of")?;
-                self.vols.revert(&qube, &vol, revision.as_deref())?;
+                {
+                    let _txn = self.txn();
+                    self.vols.revert(&qube, &vol, revision.as_deref())?;
+                }
                 self.volume_info(&qube, &vol)
             }
             Request::VolumeResize {
@@ -460,7 +637,10 @@ impl Controller {
                 if size < self.vols.volume_status(&qube, &vol)?.size {
                     self.refuse_if_served(&qube, "shrink a volume of")?;
                 }
-                self.vols.resize(&qube, &vol, size, allow_shrink)?;
+                {
+                    let _txn = self.txn();
+                    self.vols.resize(&qube, &vol, size, allow_shrink)?;
+                }
                 self.volume_info(&qube, &vol)
             }
             Request::VolumeImport {
@@ -497,6 +677,7 @@ impl Controller {
                         let n: u32 = value
                             .parse()
                             .map_err(|_| anyhow!("revisions_to_keep must be a whole number (0 keeps none), not {value:?}"))?;
+                        let _txn = self.txn();
                         self.vols.set_revisions_to_keep(&qube, &vol, n)?;
                     }
                     other => bail!(
@@ -509,7 +690,10 @@ impl Controller {
                 // The running snapshot is what the qube's client sees; dropping it under
                 // a running qube leaves that qube unservable.
                 self.refuse_if_served(&qube, "discard the writes of")?;
-                self.vols.discard(&qube, &vol)?;
+                {
+                    let _txn = self.txn();
+                    self.vols.discard(&qube, &vol)?;
+                }
                 self.volume_info(&qube, &vol)
             }
             Request::DaemonStop => Ok(json!({"stopping": true})),
@@ -553,7 +737,7 @@ impl Controller {
     }
 
     fn template_create(
-        &mut self,
+        &self,
         name: &str,
         image: &Path,
         file: fs::File,
@@ -596,7 +780,7 @@ impl Controller {
     /// any, becomes a revision). Kernel files are put in place before the record that
     /// points at them is committed.
     fn install_root(
-        &mut self,
+        &self,
         name: &str,
         image: ImageSource<'_>,
         mut rec: TemplateRecord,
@@ -604,6 +788,7 @@ impl Controller {
         initrd: Option<&Path>,
         replace: bool,
     ) -> Result<()> {
+        let _locked = self.lock_qubes(&[name]);
         let exists = self.vols.qube(name).is_ok();
         if exists {
             self.require_template(name)?;
@@ -632,6 +817,7 @@ impl Controller {
             rec.has_kernel = true;
         }
         if !exists {
+            let _txn = self.txn();
             self.mark_creating(name, "template")?;
             let mut prefs = QubePrefs {
                 label: crate::catalogue::Label::Black,
@@ -653,16 +839,16 @@ impl Controller {
             size,
             mut reader,
         } = image;
-        // The record is staged first so the import's commit carries it.
-        let old_rec = self.catalogue().template(name)?;
-        self.catalogue().set_template(name, Some(&rec))?;
+        // The copy runs outside the catalogue transaction (other requests go on); the
+        // record is committed with the creation's end. A new template killed before that
+        // is undone at the next open (its creation marker); a replaced root killed before
+        // it keeps the old record, whose fingerprint `pool verify`'s caller can compare.
         let stats_fp = match self.vols.import(name, "root", &mut reader, size) {
             Ok(stats) => stats.fingerprint,
             Err(e) => {
-                // Leave no half-made template behind, and no staged record for the next commit.
-                if exists {
-                    self.catalogue().set_template(name, old_rec.as_ref())?;
-                } else {
+                // Leave no half-made template behind.
+                if !exists {
+                    let _txn = self.txn();
                     self.remove_with_catalogue(name)?;
                     self.mark_created(name)?;
                 }
@@ -671,8 +857,9 @@ impl Controller {
         };
         if rec.fingerprint.is_empty() {
             rec.fingerprint = stats_fp;
-            self.catalogue().set_template(name, Some(&rec))?;
         }
+        let _txn = self.txn();
+        self.catalogue().set_template(name, Some(&rec))?;
         self.mark_created(name)?;
         // The root volume is exactly the image (its fingerprint is the image's); a user
         // who wants more room runs `volume resize TEMPLATE:root SIZE`.
@@ -682,7 +869,7 @@ impl Controller {
     /// Builds from a recipe the client resolved; `inputs` are its files then its local GPG
     /// keys, opened by the client (see [`Request::TemplateBuild`]).
     fn template_build(
-        &mut self,
+        &self,
         recipe: &Path,
         mut recipe_obj: template_builder::Recipe,
         inputs: Vec<fs::File>,
@@ -830,17 +1017,17 @@ impl Controller {
             .collect())
     }
 
-    fn template_remove(&mut self, name: &str) -> Result<Value> {
+    fn template_remove(&self, name: &str) -> Result<Value> {
         self.require_template(name)?;
         self.refuse_if_served(name, "remove")?;
-        self.remove_with_catalogue(name)?;
+        self.txn_remove(name)?;
         let _ = fs::remove_dir_all(self.paths.kernels_dir(name));
         Ok(json!({"removed": name}))
     }
 
     /// The package is made in a staging directory of ours and copied into `out`, which
     /// the client opened (the CLI writes `FILE.partial` and renames it on success).
-    fn template_export(&mut self, name: &str, file: &Path, mut out: fs::File) -> Result<Value> {
+    fn template_export(&self, name: &str, file: &Path, mut out: fs::File) -> Result<Value> {
         self.require_template(name)?;
         let rec = self.catalogue().template(name)?.unwrap_or_default();
         let root = self.vols.volume_status(name, "root")?;
@@ -880,7 +1067,7 @@ impl Controller {
     }
 
     fn template_import(
-        &mut self,
+        &self,
         file: &Path,
         opened: fs::File,
         name: Option<String>,
@@ -941,7 +1128,7 @@ impl Controller {
     // ---------------------------------------------------------------- qubes
 
     fn qube_create(
-        &mut self,
+        &self,
         name: &str,
         class: &str,
         template: Option<&str>,
@@ -951,6 +1138,7 @@ impl Controller {
         let class: QubeClass = class.parse().map_err(|_| {
             anyhow!("class {class:?} is not one of AppVM, DispVM, StandaloneVM, TemplateVM")
         })?;
+        let txn = self.txn();
         if self.vols.qube(name).is_ok() {
             bail!("qube {name} already exists; pick another name or remove it first");
         }
@@ -991,6 +1179,7 @@ impl Controller {
             }
         }
         self.mark_created(name)?;
+        drop(txn);
         self.qube_show(name)
     }
 
@@ -998,7 +1187,12 @@ impl Controller {
         if !self.vols.is_running(name)? {
             return Ok("halted");
         }
-        if self.in_daemon && !self.served.contains_key(name) {
+        if self.in_daemon && !self.is_served(name) {
+            // A start or a shutdown under way passes through this state for a moment
+            // (Qubes calls it Transient).
+            if self.qube_locks.is_held(name) {
+                return Ok("transient");
+            }
             // Marked running, but the daemon could not serve it (see its log).
             return Ok("broken");
         }
@@ -1015,14 +1209,10 @@ impl Controller {
     }
 
     /// `qube pause` / `qube unpause`: the guest stops or resumes; storage is untouched.
-    fn qube_pause(&mut self, name: &str, pause: bool) -> Result<Value> {
+    fn qube_pause(&self, name: &str, pause: bool) -> Result<Value> {
         self.vols.qube(name)?;
         let rt = self.catalogue().runtime(name)?.unwrap_or_default();
-        let hv_name = self
-            .served
-            .get(name)
-            .map(|s| s.hypervisor.clone())
-            .unwrap_or(rt.hypervisor);
+        let hv_name = self.served_hypervisor(name).unwrap_or(rt.hypervisor);
         if !self.vols.is_running(name)? {
             bail!("{name} is not running; start it first");
         }
@@ -1062,7 +1252,7 @@ impl Controller {
         Ok(Value::Array(out))
     }
 
-    fn qube_remove(&mut self, name: &str) -> Result<Value> {
+    fn qube_remove(&self, name: &str) -> Result<Value> {
         let q = self.vols.qube(name)?;
         if q.class == QubeClass::TemplateVM {
             return self.template_remove(name);
@@ -1080,14 +1270,15 @@ impl Controller {
                 users.join(", ")
             );
         }
-        self.remove_with_catalogue(name)?;
+        self.txn_remove(name)?;
         let _ = fs::remove_dir_all(self.paths.kernels_dir(name));
         let _ = fs::remove_dir_all(self.paths.qube_run_dir(name));
         Ok(json!({"removed": name}))
     }
 
-    fn qube_clone(&mut self, src: &str, dst: &str) -> Result<Value> {
+    fn qube_clone(&self, src: &str, dst: &str) -> Result<Value> {
         validate_qube_name("qube", dst)?;
+        let txn = self.txn();
         self.vols.qube(src)?;
         if self.vols.qube(dst).is_ok() {
             bail!("qube {dst} already exists; pick another name for the clone");
@@ -1116,15 +1307,11 @@ impl Controller {
             }
         }
         self.mark_created(dst)?;
+        drop(txn);
         self.qube_show(dst)
     }
 
-    fn qube_prefs(
-        &mut self,
-        name: &str,
-        key: Option<String>,
-        value: Option<String>,
-    ) -> Result<Value> {
+    fn qube_prefs(&self, name: &str, key: Option<String>, value: Option<String>) -> Result<Value> {
         self.vols.qube(name)?;
         let mut prefs = self.catalogue().prefs(name)?;
         match (key, value) {
@@ -1132,6 +1319,7 @@ impl Controller {
             (Some(k), None) => Ok(json!({ k.clone(): prefs.get(&k)? })),
             (Some(k), Some(v)) => {
                 prefs.set(&k, &v)?;
+                let _txn = self.txn();
                 self.check_network_prefs(name, &prefs)?;
                 self.catalogue().set_prefs(name, Some(&prefs))?;
                 self.pool().commit()?;
@@ -1188,7 +1376,8 @@ impl Controller {
     }
 
     /// The qube's address on the qubes network (10.137.0.N), assigned on first use.
-    fn network_ip(&mut self, name: &str) -> Result<String> {
+    fn network_ip(&self, name: &str) -> Result<String> {
+        let _txn = self.txn();
         let mut prefs = self.catalogue().prefs(name)?;
         if let Some(ip) = &prefs.ip {
             return Ok(ip.clone());
@@ -1212,7 +1401,12 @@ impl Controller {
     /// Removes a qube's volumes and its catalogue records in one commit; if the volume
     /// model refuses (running, in use), the staged catalogue edits are put back so the
     /// next commit does not carry half an operation.
-    fn remove_with_catalogue(&mut self, name: &str) -> Result<()> {
+    fn txn_remove(&self, name: &str) -> Result<()> {
+        let _txn = self.txn();
+        self.remove_with_catalogue(name)
+    }
+
+    fn remove_with_catalogue(&self, name: &str) -> Result<()> {
         let prefs = self.catalogue().prefs(name)?;
         let rec = self.catalogue().template(name)?;
         self.catalogue().set_prefs(name, None)?;
@@ -1226,7 +1420,7 @@ impl Controller {
     }
 
     fn refuse_if_served(&self, name: &str, what: &str) -> Result<()> {
-        if self.served.contains_key(name) || self.vols.is_running(name)? {
+        if self.is_served(name) || self.vols.is_running(name)? {
             bail!("cannot {what} {name} while it is running; shut it down first (`qubes-ctl qube shutdown {name}`)");
         }
         Ok(())
@@ -1247,7 +1441,7 @@ impl Controller {
         q.qube.clone()
     }
 
-    fn qube_start(&mut self, name: &str, hypervisor: Option<String>) -> Result<Value> {
+    fn qube_start(&self, name: &str, hypervisor: Option<String>) -> Result<Value> {
         let r = self.start_qube(name, hypervisor);
         if let Err(e) = &r {
             // A failed start leaves nothing behind in run/qubes/NAME (sockets, pid files,
@@ -1263,19 +1457,16 @@ impl Controller {
                     )
                 )
             });
-            if !keep
-                && !self.served.contains_key(name)
-                && matches!(self.vols.is_running(name), Ok(false))
-            {
+            if !keep && !self.is_served(name) && matches!(self.vols.is_running(name), Ok(false)) {
                 let _ = fs::remove_dir_all(self.paths.qube_run_dir(name));
             }
         }
         r
     }
 
-    fn start_qube(&mut self, name: &str, hypervisor: Option<String>) -> Result<Value> {
+    fn start_qube(&self, name: &str, hypervisor: Option<String>) -> Result<Value> {
         let q = self.vols.qube(name)?;
-        if self.served.contains_key(name) {
+        if self.is_served(name) {
             bail!("{name} is already running");
         }
         if self.vols.is_running(name)? && !self.in_daemon {
@@ -1298,41 +1489,52 @@ impl Controller {
             .unwrap_or_else(|| hypervisor::default_hypervisor().name().to_string());
         let hv = hypervisor::by_name(&hv_name)?;
         let run_dir = self.paths.qube_run_dir(name);
-        fs::create_dir_all(&run_dir).with_context(|| format!("creating {}", run_dir.display()))?;
+        {
+            use std::os::unix::fs::DirBuilderExt;
+            // The qube's sockets and logs: ours alone, whatever the umask.
+            fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(&run_dir)
+                .with_context(|| format!("creating {}", run_dir.display()))?;
+        }
         // As in Qubes, a qube's netvm is started first (with the same hypervisor).
         if let (Some(n), true) = (&prefs.netvm, hv_name != "none") {
             self.check_network_prefs(name, &prefs)?;
-            if !self.vols.is_running(n)? {
-                self.qube_start(n, Some(hv_name.clone()))
-                    .with_context(|| format!("starting {name}'s netvm {n}"))?;
+            {
+                let _netvm = self.lock_qubes(&[n]);
+                if !self.vols.is_running(n)? {
+                    self.qube_start(n, Some(hv_name.clone()))
+                        .with_context(|| format!("starting {name}'s netvm {n}"))?;
+                }
             }
-            let nhv = self
-                .served
-                .get(n)
-                .map(|s| s.hypervisor.clone())
-                .unwrap_or_default();
+            let nhv = self.served_hypervisor(n).unwrap_or_default();
             if nhv != hv_name {
                 bail!("{name}'s netvm {n} runs on {nhv:?}, not {hv_name}: both must use the same hypervisor");
             }
         }
 
-        self.catalogue().set_runtime(
-            name,
-            Some(&RuntimeRecord {
-                hypervisor: hv_name.clone(),
-                started_at: now_secs(),
-            }),
-        )?;
-        let started = match self.vols.start(name) {
-            Ok(s) => s,
-            Err(e) => {
-                self.catalogue().set_runtime(name, None)?;
-                return Err(e.into());
+        let started = {
+            let _txn = self.txn();
+            self.catalogue().set_runtime(
+                name,
+                Some(&RuntimeRecord {
+                    hypervisor: hv_name.clone(),
+                    started_at: now_secs(),
+                }),
+            )?;
+            match self.vols.start(name) {
+                Ok(s) => s,
+                Err(e) => {
+                    self.catalogue().set_runtime(name, None)?;
+                    return Err(e.into());
+                }
             }
         };
         let served = match self.serve(name, &started) {
             Ok(s) => s,
             Err(e) => {
+                let _txn = self.txn();
                 let _ = self.catalogue().set_runtime(name, None);
                 let _ = self.vols.stop(name);
                 return Err(e);
@@ -1341,8 +1543,9 @@ impl Controller {
         let socket = served.path().to_path_buf();
         let mut xen_disks = None;
         if hv_name != "none" {
-            let undo = |ctl: &mut Self, served: blkback::NbdServer| {
+            let undo = |ctl: &Self, served: blkback::NbdServer| {
                 let _ = served.shutdown(Duration::from_secs(1));
+                let _txn = ctl.txn();
                 let _ = ctl.catalogue().set_runtime(name, None);
                 let _ = ctl.vols.stop(name);
             };
@@ -1374,7 +1577,7 @@ impl Controller {
                 }
             }
         }
-        self.served.insert(
+        self.served().insert(
             name.to_string(),
             Served {
                 server: served,
@@ -1424,16 +1627,7 @@ impl Controller {
         let r = (|| {
             let domid = xen.domid(name)?;
             let chunk = self.pool().info()?.chunk_size;
-            let mut vols = Vec::new();
-            for (s, d) in started.iter().zip(&spec.disks) {
-                let device = self.pool().open_volume(&s.key, s.read_only)?;
-                vols.push((
-                    d.vdev.clone(),
-                    s.read_only,
-                    format!("{name}:{} ({})", s.name, s.key),
-                    device,
-                ));
-            }
+            let vols = self.blkif_volumes(name, started)?;
             let disks = crate::xen_disks::attach_real(domid, chunk, vols)?;
             if let Err(e) = hypervisor::Hypervisor::unpause(&xen, name, &spec.run_dir) {
                 let _ = disks.detach();
@@ -1450,11 +1644,56 @@ impl Controller {
         }
     }
 
+    /// The volumes of a Xen qube as its blkif disks, in the order (and so with the
+    /// vdevs) of [`Self::domain_spec`].
+    fn blkif_volumes(
+        &self,
+        name: &str,
+        started: &[StartedVolume],
+    ) -> Result<Vec<crate::xen_disks::RealVolume>> {
+        let mut vols = Vec::new();
+        for (s, vdev) in started.iter().zip(XEN_VDEVS) {
+            let device = self.pool().open_volume(&s.key, s.read_only)?;
+            vols.push((
+                vdev.to_string(),
+                s.read_only,
+                format!("{name}:{} ({})", s.name, s.key),
+                device,
+            ));
+        }
+        Ok(vols)
+    }
+
+    /// After a daemon restart: a running Xen domain whose disks an earlier daemon served
+    /// over blkif gets them served again from the same rings (its backend nodes are
+    /// still in xenstore); `None` for other domains (kernel NBD disks reconnect to the
+    /// NBD socket by themselves).
+    fn xen_blkif_resume(
+        &self,
+        name: &str,
+        started: &[StartedVolume],
+    ) -> Result<Option<crate::xen_disks::RealXenDisks>> {
+        let xen = hypervisor::Xen::new();
+        let run_dir = self.paths.qube_run_dir(name);
+        if hypervisor::Hypervisor::state(&xen, name, &run_dir)? == hypervisor::DomainState::Halted {
+            return Ok(None);
+        }
+        let domid = xen.domid(name)?;
+        if !crate::xen_disks::has_blkif_disks(domid)? {
+            return Ok(None);
+        }
+        let chunk = self.pool().info()?.chunk_size;
+        let vols = self.blkif_volumes(name, started)?;
+        let disks = crate::xen_disks::reattach_real(domid, chunk, vols)
+            .with_context(|| format!("serving {name}'s blkif disks again (domain {domid})"))?;
+        Ok(Some(disks))
+    }
+
     /// Qubes' network for the domain: its address, gateway and MAC on the kernel command
     /// line (`qubes.ip=`, `qubes.gateway=`, `qubes.netvm=1` for a netvm; the guest
     /// integration configures the interfaces from them), and its NIC linked to the netvm.
     fn wire_network(
-        &mut self,
+        &self,
         name: &str,
         prefs: &QubePrefs,
         hv: &dyn hypervisor::Hypervisor,
@@ -1552,10 +1791,9 @@ impl Controller {
         } else {
             format!("{cmdline} {}", prefs.kernelopts)
         };
-        let vdevs = ["xvda", "xvdb", "xvdc", "xvdd"];
         let disks = started
             .iter()
-            .zip(vdevs)
+            .zip(XEN_VDEVS)
             .map(|(s, vdev)| hypervisor::DiskSpec {
                 vdev: vdev.to_string(),
                 nbd_socket: socket.to_path_buf(),
@@ -1580,17 +1818,13 @@ impl Controller {
         })
     }
 
-    fn qube_shutdown(&mut self, name: &str, timeout_secs: u64, kill: bool) -> Result<Value> {
+    fn qube_shutdown(&self, name: &str, timeout_secs: u64, kill: bool) -> Result<Value> {
         self.vols.qube(name)?;
         let timeout = Duration::from_secs(timeout_secs);
         let run_dir = self.paths.qube_run_dir(name);
         let rt = self.catalogue().runtime(name)?.unwrap_or_default();
-        let hv_name = self
-            .served
-            .get(name)
-            .map(|s| s.hypervisor.clone())
-            .unwrap_or(rt.hypervisor);
-        if !self.vols.is_running(name)? && !self.served.contains_key(name) {
+        let hv_name = self.served_hypervisor(name).unwrap_or(rt.hypervisor);
+        if !self.vols.is_running(name)? && !self.is_served(name) {
             bail!("{name} is not running");
         }
         if !kill && self.catalogue().prefs(name)?.provides_network {
@@ -1624,9 +1858,9 @@ impl Controller {
     }
 
     /// Waits for the NBD clients to flush and go, then commits the volumes (stop).
-    fn stop_storage(&mut self, name: &str, grace: Duration) -> Result<()> {
-        let hv_name = match self.served.get(name) {
-            Some(s) => s.hypervisor.clone(),
+    fn stop_storage(&self, name: &str, grace: Duration) -> Result<()> {
+        let hv_name = match self.served_hypervisor(name) {
+            Some(h) => h,
             None => {
                 self.catalogue()
                     .runtime(name)?
@@ -1644,7 +1878,8 @@ impl Controller {
             }
             let _ = fs::remove_file(nrun.join(format!("vif-{name}.sock")));
         }
-        if let Some(s) = self.served.remove(name) {
+        let removed = self.served().remove(name);
+        if let Some(s) = removed {
             if let Some(d) = s.xen_disks {
                 if let Err(e) = d.detach() {
                     tracing::warn!(qube = name, "closing the blkif disks: {e:#}");
@@ -1654,6 +1889,7 @@ impl Controller {
                 .shutdown(grace)
                 .with_context(|| format!("closing {name}'s exports"))?;
         }
+        let _txn = self.txn();
         self.catalogue().set_runtime(name, None)?;
         self.vols.stop(name)?;
         tracing::info!(qube = %name, "qube stopped: private committed, snapshots dropped");
@@ -1682,8 +1918,7 @@ impl Controller {
         let st = self.vols.volume_status(qube, vol)?;
         let mut v = serde_json::to_value(&st)?;
         let uri = self
-            .served
-            .contains_key(qube)
+            .is_served(qube)
             .then(|| blkback::nbd_uri(&self.paths.nbd_socket(qube), &export_name(qube, vol)));
         v["nbd_uri"] = json!(uri);
         Ok(v)
@@ -1708,7 +1943,7 @@ impl Controller {
     }
 
     fn volume_import(
-        &mut self,
+        &self,
         qube: &str,
         vol: &str,
         file: &Path,
@@ -1734,7 +1969,7 @@ impl Controller {
     /// same socket paths, so clients that reconnect carry on.
     /// A qube that cannot be served is returned with the reason, and the others are
     /// served all the same.
-    pub fn resume_running(&mut self) -> (Vec<String>, Vec<(String, anyhow::Error)>) {
+    pub fn resume_running(&self) -> (Vec<String>, Vec<(String, anyhow::Error)>) {
         let mut resumed = Vec::new();
         let mut broken = Vec::new();
         let names = match self.vols.running_qubes() {
@@ -1745,10 +1980,14 @@ impl Controller {
             }
         };
         for name in names {
-            let server = self
-                .running_volumes(&name)
-                .and_then(|started| self.serve(&name, &started));
-            let server = match server {
+            let started = match self.running_volumes(&name) {
+                Ok(s) => s,
+                Err(e) => {
+                    broken.push((name, e));
+                    continue;
+                }
+            };
+            let server = match self.serve(&name, &started) {
                 Ok(s) => s,
                 Err(e) => {
                     broken.push((name, e));
@@ -1766,13 +2005,24 @@ impl Controller {
             } else {
                 rt.hypervisor
             };
-            self.served.insert(
+            let xen_disks = if hv == "xen" {
+                match self.xen_blkif_resume(&name, &started) {
+                    Ok(d) => d,
+                    Err(e) => {
+                        // Served over NBD all the same, so `qube shutdown` can stop it.
+                        tracing::warn!(qube = %name, "{e:#}");
+                        None
+                    }
+                }
+            } else {
+                None
+            };
+            self.served().insert(
                 name.clone(),
                 Served {
                     server,
                     hypervisor: hv,
-                    // Re-attaching a running domain's blkif rings is not done yet.
-                    xen_disks: None,
+                    xen_disks,
                 },
             );
             resumed.push(name);
@@ -1806,37 +2056,45 @@ impl Controller {
     }
 
     /// Stops the storage of qubes whose domain has gone away (the guest powered off).
-    pub fn reap_halted(&mut self) -> Vec<(String, Result<()>)> {
-        let mut gone = Vec::new();
-        for (name, s) in &self.served {
-            if s.hypervisor == "none" {
-                continue;
-            }
-            let Ok(hv) = hypervisor::by_name(&s.hypervisor) else {
+    /// A qube a request is working on is left for the next round (that request may be
+    /// its shutdown, or a start still bringing its guest up).
+    pub fn reap_halted(&self) -> Vec<(String, Result<()>)> {
+        let served: Vec<(String, String)> = self
+            .served()
+            .iter()
+            .filter(|(_, s)| s.hypervisor != "none")
+            .map(|(n, s)| (n.clone(), s.hypervisor.clone()))
+            .collect();
+        let mut out = Vec::new();
+        for (name, hv_name) in served {
+            let Some(_locked) = self.qube_locks.try_lock(&[&name]) else {
                 continue;
             };
+            let Ok(hv) = hypervisor::by_name(&hv_name) else {
+                continue;
+            };
+            if !self.is_served(&name) {
+                continue;
+            }
             if let Ok(hypervisor::DomainState::Halted) =
-                hv.state(name, &self.paths.qube_run_dir(name))
+                hv.state(&name, &self.paths.qube_run_dir(&name))
             {
-                gone.push(name.clone());
+                let r = self.stop_storage(&name, Duration::from_secs(10));
+                out.push((name, r));
             }
         }
-        gone.into_iter()
-            .map(|n| {
-                let r = self.stop_storage(&n, Duration::from_secs(10));
-                (n, r)
-            })
-            .collect()
+        out
     }
 
     pub fn served_qubes(&self) -> Vec<String> {
-        self.served.keys().cloned().collect()
+        self.served().keys().cloned().collect()
     }
 
     /// Closes exports without stopping the qubes (daemon exit): they stay marked
     /// running and a restarted daemon serves them again.
-    pub fn detach_all(&mut self) {
-        for (_, s) in std::mem::take(&mut self.served) {
+    pub fn detach_all(&self) {
+        let served = std::mem::take(&mut *self.served());
+        for (_, s) in served {
             let _ = s.server.shutdown(Duration::from_secs(2));
         }
         let _ = self.pool().commit();

@@ -13,7 +13,7 @@ use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
@@ -22,7 +22,7 @@ use crate::api::{self, Reply, Request};
 use crate::controller::Controller;
 use crate::paths::Paths;
 
-type Shared = Arc<Mutex<Controller>>;
+type Shared = Arc<Controller>;
 
 /// How many qubes this daemon serves, for pings answered without the controller.
 static SERVED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
@@ -41,18 +41,19 @@ pub fn admin_requests() -> u64 {
 }
 
 pub fn run(paths: &Paths) -> Result<()> {
+    // Everything the daemon and the QEMUs it starts create (sockets, logs, pid files,
+    // run directories) is its owner's alone from the start, with no window before a
+    // chmod: others may not even connect to a qube's console or QMP socket.
+    rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o077));
     paths.secure()?;
+    // Before anything else (the log, the pool, the socket): a second daemon on this
+    // root stops here, even if the first one does not answer (stopped, hung).
+    let lock = take_daemon_lock(paths)?;
     crate::logging::init_daemon(paths)?;
     let sock = paths.admin_socket();
-    if api::daemon_alive(&sock, Duration::from_secs(2)) {
-        bail!(
-            "a daemon already serves {}; stop it with `qubes-ctl daemon stop`",
-            paths.root().display()
-        );
-    }
     // A command run without a daemon may hold the pool for a moment.
     let deadline = Instant::now() + Duration::from_secs(20);
-    let mut ctl = loop {
+    let ctl = loop {
         match Controller::open(paths, true, true) {
             Ok(c) => break c,
             Err(e) if crate::cli::locked_by(&e).is_some() && Instant::now() < deadline => {
@@ -70,6 +71,7 @@ pub fn run(paths: &Paths) -> Result<()> {
     for (name, e) in &broken {
         tracing::warn!(qube = %name, "not serving the qube: {e:#}");
     }
+    // We hold the daemon lock: a socket file here is a dead daemon's.
     let _ = std::fs::remove_file(&sock);
     let listener =
         UnixListener::bind(&sock).with_context(|| format!("binding {}", sock.display()))?;
@@ -87,7 +89,7 @@ pub fn run(paths: &Paths) -> Result<()> {
         ctl.served_qubes().len(),
         std::sync::atomic::Ordering::Relaxed,
     );
-    let shared: Shared = Arc::new(Mutex::new(ctl));
+    let shared: Shared = Arc::new(ctl);
     spawn_monitor(shared.clone());
     spawn_signal_handler(shared.clone(), paths.clone())?;
     // Only now: the admin socket is bound and every running qube is served again.
@@ -99,6 +101,8 @@ pub fn run(paths: &Paths) -> Result<()> {
         tracing::warn!("telling systemd the daemon is ready: {e}");
     }
 
+    // The lock is held until the process exits (exit_cleanly does not return).
+    let _lock = lock;
     for conn in listener.incoming() {
         let Ok(conn) = conn else { continue };
         let shared = shared.clone();
@@ -120,11 +124,10 @@ fn serve_admin(conn: UnixStream, shared: &Shared, paths: &Paths) -> Result<()> {
     }
     ADMIN_REQUESTS.fetch_add(1, Ordering::Relaxed);
     let files: Vec<std::fs::File> = fds.into_iter().map(std::fs::File::from).collect();
-    let reply = match serde_json::from_str::<Request>(&line) {
-        Err(e) => Reply::Error(format!("malformed request: {e}")),
+    let reply = match api::parse_request(&line) {
+        Err(e) => Reply::Error(e),
         Ok(Request::DaemonStop) => {
-            let mut ctl = shared.lock().unwrap_or_else(|p| p.into_inner());
-            let served = ctl.served_qubes();
+            let served = shared.served_qubes();
             let mut out = serde_json::to_string(&Reply::Ok(
                 serde_json::json!({"stopping": true, "detached": served}),
             ))?;
@@ -132,39 +135,31 @@ fn serve_admin(conn: UnixStream, shared: &Shared, paths: &Paths) -> Result<()> {
             writer.write_all(out.as_bytes())?;
             tracing::info!("stopping on request; running qubes stay marked running");
             let _ = crate::notify::notify("STOPPING=1");
-            ctl.detach_all();
+            shared.detach_all();
             exit_cleanly(paths);
         }
-        // A ping is answered even while a long request (a build, an import) holds the
-        // controller: the CLI tells a busy daemon from a frozen one by it.
+        // A ping is answered at once, whatever else runs: the CLI tells a busy daemon
+        // from a frozen one by it.
         Ok(Request::Ping) => {
             let mut v = serde_json::json!({
                 "pong": true,
+                "protocol": api::PROTOCOL,
                 "pid": std::process::id(),
                 "build": api::build_id(),
                 "served": SERVED.load(std::sync::atomic::Ordering::Relaxed),
             });
-            // The figures need the controller: add them only when it is free, so a
-            // ping never waits behind a long request.
-            match shared.try_lock() {
-                Ok(ctl) => v["stats"] = ctl.serving_stats(),
-                Err(std::sync::TryLockError::Poisoned(p)) => {
-                    v["stats"] = p.into_inner().serving_stats()
-                }
-                Err(std::sync::TryLockError::WouldBlock) => v["busy"] = true.into(),
-            }
+            v["stats"] = shared.serving_stats();
             Reply::Ok(v)
         }
         Ok(req) => {
-            let mut ctl = shared.lock().unwrap_or_else(|p| p.into_inner());
-            let r = ctl.handle_with(req, files);
+            let r = shared.handle_with(req, files);
             SERVED.store(
-                ctl.served_qubes().len(),
+                shared.served_qubes().len(),
                 std::sync::atomic::Ordering::Relaxed,
             );
             match r {
                 Ok(v) => Reply::Ok(v),
-                Err(e) => Reply::Error(crate::cli::error_text(&e)),
+                Err(e) => Reply::Error(api::ApiError::of(&e)),
             }
         }
     };
@@ -172,6 +167,46 @@ fn serve_admin(conn: UnixStream, shared: &Shared, paths: &Paths) -> Result<()> {
     out.push('\n');
     writer.write_all(out.as_bytes())?;
     Ok(())
+}
+
+/// Takes `ROOT/daemon.lock` (flock, exclusive, not waiting) and writes our pid in it.
+/// The kernel drops the lock when the process dies, however it dies: a daemon killed by
+/// SIGKILL leaves no lock behind, only a stale socket (removed before binding).
+fn take_daemon_lock(paths: &Paths) -> Result<std::fs::File> {
+    use std::io::{Seek, SeekFrom};
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = paths.daemon_lock();
+    let mut f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(&path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    match rustix::fs::flock(&f, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
+        Ok(()) => {}
+        Err(rustix::io::Errno::WOULDBLOCK) => {
+            let pid = std::fs::read_to_string(&path)
+                .ok()
+                .and_then(|s| s.trim().parse::<u32>().ok());
+            let who = pid
+                .map(|p| format!("pid {p}"))
+                .unwrap_or_else(|| "another process".into());
+            bail!(
+                "another daemon ({who}) already owns {} (it holds {}); stop it with `qubes-ctl daemon stop`{}",
+                paths.root().display(),
+                path.display(),
+                pid.map(|p| format!(", or `kill {p}` if it does not answer"))
+                    .unwrap_or_default()
+            );
+        }
+        Err(e) => return Err(e).with_context(|| format!("locking {}", path.display())),
+    }
+    f.set_len(0)?;
+    f.seek(SeekFrom::Start(0))?;
+    writeln!(f, "{}", std::process::id())?;
+    Ok(f)
 }
 
 fn exit_cleanly(paths: &Paths) -> ! {
@@ -184,8 +219,7 @@ fn exit_cleanly(paths: &Paths) -> ! {
 fn spawn_monitor(shared: Shared) {
     std::thread::spawn(move || loop {
         std::thread::sleep(Duration::from_millis(500));
-        let mut ctl = shared.lock().unwrap_or_else(|p| p.into_inner());
-        for (name, res) in ctl.reap_halted() {
+        for (name, res) in shared.reap_halted() {
             match res {
                 Ok(()) => {
                     tracing::info!(qube = %name, "guest powered off; its volumes are stopped")
@@ -197,7 +231,7 @@ fn spawn_monitor(shared: Shared) {
             }
         }
         SERVED.store(
-            ctl.served_qubes().len(),
+            shared.served_qubes().len(),
             std::sync::atomic::Ordering::Relaxed,
         );
     });
@@ -213,8 +247,7 @@ fn spawn_signal_handler(shared: Shared, paths: Paths) -> Result<()> {
         if let Some(sig) = signals.forever().next() {
             tracing::info!(signal = sig, "stopping; running qubes stay marked running");
             let _ = crate::notify::notify("STOPPING=1");
-            let mut ctl = shared.lock().unwrap_or_else(|p| p.into_inner());
-            ctl.detach_all();
+            shared.detach_all();
             exit_cleanly(&paths);
         }
     });

@@ -195,6 +195,10 @@ impl Paths {
     pub fn admin_socket(&self) -> PathBuf {
         self.run_dir().join("admin.sock")
     }
+    /// Held (flock) by the root's daemon for its whole life: one daemon per root.
+    pub fn daemon_lock(&self) -> PathBuf {
+        self.root.join("daemon.lock")
+    }
     pub fn daemon_pid(&self) -> PathBuf {
         self.run_dir().join("daemon.pid")
     }

@@ -17,7 +17,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use anyhow::{anyhow, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use blkback::blkif::xenbus::{
     self, BlkifDevice, Connector, DeviceInfo, DevicePaths, Outcome, XenStore,
 };
@@ -66,6 +66,19 @@ where
     /// pump. The domain must exist (paused); unpause it after this returns. On error,
     /// whatever was written is removed again.
     pub fn attach(xs: Arc<X>, domid: u32, disks: Vec<Disk<C>>) -> Result<Self> {
+        Self::open(xs, domid, disks, false)
+    }
+
+    /// Takes over the disks of a running domain that an earlier daemon served (it was
+    /// killed or stopped): the backend nodes it wrote are still there, each device
+    /// resumes from its published state ([`BlkifDevice::resume`]: a connected ring is
+    /// mapped again and its unanswered requests served). Nothing is rewritten; on error
+    /// the nodes are left for the domain's shutdown to remove.
+    pub fn reattach(xs: Arc<X>, domid: u32, disks: Vec<Disk<C>>) -> Result<Self> {
+        Self::open(xs, domid, disks, true)
+    }
+
+    fn open(xs: Arc<X>, domid: u32, disks: Vec<Disk<C>>, resume: bool) -> Result<Self> {
         let mut this = XenDisks {
             xs: xs.clone(),
             domid,
@@ -75,8 +88,12 @@ where
             pump: None,
         };
         let mut devices = Vec::new();
-        if let Err(e) = this.add_all(disks, &mut devices) {
-            let _ = this.close(devices);
+        if let Err(e) = this.add_all(disks, &mut devices, resume) {
+            if resume {
+                // Not ours to remove: the guest may still use them once a daemon can.
+                this.paths.clear();
+            }
+            let _ = this.close(devices, !resume);
             return Err(e);
         }
         let stop = this.stop.clone();
@@ -88,23 +105,40 @@ where
         Ok(this)
     }
 
-    fn add_all(&mut self, disks: Vec<Disk<C>>, devices: &mut Devices<X, C>) -> Result<()> {
+    fn add_all(
+        &mut self,
+        disks: Vec<Disk<C>>,
+        devices: &mut Devices<X, C>,
+        resume: bool,
+    ) -> Result<()> {
         let (xs, domid) = (self.xs.clone(), self.domid);
         for (i, d) in disks.into_iter().enumerate() {
             let devid = xvd_devid(&d.vdev)
                 .ok_or_else(|| anyhow!("disk {:?} is not an xvd[a-p] name", d.vdev))?;
-            let paths = xenbus::add_device(
-                &*xs,
-                BACKEND_DOMID,
-                domid,
-                devid,
-                &d.vdev,
-                d.read_only,
-                &d.params,
-            )
-            .with_context(|| {
-                format!("writing the xenstore nodes of {} (domain {domid})", d.vdev)
-            })?;
+            let paths = if resume {
+                let paths = xenbus::device_paths(BACKEND_DOMID, domid, devid);
+                if xs.read(&format!("{}/state", paths.backend))?.is_none() {
+                    bail!(
+                        "domain {domid} has no blkif backend {} for {}: it was not started with the blkif disks (QUBES_XEN_DISKS=nbd?); shut it down and start it again",
+                        paths.backend,
+                        d.vdev
+                    );
+                }
+                paths
+            } else {
+                xenbus::add_device(
+                    &*xs,
+                    BACKEND_DOMID,
+                    domid,
+                    devid,
+                    &d.vdev,
+                    d.read_only,
+                    &d.params,
+                )
+                .with_context(|| {
+                    format!("writing the xenstore nodes of {} (domain {domid})", d.vdev)
+                })?
+            };
             self.paths.push(paths.clone());
             let mut dev = BlkifDevice::new(xs.clone(), &paths.backend, d.info, d.connector)
                 .with_context(|| format!("opening backend {}", paths.backend))?;
@@ -114,8 +148,13 @@ where
                     .with_context(|| format!("watching {p}"))?;
                 self.watches.push((p, token.clone()));
             }
-            dev.start()
-                .with_context(|| format!("starting backend {}", paths.backend))?;
+            if resume {
+                dev.resume()
+                    .with_context(|| format!("resuming backend {}", paths.backend))?;
+            } else {
+                dev.start()
+                    .with_context(|| format!("starting backend {}", paths.backend))?;
+            }
             devices.push(Some(dev));
         }
         Ok(())
@@ -125,12 +164,15 @@ where
     /// stopped and the volume flushed in between), then its nodes are removed.
     pub fn detach(mut self) -> Result<()> {
         let devices = self.stop_pump();
-        self.close(devices)
+        self.close(devices, true)
     }
 
-    fn close(&mut self, devices: Devices<X, C>) -> Result<()> {
+    fn close(&mut self, devices: Devices<X, C>, shut: bool) -> Result<()> {
         let mut first_err = None;
         for mut dev in devices.into_iter().flatten() {
+            if !shut {
+                continue;
+            }
             if let Err(e) = dev.shutdown() {
                 // The domain's nodes may be gone already; the nodes are removed anyway.
                 tracing::warn!(backend = dev.backend, "closing blkif device: {e}");
@@ -212,12 +254,42 @@ fn pump<X: XenStore, C: Connector>(
 /// The real thing: libxenstore, gntdev and the pool volumes.
 pub type RealXenDisks = XenDisks<xen_sys::XenStore, blkback::blkif::xen::XenConnector>;
 
-/// Serves `volumes` (vdev, read-only, params, device) to domain `domid` from dom0.
-pub fn attach_real(
+/// One volume to serve: vdev, read-only, params, device.
+pub type RealVolume = (String, bool, String, Arc<dyn storage::BlockDevice>);
+
+/// Serves `volumes` to domain `domid` from dom0.
+pub fn attach_real(domid: u32, chunk_size: u64, volumes: Vec<RealVolume>) -> Result<RealXenDisks> {
+    let (xs, disks) = real_disks(chunk_size, volumes)?;
+    XenDisks::attach(xs, domid, disks)
+}
+
+/// Serves again the disks an earlier daemon served to the running domain `domid`
+/// ([`XenDisks::reattach`]).
+pub fn reattach_real(
     domid: u32,
     chunk_size: u64,
-    volumes: Vec<(String, bool, String, Arc<dyn storage::BlockDevice>)>,
+    volumes: Vec<RealVolume>,
 ) -> Result<RealXenDisks> {
+    let (xs, disks) = real_disks(chunk_size, volumes)?;
+    XenDisks::reattach(xs, domid, disks)
+}
+
+/// Whether domain `domid` has disks of our backend type in xenstore.
+pub fn has_blkif_disks(domid: u32) -> Result<bool> {
+    let xs = xen_sys::XenStore::open().context("opening xenstore")?;
+    let dir = format!(
+        "/local/domain/{BACKEND_DOMID}/backend/{}/{domid}",
+        xenbus::BACKEND_KIND
+    );
+    Ok(!XenStore::directory(&xs, &dir)?.is_empty())
+}
+
+type RealDisks = (
+    Arc<xen_sys::XenStore>,
+    Vec<Disk<blkback::blkif::xen::XenConnector>>,
+);
+
+fn real_disks(chunk_size: u64, volumes: Vec<RealVolume>) -> Result<RealDisks> {
     let xs = Arc::new(
         xen_sys::XenStore::open()
             .context("opening xenstore for the blkif backend (is xenstored running in dom0?)")?,
@@ -242,7 +314,7 @@ pub fn attach_real(
             },
         })
         .collect();
-    XenDisks::attach(xs, domid, disks)
+    Ok((xs, disks))
 }
 
 #[cfg(test)]
@@ -294,6 +366,26 @@ mod tests {
             );
             std::thread::sleep(Duration::from_millis(10));
         }
+    }
+
+    /// What a blkfront writes to connect (ring, event channel, then its state).
+    fn frontend_connects(xs: &MemStore, fe: &str, ring: &str, evtchn: &str, state: &str) {
+        xs.write(&format!("{fe}/ring-ref"), ring).unwrap();
+        xs.write(&format!("{fe}/event-channel"), evtchn).unwrap();
+        xs.write(&format!("{fe}/state"), state).unwrap();
+    }
+
+    /// No backend node of ours is left (nor, with `frontends`, any vbd node at all).
+    fn assert_nothing_left(xs: &MemStore, frontends: bool) {
+        let left: Vec<String> = xs
+            .dump()
+            .into_keys()
+            .filter(|k| {
+                k.starts_with("/local/domain/0/backend/qubes-vbd/")
+                    || (frontends && k.contains("/vbd/"))
+            })
+            .collect();
+        assert!(left.is_empty(), "left behind: {left:?}");
     }
 
     fn disks(xs: &Arc<MemStore>, domid: u32, log: &Arc<Mutex<Vec<String>>>) -> Vec<Disk<Probe>> {
@@ -349,9 +441,7 @@ mod tests {
             Some(be)
         );
         // The guest's blkfront connects xvda only.
-        xs.write(&format!("{fe}/ring-ref"), "8").unwrap();
-        xs.write(&format!("{fe}/event-channel"), "3").unwrap();
-        xs.write(&format!("{fe}/state"), "3").unwrap();
+        frontend_connects(&xs, fe, "8", "3", "3");
         wait_for(&xs, &format!("{be}/state"), "4");
         assert_eq!(*log.lock().unwrap(), vec!["connect [8]".to_string()]);
         d.detach().unwrap();
@@ -360,12 +450,7 @@ mod tests {
             *log.lock().unwrap(),
             vec!["connect [8]".to_string(), "disconnect at state 5".into()]
         );
-        let left: Vec<String> = xs
-            .dump()
-            .into_keys()
-            .filter(|k| k.starts_with("/local/domain/0/backend/qubes-vbd/") || k.contains("/vbd/"))
-            .collect();
-        assert!(left.is_empty(), "left behind: {left:?}");
+        assert_nothing_left(&xs, true);
     }
 
     #[test]
@@ -375,21 +460,55 @@ mod tests {
         let d = XenDisks::attach(xs.clone(), 9, disks(&xs, 9, &log)).unwrap();
         let be = "/local/domain/0/backend/qubes-vbd/9/51712";
         let fe = "/local/domain/9/device/vbd/51712";
-        xs.write(&format!("{fe}/ring-ref"), "1").unwrap();
-        xs.write(&format!("{fe}/event-channel"), "2").unwrap();
-        xs.write(&format!("{fe}/state"), "4").unwrap();
+        frontend_connects(&xs, fe, "1", "2", "4");
         wait_for(&xs, &format!("{be}/state"), "4");
         // The toolstack destroys the domain: its whole directory goes.
         xs.rm("/local/domain/9").unwrap();
         wait_for(&xs, &format!("{be}/state"), "6");
         assert_eq!(log.lock().unwrap().len(), 2, "{:?}", log.lock().unwrap());
         d.detach().unwrap();
-        let left: Vec<String> = xs
-            .dump()
-            .into_keys()
-            .filter(|k| k.starts_with("/local/domain/0/backend/qubes-vbd/"))
-            .collect();
-        assert!(left.is_empty(), "left behind: {left:?}");
+        assert_nothing_left(&xs, false);
+    }
+
+    #[test]
+    fn a_restarted_daemon_reattaches_the_connected_rings() {
+        let xs = Arc::new(MemStore::new());
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let d = XenDisks::attach(xs.clone(), 7, disks(&xs, 7, &log)).unwrap();
+        let be = "/local/domain/0/backend/qubes-vbd/7/51712";
+        let fe = "/local/domain/7/device/vbd/51712";
+        frontend_connects(&xs, fe, "8", "3", "4");
+        wait_for(&xs, &format!("{be}/state"), "4");
+        // The daemon goes (exit or kill): the rings stop, xenstore stays as it was.
+        drop(d);
+        assert_eq!(
+            xs.read(&format!("{be}/state")).unwrap().as_deref(),
+            Some("4")
+        );
+        log.lock().unwrap().clear();
+        let before = xs.dump();
+        let d = XenDisks::reattach(xs.clone(), 7, disks(&xs, 7, &log)).unwrap();
+        // xvda is connected again at once, xvdb (never connected) still waits; no
+        // node was rewritten.
+        assert_eq!(*log.lock().unwrap(), vec!["connect [8]".to_string()]);
+        assert_eq!(xs.dump(), before);
+        // The pump serves the reattached devices: xvdb's frontend connects now.
+        let fe_b = "/local/domain/7/device/vbd/51728";
+        frontend_connects(&xs, fe_b, "9", "4", "3");
+        wait_for(&xs, "/local/domain/0/backend/qubes-vbd/7/51728/state", "4");
+        d.detach().unwrap();
+        assert_nothing_left(&xs, true);
+    }
+
+    #[test]
+    fn reattaching_a_domain_without_our_nodes_names_the_fallback_and_writes_nothing() {
+        let xs = Arc::new(MemStore::new());
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let e = XenDisks::reattach(xs.clone(), 3, disks(&xs, 3, &log))
+            .err()
+            .unwrap();
+        assert!(format!("{e:#}").contains("QUBES_XEN_DISKS=nbd"), "{e:#}");
+        assert!(xs.dump().is_empty(), "{:?}", xs.dump());
     }
 
     #[test]
@@ -400,11 +519,6 @@ mod tests {
         ds[1].vdev = "hda".into();
         let e = XenDisks::attach(xs.clone(), 5, ds).err().unwrap();
         assert!(format!("{e:#}").contains("hda"), "{e:#}");
-        let left: Vec<String> = xs
-            .dump()
-            .into_keys()
-            .filter(|k| k.starts_with("/local/domain/0/backend/qubes-vbd/") || k.contains("/vbd/"))
-            .collect();
-        assert!(left.is_empty(), "left behind: {left:?}");
+        assert_nothing_left(&xs, true);
     }
 }

@@ -144,6 +144,55 @@ impl Rng {
     }
 }
 
+/// The `qubes-ctl` binary next to this bench's target dir (`QUBES_CTL` overrides).
+fn qubes_ctl() -> Option<PathBuf> {
+    if let Ok(p) = std::env::var("QUBES_CTL") {
+        return Some(PathBuf::from(p));
+    }
+    let exe = std::env::current_exe().ok()?;
+    // target/release/deps/pool_bench-HASH -> target/release/qubes-ctl
+    let p = exe.parent()?.parent()?.join("qubes-ctl");
+    p.is_file().then_some(p)
+}
+
+/// A snapshot as a user makes one: `qubes-ctl qube clone` of a StandaloneVM whose root
+/// is 1 GiB fully mapped, timed as a whole process (start, pool open and lock, two
+/// volume snapshots, the catalogue, commit, exit); `qubes-ctl pool info` alone is the
+/// process floor. Medians of 11.
+fn ctl_snapshot_bench(s: &Path, ctl: &Path) -> (Duration, Duration) {
+    let root = s.join("ctl-root");
+    let cmd = |args: &[&str]| {
+        let mut c = Command::new(ctl);
+        c.arg("--root").arg(&root).args(args);
+        c
+    };
+    run(&mut cmd(&["pool", "init", "--size", "4G"]));
+    let img = s.join("ctl-root.img");
+    {
+        let mut f = File::create(&img).unwrap();
+        std::io::copy(&mut Pattern::new(GIB), &mut f).unwrap();
+    }
+    run(cmd(&["template", "create", "t", "--from-image"]).arg(&img));
+    std::fs::remove_file(&img).unwrap();
+    run(&mut cmd(&[
+        "qube",
+        "create",
+        "sa",
+        "--class",
+        "StandaloneVM",
+        "--template",
+        "t",
+    ]));
+    let mut clone = Vec::new();
+    let mut info = Vec::new();
+    for i in 0..11 {
+        clone.push(timed(&mut cmd(&["qube", "clone", "sa", &format!("sa{i}")])));
+        info.push(timed(&mut cmd(&["pool", "info"])));
+    }
+    std::fs::remove_dir_all(&root).unwrap();
+    (median(clone), median(info))
+}
+
 fn pool_at(dir: &Path, capacity: u64) -> Arc<ThinPool> {
     let _ = std::fs::remove_dir_all(dir);
     ThinPool::create(
@@ -271,6 +320,8 @@ fn main() {
         drop(pool);
         std::fs::remove_dir_all(&small_dir).unwrap();
 
+        let ctl = qubes_ctl().map(|c| ctl_snapshot_bench(s, &c));
+
         // qemu-img overlays on a 1 GiB / 64 GiB base with all L2 tables allocated.
         let qemu_create = |size: &str| {
             let base = s.join(format!("base-{size}.qcow2"));
@@ -311,6 +362,25 @@ fn main() {
             format!("qemu-img create -b {} / reflink {}", ms(q1), ms(r1)),
             "median of 25 (ours) / 11 (qemu, incl. process start) / 5 (cp)".into(),
         );
+        match ctl {
+            Some((clone, info)) => t.row(
+                "snapshot 1 GiB mapped, whole `qubes-ctl` process",
+                ms(clone),
+                format!("qemu-img create -b {} / cp --reflink {}", ms(q1), ms(r1)),
+                format!(
+                    "`qube clone` of a StandaloneVM (root 1 GiB mapped + private): process start, \
+                     pool open, 2 snapshots, catalogue, commit; `pool info` alone {}; median of 11",
+                    ms(info)
+                ),
+            ),
+            None => t.row(
+                "snapshot 1 GiB mapped, whole `qubes-ctl` process",
+                "-".into(),
+                "-".into(),
+                "not run: build qubes-ctl first (cargo build --release -p qubes-ctl) or set QUBES_CTL"
+                    .into(),
+            ),
+        }
         t.row(
             "snapshot 64 GiB mapped (staged / +commit)",
             format!("{} / {}", ms(snap64), ms(snap64c)),

@@ -19,6 +19,7 @@ pub mod mem;
 pub mod names;
 pub mod pool;
 pub mod qubes;
+pub mod rbd;
 pub mod reflink;
 pub mod thin;
 
@@ -30,5 +31,6 @@ pub use pool::{
     PoolError, PoolInfo, VerifyReport, VolumeInfo,
 };
 pub use qubes::{ModelError, QubeClass, QubeVolumes, Volumes};
+pub use rbd::{RbdOptions, RbdPool};
 pub use reflink::ReflinkPool;
 pub use thin::{ThinOptions, ThinPool};

@@ -126,6 +126,14 @@ pub enum PoolError {
     HostFull { op: String },
     #[error("volume {volume} is open ({users} users); stop the qube that uses it first")]
     Busy { volume: String, users: usize },
+    /// A shared pool (`rbd`): another machine has the volume open for writing.
+    #[error("volume {volume} is in use on machine {holder} (RBD exclusive lock held by {owners}: {detail}); stop the qube there first; if that machine is dead, break the lock with `rbd lock rm` or start the qube from that machine's root")]
+    HeldElsewhere {
+        volume: String,
+        holder: String,
+        owners: String,
+        detail: String,
+    },
     #[error("shrinking volume {volume} from {from} to {to} bytes loses data; pass --allow-shrink to do it anyway")]
     ShrinkRefused { volume: String, from: u64, to: u64 },
     #[error("{pool}: {space} space is {used} used, at or above the {threshold_pct}% threshold below which new volumes (a qube start, a create) are allowed; {fix}")]
@@ -140,6 +148,9 @@ pub enum PoolError {
     Invalid(String),
     #[error("no pool at {path}: {reason}; create one with `qubes-ctl pool init`")]
     NotAPool { path: String, reason: String },
+    /// The pool was written in an older on-disk format this build does not read.
+    #[error("the pool at {path} {reason}")]
+    OldFormat { path: String, reason: String },
     #[error("the pool at {path} is in use by another process{}; stop it or talk to it through `qubes-ctl daemon`", pid.map(|p| format!(" (pid {p})")).unwrap_or_default())]
     Locked { path: String, pid: Option<u32> },
     #[error("pool metadata is corrupt: {0}{hint}", hint = verify_hint(.0))]
@@ -256,7 +267,7 @@ pub struct ImportStats {
 /// See [`Pool::batch`]; dropping it lets other threads' commits through again.
 pub struct BatchGuard<'a>(pub Option<parking_lot::ReentrantMutexGuard<'a, ()>>);
 
-/// A pool driver. Implementations: `thin` (default), `reflink`, `lvm_thin`, `mem` (simulation).
+/// A pool driver. Implementations: `thin` (default), `reflink`, `lvm_thin`, `rbd`, `mem` (simulation).
 /// All methods are callable from several threads.
 pub trait Pool: Send + Sync {
     fn driver(&self) -> &'static str;

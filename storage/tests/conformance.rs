@@ -99,6 +99,7 @@ conformance!(mem, backends::Mem::new());
 conformance!(thin, backends::Thin::new());
 conformance!(reflink_xfs, backends::Reflink::xfs());
 conformance!(reflink_btrfs, backends::Reflink::btrfs());
+conformance!(rbd, backends::Rbd::new());
 
 #[test]
 fn mem_pool_full_is_a_clean_error() {

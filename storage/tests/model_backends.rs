@@ -21,6 +21,21 @@ pub trait Backend {
     /// Drops the pool without committing and returns it as reopened after a power cut.
     /// Every handle to the old pool must have been dropped.
     fn crash(&mut self) -> Arc<dyn Pool>;
+    /// Staged operations vanish at a crash before the commit. False for `rbd`: a Ceph
+    /// pool has no multi-image transaction, so each operation is durable when it returns.
+    fn transactional(&self) -> bool {
+        true
+    }
+    /// Import shares identical chunks inside one image (false for `rbd`: RBD objects
+    /// cannot share data).
+    fn dedups_within_image(&self) -> bool {
+        true
+    }
+    /// Import with `dedup_against` shares the chunks an older version already holds
+    /// (false for `rbd`, which copies every chunk).
+    fn dedups_against_older(&self) -> bool {
+        true
+    }
 }
 
 #[derive(Default)]
@@ -283,6 +298,138 @@ fn fixtures_work() {
     }
 }
 
+/// A one-node Ceph cluster (scripts/ceph-micro.sh) shared by the tests of one test
+/// binary: started at first use, stopped when the process exits (or dies: the script
+/// watches our pid). Its Ceph pool `qubes` holds one RBD namespace per fixture.
+pub struct Ceph {
+    pub dir: PathBuf,
+    pub conf: PathBuf,
+    pub pool: String,
+}
+
+pub fn ceph_script() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/ceph-micro.sh")
+}
+
+extern "C" fn stop_ceph() {
+    if let Some(c) = CEPH.get() {
+        let _ = Command::new(ceph_script()).arg("stop").arg(&c.dir).output();
+    }
+}
+
+static CEPH: std::sync::OnceLock<Ceph> = std::sync::OnceLock::new();
+
+pub fn ceph() -> &'static Ceph {
+    CEPH.get_or_init(|| {
+        let dir = std::env::temp_dir().join(format!("ceph-micro-{}", std::process::id()));
+        let t = std::time::Instant::now();
+        run(Command::new(ceph_script())
+            .arg("start")
+            .arg(&dir)
+            .env("CEPH_MICRO_WATCH_PID", std::process::id().to_string())
+            .env("CEPH_MICRO_NO_MGR", "1"));
+        // SAFETY: registers a plain extern "C" function with no captured state.
+        unsafe { libc::atexit(stop_ceph) };
+        let conf = dir.join("ceph.conf");
+        run(Command::new("ceph")
+            .args(["-c"])
+            .arg(&conf)
+            .args(["osd", "pool", "create", "qubes", "8"]));
+        run(Command::new("rbd")
+            .arg("-c")
+            .arg(&conf)
+            .args(["pool", "init", "qubes"]));
+        eprintln!(
+            "ceph-micro cluster up in {:?} at {}",
+            t.elapsed(),
+            dir.display()
+        );
+        Ceph {
+            dir,
+            conf,
+            pool: "qubes".into(),
+        }
+    })
+}
+
+static NS: AtomicU64 = AtomicU64::new(0);
+
+/// Options for a fresh, empty RBD namespace of the shared cluster (64 KiB objects, as
+/// `thin`'s default chunk, so the contract's chunk-sized cases stay small).
+pub fn rbd_options() -> storage::RbdOptions {
+    let c = ceph();
+    let mut o = storage::RbdOptions::new(&c.pool);
+    o.ceph_conf = Some(c.conf.clone());
+    o.ceph_id = Some("qubes".into());
+    o.ceph_namespace = Some(format!(
+        "t{}-{}",
+        std::process::id(),
+        NS.fetch_add(1, Ordering::Relaxed)
+    ));
+    o.order = 16;
+    o.op_timeout = 10;
+    o
+}
+
+/// `RbdPool` on a namespace of its own; its root directory holds only rbd.json + lock.
+pub struct Rbd {
+    dir: tempfile::TempDir,
+    pool: Option<Arc<storage::RbdPool>>,
+}
+
+impl Default for Rbd {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Rbd {
+    pub fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let pool = storage::RbdPool::create(&dir.path().join("pool"), &rbd_options()).unwrap();
+        Rbd {
+            dir,
+            pool: Some(Arc::new(pool)),
+        }
+    }
+}
+
+impl Backend for Rbd {
+    fn name(&self) -> &'static str {
+        "rbd"
+    }
+
+    fn transactional(&self) -> bool {
+        false
+    }
+
+    fn dedups_within_image(&self) -> bool {
+        false
+    }
+
+    fn dedups_against_older(&self) -> bool {
+        false
+    }
+
+    fn pool(&self) -> Arc<dyn Pool> {
+        self.pool.clone().expect("pool is open")
+    }
+
+    fn crash(&mut self) -> Arc<dyn Pool> {
+        let old = self.pool.take().expect("pool is open");
+        assert_eq!(
+            Arc::strong_count(&old),
+            1,
+            "drop every user of the pool before the crash"
+        );
+        drop(old);
+        self.pool = Some(Arc::new(
+            storage::RbdPool::open(&self.dir.path().join("pool")).unwrap(),
+        ));
+        self.pool()
+    }
+}
+
 /// `lvm_thin` on a thin pool of a volume group of its own (LV names are unique per VG,
 /// and the tests run in parallel), on a loop device over a sparse file in
 /// `$QUBES_LVM_TEST_DIR` (set by `lvm_thin.rs` inside the VM harness); removed on drop.
@@ -357,6 +504,12 @@ impl LvmThin {
 impl Backend for LvmThin {
     fn name(&self) -> &'static str {
         "lvm_thin"
+    }
+
+    /// dm-thin shares blocks only between snapshots: an import shares the chunks of an
+    /// older version (`dedup_against`), not equal chunks inside one image.
+    fn dedups_within_image(&self) -> bool {
+        false
     }
 
     fn pool(&self) -> Arc<dyn Pool> {

@@ -68,3 +68,4 @@ all_model_tests!(mem, backends::Mem::new());
 all_model_tests!(thin, backends::Thin::new());
 all_model_tests!(reflink_xfs, backends::Reflink::xfs());
 all_model_tests!(reflink_btrfs, backends::Reflink::btrfs());
+all_model_tests!(rbd, backends::Rbd::new());

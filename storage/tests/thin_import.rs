@@ -254,3 +254,83 @@ fn a_running_qubes_flush_does_not_wait_for_volume_import() {
     assert!(back == image, "the imported root differs");
     assert!(pool.verify().unwrap().is_clean());
 }
+
+/// The model lock is not held while an import copies: another qube starts and stops and
+/// the qubes are listed meanwhile; a second import into the same volume is refused; and
+/// a qube started under the import makes it fail at its commit, leaving nothing staged.
+#[test]
+fn other_qubes_start_and_stop_while_an_import_copies() {
+    use storage::qubes::{ModelError, QubeClass, Volumes};
+    let dir = tempfile::tempdir().unwrap();
+    let pool = pool(dir.path());
+    let shared: std::sync::Arc<dyn Pool> = pool.clone();
+    let v = std::sync::Arc::new(Volumes::new(shared));
+    v.create_qube("deb", QubeClass::TemplateVM, None).unwrap();
+    v.create_qube("work", QubeClass::StandaloneVM, None)
+        .unwrap();
+    let held_import = |qube: &'static str| {
+        let (tell, paused) = mpsc::channel();
+        let (release, wait) = mpsc::channel();
+        let v = v.clone();
+        let t = std::thread::spawn(move || {
+            let mut r = PausingReader {
+                first: pattern(3, FIRST),
+                rest: pattern(4, 1 << 20),
+                pos: 0,
+                paused: Some((tell, wait)),
+            };
+            v.import(qube, "root", &mut r, (FIRST + (1 << 20)) as u64)
+        });
+        paused.recv().unwrap();
+        (t, release)
+    };
+    let (importer, release) = held_import("deb");
+    let (done_tx, done_rx) = mpsc::channel();
+    {
+        let v = v.clone();
+        std::thread::spawn(move || {
+            let r = (|| {
+                v.start("work")?;
+                let n = v.list_qubes()?.len();
+                v.stop("work")?;
+                Ok::<_, ModelError>(n)
+            })();
+            let _ = done_tx.send(r);
+        });
+    }
+    let Ok(other) = done_rx.recv_timeout(Duration::from_secs(20)) else {
+        release.send(()).unwrap();
+        let _ = importer.join();
+        panic!("work's start waited for deb's import to finish");
+    };
+    assert_eq!(other.unwrap(), 2);
+    let second = v.import("deb", "root", &mut std::io::empty(), 0);
+    release.send(()).unwrap();
+    importer.join().unwrap().unwrap();
+    assert!(
+        matches!(second, Err(ModelError::Busy { .. })),
+        "a second import into deb:root while one copies: {second:?}"
+    );
+
+    // The importing qube itself started meanwhile: the import must not commit under it.
+    let (importer, release) = held_import("work");
+    v.start("work").unwrap();
+    release.send(()).unwrap();
+    let r = importer.join().unwrap();
+    assert!(
+        matches!(
+            r,
+            Err(ModelError::Running { .. } | ModelError::Dirty { .. })
+        ),
+        "an import committed into a running qube: {r:?}"
+    );
+    v.stop("work").unwrap();
+    let staged = pool
+        .list_volumes()
+        .unwrap()
+        .into_iter()
+        .filter(|i| i.key.contains("import"))
+        .count();
+    assert_eq!(staged, 0, "the failed import left its staging volume");
+    assert!(pool.verify().unwrap().is_clean());
+}

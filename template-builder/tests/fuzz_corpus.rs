@@ -2,51 +2,7 @@
 //! targets use, plus a few thousand cheap deterministic mutations of each, so parser
 //! regressions show up in a plain `cargo test` (no nightly, no libFuzzer).
 
-use std::path::PathBuf;
-
-fn corpus(target: &str) -> Vec<(PathBuf, Vec<u8>)> {
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("fuzz/corpus")
-        .join(target);
-    let mut v: Vec<_> = std::fs::read_dir(&dir)
-        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.is_file())
-        .map(|p| {
-            let d = std::fs::read(&p).unwrap();
-            (p, d)
-        })
-        .collect();
-    v.sort();
-    assert!(!v.is_empty(), "empty corpus for {target}");
-    v
-}
-
-fn mutate(seed: &[u8], rounds: u32, mut f: impl FnMut(&[u8])) {
-    let mut x: u64 = 0x2545_f491_4f6c_dd1d ^ seed.len() as u64;
-    let mut next = move || {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        x
-    };
-    for _ in 0..rounds {
-        let mut d = seed.to_vec();
-        for _ in 0..(next() % 4 + 1) {
-            if d.is_empty() {
-                break;
-            }
-            let i = (next() % d.len() as u64) as usize;
-            match next() % 4 {
-                0 => d[i] ^= 1 << (next() % 8),
-                1 => d[i] = next() as u8,
-                2 => d.truncate(i),
-                _ => d.insert(i, next() as u8),
-            }
-        }
-        f(&d);
-    }
-}
+use std::path::{Path, PathBuf};
 
 /// A small valid package (two data chunks, a duplicate, zeros, a kernel): the seed that
 /// gets mutations past the header and manifest checks. `WRITE_FUZZ_SEED=1` stores it
@@ -83,11 +39,11 @@ fn package_corpus() {
         let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus/package/valid_small");
         std::fs::write(p, &seed).unwrap();
     }
-    let mut all = corpus("package");
-    all.push(("(built in this test)".into(), seed));
-    for (p, d) in all {
-        eprintln!("{}", p.display());
-        template_builder::package::fuzz_package(&d);
-        mutate(&d, 300, template_builder::package::fuzz_package);
-    }
+    corpus_replay::replay(
+        Path::new(env!("CARGO_MANIFEST_DIR")),
+        "package",
+        vec![("(built in this test)".into(), seed)],
+        300,
+        template_builder::package::fuzz_package,
+    );
 }

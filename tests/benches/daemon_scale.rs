@@ -7,9 +7,13 @@
 //! as the daemon answers them on the admin socket and as the CLI sees them (a process
 //! per command, as a user runs it).
 //!
+//! First, PARALLEL qubes started one after another, then all at once (a client thread
+//! each), and shut down the same ways: the daemon runs requests on different qubes in
+//! parallel, so "all at once" should take about the slowest one, not the sum.
+//!
 //! `cargo bench -p e2e-tests --bench daemon_scale` (builds nothing itself: run
 //! `cargo build --release -p qubes-ctl` first, or set QUBES_CTL_BIN). Environment:
-//! `LEVELS=10,200,1000`, `ROUNDS=100`, `IDLE_SECS=5`.
+//! `LEVELS=10,200,1000`, `ROUNDS=100`, `IDLE_SECS=5`, `PARALLEL=20`.
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
@@ -19,7 +23,14 @@ use std::time::{Duration, Instant};
 use e2e_tests::{pattern, Ctl};
 use serde_json::{json, Value};
 
-fn call(sock: &Path, req: Value) -> Value {
+/// One request, in the protocol version the daemon's ping names.
+fn call(sock: &Path, mut req: Value) -> Value {
+    static PROTOCOL: std::sync::OnceLock<Value> = std::sync::OnceLock::new();
+    if req["op"] != "ping" {
+        req["v"] = PROTOCOL
+            .get_or_init(|| call(sock, json!({"op": "ping"}))["protocol"].clone())
+            .clone();
+    }
     let mut s = UnixStream::connect(sock).expect("connecting to the admin socket");
     let mut line = req.to_string();
     line.push('\n');
@@ -64,6 +75,41 @@ fn pct(sorted: &[f64], p: f64) -> f64 {
     sorted[i.min(sorted.len() - 1)]
 }
 
+/// Starts and shuts down q0..qN sequentially, then all at once; prints the wall times.
+fn parallel_starts(sock: &Path, n: usize) {
+    if n == 0 {
+        return;
+    }
+    let each = |op: &str, name: String| match op {
+        "start" => json!({"op": "qube_start", "name": name, "hypervisor": "none"}),
+        _ => json!({"op": "qube_shutdown", "name": name, "timeout_secs": 10, "kill": false}),
+    };
+    let sequential = |op: &str| {
+        let t = Instant::now();
+        for i in 0..n {
+            call(sock, each(op, format!("q{i}")));
+        }
+        t.elapsed()
+    };
+    let parallel = |op: &str| {
+        let t = Instant::now();
+        std::thread::scope(|s| {
+            for i in 0..n {
+                let req = each(op, format!("q{i}"));
+                s.spawn(move || call(sock, req));
+            }
+        });
+        t.elapsed()
+    };
+    let (ss, sd) = (sequential("start"), sequential("shutdown"));
+    let (ps, pd) = (parallel("start"), parallel("shutdown"));
+    println!("| {n} qubes | one after another | all at once |");
+    println!("|---|---:|---:|");
+    println!("| start | {ss:.1?} | {ps:.1?} |");
+    println!("| shutdown | {sd:.1?} | {pd:.1?} |");
+    println!();
+}
+
 fn main() {
     // `cargo bench` passes `--bench`; nothing else to parse.
     let levels: Vec<usize> = std::env::var("LEVELS")
@@ -98,6 +144,7 @@ fn main() {
         );
     }
     eprintln!("created {} qubes in {:.1?}", max + 2, t.elapsed());
+    parallel_starts(&sock, env_or("PARALLEL", 20).min(max));
     let probe_admin = format!("q{}", max);
     let probe_cli = format!("q{}", max + 1);
 

@@ -342,7 +342,63 @@ impl<X: XenStore, C: Connector> BlkifDevice<X, C> {
         self.xs
             .write(&p, &s.as_str())
             .map_err(store_err("write", &p))?;
+        // One line per transition: the daemon's log shows how each device opened/closed.
+        tracing::info!(
+            backend = self.backend,
+            state = s as u32,
+            "blkif backend state"
+        );
         self.state = s;
+        Ok(())
+    }
+
+    /// Takes over a device an earlier backend process published (daemon restart): the
+    /// nodes, the features and the frontend's ring stay in xenstore and in the guest, so
+    /// a device that was Connected is connected again at once (ring mapped anew, event
+    /// channel bound again: the old process's end was closed when it died, which leaves
+    /// the guest's port unbound and bindable), and the requests it had not answered are
+    /// served from the ring (`BackRing::attach` starts at the published responses).
+    /// Other states carry on through [`Self::on_change`] as for a fresh device.
+    pub fn resume(&mut self) -> Result<(), XenbusError> {
+        let bstate = format!("{}/state", self.backend);
+        let be = self
+            .xs
+            .read(&bstate)
+            .map_err(store_err("read", &bstate))?
+            .ok_or(XenbusError::MissingNode {
+                path: self.backend.clone(),
+                node: "state",
+            })?;
+        match State::parse(&be) {
+            State::Connected => {
+                let fpath = format!("{}/state", self.frontend);
+                let fe = self.xs.read(&fpath).map_err(store_err("read", &fpath))?;
+                let fe = fe.map(|f| State::parse(&f));
+                if !matches!(fe, Some(State::Initialised | State::Connected)) {
+                    // The frontend left while no backend watched: let on_change close.
+                    self.state = State::Connected;
+                    return Ok(());
+                }
+                match self
+                    .frontend_params()
+                    .and_then(|p| self.connector.connect(&p))
+                {
+                    Ok(r) => {
+                        tracing::info!(backend = self.backend, "blkif ring connected again");
+                        self.running = Some(r);
+                        self.state = State::Connected;
+                    }
+                    Err(e) => {
+                        tracing::warn!(backend = self.backend, "blkif reconnect failed: {e}");
+                        let p = format!("{}/error", self.backend);
+                        self.xs.write(&p, &e).map_err(store_err("write", &p))?;
+                        self.set_state(State::Closing)?;
+                    }
+                }
+            }
+            State::Initialising | State::Unknown => self.start()?,
+            s => self.state = s,
+        }
         Ok(())
     }
 
@@ -460,7 +516,9 @@ impl<X: XenStore, C: Connector> BlkifDevice<X, C> {
         let Some(fe) = fe else {
             // The frontend's directory is gone: the domain died or was destroyed.
             self.disconnect();
-            self.set_state(State::Closed)?;
+            if self.state != State::Closed {
+                self.set_state(State::Closed)?;
+            }
             return Ok(Outcome::Gone);
         };
         match State::parse(&fe) {
@@ -557,6 +615,14 @@ pub struct DevicePaths {
 /// which a loaded kernel xen-blkback takes, nor `vbd3`/`qdisk` (tapdisk3, QEMU).
 pub const BACKEND_KIND: &str = "qubes-vbd";
 
+/// Where [`add_device`] puts the nodes of device `devid` of domain `domid`.
+pub fn device_paths(backend_domid: u32, domid: u32, devid: u32) -> DevicePaths {
+    DevicePaths {
+        backend: format!("/local/domain/{backend_domid}/backend/{BACKEND_KIND}/{domid}/{devid}"),
+        frontend: format!("/local/domain/{domid}/device/vbd/{devid}"),
+    }
+}
+
 /// Writes the nodes a toolstack writes for a vbd (what libxl's device add does), for a
 /// domain created paused (`xl create -p`) whose disk our daemon serves: backend
 /// directory owned by the backend domain and readable by the guest, frontend directory
@@ -572,8 +638,7 @@ pub fn add_device<X: XenStore>(
     read_only: bool,
     params: &str,
 ) -> io::Result<DevicePaths> {
-    let backend = format!("/local/domain/{backend_domid}/backend/{BACKEND_KIND}/{domid}/{devid}");
-    let frontend = format!("/local/domain/{domid}/device/vbd/{devid}");
+    let DevicePaths { backend, frontend } = device_paths(backend_domid, domid, devid);
     let mode = if read_only { "r" } else { "w" };
     let mut nodes: Vec<(String, String)> = [
         ("frontend", frontend.clone()),

@@ -47,7 +47,7 @@ impl Controller {
         }
     }
 
-    pub(super) fn template_repo(&mut self, action: RepoAction) -> Result<Value> {
+    pub(super) fn template_repo(&self, action: RepoAction) -> Result<Value> {
         match action {
             RepoAction::Trust { pubkey } => {
                 let vk = trepo::load_public(std::path::Path::new(&pubkey))?;
@@ -163,7 +163,7 @@ impl Controller {
     }
 
     fn repo_install(
-        &mut self,
+        &self,
         mode: InstallMode,
         spec: Option<String>,
         repos: &[String],
@@ -199,7 +199,7 @@ impl Controller {
     }
 
     fn install_one(
-        &mut self,
+        &self,
         mode: InstallMode,
         name: &str,
         version: Option<String>,
@@ -267,7 +267,7 @@ impl Controller {
         self.fetch_and_install(repo, entry)
     }
 
-    fn fetch_and_install(&mut self, repo: &Repo, entry: &IndexEntry) -> Result<Value> {
+    fn fetch_and_install(&self, repo: &Repo, entry: &IndexEntry) -> Result<Value> {
         let name = entry.name.clone();
         let used_before = self.pool().info()?.data_used;
         let cache = self.paths.cache_dir().join("downloads");
@@ -368,11 +368,14 @@ impl Controller {
             fingerprint: m.fingerprint.clone(),
             repo: repo.source.url().into(),
         };
-        self.pool().set_meta(
-            &format!("{INSTALLED}{name}"),
-            Some(&serde_json::to_string(&inst)?),
-        )?;
-        self.pool().commit()?;
+        {
+            let _txn = self.txn();
+            self.pool().set_meta(
+                &format!("{INSTALLED}{name}"),
+                Some(&serde_json::to_string(&inst)?),
+            )?;
+            self.pool().commit()?;
+        }
         let used_after = self.pool().info()?.data_used;
         let transfer = json!({
             "package_bytes": entry.size,

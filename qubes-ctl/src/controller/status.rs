@@ -9,7 +9,7 @@ impl Controller {
     /// running qubes, and the pool's usage (left out if the pool cannot say).
     pub(crate) fn serving_stats(&self) -> Value {
         let (mut conns, mut reqs) = (0usize, 0u64);
-        for s in self.served.values() {
+        for s in self.served().values() {
             conns += s.server.active_connections();
             reqs += s.server.requests_served();
         }

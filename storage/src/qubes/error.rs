@@ -49,6 +49,8 @@ pub enum ModelError {
     InUse { qube: String, users: String },
     #[error("volume {qube}:{volume} holds writes of a run that was not committed (qube {qube} runs, or the controller stopped while it ran); start and stop qube {qube} to commit them, or drop them with `qubes-ctl volume discard {qube}:{volume}`")]
     Dirty { qube: String, volume: String },
+    #[error("an import into {qube}:{volume} is under way; wait for it to finish, then try again")]
+    Busy { qube: String, volume: String },
     #[error("volume {qube}:{volume} has no revision to revert to (it keeps {keep}; raise it with `qubes-ctl volume config {qube}:{volume} revisions_to_keep N`)")]
     NoRevisions {
         qube: String,

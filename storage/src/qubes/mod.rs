@@ -226,34 +226,51 @@ impl Drop for Txn<'_> {
     }
 }
 
+/// What every `Volumes` over one pool shares: the model lock (one transaction at a
+/// time) and the volumes whose import is copying outside it.
+#[derive(Default)]
+struct Shared {
+    lock: Mutex<()>,
+    importing: Mutex<BTreeSet<String>>,
+}
+
 /// The volume model over one pool. Cheap to clone; clones share the serialising lock.
 #[derive(Clone)]
 pub struct Volumes {
     pool: Arc<dyn Pool>,
-    lock: Arc<Mutex<()>>,
+    shared: Arc<Shared>,
+}
+
+/// Marks `qube:vol` as importing until dropped.
+struct Importing<'a>(&'a Shared, String);
+
+impl Drop for Importing<'_> {
+    fn drop(&mut self) {
+        self.0.importing.lock().remove(&self.1);
+    }
 }
 
 impl Volumes {
     /// Every `Volumes` over the same pool object shares one lock, so a caller that makes a
     /// new `Volumes` per request still gets one transaction at a time.
     pub fn new(pool: Arc<dyn Pool>) -> Self {
-        static LOCKS: Mutex<Vec<(usize, Weak<Mutex<()>>)>> = Mutex::new(Vec::new());
+        static LOCKS: Mutex<Vec<(usize, Weak<Shared>)>> = Mutex::new(Vec::new());
         let addr = Arc::as_ptr(&pool) as *const () as usize;
         let mut locks = LOCKS.lock();
         locks.retain(|(_, w)| w.strong_count() > 0);
-        let lock = match locks
+        let shared = match locks
             .iter()
             .find(|(a, _)| *a == addr)
             .and_then(|(_, w)| w.upgrade())
         {
             Some(l) => l,
             None => {
-                let l = Arc::new(Mutex::new(()));
+                let l = Arc::new(Shared::default());
                 locks.push((addr, Arc::downgrade(&l)));
                 l
             }
         };
-        Volumes { pool, lock }
+        Volumes { pool, shared }
     }
 
     pub fn pool(&self) -> &Arc<dyn Pool> {
@@ -489,7 +506,7 @@ impl Volumes {
         if let Some(t) = template {
             validate_name("template", t)?;
         }
-        let _g = self.lock.lock();
+        let _g = self.shared.lock.lock();
         match self.load(name) {
             Ok(_) => return Err(ModelError::QubeExists { qube: name.into() }),
             Err(ModelError::NoSuchQube { .. }) => {}
@@ -582,7 +599,7 @@ impl Volumes {
     pub fn clone_qube(&self, src: &str, dst: &str) -> Result<QubeVolumes, ModelError> {
         validate_name("qube", src)?;
         validate_name("qube", dst)?;
-        let _g = self.lock.lock();
+        let _g = self.shared.lock.lock();
         let s = self.load(src)?;
         match self.load(dst) {
             Ok(_) => return Err(ModelError::QubeExists { qube: dst.into() }),
@@ -612,7 +629,7 @@ impl Volumes {
     }
 
     pub fn remove_qube(&self, name: &str) -> Result<(), ModelError> {
-        let _g = self.lock.lock();
+        let _g = self.shared.lock.lock();
         self.load(name)?;
         if self.marked_running(name)? {
             return Err(ModelError::Running {
@@ -650,7 +667,7 @@ impl Volumes {
     }
 
     pub fn qube(&self, name: &str) -> Result<QubeVolumes, ModelError> {
-        let _g = self.lock.lock();
+        let _g = self.shared.lock.lock();
         self.load(name)
     }
 
@@ -666,12 +683,12 @@ impl Volumes {
     }
 
     pub fn list_qubes(&self) -> Result<Vec<QubeVolumes>, ModelError> {
-        let _g = self.lock.lock();
+        let _g = self.shared.lock.lock();
         self.list_qubes_unlocked()
     }
 
     pub fn start(&self, name: &str) -> Result<Vec<StartedVolume>, ModelError> {
-        let _g = self.lock.lock();
+        let _g = self.shared.lock.lock();
         let q = self.load(name)?;
         let mut vols: Vec<&VolumeConfig> = q.volumes.iter().collect();
         vols.sort_by_key(|v| volume_rank(&v.name));
@@ -745,7 +762,7 @@ impl Volumes {
     }
 
     pub fn stop(&self, name: &str) -> Result<(), ModelError> {
-        let _g = self.lock.lock();
+        let _g = self.shared.lock.lock();
         let q = self.load(name)?;
         if !self.marked_running(name)? {
             return Err(ModelError::NotRunning { qube: name.into() });
@@ -768,13 +785,13 @@ impl Volumes {
     }
 
     pub fn is_running(&self, name: &str) -> Result<bool, ModelError> {
-        let _g = self.lock.lock();
+        let _g = self.shared.lock.lock();
         self.load(name)?;
         self.marked_running(name)
     }
 
     pub fn running_qubes(&self) -> Result<Vec<String>, ModelError> {
-        let _g = self.lock.lock();
+        let _g = self.shared.lock.lock();
         let keys = self
             .p()
             .meta_keys(META_RUNNING)
@@ -787,7 +804,7 @@ impl Volumes {
     }
 
     pub fn volume_status(&self, qube: &str, vol: &str) -> Result<VolumeStatus, ModelError> {
-        let _g = self.lock.lock();
+        let _g = self.shared.lock.lock();
         let q = self.load(qube)?;
         let v = Self::volume_of(&q, vol)?;
         let head = head_key(qube, vol);
@@ -866,7 +883,7 @@ impl Volumes {
     }
 
     pub fn revert(&self, qube: &str, vol: &str, revision: Option<&str>) -> Result<(), ModelError> {
-        let _g = self.lock.lock();
+        let _g = self.shared.lock.lock();
         let q = self.load(qube)?;
         let v = self.check_replaceable(&q, vol, "revert", "revert its volumes")?;
         if let Some(id) = revision {
@@ -910,7 +927,7 @@ impl Volumes {
     }
 
     pub fn discard(&self, qube: &str, vol: &str) -> Result<(), ModelError> {
-        let _g = self.lock.lock();
+        let _g = self.shared.lock.lock();
         let q = self.load(qube)?;
         let v = Self::volume_of(&q, vol)?;
         if !v.save_on_stop {
@@ -937,7 +954,7 @@ impl Volumes {
         size: u64,
         allow_shrink: bool,
     ) -> Result<(), ModelError> {
-        let _g = self.lock.lock();
+        let _g = self.shared.lock.lock();
         let mut q = self.load(qube)?;
         let v = Self::volume_of(&q, vol)?.clone();
         if v.snap_on_start {
@@ -973,6 +990,11 @@ impl Volumes {
         txn.commit(&format!("resizing {qube}:{vol}"))
     }
 
+    /// The model lock is held only to check and to commit, not while the image is
+    /// copied: a long import does not hold back the starts, stops and listings of other
+    /// qubes. The checks are made again before the commit (the qube may have started or
+    /// gone meanwhile), and a second import into the same volume is refused while one
+    /// copies.
     pub fn import(
         &self,
         qube: &str,
@@ -980,34 +1002,60 @@ impl Volumes {
         image: &mut dyn Read,
         size: u64,
     ) -> Result<ImportStats, ModelError> {
-        let _g = self.lock.lock();
-        let mut q = self.load(qube)?;
-        let v = self
-            .check_replaceable(&q, vol, "import into", "import into its volumes")?
-            .clone();
         let head = head_key(qube, vol);
         let staging = revision_key(qube, vol, IMPORT);
-        // The image goes into the staging volume outside the transaction (no
-        // `Pool::batch`): guests' FLUSHes may commit it part-way, which is harmless for a
-        // staging key and keeps their I/O flowing during a long import. The model lock
-        // keeps the head unchanged meanwhile.
-        if self.exists(&staging)? {
-            self.p()
-                .remove_volume(&staging)
-                .map_err(ModelError::pool("removing a stale import", &staging))?;
-        }
-        let opts = ImportOptions {
-            dedup: true,
-            dedup_against: self.exists(&head)?.then(|| head.clone()),
+        let (_importing, opts) = {
+            let _g = self.shared.lock.lock();
+            let q = self.load(qube)?;
+            self.check_replaceable(&q, vol, "import into", "import into its volumes")?;
+            let mark = format!("{qube}:{vol}");
+            if !self.shared.importing.lock().insert(mark.clone()) {
+                return Err(ModelError::Busy {
+                    qube: qube.into(),
+                    volume: vol.into(),
+                });
+            }
+            let importing = Importing(&self.shared, mark);
+            // The image goes into the staging volume outside the transaction (no
+            // `Pool::batch`): guests' FLUSHes may commit it part-way, which is harmless
+            // for a staging key and keeps their I/O flowing during a long import.
+            if self.exists(&staging)? {
+                self.p()
+                    .remove_volume(&staging)
+                    .map_err(ModelError::pool("removing a stale import", &staging))?;
+            }
+            let opts = ImportOptions {
+                dedup: true,
+                dedup_against: self.exists(&head)?.then(|| head.clone()),
+            };
+            (importing, opts)
         };
-        let stats = match self.p().import_volume(&staging, image, size, &opts) {
+        let copied = self.p().import_volume(&staging, image, size, &opts);
+        let _g = self.shared.lock.lock();
+        let drop_staging = || {
+            // A driver may have staged part of the volume before the reader failed.
+            if self.p().exists(&staging).unwrap_or(false) {
+                let _ = self.p().remove_volume(&staging);
+            }
+        };
+        let stats = match copied {
             Ok(s) => s,
             Err(e) => {
-                // A driver may have staged part of the volume before the reader failed.
-                if self.p().exists(&staging).unwrap_or(false) {
-                    let _ = self.p().remove_volume(&staging);
-                }
+                drop_staging();
                 return Err(ModelError::pool("importing", format!("{qube}:{vol}"))(e));
+            }
+        };
+        let checked = self.load(qube).and_then(|q| {
+            let v = self
+                .check_replaceable(&q, vol, "import into", "import into its volumes")?
+                .clone();
+            Ok((q, v))
+        });
+        let (mut q, v) = match checked {
+            Ok(qv) => qv,
+            Err(e) => {
+                drop_staging();
+                return Err(e);
             }
         };
         let mut txn = Txn::new(self.p());
@@ -1068,7 +1116,7 @@ impl Volumes {
     }
 
     pub fn set_revisions_to_keep(&self, qube: &str, vol: &str, n: u32) -> Result<(), ModelError> {
-        let _g = self.lock.lock();
+        let _g = self.shared.lock.lock();
         let mut q = self.load(qube)?;
         Self::volume_of(&q, vol)?;
         let mut txn = Txn::new(self.p());

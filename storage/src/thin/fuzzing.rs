@@ -12,8 +12,10 @@ use super::format::*;
 /// Decodes one sealed page of the kind the first byte picks.
 pub fn meta_page(data: &[u8]) {
     if data.len() >= PAGE_SIZE {
+        let page: &[u8; PAGE_SIZE] = data[..PAGE_SIZE].try_into().expect("one page");
         for k in PageKind::ALL {
-            let _ = open(k, PageNo(2), &data[..PAGE_SIZE]);
+            let _ = open(k, PageRef::of(page), page);
+            let _ = open_unrooted(k, PageNo(2), page);
         }
     }
     let Some((&k, rest)) = data.split_first() else {
@@ -36,8 +38,10 @@ pub fn meta_page(data: &[u8]) {
     let ctx = word(1);
     let payload = rest.get(16..).unwrap_or(&[]);
     let payload = &payload[..payload.len().min(PAYLOAD_SIZE)];
-    let buf = seal(kind, page, payload);
-    let buf = &buf[..];
+    let sealed = seal(kind, page, ctx | 1, payload);
+    let buf = &sealed[..];
+    // The pointer a parent would record, so the decoders get past the lost-write check.
+    let r = PageRef::of(&sealed);
     // Bounds the decoders check against: the metadata high-water mark, the data chunk
     // count, the sub-blocks per chunk.
     let (meta_hw, data_chunks, subs) =
@@ -50,19 +54,19 @@ pub fn meta_page(data: &[u8]) {
         | PageKind::MetaRcInterior
         | PageKind::DataRcInterior
         | PageKind::RootsInterior => {
-            let _ = unpack_interior(kind, page, buf, meta_hw);
+            let _ = unpack_interior(kind, r, buf, meta_hw);
         }
         PageKind::MapLeaf => {
-            let _ = unpack_map_leaf(page, buf, data_chunks, subs);
+            let _ = unpack_map_leaf(r, buf, data_chunks, subs);
         }
         PageKind::MetaRcLeaf | PageKind::DataRcLeaf => {
-            let _ = unpack_rc_leaf(kind, page, buf);
+            let _ = unpack_rc_leaf(kind, r, buf);
         }
         PageKind::RootsLeaf => {
-            let _ = unpack_roots_leaf(page, buf, meta_hw);
+            let _ = unpack_roots_leaf(r, buf, meta_hw);
         }
         PageKind::Catalogue => {
-            if let Ok((_, bytes)) = unpack_catalogue(page, buf, meta_hw) {
+            if let Ok((_, bytes)) = unpack_catalogue(r, buf, meta_hw) {
                 let _ = serde_json::from_slice::<super::meta::CatalogueDoc>(&bytes);
             }
         }

@@ -255,7 +255,7 @@ impl ThinPool {
             let placed = r.map_err(|e| self.perr(e))?;
             for p in &placed {
                 if let Placed::New(c, _) = p {
-                    m.inflight.insert(c.0);
+                    m.inflight.insert(*c);
                 }
             }
             placed
@@ -265,7 +265,7 @@ impl ThinPool {
             let mut m = self.state.lock();
             for p in &placed {
                 if let Placed::New(c, _) = p {
-                    m.inflight.remove(&c.0);
+                    m.inflight.remove(c);
                 }
             }
             if r.is_err() {
@@ -359,7 +359,7 @@ fn place_batch(
                 // (discarded in the source, the volume removed) may have been reused by
                 // another volume after a commit.
                 let still = match src {
-                    None => m.data_rc(c.0)? > 0,
+                    None => m.data_rc(c)? > 0,
                     Some((sid, svc)) => {
                         let cs = m.geo.chunk_size;
                         match m.vol(sid).map(|v| v.size.div_ceil(cs)) {

@@ -23,12 +23,13 @@ pub(crate) fn read_catalogue(
     while !p.is_null() {
         if pages.len() as u64 > sb.meta_hw {
             return Err(Error::Inconsistent(format!(
-                "catalogue chain loops at page {p}"
+                "catalogue chain loops at page {}",
+                p.page
             )));
         }
-        let buf = read_page(file, p)?;
+        let buf = read_page(file, p.page)?;
         let (next, chunk) = unpack_catalogue(p, &buf[..], sb.meta_hw)?;
-        pages.push(p.0);
+        pages.push(p.page.0);
         bytes.extend_from_slice(&chunk);
         p = next;
     }
@@ -47,8 +48,31 @@ pub(crate) fn read_catalogue(
 
 const MAX_MESSAGES: usize = 200;
 
-/// Called with (page, first index, page bytes) for each leaf of an array tree.
-type LeafFn<'a, 'b> = dyn FnMut(&mut Walk<'b>, u64, u64, &[u8]) + 'a;
+/// Called with (pointer, first index, page bytes) for each leaf of an array tree.
+type LeafFn<'a, 'b> = dyn FnMut(&mut Walk<'b>, PageRef, u64, &[u8]) + 'a;
+
+/// What to do about a page that failed to decode, for the report: a stale page (lost
+/// write) is not damage a re-read fixes, say so.
+fn with_fix(e: &FormatError, scope: Scope) -> String {
+    match (e, scope) {
+        (FormatError::Stale { .. }, Scope::Volume) => format!(
+            "{e}. The volume's map (and that of every volume this error names) cannot be \
+             trusted: check the disk under pool.meta (dmesg, SMART), then remove the volume \
+             and restore it from a backup or recreate it"
+        ),
+        (FormatError::Stale { .. }, Scope::Pool) => format!(
+            "{e}. The pool's bookkeeping cannot be trusted: check the disk under pool.meta \
+             (dmesg, SMART), then restore pool.meta and pool.data from a backup"
+        ),
+        _ => e.to_string(),
+    }
+}
+
+#[derive(Clone, Copy)]
+enum Scope {
+    Volume,
+    Pool,
+}
 
 struct Walk<'a> {
     file: &'a dyn BlockFile,
@@ -120,35 +144,36 @@ impl<'f> Walk<'f> {
         if root.page.is_null() {
             return;
         }
-        let mut stack = vec![(root.page.0, root.height - 1, 0u64)];
-        while let Some((p, level, base)) = stack.pop() {
+        let mut stack = vec![(root.page, root.height - 1, 0u64)];
+        while let Some((r, level, base)) = stack.pop() {
             let kind = if level == 0 { leaf_kind } else { interior };
-            if !self.reference(p, kind, name) {
+            if !self.reference(r.page.0, kind, name) {
                 continue;
             }
-            let Some(buf) = self.read(p, name) else {
+            let Some(buf) = self.read(r.page.0, name) else {
                 continue;
             };
             if level == 0 {
-                leaf(self, p, base, &buf[..]);
+                leaf(self, r, base, &buf[..]);
                 continue;
             }
-            match unpack_interior(interior, PageNo(p), &buf[..], self.sb.meta_hw) {
+            match unpack_interior(interior, r, &buf[..], self.sb.meta_hw) {
                 Ok(children) => {
                     let span = per_leaf * (INTERIOR_FANOUT as u64).pow(level - 1);
                     for (i, c) in children.into_iter().enumerate() {
-                        if c != 0 {
+                        if !c.is_null() {
                             stack.push((c, level - 1, base + i as u64 * span));
                         }
                     }
                 }
-                Err(e) => self.error(format!("{name}: {e}")),
+                Err(e) => self.error(format!("{name}: {}", with_fix(&e, Scope::Pool))),
             }
         }
     }
 
     /// Walks a block map node; returns the mapped entries below it.
-    fn map(&mut self, p: u64, level: u32, key: &str) -> u64 {
+    fn map(&mut self, r: PageRef, level: u32, key: &str) -> u64 {
+        let p = r.page.0;
         let kind = if level == 0 {
             PageKind::MapLeaf
         } else {
@@ -163,7 +188,7 @@ impl<'f> Walk<'f> {
         };
         let mut mapped = 0;
         if level == 0 {
-            match unpack_map_leaf(PageNo(p), &buf[..], self.geo.data_chunks, self.geo.subs) {
+            match unpack_map_leaf(r, &buf[..], self.geo.data_chunks, self.geo.subs) {
                 Ok(entries) => {
                     for e in entries {
                         for c in [e.chunk, e.backing] {
@@ -174,16 +199,16 @@ impl<'f> Walk<'f> {
                         mapped += e.is_mapped() as u64;
                     }
                 }
-                Err(e) => self.error(format!("volume {key}: {e}")),
+                Err(e) => self.error(format!("volume {key}: {}", with_fix(&e, Scope::Volume))),
             }
         } else {
-            match unpack_interior(PageKind::MapInterior, PageNo(p), &buf[..], self.sb.meta_hw) {
+            match unpack_interior(PageKind::MapInterior, r, &buf[..], self.sb.meta_hw) {
                 Ok(children) => {
-                    for c in children.into_iter().filter(|&c| c != 0) {
+                    for c in children.into_iter().filter(|c| !c.is_null()) {
                         mapped += self.map(c, level - 1, key);
                     }
                 }
-                Err(e) => self.error(format!("volume {key}: {e}")),
+                Err(e) => self.error(format!("volume {key}: {}", with_fix(&e, Scope::Volume))),
             }
         }
         self.mapped_below.insert(p, mapped);
@@ -215,16 +240,16 @@ pub(crate) fn verify(
 
     // Catalogue.
     let mut doc = None;
-    let mut p = sb.catalogue.0;
+    let mut p = sb.catalogue;
     let mut bytes = Vec::new();
     loop {
-        if !w.reference(p, PageKind::Catalogue, "catalogue") {
+        if !w.reference(p.page.0, PageKind::Catalogue, "catalogue") {
             break;
         }
-        let Some(buf) = w.read(p, "catalogue") else {
+        let Some(buf) = w.read(p.page.0, "catalogue") else {
             break;
         };
-        match unpack_catalogue(PageNo(p), &buf[..], sb.meta_hw) {
+        match unpack_catalogue(p, &buf[..], sb.meta_hw) {
             Ok((next, b)) => {
                 bytes.extend_from_slice(&b);
                 if next.is_null() {
@@ -239,10 +264,10 @@ pub(crate) fn verify(
                     }
                     break;
                 }
-                p = next.0;
+                p = next;
             }
             Err(e) => {
-                w.error(format!("catalogue: {e}"));
+                w.error(format!("catalogue: {}", with_fix(&e, Scope::Pool)));
                 break;
             }
         }
@@ -254,7 +279,7 @@ pub(crate) fn verify(
     let mut roots: BTreeMap<u64, RootEntry> = BTreeMap::new();
     let per = RC_LEAF_ENTRIES as u64;
     w.array(sb.meta_rc, PageKind::MetaRcInterior, PageKind::MetaRcLeaf, per, "metadata refcounts", &mut |w, p, base, buf| {
-        match unpack_rc_leaf(PageKind::MetaRcLeaf, PageNo(p), buf) {
+        match unpack_rc_leaf(PageKind::MetaRcLeaf, p, buf) {
             Ok(v) => {
                 for (i, c) in v.into_iter().enumerate() {
                     let idx = base + i as u64;
@@ -265,7 +290,7 @@ pub(crate) fn verify(
                     }
                 }
             }
-            Err(e) => w.error(format!("metadata refcounts: {e}")),
+            Err(e) => w.error(format!("metadata refcounts: {}", with_fix(&e, Scope::Pool))),
         }
     });
     w.array(
@@ -274,7 +299,7 @@ pub(crate) fn verify(
         PageKind::DataRcLeaf,
         per,
         "data refcounts",
-        &mut |w, p, base, buf| match unpack_rc_leaf(PageKind::DataRcLeaf, PageNo(p), buf) {
+        &mut |w, p, base, buf| match unpack_rc_leaf(PageKind::DataRcLeaf, p, buf) {
             Ok(v) => {
                 for (i, c) in v.into_iter().enumerate() {
                     let idx = base + i as u64;
@@ -288,7 +313,7 @@ pub(crate) fn verify(
                     }
                 }
             }
-            Err(e) => w.error(format!("data refcounts: {e}")),
+            Err(e) => w.error(format!("data refcounts: {}", with_fix(&e, Scope::Pool))),
         },
     );
     let rper = ROOTS_LEAF_ENTRIES as u64;
@@ -298,7 +323,7 @@ pub(crate) fn verify(
         PageKind::RootsLeaf,
         rper,
         "volume roots",
-        &mut |w, p, base, buf| match unpack_roots_leaf(PageNo(p), buf, sb.meta_hw) {
+        &mut |w, p, base, buf| match unpack_roots_leaf(p, buf, sb.meta_hw) {
             Ok(v) => {
                 for (i, e) in v.into_iter().enumerate() {
                     if e.present {
@@ -306,7 +331,7 @@ pub(crate) fn verify(
                     }
                 }
             }
-            Err(e) => w.error(format!("volume roots: {e}")),
+            Err(e) => w.error(format!("volume roots: {}", with_fix(&e, Scope::Pool))),
         },
     );
 
@@ -330,7 +355,7 @@ pub(crate) fn verify(
             let mapped = if r.root.is_null() {
                 0
             } else {
-                w.map(r.root.0, r.height - 1, &v.key)
+                w.map(r.root, r.height - 1, &v.key)
             };
             if mapped != r.mapped {
                 w.error(format!(
@@ -470,13 +495,69 @@ mod tests {
              .0
     }
 
+    /// The generation in a page's header.
+    fn gen_of(buf: &[u8; PAGE_SIZE]) -> u64 {
+        PageRef::of(buf).gen
+    }
+
+    /// Rewrites page `page` as `new` and re-seals every page pointing to it, up to the
+    /// superblocks, so the pool stays self-consistent page by page: damage a buggy
+    /// writer could do, which only the cross-checks of `verify` find.
+    fn forge(meta: &FaultyFile, page: u64, new: &[u8; PAGE_SIZE]) {
+        let old = read_page(meta, PageNo(page)).unwrap();
+        meta.corrupt(PageNo(page).offset(), &new[..]);
+        let bytes = |r: PageRef| {
+            let mut b = [0u8; REF_SIZE];
+            b[..8].copy_from_slice(&r.page.0.to_le_bytes());
+            b[8..16].copy_from_slice(&r.gen.to_le_bytes());
+            b[16..].copy_from_slice(&r.sum.to_le_bytes());
+            b
+        };
+        let (from, to) = (bytes(PageRef::of(&old)), bytes(PageRef::of(new)));
+        let pages = meta.image().len() / PAGE_SIZE as u64;
+        for q in (0..pages).filter(|&q| q != page) {
+            let buf = read_page(meta, PageNo(q)).unwrap();
+            let hits: Vec<usize> = buf[HEADER_SIZE..]
+                .windows(REF_SIZE)
+                .enumerate()
+                .filter(|(_, w)| *w == from)
+                .map(|(i, _)| HEADER_SIZE + i)
+                .collect();
+            if hits.is_empty() {
+                continue;
+            }
+            let mut body = *buf;
+            for i in hits {
+                body[i..i + REF_SIZE].copy_from_slice(&to);
+            }
+            let kind = PageKind::from_u32(u32::from_le_bytes(body[32..36].try_into().unwrap()));
+            let len = u32::from_le_bytes(body[48..52].try_into().unwrap()) as usize;
+            let resealed = seal(
+                kind.unwrap(),
+                PageNo(q),
+                gen_of(&buf),
+                &body[HEADER_SIZE..HEADER_SIZE + len],
+            );
+            forge(meta, q, &resealed);
+        }
+    }
+
+    /// Points the open pool at the superblock [`forge`] rewrote (`verify` checks the
+    /// committed state the pool holds in memory).
+    fn resync(p: &ThinPool, meta: &FaultyFile) {
+        let mut m = p.state.lock();
+        let slot = PageNo(m.sb.generation % 2);
+        m.sb = Superblock::unpack(slot, &read_page(meta, slot).unwrap()[..]).unwrap();
+    }
+
     fn rewrite_rc(meta: &FaultyFile, page: u64, kind: PageKind, f: impl FnOnce(&mut Vec<u32>)) {
         let buf = read_page(meta, PageNo(page)).unwrap();
-        let mut counts = unpack_rc_leaf(kind, PageNo(page), &buf[..]).unwrap();
+        let mut counts = unpack_rc_leaf(kind, PageRef::of(&buf), &buf[..]).unwrap();
         f(&mut counts);
-        meta.corrupt(
-            PageNo(page).offset(),
-            &pack_rc_leaf(kind, PageNo(page), &counts)[..],
+        forge(
+            meta,
+            page,
+            &pack_rc_leaf(kind, PageNo(page), gen_of(&buf), &counts),
         );
     }
 
@@ -487,6 +568,7 @@ mod tests {
         rewrite_rc(&meta, leaf, PageKind::DataRcLeaf, |c| {
             c[2] = 7; // referenced once (by the shared leaf)
         });
+        resync(&p, &meta);
         let r = p.verify().unwrap();
         assert!(
             r.errors
@@ -504,6 +586,7 @@ mod tests {
             .find(|q| !used.iter().any(|(x, _)| x.0 == *q))
             .expect("a freed page");
         rewrite_rc(&meta, leaf, PageKind::MetaRcLeaf, |c| c[free as usize] = 1);
+        resync(&p, &meta);
         let r = p.verify().unwrap();
         assert!(
             r.leaks
@@ -519,9 +602,10 @@ mod tests {
         // Chunk 3 loses its reference: the leaf entry is cleared behind the pool's back.
         let leaf = page_of(&p, PageKind::MapLeaf);
         let buf = read_page(&meta, PageNo(leaf)).unwrap();
-        let mut es = unpack_map_leaf(PageNo(leaf), &buf[..], 64, 1).unwrap();
+        let mut es = unpack_map_leaf(PageRef::of(&buf), &buf[..], 64, 1).unwrap();
         es[2] = MapEntry::UNMAPPED;
-        meta.corrupt(PageNo(leaf).offset(), &pack_map_leaf(PageNo(leaf), &es)[..]);
+        forge(&meta, leaf, &pack_map_leaf(PageNo(leaf), gen_of(&buf), &es));
+        resync(&p, &meta);
         let r = p.verify().unwrap();
         assert!(
             r.leaks.iter().any(|e| e.contains("leaked data chunk 3")),
@@ -540,12 +624,18 @@ mod tests {
         let hw = p.state.lock().sb.meta_hw;
         let buf = read_page(&meta, PageNo(root)).unwrap();
         let mut children =
-            unpack_interior(PageKind::MapInterior, PageNo(root), &buf[..], hw).unwrap();
-        children[7] = hw + 10;
-        meta.corrupt(
-            PageNo(root).offset(),
-            &pack_interior(PageKind::MapInterior, PageNo(root), &children)[..],
+            unpack_interior(PageKind::MapInterior, PageRef::of(&buf), &buf[..], hw).unwrap();
+        children[7] = PageRef {
+            page: PageNo(hw + 10),
+            gen: 1,
+            sum: 0,
+        };
+        forge(
+            &meta,
+            root,
+            &pack_interior(PageKind::MapInterior, PageNo(root), gen_of(&buf), &children),
         );
+        resync(&p, &meta);
         let r = p.verify().unwrap();
         let want = format!("child 7 points to page {}", hw + 10);
         assert!(

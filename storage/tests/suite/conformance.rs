@@ -326,6 +326,21 @@ pub fn commit_is_atomic_across_a_crash(b: &mut dyn Backend) {
         .map(|i| i.key)
         .collect();
     keys.sort();
+    if !b.transactional() {
+        // Every operation was durable when it returned (rbd): all of it survives.
+        assert_eq!(keys, ["kept", "renamed2", "snap", "staged"]);
+        let kept = p.volume("kept").unwrap();
+        assert_eq!(kept.size, 8 * c);
+        assert_eq!(kept.attrs.get("a").map(String::as_str), Some("2"));
+        assert_eq!(p.get_meta("m").unwrap().as_deref(), Some("2"));
+        assert_eq!(p.get_meta("n").unwrap().as_deref(), Some("new"));
+        let dev = p.open_volume("snap", true).unwrap();
+        assert_eq!(read(&*dev, 0, 9), b"committed");
+        assert_eq!(read(&*dev, c, 7), b"flushed");
+        drop(dev);
+        assert!(p.verify().unwrap().is_clean());
+        return;
+    }
     assert_eq!(keys, ["kept", "removed", "renamed"]);
     let kept = p.volume("kept").unwrap();
     assert_eq!(kept.size, 4 * c);
@@ -533,9 +548,7 @@ pub fn import_skips_zeros_dedups_and_fingerprints(b: &mut dyn Backend) {
     let want = blake3::hash(&full).to_hex().to_string();
     assert_eq!(stats.fingerprint, want);
     assert!(stats.zero_chunks >= 1);
-    // dm-thin shares blocks only between snapshots: `lvm_thin` dedups against an older
-    // version (below), not inside one image.
-    if p.driver() != "lvm_thin" {
+    if b.dedups_within_image() {
         assert!(stats.dedup_chunks >= 1, "{stats:?}");
     }
     assert_eq!(p.fingerprint("img").unwrap(), want);
@@ -550,7 +563,9 @@ pub fn import_skips_zeros_dedups_and_fingerprints(b: &mut dyn Backend) {
         dedup_against: Some("img".into()),
     };
     let s2 = p.import_volume("img2", &mut &v2[..], size, &opts).unwrap();
-    assert!(s2.dedup_chunks >= 1, "unchanged chunks are shared: {s2:?}");
+    if b.dedups_against_older() {
+        assert!(s2.dedup_chunks >= 1, "unchanged chunks are shared: {s2:?}");
+    }
     assert_eq!(s2.fingerprint, blake3::hash(&v2).to_hex().to_string());
     assert_eq!(
         read(&*p.open_volume("img2", true).unwrap(), 0, v2.len()),
