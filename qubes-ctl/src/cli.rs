@@ -136,6 +136,9 @@ pub enum Cmd {
     Generate(crate::generate::Generate),
 }
 
+// Parsed once per process: boxing `Init`'s driver options would only make the match
+// on them noisier.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand, Debug)]
 pub enum PoolCmd {
     /// Create the pool.
