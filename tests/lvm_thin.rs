@@ -245,14 +245,36 @@ mod vm_cli {
         template_and_appvm(&ctl);
         let raw = ctl.root.join("private.img");
         std::fs::write(&raw, pattern(3, 4 << 20)).unwrap();
-        let pid_file = ctl.root.join("run/daemon.pid");
         let mut seed = 0x2545_f491_4f6c_dd1du64;
         let mut rnd = move |n: u64| {
             seed ^= seed << 13;
             seed ^= seed >> 7;
             seed ^= seed << 17;
-            seed % n
+            seed % n.max(1)
         };
+        // Each operation timed once without a kill, so the kills land anywhere inside it:
+        // a fixed window (0-1.5 s) ended before any start got past its first steps under
+        // TCG (no start completed in 12 rounds). The daemon is up before each operation,
+        // as here, so the window is the operation's and not a daemon's startup (with the
+        // daemon spawned by the shutdown itself, 11 shutdowns in a row were killed before
+        // they changed anything).
+        let ops: [Vec<&str>; 4] = [
+            vec!["qube", "start", "work", "--hypervisor", "none"],
+            vec!["qube", "shutdown", "work"],
+            vec!["volume", "revert", "work:private"],
+            vec!["volume", "import", "work:private", raw.to_str().unwrap()],
+        ];
+        let mut took = Vec::new();
+        ctl.ok(&["daemon", "start"]);
+        for args in &ops {
+            let t = Instant::now();
+            ctl.ok(args);
+            took.push(t.elapsed());
+        }
+        println!(
+            "uninterrupted: {:?}",
+            ops.iter().zip(&took).collect::<Vec<_>>()
+        );
         for round in 0..12 {
             let running = ctl
                 .json(&["qube", "list"])
@@ -260,30 +282,22 @@ mod vm_cli {
                 .unwrap()
                 .iter()
                 .any(|q| q["name"] == "work" && q["state"] == "running");
-            let args: Vec<&str> = if running {
-                vec!["qube", "shutdown", "work"]
-            } else {
-                match round % 3 {
-                    0 => vec!["qube", "start", "work", "--hypervisor", "none"],
-                    1 => vec!["volume", "revert", "work:private"],
-                    _ => vec!["volume", "import", "work:private", raw.to_str().unwrap()],
-                }
-            };
+            let op = if running { 1 } else { [0, 2, 3][round % 3] };
+            let args = &ops[op];
+            ctl.ok(&["daemon", "start"]);
+            let pid = ctl.daemon_pid();
             let mut child = ctl
-                .cmd(&args)
+                .cmd(args)
                 .stdout(std::process::Stdio::null())
                 .stderr(std::process::Stdio::null())
                 .spawn()
                 .unwrap();
-            std::thread::sleep(Duration::from_millis(rnd(1500)));
+            let window = took[op].as_millis() as u64 * 6 / 5;
+            std::thread::sleep(Duration::from_millis(rnd(window)));
             // The daemon does the work; kill it (and the client) wherever it is.
-            if let Some(pid) = std::fs::read_to_string(&pid_file)
-                .ok()
-                .and_then(|s| s.trim().parse::<i32>().ok())
-            {
-                // SAFETY: kill(2) has no memory-safety preconditions.
-                unsafe { libc::kill(pid, libc::SIGKILL) };
-            }
+            let finished = matches!(child.try_wait(), Ok(Some(_)));
+            // SAFETY: kill(2) has no memory-safety preconditions.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
             let _ = child.kill();
             let _ = child.wait();
             std::thread::sleep(Duration::from_millis(200));
@@ -300,7 +314,12 @@ mod vm_cli {
                     "round {round} {args:?}: orphan LV {lv} in {lvs:?}"
                 );
             }
-            println!("round {round}: {args:?} killed; LVs {lvs:?}");
+            let when = if finished {
+                "after it finished"
+            } else {
+                "during it"
+            };
+            println!("round {round}: {args:?} killed {when}; LVs {lvs:?}");
         }
         // Whatever state it was left in, the qube starts and stops.
         let _ = ctl.output(&["qube", "shutdown", "work"]);
