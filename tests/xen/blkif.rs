@@ -273,3 +273,100 @@ pub fn nbd_fallback(ctl: &Ctl, qube: &str) {
     );
     ctl.ok(&["daemon", "stop"]);
 }
+
+/// Bytes of `vol` the pool maps (`volume info` usage).
+fn usage(ctl: &Ctl, vol: &str) -> u64 {
+    let v = ctl.json(&["volume", "info", vol]);
+    v["usage"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no usage in volume info {vol}: {v}"))
+}
+
+/// Types `line` on `domid`'s console, as `xl console` would: into the pty xenconsoled
+/// relays to the guest (the guest's hvc0 getty logs root in, as Qubes' consoles do).
+fn console_type(domid: u32, line: &str) {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let tty = read(&format!("/local/domain/{domid}/console/tty"))
+        .unwrap_or_else(|| panic!("domain {domid} has no console/tty in xenstore"));
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_NOCTTY)
+        .open(&tty)
+        .unwrap_or_else(|e| panic!("opening domain {domid}'s console {tty}: {e}"));
+    f.write_all(line.as_bytes())
+        .unwrap_or_else(|e| panic!("typing on {tty}: {e}"));
+}
+
+/// The first console line of this boot starting with `marker` (after trimming).
+fn console_line(console: &Path, marker: &str) -> Option<String> {
+    let text = std::fs::read(console)
+        .map(|b| String::from_utf8_lossy(&b).into_owned())
+        .unwrap_or_default();
+    text.lines()
+        .map(str::trim)
+        .find(|l| l.starts_with(marker))
+        .map(str::to_string)
+}
+
+fn console_tail(console: &Path) -> String {
+    let text = std::fs::read(console)
+        .map(|b| String::from_utf8_lossy(&b).into_owned())
+        .unwrap_or_default();
+    let tail: Vec<&str> = text.lines().rev().take(30).collect();
+    tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+}
+
+/// Discard reaches the pool: in the running `qube`, a root shell on its console writes
+/// 32 MiB to a file on /rw (private, mounted with `discard`) and fsyncs it; the pool's
+/// usage of `<qube>:private` grows; the file is deleted and `fstrim /rw` run; the usage
+/// drops again (blkfront saw `feature-discard`, the daemon unmapped the chunks).
+/// The markers are split in the typed line (`QDISC""ARD`) so the console's echo of the
+/// command never matches them.
+pub fn discard(ctl: &Ctl, qube: &str, console: &Path) {
+    const MIB: u64 = 1 << 20;
+    let vol = format!("{qube}:private");
+    let d = domid(qube);
+    let before = usage(ctl, &vol);
+    console_type(
+        d,
+        "\nsh -c 'dd if=/dev/urandom of=/rw/qdiscard bs=1M count=32 conv=fsync 2>/dev/null; \
+         echo QDISC\"\"ARD-WRITTEN > /dev/console; read x; rm -f /rw/qdiscard; sync; \
+         fstrim -v /rw > /dev/console 2>&1; sync; echo QDISC\"\"ARD-TRIMMED > /dev/console'\n",
+    );
+    let wait = |marker: &str| {
+        let t = Instant::now();
+        while console_line(console, marker).is_none() {
+            assert!(
+                t.elapsed() < Duration::from_secs(600),
+                "no {marker} from the guest's console job in 600 s; console tail:\n{}",
+                console_tail(console)
+            );
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    };
+    wait("QDISCARD-WRITTEN");
+    let written = usage(ctl, &vol);
+    println!(
+        "{vol}: usage {} MiB -> {} MiB after the guest wrote 32 MiB",
+        before / MIB,
+        written / MIB
+    );
+    assert!(
+        written >= before + 24 * MIB,
+        "the guest's 32 MiB did not reach the pool: usage {before} -> {written}"
+    );
+    console_type(d, "\n");
+    wait("QDISCARD-TRIMMED");
+    let trimmed = usage(ctl, &vol);
+    println!(
+        "{vol}: usage {} MiB after rm + fstrim ({})",
+        trimmed / MIB,
+        console_line(console, "/rw:").unwrap_or_default()
+    );
+    assert!(
+        trimmed + 24 * MIB <= written,
+        "discard did not free the deleted file's chunks: usage {written} -> {trimmed}; console tail:\n{}",
+        console_tail(console)
+    );
+}
