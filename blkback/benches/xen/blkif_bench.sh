@@ -123,14 +123,17 @@ cp /bin/busybox /usr/bin/fio $U/bin/
 for l in $(ldd /usr/bin/fio | awk '/=> \//{print $3} /^\t\//{print $1}'); do
   mkdir -p $U$(dirname $l); cp -L $l $U$l
 done
-cp $(modinfo -n xen-blkfront) $U/xen-blkfront.ko
+for m in $(modprobe --show-depends xen-blkfront 2>/dev/null | awk '/^insmod/{print $2}'); do
+  case $m in *.xz) xz -dc "$m" > $U/$(basename "$m" .xz) ;; *) cp "$m" $U/ ;; esac
+  echo "$(basename "${m%.xz}")" >> $U/mods
+done
 cat > $U/init <<EOF
 #!/bin/busybox sh
 /bin/busybox --install -s /bin
 export PATH=/bin
 mount -t proc proc /proc; mount -t sysfs sys /sys; mount -t devtmpfs dev /dev
 mkdir -p /dev/shm; mount -t tmpfs shm /dev/shm; mount -t tmpfs tmp /tmp
-insmod /xen-blkfront.ko
+for m in \$(cat /mods); do insmod /\$m; done
 for d in xvda xvdd xvdb xvdc; do
   i=0; while [ ! -b /dev/\$d ] && [ \$i -lt 120 ]; do sleep 1; i=\$((i+1)); done
   [ -b /dev/\$d ] || echo "BENCHU-FAIL /dev/\$d never appeared"
