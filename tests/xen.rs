@@ -164,7 +164,6 @@ fn qubes_on_real_xen() {
         "pause-unpause",
         "mem-set",
         "blkif-daemon-restart",
-        "blkif-discard",
         "pv-shutdown",
         "revert",
         "nbd-fallback",
@@ -366,9 +365,6 @@ fn in_dom0() {
     let t = Instant::now();
     let ticks = blkif::daemon_restart(&ctl, &root, "work", &log);
     step("blkif-daemon-restart", t);
-    let t = Instant::now();
-    blkif::discard(&ctl, "work", &log);
-    step("blkif-discard", t);
     let t = Instant::now();
     ctl.ok(&["qube", "shutdown", "work", "--timeout", "600"]);
     assert_eq!(ctl.state("work"), "halted");
