@@ -4,7 +4,7 @@
 //! the kernel's xen-blkback on a loop device over a raw file, the daemon's NBD export
 //! through the kernel NBD client and xen-blkback) first to dom0 itself (dd rows and fio
 //! random rows), then to a PV domU that runs fio (the real case: the frontend on its
-//! own vCPU). About 20 min under a loaded host.
+//! own vCPU). About 23 min on a host at load 17.
 //!
 //!   cargo build --release -p qubes-ctl
 //!   cargo build --release -p blkback --example blkif_serve

@@ -63,13 +63,13 @@ rate() {
   t1=$(now)
   awk -v t0=$t0 -v t1=$t1 -v bs=$bs -v n=$n 'BEGIN{
     m = bs; if (bs ~ /k$/) m = substr(bs,1,length(bs)-1)*1024; else if (bs ~ /M$/) m = substr(bs,1,length(bs)-1)*1048576;
-    printf "%.1f", m*n/1e6/(t1-t0) }'
+    printf "%.2f", m*n/1e6/(t1-t0) }'
 }
 # fio DEV RW QD -> MB/s (random 4 KiB over the written area, 8 s)
 fio_rate() {
   fio --name=b --filename=/dev/$1 --rw=$2 --bs=4k --size=${MIB}M --ioengine=libaio \
       --iodepth=$3 --direct=1 --runtime=8 --time_based --randrepeat=0 --minimal 2>/dev/null |
-    awk -F';' -v rw=$2 '{ kib = (rw == "randread") ? $7 : $48; printf "%.1f", kib * 1024 / 1e6 }'
+    awk -F';' -v rw=$2 '{ kib = (rw == "randread") ? $7 : $48; printf "%.2f", kib * 1024 / 1e6 }'
 }
 K4=$((MIB * 64))   # 4 KiB blocks in a quarter of the area
 DEVS="xvda xvdd xvdb xvdc"
@@ -142,7 +142,7 @@ row() {
   name=\$1; shift; line=\$name
   for d in xvda xvdd xvdb xvdc; do
     line="\$line \$(fio --name=b --thread --filename=/dev/\$d --ioengine=libaio --direct=1 --minimal "\$@" 2>/dev/null |
-      awk -F';' '{ printf "%.1f", (\$7 + \$48) * 1024 / 1e6 }')"
+      awk -F';' '{ printf "%.2f", (\$7 + \$48) * 1024 / 1e6 }')"
   done
   echo "BENCHU \$line"
 }
