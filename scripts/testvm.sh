@@ -51,13 +51,14 @@ REPO=$(cd "$(dirname "$0")/.." && pwd)
 CACHE=${QUBES_TESTVM_CACHE:-/var/cache/qubes-ctl-testvm}
 SUITE=bookworm
 # Bump when the root's contents change: a new root is built next to the old one.
-ROOT_REV=3
+ROOT_REV=4
 # The libxen* runtime libraries are named for the userspace blkif backend, which links them;
 # librados2/librbd1 because qubes-ctl links them for the rbd pool driver; lvm2,
-# thin-provisioning-tools and liblvm2cmd for the lvm_thin driver's tests (tests/lvm_thin.rs).
+# thin-provisioning-tools and liblvm2cmd for the lvm_thin driver's tests (tests/lvm_thin.rs);
+# fio for the Xen disk benchmark (benches/xen/blkif_bench.sh).
 ROOT_PKGS="xen-hypervisor-4.17-amd64 xen-utils-4.17 xenstore-utils qemu-utils kmod iproute2
   e2fsprogs util-linux procps busybox-static libxenstore4 libxengnttab1 libxenevtchn1
-  libxentoollog1 librados2 librbd1 lvm2 thin-provisioning-tools liblvm2cmd2.03"
+  libxentoollog1 librados2 librbd1 lvm2 thin-provisioning-tools liblvm2cmd2.03 fio"
 ROOT_PKGS=$(echo $ROOT_PKGS | tr ' ' ',')
 
 for t in mmdebstrap mke2fs apt-get dpkg cpio gzip depmod modprobe qemu-system-x86_64 busybox timeout; do

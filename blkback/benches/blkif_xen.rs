@@ -1,8 +1,10 @@
 //! The Xen disk paths side by side, on real Xen: `scripts/testvm.sh --xen` boots Xen 4.17
 //! with a Debian dom0 under QEMU TCG and runs `benches/xen/blkif_bench.sh` there, which
-//! attaches three disks to dom0 itself (our userspace blkif backend on a thin volume,
+//! attaches four disks (our userspace blkif backend on a thin volume and on a raw file,
 //! the kernel's xen-blkback on a loop device over a raw file, the daemon's NBD export
-//! through the kernel NBD client and xen-blkback) and times direct I/O on each.
+//! through the kernel NBD client and xen-blkback) first to dom0 itself (dd rows and fio
+//! random rows), then to a PV domU that runs fio (the real case: the frontend on its
+//! own vCPU). About 23 min on a host at load 17.
 //!
 //!   cargo build --release -p qubes-ctl
 //!   cargo build --release -p blkback --example blkif_serve
@@ -31,7 +33,7 @@ fn main() {
     }
     let mib = std::env::var("BENCH_MIB").unwrap_or_else(|_| "64".into());
     let out = Command::new(repo.join("scripts/testvm.sh"))
-        .args(["--xen", "--timeout", "1500", "--"])
+        .args(["--xen", "--timeout", "2700", "--"])
         .args(["env", &format!("BENCH_MIB={mib}")])
         .args(["sh", "blkback/benches/xen/blkif_bench.sh"])
         .current_dir(repo)

@@ -455,3 +455,120 @@ fn a_producer_index_beyond_the_ring_closes_the_device() {
     }
     assert!(matches!(be.stop(), Err(ServeError::Ring(_))));
 }
+
+#[test]
+fn back_to_back_transfers_are_served_as_one_run_and_a_bad_one_fails_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let pool = thin_pool(dir.path(), 16 * MIB);
+    pool.create_volume("v", 4 * MIB).unwrap();
+    let dev = pool.open_volume("v", false).unwrap();
+    let mut front = Frontend::new(1);
+    let ring = BackRing::attach(front.grants.map_ring(&front.ring_refs).unwrap()).unwrap();
+    let mut vbd = Vbd::new(
+        ring,
+        front.grants.clone(),
+        dev.clone(),
+        VbdParams::default(),
+    );
+    // 40 writes of 3 pages at contiguous sectors (direct and, for the 16-page ones,
+    // indirect), one with a never-granted ref, a flush in the middle: one batch.
+    let n = 40u64;
+    let pages = |i: u64| if i.is_multiple_of(5) { 16 } else { 3 };
+    let mut sector = 8;
+    let mut expect = Vec::new();
+    let mut ids = Vec::new();
+    let mut keep = Vec::new();
+    for i in 0..n {
+        let data = pattern(pages(i) * PAGE_SIZE, 100 + i);
+        let buf = front.alloc(pages(i), Some(&data));
+        let mut segs = Frontend::page_segments(&buf);
+        if i == 17 {
+            segs[1].gref = 999_999;
+        }
+        let id = front.id();
+        let raw = if segs.len() <= MAX_SEGMENTS_PER_REQUEST {
+            encode::rw(OP_WRITE, id, sector, &segs)
+        } else {
+            let bytes: Vec<u8> = segs.iter().flat_map(|s| s.encode()).collect();
+            let ind = front.alloc(1, Some(&bytes));
+            let raw = encode::indirect(OP_WRITE, id, sector, segs.len() as u16, &ind.refs);
+            keep.push(ind);
+            raw
+        };
+        front.ring.put_request(&raw);
+        ids.push((id, if i == 17 { RSP_ERROR } else { RSP_OKAY }));
+        expect.push((sector, if i == 17 { None } else { Some(data) }));
+        keep.push(buf);
+        sector += pages(i) as u64 * 8;
+        if i == 25 {
+            let id = front.id();
+            front
+                .ring
+                .put_request(&encode::simple(OP_FLUSH_DISKCACHE, id));
+            ids.push((id, RSP_OKAY));
+        }
+    }
+    front.push();
+    vbd.process().unwrap();
+    for (id, status) in &ids {
+        let r = front.ring.next_response().expect("a response per request");
+        assert_eq!((r.id, r.status), (*id, *status));
+    }
+    assert!(front.ring.next_response().is_none());
+    // 0..=25 end at the flush and hold the bad write: redone one by one; 26..40 are
+    // one run.
+    assert_eq!(
+        vbd.stats.merged, 14,
+        "the writes after the flush went as one run"
+    );
+    assert_eq!(vbd.stats.errors, 1);
+    for (sector, data) in &expect {
+        match data {
+            Some(d) => assert_eq!(&read_dev(&*dev, sector * 512, d.len()), d),
+            // The failed write left its sectors as they were: never written, zeros.
+            None => assert_eq!(
+                read_dev(&*dev, sector * 512, 3 * PAGE_SIZE),
+                vec![0; 3 * PAGE_SIZE]
+            ),
+        }
+    }
+    // The same ranges read back: as one run, then with a bad ref among them (the run
+    // fails and is redone read by read).
+    for bad in [None, Some(30)] {
+        let merged = vbd.stats.merged;
+        let mut reads = Vec::new();
+        for (i, (sector, data)) in expect.iter().enumerate() {
+            let np = data.as_ref().map_or(3, |d| d.len() / PAGE_SIZE);
+            let buf = front.alloc(np, None);
+            let mut segs = Frontend::page_segments(&buf);
+            if bad == Some(i) {
+                segs[0].gref = 888_888;
+            }
+            let id = front.id();
+            let raw = if segs.len() <= MAX_SEGMENTS_PER_REQUEST {
+                encode::rw(OP_READ, id, *sector, &segs)
+            } else {
+                let bytes: Vec<u8> = segs.iter().flat_map(|s| s.encode()).collect();
+                let ind = front.alloc(1, Some(&bytes));
+                let raw = encode::indirect(OP_READ, id, *sector, segs.len() as u16, &ind.refs);
+                keep.push(ind);
+                raw
+            };
+            front.ring.put_request(&raw);
+            reads.push((id, i, buf));
+        }
+        front.push();
+        vbd.process().unwrap();
+        for (id, i, buf) in &reads {
+            let r = front.ring.next_response().expect("a response per read");
+            let want = if bad == Some(*i) { RSP_ERROR } else { RSP_OKAY };
+            assert_eq!((r.id, r.status), (*id, want), "read {i}");
+            if bad != Some(*i) {
+                let d = expect[*i].1.clone().unwrap_or(vec![0; 3 * PAGE_SIZE]);
+                assert_eq!(buf.read(), d, "read {i}");
+            }
+        }
+        let want = if bad.is_none() { n } else { 0 };
+        assert_eq!(vbd.stats.merged - merged, want, "{:?}", vbd.stats);
+    }
+}
