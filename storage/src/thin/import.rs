@@ -415,7 +415,9 @@ fn place_batch(
         mapped += 1;
     }
     let mut root = m.root(id)?;
-    root.mapped += mapped;
+    root.mapped = root.mapped.checked_add(mapped).ok_or_else(|| {
+        Error::Inconsistent(format!("volume id {id}: mapped chunk count overflow"))
+    })?;
     m.set_root(id, root)?;
     r.map(|_| placed)
 }
