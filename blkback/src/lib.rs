@@ -18,10 +18,12 @@
 //! no extra dependency.
 
 pub mod blkif;
+#[cfg(feature = "testing")]
 pub mod fuzzing;
 pub mod negotiate;
 pub mod proto;
 pub mod server;
+#[cfg(feature = "testing")]
 pub mod testing;
 
 pub use server::{nbd_uri, Export, NbdError, NbdServer};

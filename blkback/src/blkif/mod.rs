@@ -14,6 +14,7 @@
 
 pub mod abi;
 pub mod ring;
+#[cfg(feature = "testing")]
 pub mod testing;
 pub mod vbd;
 pub mod xen;

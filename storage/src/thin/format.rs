@@ -49,7 +49,7 @@ pub const CATALOGUE_BYTES: usize = PAYLOAD_SIZE - REF_SIZE - 8;
 
 pub const SUPER_MAGIC: [u8; 8] = *b"QTHINPL\x02";
 
-/// Metadata page number (offset = page * 4096 in `pool.meta`). 0 and 1 are the superblock
+/// Metadata page number (offset = page * 4096 in `pool.meta`, see [`PageNo::byte_offset`]). 0 and 1 are the superblock
 /// slots, so 0 doubles as the null pointer in trees.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
 pub struct PageNo(pub u64);
@@ -58,9 +58,6 @@ impl PageNo {
     pub const NULL: PageNo = PageNo(0);
     pub fn is_null(self) -> bool {
         self.0 == 0
-    }
-    pub fn offset(self) -> u64 {
-        self.0 * PAGE_SIZE as u64
     }
 }
 
@@ -108,7 +105,8 @@ impl PageRef {
     }
 }
 
-/// Data chunk number (offset = chunk * chunk_size in `pool.data`). 0 means "unmapped".
+/// Data chunk number (offset = chunk * chunk_size in `pool.data`, see
+/// `Geometry::data_offset`). 0 means "unmapped".
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
 pub struct Chunk(pub u64);
 
@@ -116,9 +114,6 @@ impl Chunk {
     pub const NONE: Chunk = Chunk(0);
     pub fn is_none(self) -> bool {
         self.0 == 0
-    }
-    pub fn offset(self, chunk_size: u64) -> u64 {
-        self.0 * chunk_size
     }
 }
 
@@ -439,6 +434,13 @@ impl Superblock {
         }
         if !sb.chunk_size.is_power_of_two() || !(4096..=1 << 20).contains(&sb.chunk_size) {
             return Err(invalid("chunk size"));
+        }
+        // Offsets of every page and chunk must fit in a file: a product that wrapped
+        // would read another page or chunk.
+        if super::units::data_file_len(sb.chunk_size, sb.data_chunks).is_none()
+            || sb.meta_hw > super::units::MAX_META_PAGES
+        {
+            return Err(invalid("pool larger than a file can be"));
         }
         if sb.meta_hw < 2
             || sb.data_hw > sb.data_chunks
@@ -897,5 +899,56 @@ mod tests {
         };
         let buf = pack_map_leaf(PageNo(4), 1, &entries);
         assert!(unpack_map_leaf(r(&buf), &buf[..], 100, 16).is_err());
+    }
+
+    /// A superblock whose chunk or page offsets would pass a file's largest offset is
+    /// refused: open computed `(data_chunks + 1) * chunk_size`, which wrapped (old code
+    /// accepted it and overflowed at open).
+    #[test]
+    fn superblock_rejects_a_pool_larger_than_a_file() {
+        let t = TreeRoot {
+            page: PageRef {
+                page: PageNo(2),
+                gen: 1,
+                sum: 0,
+            },
+            height: 1,
+        };
+        let ok = Superblock {
+            generation: 1,
+            chunk_size: 4096,
+            data_chunks: 10,
+            meta_hw: 10,
+            meta_rc: t,
+            data_rc: t,
+            roots: t,
+            catalogue: PageRef {
+                page: PageNo(3),
+                gen: 1,
+                sum: 0,
+            },
+            ..Default::default()
+        };
+        let unpack = |sb: Superblock| Superblock::unpack(PageNo(1), &sb.pack(PageNo(1))[..]);
+        assert_eq!(unpack(ok).unwrap(), ok);
+        for bad in [
+            Superblock {
+                data_chunks: u64::MAX / 4096,
+                ..ok
+            },
+            Superblock {
+                data_chunks: u64::MAX,
+                ..ok
+            },
+            Superblock {
+                meta_hw: 1 << 52,
+                ..ok
+            },
+        ] {
+            assert!(
+                matches!(unpack(bad), Err(FormatError::Invalid { .. })),
+                "{bad:?}"
+            );
+        }
     }
 }

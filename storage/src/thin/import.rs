@@ -100,20 +100,23 @@ impl ThinPool {
             .filter(|(_, e)| e.backing.is_none())
             .map(|(vc, e)| (*vc, e.chunk))
             .collect();
-        let hashed: Result<Vec<([u8; 32], KnownChunk)>, std::io::Error> = plain
+        let hashed: Result<Vec<([u8; 32], KnownChunk)>, Error> = plain
             .par_iter()
             .map_init(
                 || vec![0u8; cs as usize],
                 |buf, &(vc, c)| {
-                    self.data.read_at(buf, c.offset(cs))?;
+                    let (off, _) = self.geo.chunk_run(c, 1)?;
+                    self.data
+                        .read_at(buf, off.raw())
+                        .map_err(|source| Error::Io {
+                            op: "reading the volume to dedup against",
+                            source,
+                        })?;
                     Ok((*blake3::hash(buf).as_bytes(), (c, Some((oid, vc)))))
                 },
             )
             .collect();
-        Ok(hashed
-            .map_err(|e| PoolError::io("reading the volume to dedup against", e))?
-            .into_iter()
-            .collect())
+        Ok(hashed.map_err(|e| self.perr(e))?.into_iter().collect())
     }
 
     fn import_into(
@@ -295,8 +298,9 @@ impl ThinPool {
         for (i, p) in placed.iter().enumerate() {
             if let Placed::New(c, reused) = p {
                 if *reused {
+                    let (off, len) = self.geo.chunk_run(*c, 1)?;
                     self.data
-                        .punch_hole(c.offset(cs), cs)
+                        .punch_hole(off.raw(), len)
                         .map_err(|source| Error::Io {
                             op: "punching a reused chunk",
                             source,
@@ -324,8 +328,9 @@ impl ThinPool {
             .collect();
         pieces.par_iter().try_for_each(|&(i, c, len)| {
             let from = i * cs as usize;
+            let (off, n) = self.geo.chunk_run(c, len as u64)?;
             self.data
-                .write_at(&bytes[from..from + len * cs as usize], c.offset(cs))
+                .write_at(&bytes[from..from + n as usize], off.raw())
                 .map_err(|source| Error::Io {
                     op: "writing imported chunks",
                     source,
@@ -410,7 +415,9 @@ fn place_batch(
         mapped += 1;
     }
     let mut root = m.root(id)?;
-    root.mapped += mapped;
+    root.mapped = root.mapped.checked_add(mapped).ok_or_else(|| {
+        Error::Inconsistent(format!("volume id {id}: mapped chunk count overflow"))
+    })?;
     m.set_root(id, root)?;
     r.map(|_| placed)
 }

@@ -26,6 +26,7 @@ mod meta;
 mod open;
 mod ops;
 mod plan;
+mod units;
 mod verify;
 mod volume;
 
@@ -42,6 +43,7 @@ use thiserror::Error;
 pub use format::{Chunk, FormatError, PageKind, PageNo};
 use format::{MapEntry, PageRef, Superblock, TreeRoot, PAGE_SIZE};
 use meta::{CatalogueDoc, Geometry, Meta};
+use units::{DataOffset, VolOffset};
 
 use crate::io::{BlockFile, RealFile};
 use crate::pool::{
@@ -298,16 +300,23 @@ impl ThinPool {
             return;
         }
         freed.sort_unstable();
-        let cs = self.geo.chunk_size;
         let mut i = 0;
         while i < freed.len() {
             let mut j = i + 1;
-            while j < freed.len() && freed[j] == freed[j - 1] + 1 {
+            while j < freed.len() && freed[j].0 == freed[j - 1].0 + 1 {
                 j += 1;
             }
-            let (off, len) = (Chunk(freed[i]).offset(cs), (j - i) as u64 * cs);
+            let run = self.geo.chunk_run(freed[i], (j - i) as u64);
             // Through the raw file: a punch of a free chunk needs no data sync.
-            if let Err(e) = self.data_raw.punch_hole(off, len) {
+            let r = run.and_then(|(off, len)| {
+                self.data_raw
+                    .punch_hole(off.raw(), len)
+                    .map_err(|source| Error::Io {
+                        op: "punching freed chunks",
+                        source,
+                    })
+            });
+            if let Err(e) = r {
                 tracing::warn!(pool = %self.path.display(), "punching freed chunks: {e}");
             }
             i = j;

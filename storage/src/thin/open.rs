@@ -138,7 +138,13 @@ impl ThinPool {
                 dir.display()
             )));
         }
-        data.set_len((chunks + 1) * cs)
+        let len = units::data_file_len(cs, chunks).ok_or_else(|| {
+            PoolError::Invalid(format!(
+                "capacity {} is more than a file can hold; give a smaller --capacity",
+                opts.capacity
+            ))
+        })?;
+        data.set_len(len)
             .map_err(|e| PoolError::io("sizing pool.data", e))?;
         let empty = TreeRoot {
             page: PageRef::NULL,
@@ -262,7 +268,15 @@ impl ThinPool {
         let (cat, pages) = verify::read_catalogue(&*meta_file, &sb).map_err(|e| e.into_pool(cs))?;
         // Chunks past the committed high-water mark may hold data of a transaction that
         // never committed: hole-punch them so they read zeros when allocated.
-        let want = (sb.data_chunks + 1) * cs;
+        // The superblock's decoder checked that these fit in a file.
+        let file_len = |chunks| {
+            units::data_file_len(cs, chunks).ok_or_else(|| {
+                PoolError::Corrupt(format!(
+                    "{chunks} data chunks of {cs} bytes are more than a file can hold"
+                ))
+            })
+        };
+        let want = file_len(sb.data_chunks)?;
         let dlen = data
             .len()
             .map_err(|e| PoolError::io("sizing pool.data", e))?;
@@ -270,7 +284,7 @@ impl ThinPool {
             data.set_len(want)
                 .map_err(|e| PoolError::io("sizing pool.data", e))?;
         }
-        let tail = (sb.data_hw + 1) * cs;
+        let tail = file_len(sb.data_hw)?;
         data.punch_hole(tail, dlen.max(want) - tail)
             .map_err(|e| PoolError::io("punching unused chunks", e))?;
         data.sync()

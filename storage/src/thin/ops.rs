@@ -52,7 +52,12 @@ impl Pool for ThinPool {
         Ok(VolumeInfo {
             key: v.key.clone(),
             size: v.size,
-            mapped: r.mapped * self.geo.chunk_size,
+            mapped: r.mapped.checked_mul(self.geo.chunk_size).ok_or_else(|| {
+                PoolError::Corrupt(format!(
+                    "volume {key}: {} mapped chunks is more than a volume can hold",
+                    r.mapped
+                ))
+            })?,
             attrs: v.attrs.clone(),
         })
     }
@@ -142,8 +147,11 @@ impl Pool for ThinPool {
                     .is_mapped()
             {
                 drop(m);
-                let tail = (size.div_ceil(cs) * cs).min(old) - size;
-                self.write_locked(id, &vec![0u8; tail as usize], size)
+                // Up to the end of the chunk, without computing that end: it may be
+                // past u64::MAX.
+                let within = self.geo.locate(VolOffset::new(size)).1;
+                let tail = (cs - within).min(old - size);
+                self.write_locked(id, &vec![0u8; tail as usize], VolOffset::new(size))
                     .map_err(|e| self.perr(e))?;
                 m = self.lock()?;
             }
@@ -269,7 +277,7 @@ impl Pool for ThinPool {
             let n = (size - pos).min(piece) as usize;
             {
                 let _g = self.gate.read();
-                self.read_locked(id, &mut buf[..n], pos)
+                self.read_locked(id, &mut buf[..n], VolOffset::new(pos))
                     .map_err(|e| self.perr(e))?;
             }
             h.update_rayon(&buf[..n]);

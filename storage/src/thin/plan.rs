@@ -1,6 +1,8 @@
 //! The data path: reads and writes planned under the metadata lock (shadowing,
 //! allocation, chunks marked in flight), executed without it, mappings installed once
-//! the data is on disk (dm-thin's order).
+//! the data is on disk (dm-thin's order). Offsets are typed ([`VolOffset`] in, and
+//! [`DataOffset`] out, through the checked conversions of `units`): a plan cannot
+//! address bytes outside the chunk it means, whatever the metadata says.
 
 use super::*;
 
@@ -21,7 +23,7 @@ impl ThinPool {
         }
     }
 
-    pub(super) fn read_locked(&self, id: u64, buf: &mut [u8], off: u64) -> Result<(), Error> {
+    pub(super) fn read_locked(&self, id: u64, buf: &mut [u8], off: VolOffset) -> Result<(), Error> {
         let geo = self.geo;
         let segs = self.plan(|m| plan_read(m, geo, id, off, buf.len()))?;
         for s in segs {
@@ -29,7 +31,7 @@ impl ThinPool {
                 ReadSeg::Zero { buf_off, len } => buf[buf_off..buf_off + len].fill(0),
                 ReadSeg::File { off, buf_off, len } => self
                     .data
-                    .read_at(&mut buf[buf_off..buf_off + len], off)
+                    .read_at(&mut buf[buf_off..buf_off + len], off.raw())
                     .map_err(|source| Error::Io {
                         op: "reading pool.data",
                         source,
@@ -44,7 +46,7 @@ impl ThinPool {
     /// data write succeeded, so a failed write leaves the volume's mapped bytes as they
     /// were (its fresh chunks are freed) and the next commit cannot make zeros durable
     /// over bytes the guest never wrote.
-    pub(super) fn write_locked(&self, id: u64, buf: &[u8], off: u64) -> Result<(), Error> {
+    pub(super) fn write_locked(&self, id: u64, buf: &[u8], off: VolOffset) -> Result<(), Error> {
         let geo = self.geo;
         let plan = self.plan(|m| {
             if !targets_idle(m, id, geo, off, buf.len() as u64)? {
@@ -96,7 +98,7 @@ impl ThinPool {
         for op in &plan.ops {
             if let WOp::Punch { off, len } = op {
                 self.data
-                    .punch_hole(*off, *len)
+                    .punch_hole(off.raw(), *len)
                     .map_err(io("punching a reused chunk"))?;
             }
         }
@@ -111,20 +113,20 @@ impl ThinPool {
             {
                 tmp.resize(*len as usize, 0);
                 self.data
-                    .read_at(&mut tmp, *src)
+                    .read_at(&mut tmp, src.raw())
                     .map_err(io("reading a shared chunk"))?;
                 if let Some((bo, at, n)) = overlay {
                     tmp[*at..at + n].copy_from_slice(&buf[*bo..bo + n]);
                 }
                 self.data
-                    .write_at(&tmp, *dst)
+                    .write_at(&tmp, dst.raw())
                     .map_err(io("copying a shared sub-block"))?;
             }
         }
         for op in &plan.ops {
             if let WOp::Write { dst, buf_off, len } = op {
                 self.data
-                    .write_at(&buf[*buf_off..buf_off + len], *dst)
+                    .write_at(&buf[*buf_off..buf_off + len], dst.raw())
                     .map_err(io("writing pool.data"))?;
             }
         }
@@ -144,7 +146,7 @@ pub(super) enum ReadSeg {
         len: usize,
     },
     File {
-        off: u64,
+        off: DataOffset,
         buf_off: usize,
         len: usize,
     },
@@ -164,29 +166,59 @@ pub(super) fn push_read(segs: &mut Vec<ReadSeg>, s: ReadSeg) {
                 buf_off: b,
                 len: l,
             },
-        ) if *buf_off + *len == *b && *off + *len as u64 == *o => {
+        ) if *buf_off + *len == *b && off.checked_add(*len as u64) == Some(*o) => {
             *len += l;
         }
         _ => segs.push(s),
     }
 }
 
+/// The bytes of a request in one chunk: `[a, b)` of virtual chunk `vc`, from byte `bo`
+/// of the request.
+pub(super) struct Piece {
+    pub vc: u64,
+    pub a: u64,
+    pub b: u64,
+    pub bo: usize,
+}
+
+/// Splits `len` bytes from `off` at chunk boundaries, with checked arithmetic: a
+/// request that would pass `u64::MAX` is refused, not wrapped.
+pub(super) fn pieces(
+    geo: Geometry,
+    off: VolOffset,
+    len: u64,
+) -> Result<impl Iterator<Item = Piece>, Error> {
+    let end = off.checked_add(len).ok_or_else(|| {
+        Error::Inconsistent(format!(
+            "request of {len} bytes at volume offset {off} passes the largest offset"
+        ))
+    })?;
+    let mut pos = off;
+    Ok(std::iter::from_fn(move || {
+        let left = end.checked_offset_from(pos).filter(|n| *n > 0)?;
+        let (vc, a) = geo.locate(pos);
+        let n = left.min(geo.chunk_size - a);
+        let bo = pos.checked_offset_from(off)? as usize;
+        pos = pos.checked_add(n)?;
+        Some(Piece {
+            vc,
+            a,
+            b: a + n,
+            bo,
+        })
+    }))
+}
+
 pub(super) fn plan_read(
     m: &mut Meta,
     geo: Geometry,
     id: u64,
-    off: u64,
+    off: VolOffset,
     len: usize,
 ) -> Result<Option<Vec<ReadSeg>>, Error> {
-    let cs = geo.chunk_size;
-    let end = off + len as u64;
     let mut segs = Vec::new();
-    let mut pos = off;
-    while pos < end {
-        let vc = pos / cs;
-        let a = pos - vc * cs;
-        let b = (end - vc * cs).min(cs);
-        let bo = (pos - off) as usize;
+    for Piece { vc, a, b, bo } in pieces(geo, off, len as u64)? {
         let e = m.lookup(id, vc)?;
         if e.is_mapped() && m.inflight.contains(&e.chunk) {
             return Ok(None);
@@ -203,7 +235,7 @@ pub(super) fn plan_read(
             push_read(
                 &mut segs,
                 ReadSeg::File {
-                    off: e.chunk.offset(cs) + a,
+                    off: geo.data_offset(e.chunk, a, b - a)?,
                     buf_off: bo,
                     len: (b - a) as usize,
                 },
@@ -211,9 +243,9 @@ pub(super) fn plan_read(
         } else {
             let mut p = a;
             while p < b {
-                let s = p / geo.sub_size;
-                let q = ((s + 1) * geo.sub_size).min(b);
-                let src = if e.valid & (1 << s) != 0 {
+                let s = geo.sub_of(p);
+                let q = geo.sub_bounds(s).1.min(b);
+                let src = if e.valid & geo.sub_bit(s)? != 0 {
                     e.chunk
                 } else {
                     e.backing
@@ -221,7 +253,7 @@ pub(super) fn plan_read(
                 push_read(
                     &mut segs,
                     ReadSeg::File {
-                        off: src.offset(cs) + p,
+                        off: geo.data_offset(src, p, q - p)?,
                         buf_off: bo + (p - a) as usize,
                         len: (q - p) as usize,
                     },
@@ -229,23 +261,22 @@ pub(super) fn plan_read(
                 p = q;
             }
         }
-        pos = vc * cs + b;
     }
     Ok(Some(segs))
 }
 
 pub(super) enum WOp {
     /// Hole-punch a reused chunk before anything else touches it.
-    Punch { off: u64, len: u64 },
+    Punch { off: DataOffset, len: u64 },
     /// Copy one sub-block, overlaying `(buf_off, at, len)` of the request first.
     Copy {
-        src: u64,
-        dst: u64,
+        src: DataOffset,
+        dst: DataOffset,
         len: u64,
         overlay: Option<(usize, usize, usize)>,
     },
     Write {
-        dst: u64,
+        dst: DataOffset,
         buf_off: usize,
         len: usize,
     },
@@ -273,14 +304,14 @@ pub(super) struct WritePlan {
 }
 
 impl WritePlan {
-    pub(super) fn write(&mut self, dst: u64, buf_off: usize, len: usize) {
+    pub(super) fn write(&mut self, dst: DataOffset, buf_off: usize, len: usize) {
         if let Some(WOp::Write {
             dst: d,
             buf_off: b,
             len: l,
         }) = self.ops.last_mut()
         {
-            if *d + *l as u64 == dst && *b + *l == buf_off {
+            if d.checked_add(*l as u64) == Some(dst) && *b + *l == buf_off {
                 *l += len;
                 return;
             }
@@ -291,10 +322,8 @@ impl WritePlan {
     pub(super) fn new_chunk(&mut self, m: &mut Meta, geo: Geometry) -> Result<Chunk, Error> {
         let (c, reused) = m.alloc_chunk()?;
         if reused {
-            self.ops.push(WOp::Punch {
-                off: c.offset(geo.chunk_size),
-                len: geo.chunk_size,
-            });
+            let (off, len) = geo.chunk_run(c, 1)?;
+            self.ops.push(WOp::Punch { off, len });
         }
         self.inflight.push(c);
         self.fresh.push(c);
@@ -329,14 +358,19 @@ pub(super) fn targets_idle(
     m: &mut Meta,
     id: u64,
     geo: Geometry,
-    off: u64,
+    off: VolOffset,
     len: u64,
 ) -> Result<bool, Error> {
     if len == 0 || (m.inflight.is_empty() && m.inflight_vcs.is_empty()) {
         return Ok(true);
     }
-    let (lo, hi) = (off / geo.chunk_size, (off + len - 1) / geo.chunk_size);
-    if vcs_busy(m, id, lo, hi + 1) {
+    let last = off.checked_add(len - 1).ok_or_else(|| {
+        Error::Inconsistent(format!(
+            "write of {len} bytes at volume offset {off} passes the largest offset"
+        ))
+    })?;
+    let (lo, hi) = (geo.locate(off).0, geo.locate(last).0);
+    if vcs_busy(m, id, lo..=hi) {
         return Ok(false);
     }
     if m.inflight.is_empty() {
@@ -351,32 +385,24 @@ pub(super) fn targets_idle(
     Ok(true)
 }
 
-/// Whether a write to virtual chunks `[lo, hi)` of `id` is in flight.
-pub(super) fn vcs_busy(m: &Meta, id: u64, lo: u64, hi: u64) -> bool {
+/// Whether a write to virtual chunks `vcs` of `id` is in flight.
+pub(super) fn vcs_busy(m: &Meta, id: u64, vcs: impl std::ops::RangeBounds<u64>) -> bool {
     m.inflight_vcs
         .iter()
-        .any(|&(v, c)| v == id && (lo..hi).contains(&c))
+        .any(|&(v, c)| v == id && vcs.contains(&c))
 }
 
 pub(super) fn plan_write(
     m: &mut Meta,
     geo: Geometry,
     id: u64,
-    off: u64,
+    off: VolOffset,
     len: usize,
     plan: &mut WritePlan,
 ) -> Result<(), Error> {
     m.touch(id);
-    let cs = geo.chunk_size;
-    let end = off + len as u64;
-    let mut pos = off;
-    while pos < end {
-        let vc = pos / cs;
-        let a = pos - vc * cs;
-        let b = (end - vc * cs).min(cs);
-        let bo = (pos - off) as usize;
+    for Piece { vc, a, b, bo } in pieces(geo, off, len as u64)? {
         plan_chunk(m, geo, id, vc, a, b, bo, plan)?;
-        pos = vc * cs + b;
     }
     Ok(())
 }
@@ -393,7 +419,6 @@ pub(super) fn plan_chunk(
     bo: usize,
     plan: &mut WritePlan,
 ) -> Result<(), Error> {
-    let cs = geo.chunk_size;
     let sub = geo.sub_size;
     // Shadowing the path first makes chunk refcounts count this volume's own reference
     // (a snapshot shares map pages, not chunks): only then is "exclusive" meaningful.
@@ -401,11 +426,11 @@ pub(super) fn plan_chunk(
     let leaf = m.shadow_path(id, vc)?;
     let mut e = m.leaf_mut(leaf)?[(vc % format::MAP_LEAF_ENTRIES as u64) as usize];
     let exclusive = |m: &mut Meta, c: Chunk| -> Result<bool, Error> {
-        Ok(m.data_rc(c)? == 1 && !m.dropped_chunks.contains(&c.0))
+        Ok(m.data_rc(c)? == 1 && !m.dropped_chunks.contains(&c))
     };
     if !e.is_mapped() {
         let c = plan.new_chunk(m, geo)?;
-        plan.write(c.offset(cs) + a, bo, (b - a) as usize);
+        plan.write(geo.data_offset(c, a, b - a)?, bo, (b - a) as usize);
         plan.installs.push(Install {
             vc,
             entry: MapEntry {
@@ -424,7 +449,7 @@ pub(super) fn plan_chunk(
         if exclusive(m, e.chunk)? {
             // In place: the mapping does not change; a failed write changes only bytes
             // the guest asked to overwrite.
-            plan.write(e.chunk.offset(cs) + a, bo, (b - a) as usize);
+            plan.write(geo.data_offset(e.chunk, a, b - a)?, bo, (b - a) as usize);
             return Ok(());
         }
         let n = plan.new_chunk(m, geo)?;
@@ -436,16 +461,18 @@ pub(super) fn plan_chunk(
     } else if !exclusive(m, e.chunk)? {
         // The overlay chunk itself is shared: its valid sub-blocks move to a new chunk.
         let n = plan.new_chunk(m, geo)?;
-        for s in 0..geo.subs as u64 {
-            let covered = a <= s * sub && b >= (s + 1) * sub;
-            if e.valid & (1 << s) != 0 && !covered {
+        for s in 0..geo.subs {
+            let (ss, se) = geo.sub_bounds(s);
+            let bit = geo.sub_bit(s)?;
+            let covered = a <= ss && b >= se;
+            if e.valid & bit != 0 && !covered {
                 plan.ops.push(WOp::Copy {
-                    src: e.chunk.offset(cs) + s * sub,
-                    dst: n.offset(cs) + s * sub,
+                    src: geo.data_offset(e.chunk, ss, sub)?,
+                    dst: geo.data_offset(n, ss, sub)?,
                     len: sub,
                     overlay: None,
                 });
-                copied |= 1 << s;
+                copied |= bit;
             }
         }
         drops.push(e.chunk);
@@ -453,26 +480,30 @@ pub(super) fn plan_chunk(
     } else {
         plan.inflight.push(e.chunk);
     }
-    for s in a / sub..b.div_ceil(sub) {
-        let sa = a.max(s * sub);
-        let sb = b.min((s + 1) * sub);
-        let dst = e.chunk.offset(cs) + sa;
-        let full = sa == s * sub && sb == (s + 1) * sub;
-        if full || e.valid & (1 << s) != 0 || copied & (1 << s) != 0 {
-            plan.write(dst, bo + (sa - a) as usize, (sb - sa) as usize);
+    for s in geo.subs_touched(a, b) {
+        let (ss, se) = geo.sub_bounds(s);
+        let bit = geo.sub_bit(s)?;
+        let (sa, sb) = (a.max(ss), b.min(se));
+        let full = sa == ss && sb == se;
+        if full || e.valid & bit != 0 || copied & bit != 0 {
+            plan.write(
+                geo.data_offset(e.chunk, sa, sb - sa)?,
+                bo + (sa - a) as usize,
+                (sb - sa) as usize,
+            );
         } else {
             plan.ops.push(WOp::Copy {
-                src: e.backing.offset(cs) + s * sub,
-                dst: e.chunk.offset(cs) + s * sub,
+                src: geo.data_offset(e.backing, ss, sub)?,
+                dst: geo.data_offset(e.chunk, ss, sub)?,
                 len: sub,
                 overlay: Some((
                     bo + (sa - a) as usize,
-                    (sa - s * sub) as usize,
+                    (sa - ss) as usize,
                     (sb - sa) as usize,
                 )),
             });
         }
-        e.valid |= 1 << s;
+        e.valid |= bit;
     }
     if e.valid == geo.full_mask() {
         drops.push(e.backing);

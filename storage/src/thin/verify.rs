@@ -505,7 +505,7 @@ mod tests {
     /// writer could do, which only the cross-checks of `verify` find.
     fn forge(meta: &FaultyFile, page: u64, new: &[u8; PAGE_SIZE]) {
         let old = read_page(meta, PageNo(page)).unwrap();
-        meta.corrupt(PageNo(page).offset(), &new[..]);
+        meta.corrupt(PageNo(page).file_offset().unwrap(), &new[..]);
         let bytes = |r: PageRef| {
             let mut b = [0u8; REF_SIZE];
             b[..8].copy_from_slice(&r.page.0.to_le_bytes());

@@ -31,13 +31,16 @@ impl ThinVolume {
         BlockError::new(kind, op, &self.name, offset, length, detail)
     }
 
+    /// Checks a request at the `BlockDevice` boundary, where offsets are plain `u64`:
+    /// returns the request's start and end, typed, and the volume's size. A range that
+    /// passes the end (or `u64::MAX`) is `OutOfRange`.
     pub(super) fn check(
         &self,
         op: &'static str,
         offset: u64,
         length: u64,
         write: bool,
-    ) -> Result<u64, BlockError> {
+    ) -> Result<(VolOffset, VolOffset, u64), BlockError> {
         if write && self.read_only {
             return Err(self.err(
                 BlockErrorKind::ReadOnly,
@@ -51,16 +54,17 @@ impl ThinVolume {
             .pool
             .volume_size(self.id)
             .map_err(|k| self.err(k, op, offset, length, "volume is gone"))?;
-        if offset.checked_add(length).is_none_or(|e| e > size) {
-            return Err(self.err(
+        let off = VolOffset::new(offset);
+        match off.checked_add(length) {
+            Some(end) if end.raw() <= size => Ok((off, end, size)),
+            _ => Err(self.err(
                 BlockErrorKind::OutOfRange,
                 op,
                 offset,
                 length,
                 format!("volume size is {size}"),
-            ));
+            )),
         }
-        Ok(size)
     }
 
     pub(super) fn map_err(
@@ -81,16 +85,17 @@ impl ThinVolume {
     }
 
     /// Whole chunks inside `[off, off+len)`; the volume's last partial chunk counts as
-    /// whole when the range reaches the end.
-    pub(super) fn whole_chunks(&self, off: u64, len: u64, size: u64) -> (u64, u64) {
-        let cs = self.pool.geo.chunk_size;
-        let end = off + len;
-        let hi = if end == size {
-            end.div_ceil(cs)
-        } else {
-            end / cs
+    /// whole when the range reaches the end. The range is one `check` accepted.
+    pub(super) fn whole_chunks(&self, off: VolOffset, len: u64, size: u64) -> (u64, u64) {
+        let geo = self.pool.geo;
+        let (first, within) = geo.locate(off);
+        let lo = first + u64::from(within != 0);
+        let Some(end) = off.checked_add(len) else {
+            return (lo, lo);
         };
-        (off.div_ceil(cs), hi)
+        let (last, within) = geo.locate(end);
+        let hi = last + u64::from(end.raw() == size && within != 0);
+        (lo, hi)
     }
 
     /// Runs a data operation under the shared gate. Chunks freed since the last commit
@@ -127,21 +132,25 @@ impl ThinVolume {
         length: u64,
         may_unmap: bool,
     ) -> Result<(), BlockError> {
-        let size = self.check("write_zeroes", offset, length, true)?;
+        let (off, end, size) = self.check("write_zeroes", offset, length, true)?;
         if !may_unmap {
-            return self.zero_fill("write_zeroes", offset, length, false);
+            return self.zero_fill("write_zeroes", off, length, false);
         }
-        let cs = self.pool.geo.chunk_size;
-        let (lo, hi) = self.unmap("write_zeroes", offset, length, size)?;
-        let end = offset + length;
+        let geo = self.pool.geo;
+        let (lo, hi) = self.unmap("write_zeroes", off, length, size)?;
         if lo >= hi {
-            return self.zero_fill("write_zeroes", offset, length, true);
+            return self.zero_fill("write_zeroes", off, length, true);
         }
-        if offset < lo * cs {
-            self.zero_fill("write_zeroes", offset, lo * cs - offset, true)?;
+        // The first whole chunk starts inside the range.
+        let head_end = geo.vol_offset(lo, 0).unwrap_or(end).min(end);
+        if let Some(n) = head_end.checked_offset_from(off).filter(|n| *n > 0) {
+            self.zero_fill("write_zeroes", off, n, true)?;
         }
-        if hi * cs < end {
-            self.zero_fill("write_zeroes", hi * cs, end - hi * cs, true)?;
+        // The last unmapped chunk may end past u64::MAX (the volume's partial last
+        // chunk): then nothing follows it.
+        if let Some(tail) = geo.vol_offset(hi, 0).filter(|t| *t < end) {
+            let n = end.checked_offset_from(tail).unwrap_or(0);
+            self.zero_fill("write_zeroes", tail, n, true)?;
         }
         Ok(())
     }
@@ -149,7 +158,7 @@ impl ThinVolume {
     pub(super) fn unmap(
         &self,
         op: &'static str,
-        off: u64,
+        off: VolOffset,
         len: u64,
         size: u64,
     ) -> Result<(u64, u64), BlockError> {
@@ -160,7 +169,7 @@ impl ThinVolume {
             // finish first, or its install would resurrect what this unmaps.
             self.pool
                 .plan(|m| {
-                    if vcs_busy(m, id, lo, hi) {
+                    if vcs_busy(m, id, lo..hi) {
                         return Ok(None);
                     }
                     let n = self.pool.mutate(m, |m| m.unmap_range(id, lo, hi))?;
@@ -169,7 +178,7 @@ impl ThinVolume {
                     }
                     Ok(Some(()))
                 })
-                .map_err(self.map_err(op, off, len))?;
+                .map_err(self.map_err(op, off.raw(), len))?;
         }
         Ok((lo, hi))
     }
@@ -177,33 +186,47 @@ impl ThinVolume {
     pub(super) fn zero_fill(
         &self,
         op: &'static str,
-        off: u64,
+        off: VolOffset,
         len: u64,
         only_mapped: bool,
     ) -> Result<(), BlockError> {
-        let cs = self.pool.geo.chunk_size;
-        let piece = (4 << 20).max(cs);
+        let geo = self.pool.geo;
+        let piece = (4 << 20).max(geo.chunk_size);
         let zeros = vec![0u8; piece.min(len) as usize];
+        let out_of_range = || {
+            self.err(
+                BlockErrorKind::OutOfRange,
+                op,
+                off.raw(),
+                len,
+                "range passes the largest offset",
+            )
+        };
+        let end = off.checked_add(len).ok_or_else(out_of_range)?;
         let mut pos = off;
-        while pos < off + len {
-            let n = (off + len - pos).min(piece);
+        while let Some(left) = end.checked_offset_from(pos).filter(|n| *n > 0) {
+            let n = left.min(piece);
+            let next = pos.checked_add(n).ok_or_else(out_of_range)?;
             if only_mapped {
                 let mut m = self
                     .pool
                     .lock()
-                    .map_err(|e| self.err(BlockErrorKind::Io, op, off, len, e.to_string()))?;
-                let mapped = m
-                    .mapped_in(self.id, pos / cs, (pos + n).div_ceil(cs))
-                    .map_err(self.map_err(op, off, len))?;
+                    .map_err(|e| self.err(BlockErrorKind::Io, op, off.raw(), len, e.to_string()))?;
+                let (lo, _) = geo.locate(pos);
+                let (last, within) = geo.locate(next);
+                let hi = last + u64::from(within != 0);
+                let mapped =
+                    m.mapped_in(self.id, lo, hi)
+                        .map_err(self.map_err(op, off.raw(), len))?;
                 if mapped.is_empty() {
-                    pos += n;
+                    pos = next;
                     continue;
                 }
             }
             self.pool
                 .write_locked(self.id, &zeros[..n as usize], pos)
-                .map_err(self.map_err(op, off, len))?;
-            pos += n;
+                .map_err(self.map_err(op, off.raw(), len))?;
+            pos = next;
         }
         Ok(())
     }
@@ -224,18 +247,18 @@ impl BlockDevice for ThinVolume {
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), BlockError> {
         let _g = self.pool.gate.read();
-        self.check("read", offset, buf.len() as u64, false)?;
+        let (off, _, _) = self.check("read", offset, buf.len() as u64, false)?;
         let len = buf.len() as u64;
         self.pool
-            .read_locked(self.id, buf, offset)
+            .read_locked(self.id, buf, off)
             .map_err(self.map_err("read", offset, len))
     }
 
     fn write_at(&self, buf: &[u8], offset: u64) -> Result<(), BlockError> {
         self.reclaiming_on_nospace("write", offset, buf.len() as u64, || {
-            self.check("write", offset, buf.len() as u64, true)?;
+            let (off, _, _) = self.check("write", offset, buf.len() as u64, true)?;
             self.pool
-                .write_locked(self.id, buf, offset)
+                .write_locked(self.id, buf, off)
                 .map_err(self.map_err("write", offset, buf.len() as u64))
         })
     }
@@ -248,8 +271,8 @@ impl BlockDevice for ThinVolume {
 
     fn discard(&self, offset: u64, length: u64) -> Result<(), BlockError> {
         let _g = self.pool.gate.read();
-        let size = self.check("discard", offset, length, true)?;
-        self.unmap("discard", offset, length, size).map(|_| ())
+        let (off, _, size) = self.check("discard", offset, length, true)?;
+        self.unmap("discard", off, length, size).map(|_| ())
     }
 
     fn write_zeroes(&self, offset: u64, length: u64, may_unmap: bool) -> Result<(), BlockError> {
@@ -260,14 +283,24 @@ impl BlockDevice for ThinVolume {
 
     fn block_status(&self, offset: u64, length: u64) -> Result<Vec<Extent>, BlockError> {
         let _g = self.pool.gate.read();
-        self.check("block_status", offset, length, false)?;
+        let (off, end, _) = self.check("block_status", offset, length, false)?;
         if length == 0 {
             return Ok(Vec::new());
         }
-        let cs = self.pool.geo.chunk_size;
+        let geo = self.pool.geo;
         // Look at no more than 64 Ki chunks per call; NBD lets replies stop early.
-        let end = (offset + length).min((offset / cs + 65536) * cs);
-        let (lo, hi) = (offset / cs, end.div_ceil(cs));
+        let lo = geo.locate(off).0;
+        let end = geo
+            .vol_offset(lo.saturating_add(65536), 0)
+            .map_or(end, |cap| cap.min(end));
+        let (last, within) = geo.locate(end);
+        let hi = last + u64::from(within != 0);
+        // A chunk's start, or `end` if that is further (or past u64::MAX).
+        let start_of = |vc: u64| {
+            geo.vol_offset(vc, 0)
+                .map_or(end.raw(), |o| o.raw().min(end.raw()))
+        };
+        let end = end.raw();
         let mapped = {
             let mut m = self.pool.lock().map_err(|e| {
                 self.err(
@@ -302,11 +335,146 @@ impl BlockDevice for ThinVolume {
         };
         let mut vc = lo;
         for (c, _) in mapped {
-            push(vc * cs, c * cs, true);
-            push(c * cs, (c + 1) * cs, false);
+            push(start_of(vc), start_of(c), true);
+            push(start_of(c), start_of(c + 1), false);
             vc = c + 1;
         }
-        push(vc * cs, hi * cs, true);
+        push(start_of(vc), start_of(hi), true);
         Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pool(dir: &Path) -> Arc<ThinPool> {
+        ThinPool::create(
+            dir,
+            ThinOptions {
+                chunk_size: 64 << 10,
+                capacity: 4 << 20,
+            },
+        )
+        .unwrap()
+    }
+
+    fn pattern(seed: u8, len: usize) -> Vec<u8> {
+        (0..len)
+            .map(|i| (i as u8).wrapping_mul(13) ^ seed | 1)
+            .collect()
+    }
+
+    /// A volume as large as a `u64` can say: its last chunk ends past `u64::MAX`, so
+    /// every `chunk * chunk_size` and `div_ceil * chunk_size` on its tail wraps. Each
+    /// operation at its end panicked with overflow checks on the old code (and computed
+    /// a wrapped offset without them).
+    #[test]
+    fn volume_ending_at_u64_max() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = pool(dir.path());
+        p.create_volume("top", u64::MAX).unwrap();
+        let v = p.open_volume("top", false).unwrap();
+        let cs = 64u64 << 10;
+        let last = u64::MAX / cs * cs; // start of the partial last chunk
+        let at = u64::MAX - 8191;
+        let d1 = pattern(1, 8191);
+        v.write_at(&d1, at).unwrap();
+        let mut buf = vec![0u8; 8191];
+        v.read_at(&mut buf, at).unwrap();
+        assert!(buf == d1);
+
+        // Copy-on-write of a sub-block with an overlay, at the top.
+        p.snapshot("top", "snap").unwrap();
+        let d2 = pattern(2, 100);
+        v.write_at(&d2, at + 10).unwrap();
+        let s = p.open_volume("snap", false).unwrap();
+        s.read_at(&mut buf, at).unwrap();
+        assert!(buf == d1, "the snapshot keeps the old bytes");
+        v.read_at(&mut buf, at).unwrap();
+        let mut want = d1.clone();
+        want[10..110].copy_from_slice(&d2);
+        assert!(buf == want);
+
+        let ext = v.block_status(at, 8191).unwrap();
+        assert_eq!(ext.len(), 1, "{ext:?}");
+        assert_eq!(
+            (ext[0].offset, ext[0].length, ext[0].hole),
+            (at, 8191, false)
+        );
+        let ext = v.block_status(last - 3 * cs, 3 * cs + 4096).unwrap();
+        assert_eq!(ext.len(), 2, "{ext:?}");
+        assert_eq!(
+            (ext[0].offset, ext[0].length, ext[0].hole),
+            (last - 3 * cs, 3 * cs, true)
+        );
+        assert_eq!(
+            (ext[1].offset, ext[1].length, ext[1].hole),
+            (last, 4096, false)
+        );
+
+        // Past the end: refused at the boundary, not wrapped.
+        for (off, len) in [(u64::MAX - 1, 2), (u64::MAX, 1), (at, u64::MAX)] {
+            let mut b = vec![0u8; len.min(4) as usize];
+            if len <= 4 {
+                let e = v.read_at(&mut b, off).unwrap_err();
+                assert_eq!(e.kind, BlockErrorKind::OutOfRange, "{e}");
+            }
+            let e = v.discard(off, len).unwrap_err();
+            assert_eq!(e.kind, BlockErrorKind::OutOfRange, "{e}");
+            let e = v.block_status(off, len).unwrap_err();
+            assert_eq!(e.kind, BlockErrorKind::OutOfRange, "{e}");
+        }
+
+        // Shrinking by one byte zeroes the rest of the (partial) last chunk.
+        p.resize_volume("top", u64::MAX - 1, true).unwrap();
+        p.resize_volume("top", u64::MAX, false).unwrap();
+        let mut one = [7u8; 1];
+        v.read_at(&mut one, u64::MAX - 1).unwrap();
+        assert_eq!(one, [0]);
+        v.read_at(&mut buf[..8190], at).unwrap();
+        assert!(buf[..8190] == want[..8190]);
+
+        // Zeroing the whole last chunk unmaps it.
+        v.write_zeroes(last, u64::MAX - last, true).unwrap();
+        v.read_at(&mut buf, at).unwrap();
+        assert!(buf.iter().all(|b| *b == 0));
+        let ext = v.block_status(last, u64::MAX - last).unwrap();
+        assert!(ext.iter().all(|e| e.hole), "{ext:?}");
+        assert_eq!(p.volume("top").unwrap().mapped, 0);
+
+        v.write_at(&d1, at).unwrap();
+        v.discard(last, u64::MAX - last).unwrap();
+        v.read_at(&mut buf, at).unwrap();
+        assert!(buf.iter().all(|b| *b == 0));
+
+        v.write_at(&d2, u64::MAX - 100).unwrap();
+        v.flush().unwrap();
+        let r = p.verify().unwrap();
+        assert!(r.is_clean(), "{r:?}");
+        drop((v, s, p));
+        let p = ThinPool::open(dir.path()).unwrap();
+        let v = p.open_volume("top", true).unwrap();
+        let mut b = vec![0u8; 100];
+        v.read_at(&mut b, u64::MAX - 100).unwrap();
+        assert!(b == d2);
+        let s = p.open_volume("snap", true).unwrap();
+        s.read_at(&mut buf, at).unwrap();
+        assert!(buf == d1);
+    }
+
+    /// A capacity whose data file length wraps is refused (old code: `(chunks + 1) *
+    /// chunk_size` overflowed; wrapped, it sized pool.data to 0 bytes).
+    #[test]
+    fn capacity_past_a_file_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let r = ThinPool::create(
+            dir.path(),
+            ThinOptions {
+                chunk_size: 4096,
+                capacity: u64::MAX,
+            },
+        );
+        assert!(matches!(r, Err(PoolError::Invalid(_))), "{:?}", r.err());
     }
 }

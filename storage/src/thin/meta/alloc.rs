@@ -18,9 +18,9 @@ impl Meta {
         let hw = self.meta_hw;
         self.trees[DATA_RC].get_rc(&*self.file, hw, c.0)
     }
-    pub(super) fn set_data_rc(&mut self, c: u64, v: u32) -> Result<(), Error> {
+    pub(super) fn set_data_rc(&mut self, c: Chunk, v: u32) -> Result<(), Error> {
         let hw = self.meta_hw;
-        self.trees[DATA_RC].set_rc(&*self.file, hw, c, v)
+        self.trees[DATA_RC].set_rc(&*self.file, hw, c.0, v)
     }
 
     pub fn chunk_inc(&mut self, c: Chunk) -> Result<(), Error> {
@@ -36,7 +36,7 @@ impl Meta {
         let rc = rc
             .checked_add(1)
             .ok_or_else(|| Error::Inconsistent(format!("data chunk {c}: refcount overflow")))?;
-        self.set_data_rc(c.0, rc)
+        self.set_data_rc(c, rc)
     }
 
     pub fn chunk_dec(&mut self, c: Chunk) -> Result<(), Error> {
@@ -49,13 +49,13 @@ impl Meta {
                 "data chunk {c}: refcount underflow"
             )));
         }
-        self.set_data_rc(c.0, rc - 1)?;
-        self.dropped_chunks.insert(c.0);
+        self.set_data_rc(c, rc - 1)?;
+        self.dropped_chunks.insert(c);
         if rc == 1 {
             self.data_used = self.data_used.checked_sub(1).ok_or_else(|| {
                 Error::Inconsistent(format!("data chunk {c} freed with no data chunk in use"))
             })?;
-            self.chunks_deferred.insert(c.0);
+            self.chunks_deferred.insert(c);
         }
         Ok(())
     }
@@ -201,7 +201,7 @@ impl Meta {
         }
         let (c, reused) = loop {
             if let Some(c) = self.free_chunks.pop_first() {
-                if self.data_rc(Chunk(c))? == 0 && !self.chunks_deferred.contains(&c) {
+                if self.data_rc(c)? == 0 && !self.chunks_deferred.contains(&c) {
                     break (c, true);
                 }
                 continue;
@@ -213,9 +213,9 @@ impl Meta {
                 let end = ((leaf + 1) * RC_LEAF_ENTRIES as u64).min(self.data_hw_open + 1);
                 for q in self.data_scan.max(1)..end {
                     if counts[(q % RC_LEAF_ENTRIES as u64) as usize] == 0
-                        && !self.chunks_deferred.contains(&q)
+                        && !self.chunks_deferred.contains(&Chunk(q))
                     {
-                        self.free_chunks.insert(q);
+                        self.free_chunks.insert(Chunk(q));
                     }
                 }
                 self.data_scan = end;
@@ -223,12 +223,12 @@ impl Meta {
             }
             if self.data_hw < self.geo.data_chunks {
                 self.data_hw += 1;
-                break (self.data_hw, false);
+                break (Chunk(self.data_hw), false);
             }
             return Err(Error::NoSpace);
         };
         self.set_data_rc(c, 1)?;
         self.data_used += 1;
-        Ok((Chunk(c), reused))
+        Ok((c, reused))
     }
 }

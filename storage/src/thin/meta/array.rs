@@ -250,7 +250,7 @@ impl ArrayTree {
                 Body::Rc(v) => pack_rc_leaf(self.leaf, page, gen, v),
                 Body::Roots(v) => pack_roots_leaf(page, gen, v),
             };
-            file.write_at(&buf[..], page.offset())
+            file.write_at(&buf[..], page.file_offset()?)
                 .map_err(io_err("writing a refcount or roots page"))?;
             let r = PageRef::of(&buf);
             if level + 1 >= self.height {

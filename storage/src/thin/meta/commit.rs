@@ -41,9 +41,11 @@ impl Meta {
             extra += 2 * (dirty + u64::from(t.height)) + 2;
         }
         let from = self.sb.meta_hw.min(self.meta_hw);
-        let to = self.meta_hw + extra;
+        let to = PageNo(self.meta_hw.saturating_add(extra));
+        // `to` past the largest file offset fails here, before anything is written.
+        let (start, end) = (PageNo(from).file_offset()?, to.file_offset()?);
         self.file
-            .reserve(PageNo(from).offset(), (to - from) * PAGE_SIZE as u64)
+            .reserve(start, end - start)
             .map_err(io_err("reserving space in pool.meta"))
     }
 
@@ -152,7 +154,7 @@ impl Meta {
         let mut next = PageRef::NULL;
         for (p, bytes) in cat_writes.iter().rev() {
             let buf = pack_catalogue(PageNo(*p), gen, next, bytes);
-            file.write_at(&buf[..], PageNo(*p).offset())
+            file.write_at(&buf[..], PageNo(*p).file_offset()?)
                 .map_err(io_err("writing a catalogue page"))?;
             next = PageRef::of(&buf);
         }
@@ -176,7 +178,7 @@ impl Meta {
             needs_check: false,
         };
         let slot = PageNo(sb.generation % 2);
-        file.write_at(&sb.pack(slot)[..], slot.offset())
+        file.write_at(&sb.pack(slot)[..], slot.file_offset()?)
             .map_err(io_err("writing the superblock"))?;
         file.sync().map_err(io_err("syncing the superblock"))?;
         // Durable: release what the previous commits freed.

@@ -36,7 +36,7 @@ impl Meta {
         };
         self.nodes.insert(p, node);
         self.file
-            .write_at(&buf[..], PageNo(p).offset())
+            .write_at(&buf[..], PageNo(p).file_offset()?)
             .map_err(io_err("writing a block-map page"))?;
         let r = PageRef::of(&buf);
         sealed.insert(p, r);
@@ -152,7 +152,7 @@ impl Meta {
                         .extend(c.iter().filter(|c| !c.is_null()).map(|c| c.page.0)),
                     MapNode::Leaf(es) => self
                         .dropped_chunks
-                        .extend(es.iter().filter(|e| e.is_mapped()).map(|e| e.chunk.0)),
+                        .extend(es.iter().filter(|e| e.is_mapped()).map(|e| e.chunk)),
                 }
             }
             self.nodes.remove(&p);

@@ -48,16 +48,17 @@ fn io_err(op: &'static str) -> impl FnOnce(std::io::Error) -> Error {
 
 pub(crate) fn read_page(file: &dyn BlockFile, page: PageNo) -> Result<Box<[u8; PAGE_SIZE]>, Error> {
     let mut buf = Box::new([0u8; PAGE_SIZE]);
-    file.read_at(&mut buf[..], page.offset()).map_err(|e| {
-        if e.kind() == std::io::ErrorKind::UnexpectedEof {
-            Error::Inconsistent(format!("metadata page {page} is past the end of pool.meta"))
-        } else {
-            Error::Io {
-                op: "reading a metadata page",
-                source: e,
+    file.read_at(&mut buf[..], page.file_offset()?)
+        .map_err(|e| {
+            if e.kind() == std::io::ErrorKind::UnexpectedEof {
+                Error::Inconsistent(format!("metadata page {page} is past the end of pool.meta"))
+            } else {
+                Error::Io {
+                    op: "reading a metadata page",
+                    source: e,
+                }
             }
-        }
-    })?;
+        })?;
     Ok(buf)
 }
 
@@ -175,12 +176,12 @@ pub(crate) struct Meta {
     meta_scan: u64,
     meta_hw_open: u64,
     // Data chunk allocator.
-    free_chunks: BTreeSet<u64>,
-    chunks_deferred: HashSet<u64>,
+    free_chunks: BTreeSet<Chunk>,
+    chunks_deferred: HashSet<Chunk>,
     data_scan: u64,
     data_hw_open: u64,
     pub dropped_pages: HashSet<u64>,
-    pub dropped_chunks: HashSet<u64>,
+    pub dropped_chunks: HashSet<Chunk>,
     /// Chunks with data I/O in flight that readers and writers must not touch yet.
     pub inflight: HashSet<Chunk>,
     /// (volume id, virtual chunk) with a write in flight whose mapping is installed only
@@ -188,7 +189,7 @@ pub(crate) struct Meta {
     pub inflight_vcs: HashSet<(u64, u64)>,
     /// Chunks the last commit made free: the pool hole-punches them to give their
     /// space back to the host filesystem.
-    pub freed_chunks_committed: Vec<u64>,
+    pub freed_chunks_committed: Vec<Chunk>,
     /// Live handles per volume id.
     pub handles: HashMap<u64, usize>,
     /// Bumped on every change of a volume's content (fingerprint cache validity).
@@ -303,9 +304,10 @@ impl Meta {
             ..self.sb
         };
         let slot = PageNo(sb.generation % 2);
-        let r = self
-            .file
-            .write_at(&sb.pack(slot)[..], slot.offset())
+        let r = slot
+            .file_offset()
+            .map_err(|e| std::io::Error::other(e.to_string()))
+            .and_then(|off| self.file.write_at(&sb.pack(slot)[..], off))
             .and_then(|_| self.file.sync());
         match r {
             Ok(()) => self.sb = sb,
@@ -628,7 +630,7 @@ mod tests {
         m.remove_volume(b).unwrap();
         assert_eq!(m.data_rc(c).unwrap(), 1);
         assert!(
-            m.dropped_chunks.contains(&c.0),
+            m.dropped_chunks.contains(&c),
             "chunk shared at the last commit must not be written in place"
         );
         m.remove_volume(a).unwrap();
