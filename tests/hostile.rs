@@ -754,6 +754,160 @@ fn a_killed_template_create_leaves_nothing_half_made() {
     assert_eq!(ctl.json(&["pool", "verify"])["clean"], true);
 }
 
+/// Runs `args(i)` `rounds` times, each killed with SIGKILL after a delay spread over
+/// twice `whole` (the time an uninterrupted run takes), then calls `check(i)`.
+fn kill_rounds(
+    ctl: &Ctl,
+    rounds: u32,
+    whole: Duration,
+    args: impl Fn(u32) -> Vec<String>,
+    mut check: impl FnMut(u32),
+) {
+    for i in 0..rounds {
+        let a = args(i);
+        let a: Vec<&str> = a.iter().map(String::as_str).collect();
+        let mut child = ctl
+            .cmd(&a)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(whole * (i + 1) / (rounds / 2));
+        let _ = child.kill();
+        let _ = child.wait();
+        check(i);
+    }
+}
+
+/// Issue 13.1's sweep, for the other operations that make a new object: a killed
+/// `template import` leaves the template absent or whole (its fingerprint the
+/// package's), and a killed `qube clone` leaves the clone absent (its name free again,
+/// no volume left behind) or whole (every volume at its size). The pool verifies clean
+/// after every round.
+#[test]
+fn killed_imports_and_clones_leave_nothing_half_made() {
+    let ctl = Ctl::new();
+    ctl.ok(&["pool", "init", "--size", "2G"]);
+    let img = ctl.root.join("big.img");
+    std::fs::write(&img, pattern(11, 64 * MIB)).unwrap();
+    let img = img.to_str().unwrap().to_string();
+    ctl.ok(&["template", "create", "ref", "--from-image", &img]);
+    let list = ctl.json(&["template", "list"]);
+    let fingerprint = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["name"] == "ref")
+        .unwrap()["fingerprint"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(fingerprint.len(), 64, "{list}");
+    let pkg = ctl.root.join("ref.qtpl");
+    let pkg = pkg.to_str().unwrap().to_string();
+    ctl.ok(&["template", "export", "ref", &pkg]);
+
+    // template import
+    let t0 = Instant::now();
+    ctl.ok(&["template", "import", &pkg, "--name", "whole"]);
+    let whole = t0.elapsed();
+    let mut complete = 0;
+    kill_rounds(
+        &ctl,
+        10,
+        whole,
+        |i| {
+            ["template", "import", &pkg, "--name", &format!("i{i}")]
+                .map(String::from)
+                .to_vec()
+        },
+        |i| {
+            let name = format!("i{i}");
+            let list = ctl.json(&["template", "list"]);
+            if let Some(t) = list.as_array().unwrap().iter().find(|t| t["name"] == name) {
+                assert_eq!(t["size"], 64 * MIB as u64, "half-imported template: {t}");
+                assert_eq!(t["fingerprint"], fingerprint.as_str(), "{t}");
+                complete += 1;
+            } else {
+                let err = ctl.fails(&["qube", "create", "k", "--template", &name]);
+                assert!(err.contains("does not exist"), "{err}");
+            }
+            assert_eq!(
+                ctl.json(&["pool", "verify"])["clean"],
+                true,
+                "after import {i}"
+            );
+        },
+    );
+    eprintln!("{complete} of 10 killed imports had completed (a whole one: {whole:?})");
+    assert!(complete < 10, "no kill landed inside an import");
+
+    // qube clone of a StandaloneVM whose root and private are written
+    ctl.ok(&[
+        "qube",
+        "create",
+        "src",
+        "--class",
+        "StandaloneVM",
+        "--template",
+        "ref",
+    ]);
+    let src_vols = ctl.json(&["volume", "list", "src"]);
+    let sizes: Vec<(String, Value)> = src_vols
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| {
+            let n = v["name"].as_str().unwrap();
+            (n.to_string(), v["size"].clone())
+        })
+        .collect();
+    assert!(!sizes.is_empty(), "{src_vols}");
+    let t0 = Instant::now();
+    ctl.ok(&["qube", "clone", "src", "whole-clone"]);
+    let whole = t0.elapsed();
+    kill_rounds(
+        &ctl,
+        10,
+        whole,
+        |i| {
+            ["qube", "clone", "src", &format!("c{i}")]
+                .map(String::from)
+                .to_vec()
+        },
+        |i| {
+            let name = format!("c{i}");
+            let qubes = ctl.json(&["qube", "list"]);
+            let present = qubes.as_array().unwrap().iter().any(|q| q["name"] == name);
+            if present {
+                let vols = ctl.json(&["volume", "list", &name]);
+                for (v, size) in &sizes {
+                    let got = vols
+                        .as_array()
+                        .unwrap()
+                        .iter()
+                        .find(|x| x["name"] == v.as_str())
+                        .unwrap_or_else(|| panic!("clone {name} lacks {v}: {vols}"));
+                    assert_eq!(&got["size"], size, "{got}");
+                }
+            } else {
+                let all = ctl.json(&["volume", "list"]);
+                assert!(
+                    !all.as_array().unwrap().iter().any(|x| x["qube"] == name),
+                    "a killed clone {name} left volumes: {all}"
+                );
+                ctl.ok(&["qube", "clone", "src", &name]);
+            }
+            assert_eq!(
+                ctl.json(&["pool", "verify"])["clean"],
+                true,
+                "after clone {i}"
+            );
+        },
+    );
+}
+
 /// Issue 13.3 (CLI) and 14.13: on a small host filesystem, `pool init` warns about a
 /// capacity larger than the free space, `pool info` shows the free space and warns, and
 /// `qube start` is refused below the safety margin with the way out. Needs root (mounts
