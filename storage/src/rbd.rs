@@ -352,6 +352,34 @@ impl RbdPool {
             .map_err(|e| pool_err(e, key))
     }
 
+    /// For an image not open in this process: an exclusive lock held by another
+    /// machine is [`PoolError::HeldElsewhere`]; one left by a killed daemon of this
+    /// machine and root is broken (see [`Self::take_lock`]).
+    fn refuse_if_held_elsewhere(&self, key: &str, img: &Image) -> Result<(), PoolError> {
+        let owners = img.lock_owners().map_err(|e| pool_err(e, key))?;
+        if owners.is_empty() {
+            return Ok(());
+        }
+        let holder = img.meta_get(HOLDER).ok().flatten().unwrap_or_default();
+        if holder == self.inner.machine {
+            tracing::warn!(volume = %key, ?owners, "breaking the lock a killed daemon of this machine left");
+            for o in &owners {
+                img.lock_break(o).map_err(|e| pool_err(e, key))?;
+            }
+            return Ok(());
+        }
+        Err(PoolError::HeldElsewhere {
+            volume: key.to_string(),
+            holder: if holder.is_empty() {
+                "an unknown machine".into()
+            } else {
+                holder
+            },
+            owners: owners.join(", "),
+            detail: "the image is open for writing there".into(),
+        })
+    }
+
     fn purge_trash(&self) {
         if let Err(e) = self.inner.io.trash_purge() {
             tracing::warn!(error = %e, "purging the RBD trash failed; retried at the next removal");
@@ -505,22 +533,24 @@ impl Pool for RbdPool {
             });
         }
         let name = image_name(key);
-        // Rollback points (snap_rollback) are user snapshots: they go with the image.
-        let snaps = Image::open(&self.inner.io, &name, false)
-            .and_then(|img| {
-                let s = img.snap_list()?;
-                for n in &s {
-                    match img.snap_remove(n) {
-                        // rbd_snap_list also names the trash-namespace snapshots that
-                        // clones keep, which cannot be removed by name.
-                        Err(e) if e.errno == libc::ENOENT => {}
-                        r => r?,
-                    }
+        {
+            let img = Image::open(&self.inner.io, &name, false).map_err(|e| pool_err(e, key))?;
+            // Another machine's running qube (the model drops a qube's leftovers at
+            // start): its image is refused here, not half-removed under its guest.
+            self.refuse_if_held_elsewhere(key, &img)?;
+            // Rollback points (snap_rollback) are user snapshots: they go with the image.
+            let snaps = img.snap_list().map_err(|e| pool_err(e, key))?;
+            for n in &snaps {
+                match img.snap_remove(n) {
+                    // rbd_snap_list also names the trash-namespace snapshots that
+                    // clones keep, which cannot be removed by name.
+                    Err(e) if e.errno == libc::ENOENT => {}
+                    r => r.map_err(|e| pool_err(e, key))?,
                 }
-                Ok(s)
-            })
-            .map_err(|e| pool_err(e, key))?;
-        drop(snaps);
+            }
+            // The handle closes here: an open image is watched, and RBD refuses to
+            // remove a watched image.
+        }
         match self.inner.io.remove(&name) {
             Ok(()) => {}
             // Snapshots in the trash namespace still have clones: the image waits in the
