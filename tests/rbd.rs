@@ -195,3 +195,87 @@ fn two_machines_share_templates_and_a_qube_runs_on_one_at_a_time() {
     }
     eprintln!("two-machine test took {:?}", t0.elapsed());
 }
+
+/// `rbd info` of the volume `key`'s image in namespace `ns` (ceph-micro's admin user).
+fn rbd_info(ns: &str, key: &str) -> Value {
+    let c = ceph_micro::ceph();
+    let image = format!("qubes_{}", key.replace('/', "~").replace('@', "="));
+    let out = run(Command::new("rbd")
+        .arg("-c")
+        .arg(&c.conf)
+        .args([
+            "info",
+            "--format",
+            "json",
+            "--pool",
+            &c.pool,
+            "--namespace",
+            ns,
+        ])
+        .arg(&image));
+    serde_json::from_str(&out).unwrap_or_else(|e| panic!("rbd info {image}: {e}: {out}"))
+}
+
+/// Each start of a qube clones its private volume (`private@run`, a clone of the head it
+/// replaces at stop), so six start/stop cycles make a chain of six clones: the sixth is
+/// deeper than Cinder's 5 and is flattened in the background, while the guest's export
+/// serves on with every byte.
+#[test]
+fn a_clone_chain_deeper_than_five_is_flattened_in_the_background() {
+    let t0 = Instant::now();
+    let ns = ceph_micro::fresh_namespace();
+    let a = rbd_root(&ns, "solo");
+    template_from_image(&a, "tpl", 2);
+    a.ok(&["qube", "create", "deep", "--template", "tpl"]);
+    a.ok(&["volume", "resize", "deep:private", "16M", "--allow-shrink"]);
+    for cycle in 1..=6u8 {
+        let started = a.json(&["qube", "start", "deep", "--hypervisor", "none"]);
+        let uri = uri_of(&started, "private");
+        // One MiB per cycle, each at its own offset: every layer of the chain holds data.
+        let off = format!("{}M", cycle - 1);
+        qemu_io(&uri, &[&format!("write -P {cycle} {off} 1M"), "flush"]);
+        let run = rbd_info(&ns, "deep/private@run");
+        if cycle < 6 {
+            assert!(
+                run.get("parent").is_some(),
+                "a chain of {cycle} was flattened (the limit is 5): {run}"
+            );
+            a.ok(&["qube", "shutdown", "deep"]);
+            continue;
+        }
+        // The sixth: flattened while the qube runs.
+        let t = Instant::now();
+        while rbd_info(&ns, "deep/private@run").get("parent").is_some() {
+            if t.elapsed() > Duration::from_secs(120) {
+                let log =
+                    std::fs::read_to_string(a.root.join("run/daemon.log")).unwrap_or_default();
+                let lines: Vec<&str> = log
+                    .lines()
+                    .filter(|l| l.contains("flatten") || l.contains("depth"))
+                    .collect();
+                panic!("the 6-deep clone is not flattened after 120 s; daemon log: {lines:#?}");
+            }
+            std::thread::sleep(Duration::from_millis(500));
+        }
+        eprintln!("flattened {:?} after the start", t.elapsed());
+        let reads: Vec<String> = (1..=6u8)
+            .map(|c| format!("read -P {c} {}M 1M", c - 1))
+            .collect();
+        let reads: Vec<&str> = reads.iter().map(String::as_str).collect();
+        qemu_io(&uri, &reads);
+        qemu_io(&uri, &["write -P 7 6M 1M", "flush"]);
+        a.ok(&["qube", "shutdown", "deep"]);
+    }
+    // The head is the flattened image now; a new start clones it afresh (depth 1).
+    let head = rbd_info(&ns, "deep/private");
+    assert!(head.get("parent").is_none(), "{head}");
+    let started = a.json(&["qube", "start", "deep", "--hypervisor", "none"]);
+    let reads: Vec<String> = (1..=7u8)
+        .map(|c| format!("read -P {c} {}M 1M", c - 1))
+        .collect();
+    let reads: Vec<&str> = reads.iter().map(String::as_str).collect();
+    qemu_io(&uri_of(&started, "private"), &reads);
+    a.ok(&["qube", "shutdown", "deep"]);
+    assert_eq!(a.json(&["pool", "verify"])["clean"], true);
+    eprintln!("flatten test took {:?}", t0.elapsed());
+}

@@ -289,76 +289,92 @@ impl RbdPool {
         }
     }
 
+    /// How many parents `name`'s chain has. By id: a parent removed since (a pruned
+    /// revision) waits in the RBD trash, where its name opens nothing.
     fn depth(&self, name: &str) -> Result<u32, rbd_sys::Error> {
+        let mut img = Image::open(&self.inner.io, name, true)?;
         let mut depth = 0;
-        let mut cur = name.to_string();
-        loop {
-            let img = Image::open(&self.inner.io, &cur, true)?;
-            match img.parent()? {
-                Some((p, _)) => {
-                    depth += 1;
-                    cur = p;
-                }
-                None => return Ok(depth),
-            }
+        while let Some(id) = img.parent_id()? {
+            depth += 1;
+            img = Image::open_by_id_read_only(&self.inner.io, &id)?;
         }
+        Ok(depth)
     }
 
-    /// Flattens `name` in a thread of its own; a failure is logged and retried by the
-    /// next snapshot of that chain.
+    /// Flattens `key` in a thread of its own; a failure is logged and retried by the
+    /// next snapshot of that chain. Through the handle this process serves the volume
+    /// with, if any: that one holds the exclusive lock (a qube's `@run` clone is opened
+    /// for its guest right after the snapshot, and would take the lock from a handle of
+    /// the flatten's own and fail it). The thread holds no reference to the pool, so a
+    /// pool dropped meanwhile closes (and unlocks its root) at once.
     fn flatten_in_background(&self, key: String) {
+        let pool = Arc::downgrade(&self.inner);
         let io = self.inner.io.clone();
         std::thread::spawn(move || {
-            let r = Image::open(&io, &image_name(&key), false).and_then(|img| img.flatten());
-            match r {
-                Ok(()) => tracing::info!(volume = %key, "flattened a deep RBD clone"),
-                Err(e) => tracing::warn!(volume = %key, error = %e, "flattening failed"),
+            let mut last = None;
+            for attempt in 0..5 {
+                if attempt > 0 {
+                    std::thread::sleep(std::time::Duration::from_secs(1));
+                }
+                let Some(inner) = pool.upgrade() else { return };
+                let shared = inner.open.lock().get(&key).cloned();
+                drop(inner);
+                let r = match shared {
+                    Some(o) => o.image.flatten(),
+                    None => Image::open(&io, &image_name(&key), false).and_then(|i| i.flatten()),
+                };
+                match r {
+                    Ok(()) => {
+                        tracing::info!(volume = %key, "flattened a deep RBD clone");
+                        return;
+                    }
+                    // Removed meanwhile: nothing to flatten.
+                    Err(e) if e.errno == libc::ENOENT => return,
+                    Err(e) => last = Some(e),
+                }
+            }
+            if let Some(e) = last {
+                tracing::warn!(volume = %key, error = %e, "flattening failed");
             }
         });
     }
 
     /// Refuses a writable open of an image another machine holds.
     fn take_lock(&self, key: &str, img: &Image) -> Result<(), PoolError> {
-        let first = img.lock_acquire();
-        let res = match first {
-            Ok(()) => Ok(()),
-            Err(e) => {
-                let holder = img.meta_get(HOLDER).ok().flatten().unwrap_or_default();
-                let owners = img.lock_owners().unwrap_or_default();
-                if holder == self.inner.machine && !owners.is_empty() {
-                    // Our own earlier daemon, killed: this process holds the root's lock
-                    // file now, so that client is dead. Break (and blocklist) it.
-                    tracing::warn!(volume = %key, ?owners, "breaking the lock a killed daemon of this machine left");
-                    for o in &owners {
-                        img.lock_break(o).map_err(|e| pool_err(e, key))?;
-                    }
-                    img.lock_acquire().map_err(|e| pool_err(e, key))
+        // Broken before asking for the lock: librbd would first ask the owner to hand it
+        // over, and a killed daemon's client answers nothing until its watch times out
+        // (~30 s per image).
+        self.break_own_stale_lock(key, img)?;
+        img.lock_acquire().map_err(|e| {
+            let holder = img.meta_get(HOLDER).ok().flatten().unwrap_or_default();
+            let owners = img.lock_owners().unwrap_or_default();
+            PoolError::HeldElsewhere {
+                volume: key.to_string(),
+                holder: if holder.is_empty() {
+                    "an unknown machine".into()
                 } else {
-                    Err(PoolError::HeldElsewhere {
-                        volume: key.to_string(),
-                        holder: if holder.is_empty() {
-                            "an unknown machine".into()
-                        } else {
-                            holder
-                        },
-                        owners: owners.join(", "),
-                        detail: e.to_string(),
-                    })
-                }
+                    holder
+                },
+                owners: owners.join(", "),
+                detail: e.to_string(),
             }
-        };
-        res?;
+        })?;
         img.meta_set(HOLDER, Some(&self.inner.machine))
             .map_err(|e| pool_err(e, key))
     }
 
-    /// For an image not open in this process: an exclusive lock held by another
-    /// machine is [`PoolError::HeldElsewhere`]; one left by a killed daemon of this
-    /// machine and root is broken (see [`Self::take_lock`]).
-    fn refuse_if_held_elsewhere(&self, key: &str, img: &Image) -> Result<(), PoolError> {
+    /// For an image not open for writing in this process: a lock held in the name of
+    /// this machine is a killed daemon's of this root (this process holds `DIR/lock` now,
+    /// so that client is dead): it is broken (and its client blocklisted), and the image
+    /// resumes dirty. Returns the holder recorded on the image and the lock's owners.
+    fn break_own_stale_lock(
+        &self,
+        key: &str,
+        img: &Image,
+    ) -> Result<(String, Vec<String>), PoolError> {
         let owners = img.lock_owners().map_err(|e| pool_err(e, key))?;
         if owners.is_empty() {
-            return Ok(());
+            return Ok((String::new(), owners));
         }
         let holder = img.meta_get(HOLDER).ok().flatten().unwrap_or_default();
         if holder == self.inner.machine {
@@ -366,15 +382,23 @@ impl RbdPool {
             for o in &owners {
                 img.lock_break(o).map_err(|e| pool_err(e, key))?;
             }
+            return Ok((holder, Vec::new()));
+        }
+        Ok((holder, owners))
+    }
+
+    /// For an image not open in this process: another machine's lock (a qube running
+    /// there) is [`PoolError::HeldElsewhere`]. A lock with no holder recorded is a
+    /// short-lived one librbd takes for an operation (a snapshot, a flatten), not a
+    /// running qube's.
+    fn refuse_if_held_elsewhere(&self, key: &str, img: &Image) -> Result<(), PoolError> {
+        let (holder, owners) = self.break_own_stale_lock(key, img)?;
+        if owners.is_empty() || holder.is_empty() {
             return Ok(());
         }
         Err(PoolError::HeldElsewhere {
             volume: key.to_string(),
-            holder: if holder.is_empty() {
-                "an unknown machine".into()
-            } else {
-                holder
-            },
+            holder,
             owners: owners.join(", "),
             detail: "the image is open for writing there".into(),
         })
