@@ -289,14 +289,14 @@ impl RbdPool {
         }
     }
 
-    /// How many parents `name`'s chain has. By id: a parent removed since (a pruned
-    /// revision) waits in the RBD trash, where its name opens nothing.
-    fn depth(&self, name: &str) -> Result<u32, rbd_sys::Error> {
-        let mut img = Image::open(&self.inner.io, name, true)?;
+    /// How many parents the chain of the image `img` has. By id: a parent removed since
+    /// (a pruned revision) waits in the RBD trash, where its name opens nothing.
+    fn depth(&self, img: &Image) -> Result<u32, rbd_sys::Error> {
+        let mut next = img.parent_id()?;
         let mut depth = 0;
-        while let Some(id) = img.parent_id()? {
+        while let Some(id) = next {
             depth += 1;
-            img = Image::open_by_id_read_only(&self.inner.io, &id)?;
+            next = Image::open_by_id_read_only(&self.inner.io, &id)?.parent_id()?;
         }
         Ok(depth)
     }
@@ -486,6 +486,19 @@ impl Pool for RbdPool {
         })
     }
 
+    /// One listing of the namespace's directory instead of [`Pool::volume`]'s open of
+    /// the image (and of its parent chain) and walk of its object map.
+    fn exists(&self, key: &str) -> Result<bool, PoolError> {
+        validate_volume_key(key)?;
+        let name = image_name(key);
+        Ok(self
+            .inner
+            .io
+            .list()
+            .map_err(|e| pool_err(e, &self.inner.opts.ceph_pool))?
+            .contains(&name))
+    }
+
     fn create_volume(&self, key: &str, size: u64) -> Result<(), PoolError> {
         validate_volume_key(key)?;
         self.inner
@@ -514,15 +527,31 @@ impl Pool for RbdPool {
         );
         let (src, dst) = (image_name(source), image_name(target));
         let _serial = self.inner.snapshots.lock();
-        self.with_image(source, |img| {
-            // Acknowledged writes sit in librbd's cache until a flush.
-            img.flush()?;
-            img.snap_create(&snap)
-        })?;
+        // One handle on the source for the whole sequence (each open of an image, and of
+        // its parent chain, is a dozen round trips to the OSDs): the shared one if the
+        // volume is open here (it holds the exclusive lock), else a short-lived one.
+        let shared = self.inner.open.lock().get(source).cloned();
+        let own;
+        let img = match &shared {
+            Some(o) => &o.image,
+            None => {
+                own = Image::open(&self.inner.io, &src, false).map_err(|e| pool_err(e, source))?;
+                &own
+            }
+        };
+        // Acknowledged writes sit in librbd's cache until a flush.
+        img.flush()
+            .and_then(|()| img.snap_create(&snap))
+            .map_err(|e| pool_err(e, source))?;
         let cloned = self.inner.io.clone_image(&src, &snap, &dst);
         // Clone v2 keeps the snapshot alive (trash namespace) while the clone exists.
-        let removed = self.with_image(source, |img| img.snap_remove(&snap));
+        let removed = img.snap_remove(&snap);
         cloned.map_err(|e| pool_err(e, target))?;
+        if let Err(e) = removed {
+            tracing::warn!(volume = %source, error = %e, "removing a snapshot after cloning failed");
+        }
+        // The clone is one deeper than its source.
+        let depth = self.depth(img).map(|d| d + 1);
         // librbd copies the parent's image metadata into the clone; the contract (and
         // the lock holder record) want a clean one.
         Image::open(&self.inner.io, &dst, false)
@@ -535,10 +564,7 @@ impl Pool for RbdPool {
                 Ok(())
             })
             .map_err(|e| pool_err(e, target))?;
-        if let Err(e) = removed {
-            tracing::warn!(volume = %source, error = %e, "removing a snapshot after cloning failed");
-        }
-        match self.depth(&dst) {
+        match depth {
             Ok(d) if d > self.inner.opts.max_clone_depth => {
                 self.flatten_in_background(target.to_string())
             }
