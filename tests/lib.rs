@@ -6,6 +6,8 @@ use std::process::{Command, Output, Stdio};
 
 use serde_json::Value;
 
+pub mod ceph_micro;
+
 /// The `qubes-ctl` binary of the same build profile as the running test
 /// (`target/<profile>/qubes-ctl`), or `$QUBES_CTL_BIN`.
 pub fn qubes_ctl_bin() -> PathBuf {

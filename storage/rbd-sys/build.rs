@@ -19,7 +19,7 @@ fn main() {
     let bindings = bindgen::Builder::default()
         .header("wrapper.h")
         .allowlist_function("rados_(ioctx_set_namespace|create2|conf_read_file|conf_set|connect|shutdown|ioctx_create|ioctx_destroy|ioctx_pool_stat|cluster_stat|getaddrs|get_instance_id)")
-        .allowlist_function("rbd_(namespace_create|namespace_exists|open|open_read_only|close|stat|get_size|resize|create4|clone3|remove|rename|list2|image_spec_list_cleanup|image_options_(create|destroy|set_uint64)|snap_(create|remove|list|list_end|rollback)|flatten|get_parent|linked_image_spec_cleanup|snap_spec_cleanup|metadata_(get|set|remove|list)|pool_metadata_(get|set|remove|list)|diff_iterate2|lock_(acquire|release|get_owners|get_owners_cleanup|break)|is_exclusive_lock_owner|trash_(move|purge)|aio_(create_completion|release|wait_for_complete|get_return_value|read2|write2|flush|discard|write_zeroes))")
+        .allowlist_function("rbd_(namespace_create|namespace_exists|open|open_read_only|open_by_id_read_only|close|stat|get_size|resize|create4|clone3|remove|rename|list2|image_spec_list_cleanup|image_options_(create|destroy|set_uint64)|snap_(create|remove|list|list_end|rollback)|flatten|get_parent|linked_image_spec_cleanup|snap_spec_cleanup|metadata_(get|set|remove|list)|pool_metadata_(get|set|remove|list)|diff_iterate2|lock_(acquire|release|get_owners|get_owners_cleanup|break)|is_exclusive_lock_owner|trash_(move|purge)|aio_(create_completion|release|wait_for_complete|get_return_value|read2|write2|flush|discard|write_zeroes))")
         .allowlist_var("RBD_.*")
         .allowlist_var("LIBRADOS_.*")
         .allowlist_type("rbd_lock_mode_t")

@@ -289,67 +289,119 @@ impl RbdPool {
         }
     }
 
-    fn depth(&self, name: &str) -> Result<u32, rbd_sys::Error> {
+    /// How many parents the chain of the image `img` has. By id: a parent removed since
+    /// (a pruned revision) waits in the RBD trash, where its name opens nothing.
+    fn depth(&self, img: &Image) -> Result<u32, rbd_sys::Error> {
+        let mut next = img.parent_id()?;
         let mut depth = 0;
-        let mut cur = name.to_string();
-        loop {
-            let img = Image::open(&self.inner.io, &cur, true)?;
-            match img.parent()? {
-                Some((p, _)) => {
-                    depth += 1;
-                    cur = p;
-                }
-                None => return Ok(depth),
-            }
+        while let Some(id) = next {
+            depth += 1;
+            next = Image::open_by_id_read_only(&self.inner.io, &id)?.parent_id()?;
         }
+        Ok(depth)
     }
 
-    /// Flattens `name` in a thread of its own; a failure is logged and retried by the
-    /// next snapshot of that chain.
+    /// Flattens `key` in a thread of its own; a failure is logged and retried by the
+    /// next snapshot of that chain. Through the handle this process serves the volume
+    /// with, if any: that one holds the exclusive lock (a qube's `@run` clone is opened
+    /// for its guest right after the snapshot, and would take the lock from a handle of
+    /// the flatten's own and fail it). The thread holds no reference to the pool, so a
+    /// pool dropped meanwhile closes (and unlocks its root) at once.
     fn flatten_in_background(&self, key: String) {
+        let pool = Arc::downgrade(&self.inner);
         let io = self.inner.io.clone();
         std::thread::spawn(move || {
-            let r = Image::open(&io, &image_name(&key), false).and_then(|img| img.flatten());
-            match r {
-                Ok(()) => tracing::info!(volume = %key, "flattened a deep RBD clone"),
-                Err(e) => tracing::warn!(volume = %key, error = %e, "flattening failed"),
+            let mut last = None;
+            for attempt in 0..5 {
+                if attempt > 0 {
+                    std::thread::sleep(std::time::Duration::from_secs(1));
+                }
+                let Some(inner) = pool.upgrade() else { return };
+                let shared = inner.open.lock().get(&key).cloned();
+                drop(inner);
+                let r = match shared {
+                    Some(o) => o.image.flatten(),
+                    None => Image::open(&io, &image_name(&key), false).and_then(|i| i.flatten()),
+                };
+                match r {
+                    Ok(()) => {
+                        tracing::info!(volume = %key, "flattened a deep RBD clone");
+                        return;
+                    }
+                    // Removed meanwhile: nothing to flatten.
+                    Err(e) if e.errno == libc::ENOENT => return,
+                    Err(e) => last = Some(e),
+                }
+            }
+            if let Some(e) = last {
+                tracing::warn!(volume = %key, error = %e, "flattening failed");
             }
         });
     }
 
     /// Refuses a writable open of an image another machine holds.
     fn take_lock(&self, key: &str, img: &Image) -> Result<(), PoolError> {
-        let first = img.lock_acquire();
-        let res = match first {
-            Ok(()) => Ok(()),
-            Err(e) => {
-                let holder = img.meta_get(HOLDER).ok().flatten().unwrap_or_default();
-                let owners = img.lock_owners().unwrap_or_default();
-                if holder == self.inner.machine && !owners.is_empty() {
-                    // Our own earlier daemon, killed: this process holds the root's lock
-                    // file now, so that client is dead. Break (and blocklist) it.
-                    tracing::warn!(volume = %key, ?owners, "breaking the lock a killed daemon of this machine left");
-                    for o in &owners {
-                        img.lock_break(o).map_err(|e| pool_err(e, key))?;
-                    }
-                    img.lock_acquire().map_err(|e| pool_err(e, key))
+        // Broken before asking for the lock: librbd would first ask the owner to hand it
+        // over, and a killed daemon's client answers nothing until its watch times out
+        // (~30 s per image).
+        self.break_own_stale_lock(key, img)?;
+        img.lock_acquire().map_err(|e| {
+            let holder = img.meta_get(HOLDER).ok().flatten().unwrap_or_default();
+            let owners = img.lock_owners().unwrap_or_default();
+            PoolError::HeldElsewhere {
+                volume: key.to_string(),
+                holder: if holder.is_empty() {
+                    "an unknown machine".into()
                 } else {
-                    Err(PoolError::HeldElsewhere {
-                        volume: key.to_string(),
-                        holder: if holder.is_empty() {
-                            "an unknown machine".into()
-                        } else {
-                            holder
-                        },
-                        owners: owners.join(", "),
-                        detail: e.to_string(),
-                    })
-                }
+                    holder
+                },
+                owners: owners.join(", "),
+                detail: e.to_string(),
             }
-        };
-        res?;
+        })?;
         img.meta_set(HOLDER, Some(&self.inner.machine))
             .map_err(|e| pool_err(e, key))
+    }
+
+    /// For an image not open for writing in this process: a lock held in the name of
+    /// this machine is a killed daemon's of this root (this process holds `DIR/lock` now,
+    /// so that client is dead): it is broken (and its client blocklisted), and the image
+    /// resumes dirty. Returns the holder recorded on the image and the lock's owners.
+    fn break_own_stale_lock(
+        &self,
+        key: &str,
+        img: &Image,
+    ) -> Result<(String, Vec<String>), PoolError> {
+        let owners = img.lock_owners().map_err(|e| pool_err(e, key))?;
+        if owners.is_empty() {
+            return Ok((String::new(), owners));
+        }
+        let holder = img.meta_get(HOLDER).ok().flatten().unwrap_or_default();
+        if holder == self.inner.machine {
+            tracing::warn!(volume = %key, ?owners, "breaking the lock a killed daemon of this machine left");
+            for o in &owners {
+                img.lock_break(o).map_err(|e| pool_err(e, key))?;
+            }
+            return Ok((holder, Vec::new()));
+        }
+        Ok((holder, owners))
+    }
+
+    /// For an image not open in this process: another machine's lock (a qube running
+    /// there) is [`PoolError::HeldElsewhere`]. A lock with no holder recorded is a
+    /// short-lived one librbd takes for an operation (a snapshot, a flatten), not a
+    /// running qube's.
+    fn refuse_if_held_elsewhere(&self, key: &str, img: &Image) -> Result<(), PoolError> {
+        let (holder, owners) = self.break_own_stale_lock(key, img)?;
+        if owners.is_empty() || holder.is_empty() {
+            return Ok(());
+        }
+        Err(PoolError::HeldElsewhere {
+            volume: key.to_string(),
+            holder,
+            owners: owners.join(", "),
+            detail: "the image is open for writing there".into(),
+        })
     }
 
     fn purge_trash(&self) {
@@ -435,6 +487,19 @@ impl Pool for RbdPool {
         })
     }
 
+    /// One listing of the namespace's directory instead of [`Pool::volume`]'s open of
+    /// the image (and of its parent chain) and walk of its object map.
+    fn exists(&self, key: &str) -> Result<bool, PoolError> {
+        validate_volume_key(key)?;
+        let name = image_name(key);
+        Ok(self
+            .inner
+            .io
+            .list()
+            .map_err(|e| pool_err(e, &self.inner.opts.ceph_pool))?
+            .contains(&name))
+    }
+
     fn create_volume(&self, key: &str, size: u64) -> Result<(), PoolError> {
         validate_volume_key(key)?;
         self.inner
@@ -463,15 +528,31 @@ impl Pool for RbdPool {
         );
         let (src, dst) = (image_name(source), image_name(target));
         let _serial = self.inner.snapshots.lock();
-        self.with_image(source, |img| {
-            // Acknowledged writes sit in librbd's cache until a flush.
-            img.flush()?;
-            img.snap_create(&snap)
-        })?;
+        // One handle on the source for the whole sequence (each open of an image, and of
+        // its parent chain, is a dozen round trips to the OSDs): the shared one if the
+        // volume is open here (it holds the exclusive lock), else a short-lived one.
+        let shared = self.inner.open.lock().get(source).cloned();
+        let own;
+        let img = match &shared {
+            Some(o) => &o.image,
+            None => {
+                own = Image::open(&self.inner.io, &src, false).map_err(|e| pool_err(e, source))?;
+                &own
+            }
+        };
+        // Acknowledged writes sit in librbd's cache until a flush.
+        img.flush()
+            .and_then(|()| img.snap_create(&snap))
+            .map_err(|e| pool_err(e, source))?;
         let cloned = self.inner.io.clone_image(&src, &snap, &dst);
         // Clone v2 keeps the snapshot alive (trash namespace) while the clone exists.
-        let removed = self.with_image(source, |img| img.snap_remove(&snap));
+        let removed = img.snap_remove(&snap);
         cloned.map_err(|e| pool_err(e, target))?;
+        if let Err(e) = removed {
+            tracing::warn!(volume = %source, error = %e, "removing a snapshot after cloning failed");
+        }
+        // The clone is one deeper than its source.
+        let depth = self.depth(img).map(|d| d + 1);
         // librbd copies the parent's image metadata into the clone; the contract (and
         // the lock holder record) want a clean one.
         Image::open(&self.inner.io, &dst, false)
@@ -484,10 +565,7 @@ impl Pool for RbdPool {
                 Ok(())
             })
             .map_err(|e| pool_err(e, target))?;
-        if let Err(e) = removed {
-            tracing::warn!(volume = %source, error = %e, "removing a snapshot after cloning failed");
-        }
-        match self.depth(&dst) {
+        match depth {
             Ok(d) if d > self.inner.opts.max_clone_depth => {
                 self.flatten_in_background(target.to_string())
             }
@@ -506,22 +584,24 @@ impl Pool for RbdPool {
             });
         }
         let name = image_name(key);
-        // Rollback points (snap_rollback) are user snapshots: they go with the image.
-        let snaps = Image::open(&self.inner.io, &name, false)
-            .and_then(|img| {
-                let s = img.snap_list()?;
-                for n in &s {
-                    match img.snap_remove(n) {
-                        // rbd_snap_list also names the trash-namespace snapshots that
-                        // clones keep, which cannot be removed by name.
-                        Err(e) if e.errno == libc::ENOENT => {}
-                        r => r?,
-                    }
+        {
+            let img = Image::open(&self.inner.io, &name, false).map_err(|e| pool_err(e, key))?;
+            // Another machine's running qube (the model drops a qube's leftovers at
+            // start): its image is refused here, not half-removed under its guest.
+            self.refuse_if_held_elsewhere(key, &img)?;
+            // Rollback points (snap_rollback) are user snapshots: they go with the image.
+            let snaps = img.snap_list().map_err(|e| pool_err(e, key))?;
+            for n in &snaps {
+                match img.snap_remove(n) {
+                    // rbd_snap_list also names the trash-namespace snapshots that
+                    // clones keep, which cannot be removed by name.
+                    Err(e) if e.errno == libc::ENOENT => {}
+                    r => r.map_err(|e| pool_err(e, key))?,
                 }
-                Ok(s)
-            })
-            .map_err(|e| pool_err(e, key))?;
-        drop(snaps);
+            }
+            // The handle closes here: an open image is watched, and RBD refuses to
+            // remove a watched image.
+        }
         match self.inner.io.remove(&name) {
             Ok(()) => {}
             // Snapshots in the trash namespace still have clones: the image waits in the

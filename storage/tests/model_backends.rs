@@ -298,61 +298,10 @@ fn fixtures_work() {
     }
 }
 
-/// A one-node Ceph cluster (scripts/ceph-micro.sh) shared by the tests of one test
-/// binary: started at first use, stopped when the process exits (or dies: the script
-/// watches our pid). Its Ceph pool `qubes` holds one RBD namespace per fixture.
-pub struct Ceph {
-    pub dir: PathBuf,
-    pub conf: PathBuf,
-    pub pool: String,
-}
-
-pub fn ceph_script() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/ceph-micro.sh")
-}
-
-extern "C" fn stop_ceph() {
-    if let Some(c) = CEPH.get() {
-        let _ = Command::new(ceph_script()).arg("stop").arg(&c.dir).output();
-    }
-}
-
-static CEPH: std::sync::OnceLock<Ceph> = std::sync::OnceLock::new();
-
-pub fn ceph() -> &'static Ceph {
-    CEPH.get_or_init(|| {
-        let dir = std::env::temp_dir().join(format!("ceph-micro-{}", std::process::id()));
-        let t = std::time::Instant::now();
-        run(Command::new(ceph_script())
-            .arg("start")
-            .arg(&dir)
-            .env("CEPH_MICRO_WATCH_PID", std::process::id().to_string())
-            .env("CEPH_MICRO_NO_MGR", "1"));
-        // SAFETY: registers a plain extern "C" function with no captured state.
-        unsafe { libc::atexit(stop_ceph) };
-        let conf = dir.join("ceph.conf");
-        run(Command::new("ceph")
-            .args(["-c"])
-            .arg(&conf)
-            .args(["osd", "pool", "create", "qubes", "8"]));
-        run(Command::new("rbd")
-            .arg("-c")
-            .arg(&conf)
-            .args(["pool", "init", "qubes"]));
-        eprintln!(
-            "ceph-micro cluster up in {:?} at {}",
-            t.elapsed(),
-            dir.display()
-        );
-        Ceph {
-            dir,
-            conf,
-            pool: "qubes".into(),
-        }
-    })
-}
-
-static NS: AtomicU64 = AtomicU64::new(0);
+#[path = "../../tests/ceph_micro.rs"]
+mod ceph_micro;
+#[allow(unused_imports)]
+pub use ceph_micro::{ceph, ceph_script, Ceph};
 
 /// Options for a fresh, empty RBD namespace of the shared cluster (64 KiB objects, as
 /// `thin`'s default chunk, so the contract's chunk-sized cases stay small).
@@ -360,14 +309,12 @@ pub fn rbd_options() -> storage::RbdOptions {
     let c = ceph();
     let mut o = storage::RbdOptions::new(&c.pool);
     o.ceph_conf = Some(c.conf.clone());
-    o.ceph_id = Some("qubes".into());
-    o.ceph_namespace = Some(format!(
-        "t{}-{}",
-        std::process::id(),
-        NS.fetch_add(1, Ordering::Relaxed)
-    ));
+    o.ceph_id = Some(ceph_micro::CEPH_ID.into());
+    o.ceph_namespace = Some(ceph_micro::fresh_namespace());
     o.order = 16;
-    o.op_timeout = 10;
+    // The driver's default: on a loaded 2-core host (a release build beside the tests)
+    // single cluster operations of the model rules took over 10 s.
+    o.op_timeout = 30;
     o
 }
 

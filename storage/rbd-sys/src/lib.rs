@@ -526,6 +526,21 @@ impl Image {
         })
     }
 
+    /// Opens an image read-only by its id: a clone's parent may be in the RBD trash (a
+    /// removed image whose snapshot a clone still uses), where its name opens nothing.
+    pub fn open_by_id_read_only(io: &Arc<IoCtx>, id: &str) -> Result<Image> {
+        let i = cstr("image id", id)?;
+        let mut h: ffi::rbd_image_t = ptr::null_mut();
+        // SAFETY: valid ioctx, string and out pointer; no snapshot.
+        let r = unsafe { ffi::rbd_open_by_id_read_only(io.h, i.as_ptr(), &mut h, ptr::null()) };
+        check(|| format!("opening RBD image with id {id}"), r)?;
+        Ok(Image {
+            h,
+            name: format!("(id {id})"),
+            _io: io.clone(),
+        })
+    }
+
     pub fn name(&self) -> &str {
         &self.name
     }
@@ -700,6 +715,26 @@ impl Image {
         // SAFETY: open image.
         let r = unsafe { ffi::rbd_flatten(self.h) };
         check(|| format!("flattening RBD image {}", self.name), r).map(drop)
+    }
+
+    /// The image id of a clone's parent (which may be in the trash); None if not a clone.
+    pub fn parent_id(&self) -> Result<Option<String>> {
+        let mut img = ffi::rbd_linked_image_spec_t::default();
+        let mut snap = ffi::rbd_snap_spec_t::default();
+        // SAFETY: open image, valid out structs.
+        let r = unsafe { ffi::rbd_get_parent(self.h, &mut img, &mut snap) };
+        if r == -libc::ENOENT {
+            return Ok(None);
+        }
+        check(|| format!("parent of RBD image {}", self.name), r)?;
+        // SAFETY: on success librbd filled the struct with NUL-terminated strings.
+        let id = unsafe { CStr::from_ptr(img.image_id).to_string_lossy().into_owned() };
+        // SAFETY: frees the strings librbd allocated, once.
+        unsafe {
+            ffi::rbd_linked_image_spec_cleanup(&mut img);
+            ffi::rbd_snap_spec_cleanup(&mut snap);
+        }
+        Ok(Some(id))
     }
 
     /// (parent image name, parent snapshot name) of a clone; None if not a clone.
