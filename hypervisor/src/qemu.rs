@@ -30,7 +30,7 @@
 //!   NIC standing in for sys-net's physical one, and PCIe root ports for its clients; a
 //!   qube without a netvm gets no NIC.
 //! - Least privilege: QEMU is exec'd already as the spec's user (supplementary groups
-//!   cleared, umask 077, its own session), so it never holds root, not even while it
+//!   cleared, umask 0177, its own session), so it never holds root, not even while it
 //!   parses its options; its seccomp sandbox then denies privilege elevation and
 //!   spawning (`-sandbox on,obsolete=deny,elevateprivileges=deny,spawn=deny,
 //!   resourcecontrol=deny`). QEMU's own `-run-with user=` is not used: QEMU 10.0 drops
@@ -504,7 +504,9 @@ impl Hypervisor for Qemu {
                 if libc::setsid() < 0 {
                     return Err(std::io::Error::last_os_error());
                 }
-                libc::umask(0o077);
+                // Its sockets and logs are 0600 from the start: only its user (and root)
+                // may attach to the console or QMP.
+                libc::umask(0o177);
                 for &fd in &inherit {
                     if libc::fcntl(fd, libc::F_SETFD, 0) < 0 {
                         return Err(std::io::Error::last_os_error());

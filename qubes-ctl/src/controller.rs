@@ -1750,7 +1750,7 @@ impl Controller {
     /// A QEMU qube's run dir becomes its QEMU's working directory (the backend gives it
     /// to the qube's user). A client's QEMU reaches its netvm's link socket through
     /// `../NETVM/`, so `qubes/` and a netvm's run dir let others through (0711, no
-    /// listing); what lies in them is the owner's alone (sockets 0600 or 0700).
+    /// listing); what lies in them is the owner's alone (0600).
     fn open_run_dir_to(&self, name: &str, run_dir: &Path, prefs: &QubePrefs) -> Result<()> {
         use std::os::unix::fs::PermissionsExt;
         let set = |p: &Path, mode: u32| {
