@@ -204,3 +204,77 @@ fn each_qemu_is_its_own_user_and_reaches_only_its_own_disks() {
     assert_eq!(again, ua.min(ub));
     ctl.ok(&["qube", "shutdown", "qb", "--kill"]);
 }
+
+fn cap_mask(status: &str, field: &str) -> u64 {
+    let hex = status
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("{field}:")))
+        .unwrap_or_else(|| panic!("no {field}"));
+    u64::from_str_radix(hex.trim(), 16).unwrap()
+}
+
+/// The daemon gives up, in every thread and for every program it runs, the
+/// capabilities it never needs, and keeps the ones its storage, Xen and QEMU paths do.
+#[test]
+fn the_daemon_drops_capabilities_it_never_needs() {
+    let ctl = Ctl::new();
+    ctl.ok(&["pool", "init", "--size", "1G"]);
+    let img = ctl.root.join("tpl.img");
+    std::fs::write(&img, pattern(4, 1 << 20)).unwrap();
+    ctl.ok(&[
+        "template",
+        "create",
+        "tpl",
+        "--from-image",
+        img.to_str().unwrap(),
+    ]);
+    ctl.ok(&["daemon", "start"]);
+    // A qube served: the daemon's NBD threads exist too.
+    ctl.ok(&["qube", "start", "tpl", "--hypervisor", "none"]);
+    let pid = ctl.daemon_pid();
+    // capability(7) numbers.
+    let (sys_module, sys_rawio, sys_admin, sys_boot, sys_time, dac_override, setuid, ptrace) =
+        (16, 17, 21, 22, 25, 1, 7, 19);
+    let mut tasks = 0;
+    for t in std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .flatten()
+    {
+        let status = std::fs::read_to_string(t.path().join("status")).unwrap();
+        for field in ["CapBnd", "CapPrm", "CapEff"] {
+            let m = cap_mask(&status, field);
+            for (name, bit) in [
+                ("SYS_MODULE", sys_module),
+                ("SYS_BOOT", sys_boot),
+                ("SYS_TIME", sys_time),
+            ] {
+                assert_eq!(
+                    m >> bit & 1,
+                    0,
+                    "task {:?} {field} keeps CAP_{name}: {m:x}",
+                    t.file_name()
+                );
+            }
+            for (name, bit) in [
+                ("SYS_ADMIN", sys_admin),
+                ("SYS_RAWIO", sys_rawio),
+                ("DAC_OVERRIDE", dac_override),
+                ("SETUID", setuid),
+                ("SYS_PTRACE", ptrace),
+            ] {
+                assert_eq!(
+                    m >> bit & 1,
+                    1,
+                    "task {:?} {field} lost CAP_{name}: {m:x}",
+                    t.file_name()
+                );
+            }
+        }
+        tasks += 1;
+    }
+    assert!(
+        tasks > 1,
+        "only {tasks} task: the daemon's threads were not checked"
+    );
+    ctl.ok(&["qube", "shutdown", "tpl"]);
+}
