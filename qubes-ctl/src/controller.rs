@@ -1486,8 +1486,9 @@ impl Controller {
         let (started, qemu_user) = {
             let _txn = self.txn();
             // Under the catalogue lock, so two qubes starting at once get distinct ids.
+            // Only root can hand QEMU another uid; a user's own qubes run as that user.
             let qemu_uid = match hv_name.as_str() {
-                "qemu" => Some(self.free_qemu_uid()?),
+                "qemu" if rustix::process::geteuid().is_root() => Some(self.free_qemu_uid()?),
                 _ => None,
             };
             self.catalogue().set_runtime(
