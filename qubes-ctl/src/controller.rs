@@ -1743,6 +1743,16 @@ impl Controller {
                 taken.insert(id);
             }
         }
+        // Another root's daemon on this host allocates from the same range: an id some
+        // process runs as (its /proc directory is that uid's) is taken too.
+        for e in fs::read_dir("/proc").into_iter().flatten().flatten() {
+            use std::os::unix::fs::MetadataExt;
+            if let Ok(md) = e.metadata() {
+                if (QEMU_UID_BASE..QEMU_UID_BASE + QEMU_UIDS).contains(&md.uid()) {
+                    taken.insert(md.uid());
+                }
+            }
+        }
         (QEMU_UID_BASE..QEMU_UID_BASE + QEMU_UIDS)
             .find(|id| !taken.contains(id))
             .ok_or_else(|| anyhow!("{QEMU_UIDS} qubes already run under QEMU; shut one down first"))
