@@ -125,11 +125,26 @@ impl Drop for Ctl {
     fn drop(&mut self) {
         if self._tmp.is_some() {
             self.stop_daemon();
-            // Kill any QEMU left behind by a failed test.
+            // Kill any QEMU left behind by a failed test: by its command line, or by its
+            // working directory (a qube's QEMU works in its run dir and names its files
+            // relative to it).
             let _ = Command::new("pkill")
                 .arg("-f")
                 .arg(self.root.to_string_lossy().as_ref())
                 .status();
+            let run = std::fs::canonicalize(self.root.join("run")).ok();
+            for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+                let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+                    continue;
+                };
+                let in_root = std::fs::read_link(e.path().join("cwd")).is_ok_and(|cwd| {
+                    cwd.starts_with(&self.root) || run.as_ref().is_some_and(|r| cwd.starts_with(r))
+                });
+                if in_root && pid != std::process::id() as i32 {
+                    // SAFETY: plain kill(2) on a pid read from /proc.
+                    unsafe { libc::kill(pid, libc::SIGKILL) };
+                }
+            }
         }
     }
 }

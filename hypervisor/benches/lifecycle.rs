@@ -57,6 +57,7 @@ fn main() {
         net: Default::default(),
         label: "gray".into(),
         run_dir: tmp.path().join("run/bench"),
+        user: None,
     };
     let hv = Qemu::new().with_accel(Accel::Tcg);
 
@@ -76,13 +77,22 @@ fn main() {
         kill.push(ms(t));
     }
 
-    // Peer: the same arguments, launched directly; stopped with SIGTERM + wait.
-    let args = hv.command_line(&spec, Accel::Tcg).unwrap();
+    // Peer: the same arguments, launched directly (daemonized, so without the sandbox's
+    // spawn=deny and elevateprivileges=deny, which -daemonize trips); stopped with
+    // SIGTERM + wait.
+    let mut args = hv.command_line(&spec, Accel::Tcg).unwrap();
+    for a in args.iter_mut() {
+        if a.as_str() == hypervisor::qemu::SANDBOX {
+            *a = "on,obsolete=deny,resourcecontrol=deny".into();
+        }
+    }
+    args.push("-daemonize".into());
     let (mut pstart, mut palive, mut pkill) = (vec![], vec![], vec![]);
     for _ in 0..rounds {
         let t = Instant::now();
         let st = Command::new("qemu-system-x86_64")
             .args(&args)
+            .current_dir(&spec.run_dir)
             .stdin(Stdio::null())
             .status()
             .expect("qemu");
@@ -112,7 +122,7 @@ fn main() {
     );
     println!(
         "{:<28} {:>12.1} {:>14.1}",
-        "start (daemonized)",
+        "start (to QMP ready)",
         median(start),
         median(pstart)
     );

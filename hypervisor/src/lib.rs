@@ -47,6 +47,7 @@
 //!     net: Default::default(),
 //!     label: "blue".into(),
 //!     run_dir: "/run/qubes/work".into(),
+//!     user: None,
 //! };
 //! hv.start(&spec)?;
 //! if hv.state("work", &spec.run_dir)? == DomainState::Running {
@@ -143,6 +144,17 @@ pub struct DomainSpec {
     pub label: String,
     /// Per-qube directory for logs, QMP socket, pidfile, generated config.
     pub run_dir: PathBuf,
+    /// The unprivileged user the domain's device model runs as (QEMU), so a compromised
+    /// QEMU holds no more than its own qube's files; `None`: the backend's own identity.
+    #[serde(default)]
+    pub user: Option<DomainUser>,
+}
+
+/// A numeric uid and gid, not necessarily in /etc/passwd (the kernel needs only numbers).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DomainUser {
+    pub uid: u32,
+    pub gid: u32,
 }
 
 /// Qubes' network topology for one domain: a qube reaches the network only through its

@@ -114,6 +114,7 @@ mod tests {
             net: Default::default(),
             label: "red".into(),
             run_dir: dir.path().join("work"),
+            user: None,
         };
         let hv = NoneHv::new();
         assert_eq!(

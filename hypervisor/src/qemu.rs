@@ -1,11 +1,12 @@
-//! The QEMU backend: one daemonized `qemu-system-x86_64` per qube.
+//! The QEMU backend: one detached `qemu-system-x86_64` per qube, run as the qube's own
+//! unprivileged user when the spec names one ([`DomainSpec::user`]).
 //!
 //! ```text
-//!   run_dir/
+//!   run_dir/       QEMU's working directory (owned by the qube's user, if any)
 //!     qemu.args    the command line, one argument per line (for debugging)
-//!     qemu.log     QEMU's own stderr while it starts
-//!     qemu-runtime.log  QEMU's stderr once daemonized (-D keeps it off /dev/null)
+//!     qemu.log     QEMU's stdout and stderr
 //!     qemu.pid     written by QEMU (-pidfile); the domain exists while this pid lives
+//!                  with the run dir as its working directory
 //!     qmp.sock     QMP: query-status, system_powerdown, quit
 //!     console.log  the guest's serial console (previous boot: console.log.1)
 //!     console.sock the serial console itself (0600): `qubes-ctl qube console` attaches here
@@ -28,7 +29,22 @@
 //!   (provides_network) without a netvm of its own gets the uplink, a user-mode (slirp)
 //!   NIC standing in for sys-net's physical one, and PCIe root ports for its clients; a
 //!   qube without a netvm gets no NIC.
-//! - QEMU runs under its seccomp sandbox (`-sandbox on,obsolete=deny,resourcecontrol=deny`).
+//! - Least privilege: QEMU is exec'd already as the spec's user (supplementary groups
+//!   cleared, umask 0177, its own session), so it never holds root, not even while it
+//!   parses its options; its seccomp sandbox then denies privilege elevation and
+//!   spawning (`-sandbox on,obsolete=deny,elevateprivileges=deny,spawn=deny,
+//!   resourcecontrol=deny`). QEMU's own `-run-with user=` is not used: QEMU 10.0 drops
+//!   the uid after installing the sandbox, and `elevateprivileges=deny` then kills it
+//!   with SIGSYS on its own setgid/setuid. As that user QEMU reaches only what it is
+//!   given: its run dir (its working directory, so every path on its command line is
+//!   relative to it and no parent directory needs opening up), the NBD socket there
+//!   (which the controller makes that user's, mode 0600), a netvm link at
+//!   `../NETVM/vif-NAME.sock`, and the kernel and initrd, which the backend opens and
+//!   passes as inherited descriptors (`/proc/self/fd/N`; the files must be world-readable
+//!   as distribution kernels are, their directories need not be).
+//! - No `-daemonize` (it forks, which `spawn=deny` forbids): QEMU is started detached
+//!   (setsid, stdio to qemu.log) and counts as started once QMP answers; a thread of the
+//!   starting process reaps it when it exits.
 //! - memory/maxmem as on Xen: the guest boots with `memory`; with `maxmem > memory` a
 //!   virtio-mem device holds the difference (in whole 128 MiB sections), plugged on demand by
 //!   [`Hypervisor::set_memory`] (QMP `qom-set requested-size`), which is what a memory
@@ -36,6 +52,8 @@
 //!   the kernel (`memhp_default_state=online_movable` is added to the command line).
 
 use std::fs;
+use std::os::fd::AsRawFd;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::Mutex;
@@ -53,7 +71,7 @@ use crate::{DomainSpec, DomainState, HvError, Hypervisor};
 const QEMU_FIX: &str = "run scripts/install-deps.sh (package qemu-system-x86)";
 /// sun_path is 108 bytes including the terminating NUL.
 const MAX_UNIX_PATH: usize = 107;
-/// How long `qemu -daemonize` may take to hand over to its daemon child.
+/// How long QEMU may take from exec to answering QMP.
 const START_TIMEOUT: Duration = Duration::from_secs(60);
 const QMP_TIMEOUT: Duration = Duration::from_secs(3);
 const PROBE_MARKER: &str = "QUBES-KVM-PROBE-OK";
@@ -89,7 +107,6 @@ pub struct RunFiles {
     pub console_sock: PathBuf,
     pub agent_sock: PathBuf,
     pub log: PathBuf,
-    pub runtime_log: PathBuf,
     pub args: PathBuf,
 }
 
@@ -102,7 +119,6 @@ impl RunFiles {
             console_sock: run_dir.join("console.sock"),
             agent_sock: run_dir.join("agent.sock"),
             log: run_dir.join("qemu.log"),
-            runtime_log: run_dir.join("qemu-runtime.log"),
             args: run_dir.join("qemu.args"),
         }
     }
@@ -181,7 +197,8 @@ impl Qemu {
         accel
     }
 
-    /// The full QEMU command line (without the binary) for `spec`.
+    /// The full QEMU command line (without the binary) for `spec`. QEMU runs in the
+    /// run dir: the files there, and a netvm's link next to it, are named relative to it.
     pub fn command_line(&self, spec: &DomainSpec, accel: Accel) -> Result<Vec<String>, HvError> {
         validate(spec)?;
         let files = RunFiles::new(&spec.run_dir);
@@ -194,6 +211,7 @@ impl Qemu {
                 .map(str::to_string)
                 .ok_or_else(|| bad(format!("{what} path {p:?} is not UTF-8")))
         };
+        let here = |p: &Path| from_run_dir(&spec.run_dir, p);
         let mut a: Vec<String> = Vec::new();
         let mut push = |xs: &[&str]| a.extend(xs.iter().map(|s| s.to_string()));
         push(&[
@@ -251,8 +269,8 @@ impl Qemu {
             "-chardev",
             &format!(
                 "socket,id=console,path={},server=on,wait=off,logfile={},logappend=off",
-                opt_escape(&utf8(&files.console_sock, "console socket")?),
-                opt_escape(&utf8(&files.console, "console log")?)
+                opt_escape(&utf8(&here(&files.console_sock), "console socket")?),
+                opt_escape(&utf8(&here(&files.console), "console log")?)
             ),
         ]);
         push(&["-serial", "chardev:console"]);
@@ -262,7 +280,7 @@ impl Qemu {
             "-chardev",
             &format!(
                 "socket,id=agent,path={},server=on,wait=off",
-                opt_escape(&utf8(&files.agent_sock, "agent socket")?)
+                opt_escape(&utf8(&here(&files.agent_sock), "agent socket")?)
             ),
         ]);
         push(&[
@@ -273,7 +291,7 @@ impl Qemu {
             "-chardev",
             &format!(
                 "socket,id=qmp,path={},server=on,wait=off",
-                opt_escape(&utf8(&files.qmp, "QMP socket")?)
+                opt_escape(&utf8(&here(&files.qmp), "QMP socket")?)
             ),
         ]);
         push(&["-mon", "chardev=qmp,mode=control"]);
@@ -283,7 +301,7 @@ impl Qemu {
             let blockdev = json!({
                 "driver": "nbd",
                 "node-name": node,
-                "server": { "type": "unix", "path": utf8(&d.nbd_socket, "NBD socket")? },
+                "server": { "type": "unix", "path": utf8(&here(&d.nbd_socket), "NBD socket")? },
                 "export": d.export,
                 "reconnect-delay": 5,
                 "read-only": d.read_only,
@@ -314,7 +332,7 @@ impl Qemu {
                     "-netdev",
                     &format!(
                         "stream,id=net0,server=off,reconnect-ms=500,addr.type=unix,addr.path={}",
-                        opt_escape(&utf8(sock, "netvm link socket")?)
+                        opt_escape(&utf8(&here(sock), "netvm link socket")?)
                     ),
                 ]);
                 push(&["-device", &format!("virtio-net-pci,netdev=net0{mac}")]);
@@ -339,13 +357,8 @@ impl Qemu {
             }
         }
         push(&["-device", "virtio-rng-pci"]);
-        // seccomp: elevateprivileges=deny and spawn=deny would also be wanted, but
-        // QEMU 10 then fails to -daemonize (checked by hand), so they stay off.
-        push(&["-sandbox", "on,obsolete=deny,resourcecontrol=deny"]);
-        // With a -D log, the daemonized QEMU keeps stderr there (NBD reconnects,
-        // block errors) instead of sending it to /dev/null.
-        push(&["-D", &utf8(&files.runtime_log, "runtime log")?]);
-        push(&["-pidfile", &utf8(&files.pidfile, "pidfile")?, "-daemonize"]);
+        push(&["-sandbox", SANDBOX]);
+        push(&["-pidfile", &utf8(&here(&files.pidfile), "pidfile")?]);
         Ok(a)
     }
 
@@ -374,10 +387,15 @@ impl Qemu {
             })
     }
 
+    /// The pid in the pidfile if that process lives and works in this run dir (its
+    /// command line names files relative to it, so the working directory is what tells
+    /// our QEMU from a process that got the pid since).
     fn live_pid(&self, run_dir: &Path) -> Option<i32> {
         let files = RunFiles::new(run_dir);
         let pid = read_pidfile(&files.pidfile)?;
-        pid_alive_with(pid, files.pidfile.as_os_str()).then_some(pid)
+        let cwd = fs::read_link(format!("/proc/{pid}/cwd")).ok()?;
+        (pid_alive_with(pid, std::ffi::OsStr::new("")) && fs::canonicalize(run_dir).ok()? == cwd)
+            .then_some(pid)
     }
 
     fn cleanup(&self, run_dir: &Path) {
@@ -420,79 +438,151 @@ impl Hypervisor for Qemu {
         check_files(spec)?;
         let files = RunFiles::new(&spec.run_dir);
         fs::create_dir_all(&spec.run_dir).map_err(io_err(&spec.name, "creating run dir"))?;
+        if let Some(u) = spec.user {
+            // QEMU creates its sockets, pidfile and console log in its run dir.
+            std::os::unix::fs::lchown(&spec.run_dir, Some(u.uid), Some(u.gid))
+                .map_err(io_err(&spec.name, "giving the run dir to the qube's user"))?;
+        }
         self.cleanup(&spec.run_dir);
         if files.console.exists() {
             let _ = fs::rename(&files.console, spec.run_dir.join("console.log.1"));
         }
-        let _ = fs::remove_file(&files.runtime_log);
         let cache_dir = spec
             .run_dir
             .parent()
             .filter(|p| !p.as_os_str().is_empty())
             .unwrap_or(&spec.run_dir);
         let accel = self.accel(cache_dir);
-        let args = self.command_line(spec, accel)?;
-        fs::write(&files.args, args.join("\n") + "\n")
-            .map_err(io_err(&spec.name, "writing qemu.args"))?;
-        let log = fs::File::create(&files.log).map_err(io_err(&spec.name, "creating qemu.log"))?;
+        let mut args = self.command_line(spec, accel)?;
+        // Files of ours in a directory QEMU's user owns: never follow what it left there.
+        let create = |p: &Path, what: &str| {
+            let _ = fs::remove_file(p);
+            fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(p)
+                .map_err(io_err(&spec.name, format!("creating {what}")))
+        };
+        {
+            use std::io::Write;
+            create(&files.args, "qemu.args")?
+                .write_all((args.join("\n") + "\n").as_bytes())
+                .map_err(io_err(&spec.name, "writing qemu.args"))?;
+        }
+        // The kernel and initrd are opened here and inherited: QEMU's user need not
+        // reach the directories holding them.
+        let mut boot_files = Vec::new();
+        for (flag, path) in [("-kernel", &spec.kernel), ("-initrd", &spec.initrd)] {
+            let Some(path) = path else { continue };
+            let f = fs::File::open(path)
+                .map_err(io_err(&spec.name, format!("opening {}", path.display())))?;
+            let fd = f.as_raw_fd();
+            if let Some(i) = args.iter().position(|a| a == flag) {
+                args[i + 1] = format!("/proc/self/fd/{fd}");
+            }
+            boot_files.push(f);
+        }
+        let inherit: Vec<i32> = boot_files.iter().map(|f| f.as_raw_fd()).collect();
+        let log = create(&files.log, "qemu.log")?;
         let log2 = log
             .try_clone()
             .map_err(io_err(&spec.name, "creating qemu.log"))?;
-        let mut child = Command::new(&bin)
-            .args(&args)
+        let user = spec.user;
+        let mut cmd = Command::new(&bin);
+        cmd.args(&args)
+            .current_dir(&spec.run_dir)
             .stdin(Stdio::null())
             .stdout(log)
-            .stderr(log2)
+            .stderr(log2);
+        // SAFETY: the closure runs in the forked child before exec and makes only
+        // async-signal-safe calls (setsid, umask, fcntl, setgroups, setres[ug]id) on
+        // values copied in beforehand; it allocates nothing.
+        unsafe {
+            cmd.pre_exec(move || {
+                // Its own session: no signal for the starter's terminal or process
+                // group reaches it, as with -daemonize.
+                if libc::setsid() < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                // Its sockets and logs are 0600 from the start: only its user (and root)
+                // may attach to the console or QMP.
+                libc::umask(0o177);
+                for &fd in &inherit {
+                    if libc::fcntl(fd, libc::F_SETFD, 0) < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
+                if let Some(u) = user {
+                    // Groups first: after setresuid there is no right left to drop them.
+                    if libc::setgroups(0, std::ptr::null()) < 0
+                        || libc::setresgid(u.gid, u.gid, u.gid) < 0
+                        || libc::setresuid(u.uid, u.uid, u.uid) < 0
+                    {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
+                Ok(())
+            });
+        }
+        let mut child = cmd
             .spawn()
             .map_err(io_err(&spec.name, format!("running {}", bin.display())))?;
+        drop(boot_files);
         let cmd = format!("{} ... -name guest={}", bin.display(), spec.name);
-        let status = crate::util::wait_deadline(&mut child, START_TIMEOUT)
-            .map_err(io_err(&spec.name, "waiting for qemu"))?;
-        let Some(status) = status else {
-            let _ = child.kill();
-            let _ = child.wait();
-            return Err(HvError::CommandTimeout {
-                name: spec.name.clone(),
-                cmd,
-                timeout: START_TIMEOUT,
-                fix: "see qemu.log in the qube's run dir",
-            });
+        let deadline = Instant::now() + START_TIMEOUT;
+        let exited = loop {
+            match child.try_wait() {
+                Ok(Some(st)) => break Some(st),
+                Ok(None) => {}
+                Err(e) => return Err(io_err(&spec.name, "waiting for qemu")(e)),
+            }
+            // QMP answers once QEMU's main loop runs: the machine is built and running.
+            if Qmp::connect(&files.qmp, Duration::from_secs(1)).is_ok() {
+                break None;
+            }
+            if Instant::now() >= deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(HvError::CommandTimeout {
+                    name: spec.name.clone(),
+                    cmd,
+                    timeout: START_TIMEOUT,
+                    fix: "see qemu.log in the qube's run dir",
+                });
+            }
+            thread::sleep(Duration::from_millis(20));
         };
-        // With -D, QEMU's own error messages land in the runtime log, not on stderr.
-        let detail = || {
-            [tail(&files.log, 5), tail(&files.runtime_log, 5)]
-                .into_iter()
-                .filter(|t| !t.is_empty())
-                .collect::<Vec<_>>()
-                .join(" | ")
-        };
-        if !status.success() {
-            return Err(HvError::Command {
-                name: spec.name.clone(),
-                cmd,
-                status: status.to_string(),
-                detail: detail(),
-            });
-        }
-        // The daemon child may already be gone if the guest powered off at once; that
-        // still counts as started when it got as far as opening its console.
-        if self.live_pid(&spec.run_dir).is_none() && !files.console.exists() {
-            return Err(HvError::Command {
-                name: spec.name.clone(),
-                cmd,
-                status: "exited right after start".into(),
-                detail: detail(),
-            });
-        }
-        // QEMU creates its sockets with the umask's mode; only the owner may attach to
-        // the console or run commands in the guest.
-        for sock in [&files.console_sock, &files.agent_sock] {
-            use std::os::unix::fs::PermissionsExt;
-            if let Err(e) = fs::set_permissions(sock, fs::Permissions::from_mode(0o600)) {
-                tracing::warn!(qube = %spec.name, "chmod 0600 {}: {e}", sock.display());
+        match exited {
+            // A guest that powered off at once still counts as started when QEMU got as
+            // far as opening its console.
+            Some(st) if !(st.success() && files.console.exists()) => {
+                return Err(HvError::Command {
+                    name: spec.name.clone(),
+                    cmd,
+                    status: if st.success() {
+                        "exited right after start".into()
+                    } else {
+                        st.to_string()
+                    },
+                    detail: tail(&files.log, 5),
+                });
+            }
+            Some(_) => {}
+            None => {
+                // Reaped here when it ends, so no zombie lingers in a long-lived daemon;
+                // a short-lived starter leaves it to init.
+                let reaper = thread::Builder::new()
+                    .name("qemu-reaper".into())
+                    .stack_size(64 << 10)
+                    .spawn(move || {
+                        let _ = child.wait();
+                    });
+                if let Err(e) = reaper {
+                    tracing::warn!(qube = %spec.name, "no thread to reap qemu: {e}");
+                }
             }
         }
-        tracing::info!(qube = %spec.name, ?accel, "qemu domain started");
+        tracing::info!(qube = %spec.name, ?accel, user = ?spec.user, "qemu domain started");
         Ok(())
     }
 
@@ -593,7 +683,9 @@ impl Hypervisor for Qemu {
         // A link left by an earlier run of the same client goes first.
         remove_vif(&mut q, &id);
         let _ = fs::remove_file(socket);
-        let path = socket
+        // Named from the netvm QEMU's working directory, its run dir.
+        let rel = from_run_dir(run_dir, socket);
+        let path = rel
             .to_str()
             .ok_or_else(|| qmp_err("netdev_add")(format!("socket path {socket:?} is not UTF-8")))?;
         q.execute(
@@ -720,6 +812,30 @@ pub fn status_to_state(status: &str) -> DomainState {
         "shutdown" | "guest-panicked" | "internal-error" => DomainState::Halted,
         _ => DomainState::Paused,
     }
+}
+
+/// The seccomp filter: no obsolete syscalls, no setuid/setgid/setsid & co, no
+/// fork/exec, no scheduler or CPU affinity changes.
+pub const SANDBOX: &str = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny";
+
+/// `p` as QEMU reaches it from its working directory, the run dir: a file in the run
+/// dir by its name, one in a sibling run dir (a netvm's link) through `..`, anything
+/// else as given.
+fn from_run_dir(run_dir: &Path, p: &Path) -> PathBuf {
+    if let Ok(rel) = p.strip_prefix(run_dir) {
+        if !rel.as_os_str().is_empty() {
+            return rel.to_path_buf();
+        }
+    }
+    if let Some(rel) = run_dir
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .and_then(|d| p.strip_prefix(d).ok())
+        .filter(|r| !r.as_os_str().is_empty())
+    {
+        return Path::new("..").join(rel);
+    }
+    p.to_path_buf()
 }
 
 /// QEMU's option syntax escapes a comma by doubling it.
@@ -1009,6 +1125,7 @@ mod tests {
             net: Default::default(),
             label: "blue".into(),
             run_dir: "/run/qubes/work".into(),
+            user: None,
         }
     }
 
@@ -1044,7 +1161,7 @@ mod tests {
         assert!(after(&args, "-nic").is_empty());
         assert_eq!(
             after(&args, "-netdev"),
-            ["stream,id=net0,server=off,reconnect-ms=500,addr.type=unix,addr.path=/run/qubes/sys-net/vif-work.sock"]
+            ["stream,id=net0,server=off,reconnect-ms=500,addr.type=unix,addr.path=../sys-net/vif-work.sock"]
         );
         assert!(
             after(&args, "-device").contains(&"virtio-net-pci,netdev=net0,mac=00:16:3e:5e:6c:05")
@@ -1066,7 +1183,8 @@ mod tests {
             assert_eq!(b["driver"], "nbd");
             assert_eq!(b["node-name"], format!("disk{i}"));
             assert_eq!(b["server"]["type"], "unix");
-            assert_eq!(b["server"]["path"], "/run/qubes/work/nbd.sock");
+            // Relative: QEMU works in the run dir, which holds the socket.
+            assert_eq!(b["server"]["path"], "nbd.sock");
             assert_eq!(b["read-only"], ro);
             assert_eq!(b["reconnect-delay"], 5);
         }
@@ -1110,18 +1228,63 @@ mod tests {
             after(&args, "-kernel"),
             ["/var/lib/qubes/vm-kernels/6.1/vmlinuz"]
         );
-        assert_eq!(after(&args, "-pidfile"), ["/run/qubes/work/qemu.pid"]);
-        assert_eq!(after(&args, "-D"), ["/run/qubes/work/qemu-runtime.log"]);
+        assert_eq!(after(&args, "-pidfile"), ["qemu.pid"]);
         assert!(args.iter().any(|a| a == "-no-reboot"));
-        assert!(args.iter().any(|a| a == "-daemonize"));
         assert!(!args.iter().any(|a| a == "-no-shutdown"));
         assert_eq!(after(&args, "-nic"), ["none"]);
-        assert_eq!(
-            after(&args, "-sandbox"),
-            ["on,obsolete=deny,resourcecontrol=deny"]
-        );
         let kvm = Qemu::new().command_line(&spec(), Accel::Kvm).unwrap();
         assert_eq!(after(&kvm, "-cpu"), ["host"]);
+    }
+
+    #[test]
+    fn qemu_may_neither_regain_privileges_nor_fork() {
+        let args = Qemu::new().command_line(&spec(), Accel::Tcg).unwrap();
+        let sandbox = after(&args, "-sandbox");
+        assert_eq!(sandbox.len(), 1);
+        let opts: Vec<&str> = sandbox[0].split(',').collect();
+        for want in [
+            "on",
+            "obsolete=deny",
+            "elevateprivileges=deny",
+            "spawn=deny",
+            "resourcecontrol=deny",
+        ] {
+            assert!(opts.contains(&want), "{want} missing from {opts:?}");
+        }
+        // -daemonize forks (spawn=deny forbids it) and -run-with user= calls setuid
+        // after the sandbox is in place (elevateprivileges=deny kills QEMU for it):
+        // the backend starts QEMU detached and as the qube's user itself.
+        for flag in ["-daemonize", "-run-with", "-runas", "-chroot"] {
+            assert!(!args.iter().any(|a| a == flag), "{flag} in {args:?}");
+        }
+        let mut s = spec();
+        s.user = Some(crate::DomainUser {
+            uid: 1_879_048_193,
+            gid: 1_879_048_193,
+        });
+        assert_eq!(Qemu::new().command_line(&s, Accel::Tcg).unwrap(), args);
+    }
+
+    #[test]
+    fn paths_are_relative_to_the_run_dir_qemu_works_in() {
+        let d = Path::new("/r/qubes/work");
+        assert_eq!(from_run_dir(d, &d.join("nbd.sock")), Path::new("nbd.sock"));
+        assert_eq!(
+            from_run_dir(d, Path::new("/r/qubes/sys-net/vif-work.sock")),
+            Path::new("../sys-net/vif-work.sock")
+        );
+        assert_eq!(
+            from_run_dir(d, Path::new("/elsewhere/x.sock")),
+            Path::new("/elsewhere/x.sock")
+        );
+        let mut client = spec();
+        client.netvm = Some("sys-net".into());
+        client.net.netvm_socket = Some("/run/qubes/sys-net/vif-work.sock".into());
+        let args = Qemu::new().command_line(&client, Accel::Tcg).unwrap();
+        assert_eq!(
+            after(&args, "-netdev"),
+            ["stream,id=net0,server=off,reconnect-ms=500,addr.type=unix,addr.path=../sys-net/vif-work.sock"]
+        );
     }
 
     #[test]
@@ -1147,12 +1310,11 @@ mod tests {
         let args = Qemu::new().command_line(&spec(), Accel::Tcg).unwrap();
         let chardevs = after(&args, "-chardev");
         assert!(chardevs.contains(
-            &"socket,id=console,path=/run/qubes/work/console.sock,server=on,wait=off,\
-              logfile=/run/qubes/work/console.log,logappend=off"
+            &"socket,id=console,path=console.sock,server=on,wait=off,\
+              logfile=console.log,logappend=off"
         ));
         assert_eq!(after(&args, "-serial"), ["chardev:console"]);
-        assert!(chardevs
-            .contains(&"socket,id=agent,path=/run/qubes/work/agent.sock,server=on,wait=off"));
+        assert!(chardevs.contains(&"socket,id=agent,path=agent.sock,server=on,wait=off"));
         let devices = after(&args, "-device");
         assert!(devices.contains(&"virtio-serial-pci,id=vser0"));
         assert!(devices
@@ -1162,11 +1324,11 @@ mod tests {
     #[test]
     fn commas_in_paths_are_escaped() {
         let mut s = spec();
-        s.run_dir = "/run/a,b".into();
+        s.netvm = Some("sys-net".into());
+        s.net.netvm_socket = Some("/run/a,b/vif-work.sock".into());
         let args = Qemu::new().command_line(&s, Accel::Tcg).unwrap();
-        assert!(args
-            .iter()
-            .any(|a| a == "socket,id=qmp,path=/run/a,,b/qmp.sock,server=on,wait=off"));
+        assert!(args.iter().any(|a| a
+            == "stream,id=net0,server=off,reconnect-ms=500,addr.type=unix,addr.path=/run/a,,b/vif-work.sock"));
     }
 
     #[test]

@@ -870,6 +870,7 @@ mod tests {
             net: Default::default(),
             label: "blue".into(),
             run_dir: "/run/qubes/work".into(),
+            user: None,
         }
     }
 

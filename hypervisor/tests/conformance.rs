@@ -26,6 +26,7 @@ fn plain_spec(name: &str, root: &std::path::Path) -> DomainSpec {
         net: Default::default(),
         label: "green".into(),
         run_dir: root.join(name),
+        user: None,
     }
 }
 

@@ -41,6 +41,7 @@ fn spec(mode: VirtMode, run_dir: &Path, socket: &str) -> DomainSpec {
         net: Default::default(),
         label: "blue".into(),
         run_dir: run_dir.to_path_buf(),
+        user: None,
     }
 }
 

@@ -244,6 +244,9 @@ pub struct TemplateRecord {
 pub struct RuntimeRecord {
     pub hypervisor: String,
     pub started_at: u64,
+    /// The uid (and gid) the qube's QEMU runs as, which owns its NBD socket: kept here
+    /// so a restarted daemon gives the socket it serves again to the same QEMU.
+    pub qemu_uid: Option<u32>,
 }
 
 const PREFS: &str = "qube-prefs/";

@@ -1514,24 +1514,46 @@ impl Controller {
             }
         }
 
-        let started = {
+        let (started, qemu_user) = {
             let _txn = self.txn();
+            // Under the catalogue lock, so two qubes starting at once get distinct ids.
+            // Only root can hand QEMU another uid; a user's own qubes run as that user.
+            let qemu_uid = match hv_name.as_str() {
+                "qemu" if rustix::process::geteuid().is_root() => Some(self.free_qemu_uid()?),
+                _ => None,
+            };
             self.catalogue().set_runtime(
                 name,
                 Some(&RuntimeRecord {
                     hypervisor: hv_name.clone(),
                     started_at: now_secs(),
+                    qemu_uid,
                 }),
             )?;
             match self.vols.start(name) {
-                Ok(s) => s,
+                Ok(s) => (
+                    s,
+                    qemu_uid.map(|id| hypervisor::DomainUser { uid: id, gid: id }),
+                ),
                 Err(e) => {
                     self.catalogue().set_runtime(name, None)?;
                     return Err(e.into());
                 }
             }
         };
-        let served = match self.serve(name, &started) {
+        if let Some(u) = qemu_user {
+            if let Err(e) = self.open_run_dir_to(name, &run_dir, &prefs) {
+                let _txn = self.txn();
+                let _ = self.catalogue().set_runtime(name, None);
+                let _ = self.vols.stop(name);
+                return Err(e);
+            }
+            tracing::debug!(qube = %name, uid = u.uid, "qemu user");
+        }
+        let served = match self
+            .serve(name, &started)
+            .and_then(|s| give_socket(s.path(), qemu_user).map(|()| s))
+        {
             Ok(s) => s,
             Err(e) => {
                 let _txn = self.txn();
@@ -1551,6 +1573,10 @@ impl Controller {
             };
             let spec = self
                 .domain_spec(&q, &prefs, &started, &socket, &run_dir)
+                .map(|spec| hypervisor::DomainSpec {
+                    user: qemu_user,
+                    ..spec
+                })
                 .and_then(|spec| self.wire_network(name, &prefs, hv.as_ref(), spec));
             let mut spec = match spec {
                 Ok(s) => s,
@@ -1730,10 +1756,53 @@ impl Controller {
             let backend_mac = format!("fe:16:3e:5e:6c:{last:02x}");
             hv.attach_client(n, &nrun, name, &sock, &backend_mac)
                 .with_context(|| format!("connecting {name} to its netvm {n}"))?;
+            // The netvm's QEMU made the link's listening end; only this qube's QEMU
+            // may connect to it.
+            give_socket(&sock, spec.user)?;
             spec.net.netvm_socket = Some(sock);
         }
         spec.cmdline.push_str(&opts);
         Ok(spec)
+    }
+
+    /// The lowest QEMU uid no running qube holds (see [`QEMU_UID_BASE`]). The caller
+    /// holds the catalogue lock and records the uid before releasing it.
+    fn free_qemu_uid(&self) -> Result<u32> {
+        let mut taken = std::collections::BTreeSet::new();
+        for q in self.vols.running_qubes()? {
+            if let Some(id) = self.catalogue().runtime(&q)?.and_then(|r| r.qemu_uid) {
+                taken.insert(id);
+            }
+        }
+        // Another root's daemon on this host allocates from the same range: an id some
+        // process runs as (its /proc directory is that uid's) is taken too.
+        for e in fs::read_dir("/proc").into_iter().flatten().flatten() {
+            use std::os::unix::fs::MetadataExt;
+            if let Ok(md) = e.metadata() {
+                if (QEMU_UID_BASE..QEMU_UID_BASE + QEMU_UIDS).contains(&md.uid()) {
+                    taken.insert(md.uid());
+                }
+            }
+        }
+        (QEMU_UID_BASE..QEMU_UID_BASE + QEMU_UIDS)
+            .find(|id| !taken.contains(id))
+            .ok_or_else(|| anyhow!("{QEMU_UIDS} qubes already run under QEMU; shut one down first"))
+    }
+
+    /// A QEMU qube's run dir becomes its QEMU's working directory (the backend gives it
+    /// to the qube's user). A client's QEMU reaches its netvm's link socket through
+    /// `../NETVM/`, so `qubes/` and a netvm's run dir let others through (0711, no
+    /// listing); what lies in them is the owner's alone (0600).
+    fn open_run_dir_to(&self, name: &str, run_dir: &Path, prefs: &QubePrefs) -> Result<()> {
+        use std::os::unix::fs::PermissionsExt;
+        let set = |p: &Path, mode: u32| {
+            fs::set_permissions(p, fs::Permissions::from_mode(mode))
+                .with_context(|| format!("setting {} to mode {mode:o} for {name}", p.display()))
+        };
+        if let Some(qubes) = run_dir.parent() {
+            set(qubes, 0o711)?;
+        }
+        set(run_dir, if prefs.provides_network { 0o711 } else { 0o700 })
     }
 
     fn serve(&self, name: &str, started: &[StartedVolume]) -> Result<blkback::NbdServer> {
@@ -1815,6 +1884,7 @@ impl Controller {
             net: Default::default(),
             label: prefs.label.to_string(),
             run_dir: run_dir.to_path_buf(),
+            user: None,
         })
     }
 
@@ -2000,6 +2070,13 @@ impl Controller {
                 .ok()
                 .flatten()
                 .unwrap_or_default();
+            let user = rt
+                .qemu_uid
+                .map(|id| hypervisor::DomainUser { uid: id, gid: id });
+            if let Err(e) = give_socket(server.path(), user) {
+                broken.push((name, e));
+                continue;
+            }
             let hv = if rt.hypervisor.is_empty() {
                 "none".to_string()
             } else {
@@ -2129,6 +2206,34 @@ enum ImageSource<'a> {
 pub fn export_name(qube: &str, vol: &str) -> String {
     format!("{qube}/{vol}")
 }
+
+/// Gives a socket to a qube's QEMU user (its mode stays 0600: that user's alone).
+/// `lchown`: the socket lies in a directory that user owns, so never follow a link.
+fn give_socket(socket: &Path, user: Option<hypervisor::DomainUser>) -> Result<()> {
+    let Some(u) = user else { return Ok(()) };
+    std::os::unix::fs::lchown(socket, Some(u.uid), Some(u.gid)).with_context(|| {
+        format!(
+            "giving {} to the qube's QEMU user (uid {})",
+            socket.display(),
+            u.uid
+        )
+    })
+}
+
+/// The first uid (and gid) of the range each running QEMU gets one of.
+///
+/// Each running qube's QEMU runs as a user of its own, so a compromised QEMU cannot
+/// reach another qube's disks (its NBD socket is 0600, owned by that user), files or
+/// processes. The ids are allocated when the qube starts (the lowest one no running
+/// qube holds, kept in its runtime record until it stops) rather than fixed per qube:
+/// two running qubes can never share one, and nothing is left to reclaim when a qube
+/// is removed. They need no /etc/passwd entry, as the kernel only knows numbers; the
+/// range, 0x70000000 up, lies above the ranges systemd hands out (regular and dynamic
+/// users below 65536, containers' up to 0x6FFFFFFF) and below 2^31, so no login user,
+/// DynamicUser= service or container shares one.
+pub const QEMU_UID_BASE: u32 = 0x7000_0000;
+/// How many qubes may run under QEMU at once.
+const QEMU_UIDS: u32 = 1 << 16;
 
 fn copy_atomic(src: &Path, dst: &Path) -> Result<()> {
     let tmp: PathBuf = dst.with_extension("tmp");

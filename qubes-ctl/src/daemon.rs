@@ -45,6 +45,9 @@ pub fn run(paths: &Paths) -> Result<()> {
     // run directories) is its owner's alone from the start, with no window before a
     // chmod: others may not even connect to a qube's console or QMP socket.
     rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o077));
+    // First, while this is the process's only thread (capability sets are per thread;
+    // threads started later inherit the reduced ones).
+    drop_capabilities();
     paths.secure()?;
     // Before anything else (the log, the pool, the socket): a second daemon on this
     // root stops here, even if the first one does not answer (stopped, hung).
@@ -167,6 +170,60 @@ fn serve_admin(conn: UnixStream, shared: &Shared, paths: &Paths) -> Result<()> {
     out.push('\n');
     writer.write_all(out.as_bytes())?;
     Ok(())
+}
+
+/// Capabilities the daemon and what it runs (xl, lvm, losetup, mount, qemu-img, QEMU
+/// before it drops to its qube's user) never use: loading kernel modules, rebooting,
+/// setting the clock, process accounting, the kernel log, LSM policy, audit, BPF and
+/// perf, immutable files, leases, wake alarms, suspend blocking. They leave the
+/// bounding set too, so no program the daemon runs (a setuid or file-capability one
+/// included) gets them back. Kept: what storage, Xen and QEMU paths do need (file
+/// access overrides, SYS_ADMIN for mounts/loop/device-mapper, RAWIO, NET_ADMIN for
+/// vif scripts, PTRACE to read a QEMU's /proc/PID/cwd as another uid, SETUID/SETGID to
+/// start QEMU as its user, IPC_LOCK for lvm, MKNOD, NICE, RESOURCE...).
+pub const DROPPED_CAPABILITIES: [rustix::thread::Capability; 15] = {
+    use rustix::thread::Capability as C;
+    [
+        C::SystemModule,
+        C::SystemBoot,
+        C::SystemTime,
+        C::SystemProcessAccounting,
+        C::SystemTTYConfig,
+        C::SystemLog,
+        C::MACOverride,
+        C::MACAdmin,
+        C::AuditControl,
+        C::AuditRead,
+        C::WakeAlarm,
+        C::BlockSuspend,
+        C::LinuxImmutable,
+        C::PerformanceMonitoring,
+        C::BerkeleyPacketFilters,
+    ]
+};
+
+/// Drops [`DROPPED_CAPABILITIES`] from this thread's bounding, permitted, effective and
+/// inheritable sets. Best effort: a kernel that lacks one (EINVAL) or a daemon without
+/// CAP_SETPCAP (not root) keeps what it has, with a log line.
+fn drop_capabilities() {
+    use rustix::thread::{capabilities, remove_capability_from_bounding_set, set_capabilities};
+    let mut mask = rustix::thread::CapabilityFlags::empty();
+    for cap in DROPPED_CAPABILITIES {
+        mask |= rustix::thread::CapabilityFlags::from_bits_retain(1 << (cap as u32));
+        match remove_capability_from_bounding_set(cap) {
+            Ok(()) | Err(rustix::io::Errno::INVAL) => {}
+            Err(e) => tracing::debug!("dropping {cap:?} from the bounding set: {e}"),
+        }
+    }
+    let r = capabilities(None).and_then(|mut sets| {
+        sets.effective -= mask;
+        sets.permitted -= mask;
+        sets.inheritable -= mask;
+        set_capabilities(None, sets)
+    });
+    if let Err(e) = r {
+        tracing::debug!("dropping unneeded capabilities: {e}");
+    }
 }
 
 /// Takes `ROOT/daemon.lock` (flock, exclusive, not waiting) and writes our pid in it.

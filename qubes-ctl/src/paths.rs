@@ -142,21 +142,26 @@ impl Paths {
             }
         }
         dirs.push(run.clone());
-        dirs.push(run.join("qubes"));
         dirs.push(self.pool_dir().join("vols"));
         if let Ok(rd) = std::fs::read_dir(self.root.join("kernels")) {
             dirs.extend(rd.flatten().map(|e| e.path()));
         }
-        if let Ok(rd) = std::fs::read_dir(run.join("qubes")) {
-            dirs.extend(rd.flatten().map(|e| e.path()));
-        }
         for d in dirs {
-            repair_mode(&d, 0o700, true);
+            repair_mode(&d, 0o700, 0, true);
+        }
+        // Qubes' QEMUs pass through `qubes/` and a netvm's run dir to their netvm's link
+        // (see `Controller::open_run_dir_to`): search rights alone are no leak.
+        let mut traversed = vec![run.join("qubes")];
+        if let Ok(rd) = std::fs::read_dir(run.join("qubes")) {
+            traversed.extend(rd.flatten().map(|e| e.path()));
+        }
+        for d in traversed {
+            repair_mode(&d, 0o700, 0o011, true);
         }
         for f in POOL_FILES {
-            repair_mode(&self.pool_dir().join(f), 0o600, false);
+            repair_mode(&self.pool_dir().join(f), 0o600, 0, false);
         }
-        repair_mode(&self.daemon_log(), 0o600, false);
+        repair_mode(&self.daemon_log(), 0o600, 0, false);
         Ok(())
     }
 
@@ -213,8 +218,9 @@ impl Paths {
     }
 }
 
-/// Takes group and other permissions away from `path` if it has any, with a warning.
-fn repair_mode(path: &Path, mode: u32, dir: bool) {
+/// Takes group and other permissions away from `path` if it has any beyond `allowed`,
+/// with a warning.
+fn repair_mode(path: &Path, mode: u32, allowed: u32, dir: bool) {
     let Ok(md) = std::fs::symlink_metadata(path) else {
         return;
     };
@@ -222,9 +228,10 @@ fn repair_mode(path: &Path, mode: u32, dir: bool) {
         return;
     }
     let have = md.permissions().mode() & 0o7777;
-    if have & 0o077 == 0 {
+    if have & 0o077 & !allowed == 0 {
         return;
     }
+    let mode = mode | (have & allowed);
     match std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)) {
         Ok(()) => eprintln!(
             "qubes-ctl: warning: {} was mode {have:o}, readable by other users; set it to {mode:o}",

@@ -111,6 +111,7 @@ pub fn boot_spec(name: &str, root: &Path, initrd: PathBuf, disks: Vec<DiskSpec>)
         net: Default::default(),
         label: "red".into(),
         run_dir: root.join("run").join(name),
+        user: None,
     }
 }
 
