@@ -1405,26 +1405,8 @@ impl LvVolume {
         length: u64,
         write: bool,
     ) -> Result<(), BlockError> {
-        if write && self.read_only {
-            return Err(self.err(
-                BlockErrorKind::ReadOnly,
-                op,
-                offset,
-                length,
-                "read-only handle",
-            ));
-        }
-        let size = self.size();
-        if offset.checked_add(length).is_none_or(|e| e > size) {
-            return Err(self.err(
-                BlockErrorKind::OutOfRange,
-                op,
-                offset,
-                length,
-                format!("volume size is {size}"),
-            ));
-        }
-        Ok(())
+        BlockError::check_writable(&self.name, self.read_only, op, offset, length, write)?;
+        BlockError::check_range(&self.name, self.size(), op, offset, length)
     }
 
     fn write_zero_bytes(&self, from: u64, to: u64) -> Result<(), BlockError> {

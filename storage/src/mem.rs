@@ -608,15 +608,7 @@ impl MemVolume {
                 "the volume was removed",
             ));
         };
-        if offset.checked_add(length).is_none_or(|end| end > vol.size) {
-            return Err(self.err(
-                BlockErrorKind::OutOfRange,
-                op,
-                offset,
-                length,
-                format!("the volume has {} bytes", vol.size),
-            ));
-        }
+        BlockError::check_range(&self.name, vol.size, op, offset, length)?;
         f(vol)
     }
 

@@ -78,6 +78,51 @@ impl BlockError {
         }
     }
 
+    /// A write through a read-only handle is `ReadOnly`: the first check every driver
+    /// makes at the `BlockDevice` boundary.
+    pub fn check_writable(
+        volume: &str,
+        read_only: bool,
+        op: &'static str,
+        offset: u64,
+        length: u64,
+        write: bool,
+    ) -> Result<(), BlockError> {
+        if write && read_only {
+            return Err(BlockError::new(
+                BlockErrorKind::ReadOnly,
+                op,
+                volume,
+                offset,
+                length,
+                "read-only handle",
+            ));
+        }
+        Ok(())
+    }
+
+    /// A request that passes the end of a volume of `size` bytes (or `u64::MAX`) is
+    /// `OutOfRange`, never truncated or wrapped.
+    pub fn check_range(
+        volume: &str,
+        size: u64,
+        op: &'static str,
+        offset: u64,
+        length: u64,
+    ) -> Result<(), BlockError> {
+        if offset.checked_add(length).is_none_or(|end| end > size) {
+            return Err(BlockError::new(
+                BlockErrorKind::OutOfRange,
+                op,
+                volume,
+                offset,
+                length,
+                format!("volume size is {size}"),
+            ));
+        }
+        Ok(())
+    }
+
     pub fn errno(&self) -> i32 {
         match self.kind {
             BlockErrorKind::NoSpace => libc::ENOSPC,

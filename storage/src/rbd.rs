@@ -885,26 +885,8 @@ impl RbdVolume {
         length: u64,
         write: bool,
     ) -> Result<(), BlockError> {
-        if write && self.read_only {
-            return Err(self.err(
-                BlockErrorKind::ReadOnly,
-                op,
-                offset,
-                length,
-                "read-only handle",
-            ));
-        }
-        let size = self.size();
-        if offset.checked_add(length).is_none_or(|end| end > size) {
-            return Err(self.err(
-                BlockErrorKind::OutOfRange,
-                op,
-                offset,
-                length,
-                format!("volume size is {size}"),
-            ));
-        }
-        Ok(())
+        BlockError::check_writable(&self.key, self.read_only, op, offset, length, write)?;
+        BlockError::check_range(&self.key, self.size(), op, offset, length)
     }
 
     fn err(

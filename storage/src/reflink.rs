@@ -961,15 +961,7 @@ impl ReflinkVolume {
         };
         let key = st.ids.get(&self.id).cloned().ok_or_else(gone)?;
         let e = st.staged.volumes.get(&key).cloned().ok_or_else(gone)?;
-        if offset.checked_add(length).is_none_or(|end| end > e.size) {
-            return Err(self.err(
-                BlockErrorKind::OutOfRange,
-                op,
-                offset,
-                length,
-                format!("the volume has {} bytes", e.size),
-            ));
-        }
+        BlockError::check_range(&self.name, e.size, op, offset, length)?;
         let f = self
             .inner
             .open_file(&mut st, e.file)
