@@ -2048,6 +2048,13 @@ impl Controller {
             if let Ok(hypervisor::DomainState::Halted) =
                 hv.state(&name, &self.paths.qube_run_dir(&name))
             {
+                // What `qube shutdown` does once the domain is gone: the backend releases
+                // what it holds for it in dom0 (Xen: the /dev/nbdN of the kernel-NBD
+                // fallback, whose clients must leave before the exports close; the blkif
+                // disks close in stop_storage) before the volumes stop.
+                if let Err(e) = hv.kill(&name, &self.paths.qube_run_dir(&name)) {
+                    tracing::warn!(qube = %name, "releasing its devices after it halted: {e}");
+                }
                 let r = self.stop_storage(&name, Duration::from_secs(10));
                 out.push((name, r));
             }
