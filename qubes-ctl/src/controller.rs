@@ -1861,6 +1861,16 @@ impl Controller {
         let _txn = self.txn();
         self.catalogue().set_runtime(name, None)?;
         self.vols.stop(name)?;
+        // A DispVM leaves nothing behind: not its domain config, console or sockets
+        // either (its volumes went with the stop).
+        if self.vols.qube(name)?.class == QubeClass::DispVM {
+            let run_dir = self.paths.qube_run_dir(name);
+            if let Err(e) = fs::remove_dir_all(&run_dir) {
+                if e.kind() != std::io::ErrorKind::NotFound {
+                    tracing::warn!(qube = name, "removing {}: {e}", run_dir.display());
+                }
+            }
+        }
         tracing::info!(qube = %name, "qube stopped: private committed, snapshots dropped");
         Ok(())
     }
