@@ -344,7 +344,14 @@ fn pool_templates_qubes_and_volumes_end_to_end() {
         !got.contains("33 33 33 33"),
         "nothing a DispVM writes survives: {got}"
     );
+    let disp_run = ctl.root.join("run/qubes/disp1");
+    assert!(disp_run.exists(), "{} while disp1 runs", disp_run.display());
     ctl.ok(&["qube", "shutdown", "disp1"]);
+    assert!(
+        !disp_run.exists(),
+        "a DispVM leaves no run directory behind: {}",
+        disp_run.display()
+    );
 
     // A template in use cannot go; the error names the users.
     let err = ctl.fails(&["template", "remove", "tpl"]);

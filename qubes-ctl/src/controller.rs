@@ -1962,6 +1962,16 @@ impl Controller {
         let _txn = self.txn();
         self.catalogue().set_runtime(name, None)?;
         self.vols.stop(name)?;
+        // A DispVM leaves nothing behind: not its domain config, console or sockets
+        // either (its volumes went with the stop).
+        if self.vols.qube(name)?.class == QubeClass::DispVM {
+            let run_dir = self.paths.qube_run_dir(name);
+            if let Err(e) = fs::remove_dir_all(&run_dir) {
+                if e.kind() != std::io::ErrorKind::NotFound {
+                    tracing::warn!(qube = name, "removing {}: {e}", run_dir.display());
+                }
+            }
+        }
         tracing::info!(qube = %name, "qube stopped: private committed, snapshots dropped");
         Ok(())
     }
@@ -2156,6 +2166,13 @@ impl Controller {
             if let Ok(hypervisor::DomainState::Halted) =
                 hv.state(&name, &self.paths.qube_run_dir(&name))
             {
+                // What `qube shutdown` does once the domain is gone: the backend releases
+                // what it holds for it in dom0 (Xen: the /dev/nbdN of the kernel-NBD
+                // fallback, whose clients must leave before the exports close; the blkif
+                // disks close in stop_storage) before the volumes stop.
+                if let Err(e) = hv.kill(&name, &self.paths.qube_run_dir(&name)) {
+                    tracing::warn!(qube = %name, "releasing its devices after it halted: {e}");
+                }
                 let r = self.stop_storage(&name, Duration::from_secs(10));
                 out.push((name, r));
             }
