@@ -445,4 +445,22 @@ fn lvm_thin_in_vm() {
         summaries.iter().all(|l| l.starts_with("test result: ok.")),
         "{summaries:?}"
     );
+    // A filter that matches nothing also reports "ok": each run must have run tests.
+    for l in &summaries {
+        let passed: u32 = l
+            .split("; ")
+            .find_map(|p| {
+                p.trim_start_matches("test result: ok. ")
+                    .strip_suffix(" passed")
+            })
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("no passed count in {l:?}"));
+        assert!(passed > 0, "a VM run ran no test: {l}");
+    }
+    if filters == DEFAULT_VM_TESTS {
+        assert!(
+            summaries[0].contains("ok. 17 passed"),
+            "the 17 conformance tests: {summaries:?}"
+        );
+    }
 }
