@@ -21,6 +21,7 @@ use std::os::raw::{c_char, c_int, c_void};
 use std::path::Path;
 use std::ptr;
 use std::sync::Arc;
+use std::sync::OnceLock;
 
 #[allow(
     non_upper_case_globals,
@@ -33,6 +34,40 @@ use std::sync::Arc;
 )]
 pub mod ffi {
     include!(concat!(env!("OUT_DIR"), "/bindings.rs"));
+}
+
+/// The library file: librbd, which pulls in librados (`dlsym` on its handle finds both).
+const LIBRARY: &str = "librbd.so.1";
+
+static CEPH: OnceLock<std::result::Result<ffi::Ceph, String>> = OnceLock::new();
+
+/// Loads librbd and librados once per process, at the first cluster connection: a
+/// process that never opens an rbd pool never pays their start-up cost (their C++ static
+/// constructors take ~16 ms) nor needs them installed.
+pub fn load() -> Result<&'static ffi::Ceph> {
+    CEPH.get_or_init(|| {
+        // SAFETY: loading librbd runs its and librados' ELF constructors, which only
+        // initialise library globals; every symbol the bindings name is checked to
+        // exist (require_all), so no call can reach a missing symbol.
+        unsafe { ffi::Ceph::new(LIBRARY) }.map_err(|e| e.to_string())
+    })
+    .as_ref()
+    .map_err(|e| Error {
+        op: format!(
+            "loading {LIBRARY} for the rbd driver ({e}); install Ceph's client libraries \
+             (Debian: apt-get install librbd1)"
+        ),
+        errno: libc::ELIBACC,
+    })
+}
+
+/// The loaded library. Every handle this crate gives out comes from a `Cluster`, whose
+/// `connect` loads it first, so this cannot fail where it is called.
+fn api() -> &'static ffi::Ceph {
+    match CEPH.get() {
+        Some(Ok(api)) => api,
+        _ => unreachable!("librbd is loaded by Cluster::connect before any other call"),
+    }
 }
 
 /// A failed librados/librbd call: what was attempted and the negative errno it returned.
@@ -91,11 +126,12 @@ impl Cluster {
         id: Option<&str>,
         overrides: &[(&str, &str)],
     ) -> Result<Arc<Cluster>> {
+        load()?;
         let name = cstr("rados user", &format!("client.{}", id.unwrap_or("admin")))?;
         let cluster = cstr("cluster", "ceph")?;
         let mut h: ffi::rados_t = ptr::null_mut();
         // SAFETY: h is a valid out pointer; the strings outlive the call (copied by librados).
-        let r = unsafe { ffi::rados_create2(&mut h, cluster.as_ptr(), name.as_ptr(), 0) };
+        let r = unsafe { api().rados_create2(&mut h, cluster.as_ptr(), name.as_ptr(), 0) };
         check(|| "rados_create2".into(), r)?;
         // From here `c` owns h and shuts it down on every error path.
         let c = Cluster { h };
@@ -105,7 +141,7 @@ impl Cluster {
         };
         // SAFETY: c.h is a created, unconnected handle; a null path means the default search.
         let r = unsafe {
-            ffi::rados_conf_read_file(c.h, conf_c.as_ref().map_or(ptr::null(), |s| s.as_ptr()))
+            api().rados_conf_read_file(c.h, conf_c.as_ref().map_or(ptr::null(), |s| s.as_ptr()))
         };
         check(
             || {
@@ -119,11 +155,11 @@ impl Cluster {
         for (k, v) in overrides {
             let (kc, vc) = (cstr("option", k)?, cstr("option value", v)?);
             // SAFETY: valid handle and NUL-terminated strings.
-            let r = unsafe { ffi::rados_conf_set(c.h, kc.as_ptr(), vc.as_ptr()) };
+            let r = unsafe { api().rados_conf_set(c.h, kc.as_ptr(), vc.as_ptr()) };
             check(|| format!("setting ceph option {k}={v}"), r)?;
         }
         // SAFETY: valid handle, configured above.
-        let r = unsafe { ffi::rados_connect(c.h) };
+        let r = unsafe { api().rados_connect(c.h) };
         check(
             || {
                 format!(
@@ -139,14 +175,14 @@ impl Cluster {
     /// This client's global id (the `client.N` other clients see as a lock owner).
     pub fn instance_id(&self) -> u64 {
         // SAFETY: connected handle.
-        unsafe { ffi::rados_get_instance_id(self.h) }
+        unsafe { api().rados_get_instance_id(self.h) }
     }
 
     /// Bytes (total, used, available) of the whole cluster.
     pub fn stat(&self) -> Result<(u64, u64, u64)> {
         let mut st = ffi::rados_cluster_stat_t::default();
         // SAFETY: connected handle, valid out struct.
-        let r = unsafe { ffi::rados_cluster_stat(self.h, &mut st) };
+        let r = unsafe { api().rados_cluster_stat(self.h, &mut st) };
         check(|| "rados_cluster_stat".into(), r)?;
         Ok((st.kb * 1024, st.kb_used * 1024, st.kb_avail * 1024))
     }
@@ -157,7 +193,7 @@ impl Cluster {
         let p = cstr("pool name", pool)?;
         let mut io: ffi::rados_ioctx_t = ptr::null_mut();
         // SAFETY: connected handle, valid out pointer and string.
-        let r = unsafe { ffi::rados_ioctx_create(self.h, p.as_ptr(), &mut io) };
+        let r = unsafe { api().rados_ioctx_create(self.h, p.as_ptr(), &mut io) };
         check(
             || {
                 format!("opening Ceph pool {pool} (create it with `ceph osd pool create {pool}` and `rbd pool init {pool}`)")
@@ -172,17 +208,17 @@ impl Cluster {
             let n = cstr("namespace", ns)?;
             let mut exists = false;
             // SAFETY: valid ioctx (default namespace), string and out pointer.
-            let r = unsafe { ffi::rbd_namespace_exists(ctx.h, n.as_ptr(), &mut exists) };
+            let r = unsafe { api().rbd_namespace_exists(ctx.h, n.as_ptr(), &mut exists) };
             check(|| format!("looking up RBD namespace {pool}/{ns}"), r)?;
             if !exists {
                 // SAFETY: as above.
-                let r = unsafe { ffi::rbd_namespace_create(ctx.h, n.as_ptr()) };
+                let r = unsafe { api().rbd_namespace_create(ctx.h, n.as_ptr()) };
                 if r != -libc::EEXIST {
                     check(|| format!("creating RBD namespace {pool}/{ns}"), r)?;
                 }
             }
             // SAFETY: valid ioctx, not yet shared with any other thread.
-            unsafe { ffi::rados_ioctx_set_namespace(ctx.h, n.as_ptr()) };
+            unsafe { api().rados_ioctx_set_namespace(ctx.h, n.as_ptr()) };
         }
         Ok(Arc::new(ctx))
     }
@@ -191,7 +227,7 @@ impl Cluster {
 impl Drop for Cluster {
     fn drop(&mut self) {
         // SAFETY: every IoCtx holds an Arc on us, so no handle derived from h is left.
-        unsafe { ffi::rados_shutdown(self.h) }
+        unsafe { api().rados_shutdown(self.h) }
     }
 }
 
@@ -260,12 +296,12 @@ impl IoCtx {
         let n = cstr("image name", name)?;
         let mut o: ffi::rbd_image_options_t = ptr::null_mut();
         // SAFETY: valid out pointer; destroyed below.
-        unsafe { ffi::rbd_image_options_create(&mut o) };
+        unsafe { api().rbd_image_options_create(&mut o) };
         let mut r = 0;
         if opts.order != 0 {
             // SAFETY: o was created above.
             r = unsafe {
-                ffi::rbd_image_options_set_uint64(
+                api().rbd_image_options_set_uint64(
                     o,
                     ffi::RBD_IMAGE_OPTION_ORDER as c_int,
                     opts.order.into(),
@@ -274,10 +310,10 @@ impl IoCtx {
         }
         if r == 0 {
             // SAFETY: valid ioctx, name and options.
-            r = unsafe { ffi::rbd_create4(self.h, n.as_ptr(), size, o) };
+            r = unsafe { api().rbd_create4(self.h, n.as_ptr(), size, o) };
         }
         // SAFETY: o was created above and is not used after.
-        unsafe { ffi::rbd_image_options_destroy(o) };
+        unsafe { api().rbd_image_options_destroy(o) };
         check(|| format!("creating RBD image {name}"), r).map(drop)
     }
 
@@ -290,17 +326,17 @@ impl IoCtx {
         );
         let mut o: ffi::rbd_image_options_t = ptr::null_mut();
         // SAFETY: valid out pointer; destroyed below.
-        unsafe { ffi::rbd_image_options_create(&mut o) };
+        unsafe { api().rbd_image_options_create(&mut o) };
         // SAFETY: o is valid; 2 = clone format v2.
         let mut r = unsafe {
-            ffi::rbd_image_options_set_uint64(o, ffi::RBD_IMAGE_OPTION_CLONE_FORMAT as c_int, 2)
+            api().rbd_image_options_set_uint64(o, ffi::RBD_IMAGE_OPTION_CLONE_FORMAT as c_int, 2)
         };
         if r == 0 {
             // SAFETY: both ioctxs are this one; strings and options are valid.
-            r = unsafe { ffi::rbd_clone3(self.h, p.as_ptr(), s.as_ptr(), self.h, c.as_ptr(), o) };
+            r = unsafe { api().rbd_clone3(self.h, p.as_ptr(), s.as_ptr(), self.h, c.as_ptr(), o) };
         }
         // SAFETY: created above, not used after.
-        unsafe { ffi::rbd_image_options_destroy(o) };
+        unsafe { api().rbd_image_options_destroy(o) };
         check(
             || format!("cloning RBD image {parent}@{snap} to {child}"),
             r,
@@ -311,7 +347,7 @@ impl IoCtx {
     pub fn remove(&self, name: &str) -> Result<()> {
         let n = cstr("image name", name)?;
         // SAFETY: valid ioctx and string.
-        let r = unsafe { ffi::rbd_remove(self.h, n.as_ptr()) };
+        let r = unsafe { api().rbd_remove(self.h, n.as_ptr()) };
         check(|| format!("removing RBD image {name}"), r).map(drop)
     }
 
@@ -320,7 +356,7 @@ impl IoCtx {
     pub fn trash_move(&self, name: &str) -> Result<()> {
         let n = cstr("image name", name)?;
         // SAFETY: valid ioctx and string.
-        let r = unsafe { ffi::rbd_trash_move(self.h, n.as_ptr(), 0) };
+        let r = unsafe { api().rbd_trash_move(self.h, n.as_ptr(), 0) };
         check(|| format!("moving RBD image {name} to the trash"), r).map(drop)
     }
 
@@ -328,7 +364,7 @@ impl IoCtx {
     /// children stay (that is not an error for us).
     pub fn trash_purge(&self) -> Result<()> {
         // SAFETY: valid ioctx; expire "now" (0 = now in librbd), no threshold.
-        let r = unsafe { ffi::rbd_trash_purge(self.h, 0, -1.0) };
+        let r = unsafe { api().rbd_trash_purge(self.h, 0, -1.0) };
         match r {
             r if r == -libc::ENOTEMPTY || r == -libc::EBUSY => Ok(()),
             r => check(|| "purging the RBD trash".into(), r).map(drop),
@@ -338,7 +374,7 @@ impl IoCtx {
     pub fn rename(&self, from: &str, to: &str) -> Result<()> {
         let (f, t) = (cstr("image", from)?, cstr("image", to)?);
         // SAFETY: valid ioctx and strings.
-        let r = unsafe { ffi::rbd_rename(self.h, f.as_ptr(), t.as_ptr()) };
+        let r = unsafe { api().rbd_rename(self.h, f.as_ptr(), t.as_ptr()) };
         check(|| format!("renaming RBD image {from} to {to}"), r).map(drop)
     }
 
@@ -349,7 +385,7 @@ impl IoCtx {
             let mut specs = vec![ffi::rbd_image_spec_t::default(); max];
             let mut n = max;
             // SAFETY: specs has room for n entries.
-            let r = unsafe { ffi::rbd_list2(self.h, specs.as_mut_ptr(), &mut n) };
+            let r = unsafe { api().rbd_list2(self.h, specs.as_mut_ptr(), &mut n) };
             if r == -libc::ERANGE {
                 max = n.max(max * 2);
                 continue;
@@ -365,7 +401,7 @@ impl IoCtx {
                 })
                 .collect();
             // SAFETY: the first n entries were allocated by librbd and are freed once.
-            unsafe { ffi::rbd_image_spec_list_cleanup(specs.as_mut_ptr(), n) };
+            unsafe { api().rbd_image_spec_list_cleanup(specs.as_mut_ptr(), n) };
             return Ok(names);
         }
     }
@@ -375,7 +411,7 @@ impl IoCtx {
         let op = || format!("reading pool metadata {key}");
         // SAFETY: buf/len come from with_buf and describe a live buffer.
         let v = with_buf(&op, |buf, len| unsafe {
-            ffi::rbd_pool_metadata_get(self.h, k.as_ptr(), buf, len)
+            api().rbd_pool_metadata_get(self.h, k.as_ptr(), buf, len)
         })?;
         Ok(v.map(|b| first_string(&b)))
     }
@@ -386,10 +422,10 @@ impl IoCtx {
             Some(v) => {
                 let vc = cstr("metadata value", v)?;
                 // SAFETY: valid ioctx and strings.
-                unsafe { ffi::rbd_pool_metadata_set(self.h, k.as_ptr(), vc.as_ptr()) }
+                unsafe { api().rbd_pool_metadata_set(self.h, k.as_ptr(), vc.as_ptr()) }
             }
             // SAFETY: valid ioctx and string.
-            None => match unsafe { ffi::rbd_pool_metadata_remove(self.h, k.as_ptr()) } {
+            None => match unsafe { api().rbd_pool_metadata_remove(self.h, k.as_ptr()) } {
                 r if r == -libc::ENOENT => 0,
                 r => r,
             },
@@ -402,7 +438,7 @@ impl IoCtx {
         let op = || "listing pool metadata".to_string();
         // SAFETY: the closures pass live buffers of the stated lengths.
         list_pairs(&op, |k, kl, v, vl| unsafe {
-            ffi::rbd_pool_metadata_list(self.h, c"".as_ptr(), 0, k, kl, v, vl)
+            api().rbd_pool_metadata_list(self.h, c"".as_ptr(), 0, k, kl, v, vl)
         })
     }
 }
@@ -410,7 +446,7 @@ impl IoCtx {
 impl Drop for IoCtx {
     fn drop(&mut self) {
         // SAFETY: every Image holds an Arc on us, so nothing uses h after this.
-        unsafe { ffi::rados_ioctx_destroy(self.h) }
+        unsafe { api().rados_ioctx_destroy(self.h) }
     }
 }
 
@@ -476,7 +512,7 @@ impl Completion {
     fn new(op: &dyn Fn() -> String) -> Result<Self> {
         let mut c: ffi::rbd_completion_t = ptr::null_mut();
         // SAFETY: no callback, so no argument; valid out pointer.
-        let r = unsafe { ffi::rbd_aio_create_completion(ptr::null_mut(), None, &mut c) };
+        let r = unsafe { api().rbd_aio_create_completion(ptr::null_mut(), None, &mut c) };
         check(op, r)?;
         Ok(Completion(c))
     }
@@ -484,9 +520,9 @@ impl Completion {
     /// Waits for the request; returns its result (bytes or 0).
     fn wait(&self, op: &dyn Fn() -> String) -> Result<isize> {
         // SAFETY: the completion was submitted with a request before this call.
-        unsafe { ffi::rbd_aio_wait_for_complete(self.0) };
+        unsafe { api().rbd_aio_wait_for_complete(self.0) };
         // SAFETY: completed above.
-        let r = unsafe { ffi::rbd_aio_get_return_value(self.0) };
+        let r = unsafe { api().rbd_aio_get_return_value(self.0) };
         if r < 0 {
             Err(Error {
                 op: op(),
@@ -502,7 +538,7 @@ impl Drop for Completion {
     fn drop(&mut self) {
         // SAFETY: we own the completion; it is either completed (waited) or was never
         // submitted (submission failed), so librbd holds no reference to it.
-        unsafe { ffi::rbd_aio_release(self.0) }
+        unsafe { api().rbd_aio_release(self.0) }
     }
 }
 
@@ -513,9 +549,9 @@ impl Image {
         // SAFETY: valid ioctx, string and out pointer; no snapshot.
         let r = unsafe {
             if read_only {
-                ffi::rbd_open_read_only(io.h, n.as_ptr(), &mut h, ptr::null())
+                api().rbd_open_read_only(io.h, n.as_ptr(), &mut h, ptr::null())
             } else {
-                ffi::rbd_open(io.h, n.as_ptr(), &mut h, ptr::null())
+                api().rbd_open(io.h, n.as_ptr(), &mut h, ptr::null())
             }
         };
         check(|| format!("opening RBD image {name}"), r)?;
@@ -532,7 +568,7 @@ impl Image {
         let i = cstr("image id", id)?;
         let mut h: ffi::rbd_image_t = ptr::null_mut();
         // SAFETY: valid ioctx, string and out pointer; no snapshot.
-        let r = unsafe { ffi::rbd_open_by_id_read_only(io.h, i.as_ptr(), &mut h, ptr::null()) };
+        let r = unsafe { api().rbd_open_by_id_read_only(io.h, i.as_ptr(), &mut h, ptr::null()) };
         check(|| format!("opening RBD image with id {id}"), r)?;
         Ok(Image {
             h,
@@ -548,7 +584,7 @@ impl Image {
     pub fn size(&self) -> Result<u64> {
         let mut s = 0u64;
         // SAFETY: open image, valid out pointer.
-        let r = unsafe { ffi::rbd_get_size(self.h, &mut s) };
+        let r = unsafe { api().rbd_get_size(self.h, &mut s) };
         check(|| format!("size of RBD image {}", self.name), r)?;
         Ok(s)
     }
@@ -557,14 +593,14 @@ impl Image {
     pub fn object_size(&self) -> Result<u64> {
         let mut st = ffi::rbd_image_info_t::default();
         // SAFETY: open image, out struct of the size passed.
-        let r = unsafe { ffi::rbd_stat(self.h, &mut st, std::mem::size_of_val(&st)) };
+        let r = unsafe { api().rbd_stat(self.h, &mut st, std::mem::size_of_val(&st)) };
         check(|| format!("stat of RBD image {}", self.name), r)?;
         Ok(st.obj_size)
     }
 
     pub fn resize(&self, size: u64) -> Result<()> {
         // SAFETY: open image.
-        let r = unsafe { ffi::rbd_resize(self.h, size) };
+        let r = unsafe { api().rbd_resize(self.h, size) };
         check(|| format!("resizing RBD image {} to {size}", self.name), r).map(drop)
     }
 
@@ -587,7 +623,7 @@ impl Image {
         // SAFETY: buf stays borrowed until aio() returns, which is after the completion
         // finished, so librbd writes into live memory of the stated length.
         let n = self.aio("read", off, len, |c| unsafe {
-            ffi::rbd_aio_read2(self.h, off, len, p, c, 0)
+            api().rbd_aio_read2(self.h, off, len, p, c, 0)
         })?;
         if (n as usize) < len {
             // librbd returns short reads only past the end; the caller checked the range.
@@ -600,21 +636,21 @@ impl Image {
         let (p, len) = (buf.as_ptr().cast::<c_char>(), buf.len());
         // SAFETY: buf stays borrowed until the completion finished (see read).
         self.aio("write", off, len, |c| unsafe {
-            ffi::rbd_aio_write2(self.h, off, len, p, c, 0)
+            api().rbd_aio_write2(self.h, off, len, p, c, 0)
         })
         .map(drop)
     }
 
     pub fn flush(&self) -> Result<()> {
         // SAFETY: open image; the completion is waited on before it is released.
-        self.aio("flush", 0, 0, |c| unsafe { ffi::rbd_aio_flush(self.h, c) })
+        self.aio("flush", 0, 0, |c| unsafe { api().rbd_aio_flush(self.h, c) })
             .map(drop)
     }
 
     pub fn discard(&self, off: u64, len: u64) -> Result<()> {
         // SAFETY: open image; the completion is waited on before it is released.
         self.aio("discard", off, len as usize, |c| unsafe {
-            ffi::rbd_aio_discard(self.h, off, len, c)
+            api().rbd_aio_discard(self.h, off, len, c)
         })
         .map(drop)
     }
@@ -622,7 +658,7 @@ impl Image {
     pub fn write_zeroes(&self, off: u64, len: u64) -> Result<()> {
         // SAFETY: open image; the completion is waited on before it is released.
         self.aio("write_zeroes", off, len as usize, |c| unsafe {
-            ffi::rbd_aio_write_zeroes(self.h, off, len as usize, c, 0, 0)
+            api().rbd_aio_write_zeroes(self.h, off, len as usize, c, 0, 0)
         })
         .map(drop)
     }
@@ -645,7 +681,7 @@ impl Image {
         let mut runs: Vec<Run> = Vec::new();
         // SAFETY: open image; the callback only touches `runs`, which outlives the call.
         let r = unsafe {
-            ffi::rbd_diff_iterate2(
+            api().rbd_diff_iterate2(
                 self.h,
                 ptr::null(),
                 off,
@@ -664,7 +700,7 @@ impl Image {
     pub fn snap_create(&self, snap: &str) -> Result<()> {
         let s = cstr("snapshot", snap)?;
         // SAFETY: open image, valid string.
-        let r = unsafe { ffi::rbd_snap_create(self.h, s.as_ptr()) };
+        let r = unsafe { api().rbd_snap_create(self.h, s.as_ptr()) };
         check(|| format!("snapshot {}@{snap}", self.name), r).map(drop)
     }
 
@@ -673,14 +709,14 @@ impl Image {
     pub fn snap_remove(&self, snap: &str) -> Result<()> {
         let s = cstr("snapshot", snap)?;
         // SAFETY: open image, valid string.
-        let r = unsafe { ffi::rbd_snap_remove(self.h, s.as_ptr()) };
+        let r = unsafe { api().rbd_snap_remove(self.h, s.as_ptr()) };
         check(|| format!("removing snapshot {}@{snap}", self.name), r).map(drop)
     }
 
     pub fn snap_rollback(&self, snap: &str) -> Result<()> {
         let s = cstr("snapshot", snap)?;
         // SAFETY: open image, valid string.
-        let r = unsafe { ffi::rbd_snap_rollback(self.h, s.as_ptr()) };
+        let r = unsafe { api().rbd_snap_rollback(self.h, s.as_ptr()) };
         check(|| format!("rolling {} back to @{snap}", self.name), r).map(drop)
     }
 
@@ -690,7 +726,7 @@ impl Image {
         loop {
             let mut snaps = vec![ffi::rbd_snap_info_t::default(); max as usize + 1];
             // SAFETY: snaps holds max entries plus the terminator librbd writes.
-            let r = unsafe { ffi::rbd_snap_list(self.h, snaps.as_mut_ptr(), &mut max) };
+            let r = unsafe { api().rbd_snap_list(self.h, snaps.as_mut_ptr(), &mut max) };
             if r == -libc::ERANGE {
                 continue;
             }
@@ -705,7 +741,7 @@ impl Image {
                 })
                 .collect();
             // SAFETY: frees what librbd allocated in this array, once.
-            unsafe { ffi::rbd_snap_list_end(snaps.as_mut_ptr()) };
+            unsafe { api().rbd_snap_list_end(snaps.as_mut_ptr()) };
             return Ok(names);
         }
     }
@@ -713,7 +749,7 @@ impl Image {
     /// Copies the parent's data in and detaches from it.
     pub fn flatten(&self) -> Result<()> {
         // SAFETY: open image.
-        let r = unsafe { ffi::rbd_flatten(self.h) };
+        let r = unsafe { api().rbd_flatten(self.h) };
         check(|| format!("flattening RBD image {}", self.name), r).map(drop)
     }
 
@@ -722,7 +758,7 @@ impl Image {
         let mut img = ffi::rbd_linked_image_spec_t::default();
         let mut snap = ffi::rbd_snap_spec_t::default();
         // SAFETY: open image, valid out structs.
-        let r = unsafe { ffi::rbd_get_parent(self.h, &mut img, &mut snap) };
+        let r = unsafe { api().rbd_get_parent(self.h, &mut img, &mut snap) };
         if r == -libc::ENOENT {
             return Ok(None);
         }
@@ -731,8 +767,8 @@ impl Image {
         let id = unsafe { CStr::from_ptr(img.image_id).to_string_lossy().into_owned() };
         // SAFETY: frees the strings librbd allocated, once.
         unsafe {
-            ffi::rbd_linked_image_spec_cleanup(&mut img);
-            ffi::rbd_snap_spec_cleanup(&mut snap);
+            api().rbd_linked_image_spec_cleanup(&mut img);
+            api().rbd_snap_spec_cleanup(&mut snap);
         }
         Ok(Some(id))
     }
@@ -742,7 +778,7 @@ impl Image {
         let mut img = ffi::rbd_linked_image_spec_t::default();
         let mut snap = ffi::rbd_snap_spec_t::default();
         // SAFETY: open image, valid out structs.
-        let r = unsafe { ffi::rbd_get_parent(self.h, &mut img, &mut snap) };
+        let r = unsafe { api().rbd_get_parent(self.h, &mut img, &mut snap) };
         if r == -libc::ENOENT {
             return Ok(None);
         }
@@ -758,8 +794,8 @@ impl Image {
         };
         // SAFETY: frees the strings librbd allocated, once.
         unsafe {
-            ffi::rbd_linked_image_spec_cleanup(&mut img);
-            ffi::rbd_snap_spec_cleanup(&mut snap);
+            api().rbd_linked_image_spec_cleanup(&mut img);
+            api().rbd_snap_spec_cleanup(&mut snap);
         }
         Ok(Some(out))
     }
@@ -769,7 +805,7 @@ impl Image {
         let op = || format!("reading metadata {key} of {}", self.name);
         // SAFETY: buf/len describe a live buffer (with_buf).
         let v = with_buf(&op, |buf, len| unsafe {
-            ffi::rbd_metadata_get(self.h, k.as_ptr(), buf, len)
+            api().rbd_metadata_get(self.h, k.as_ptr(), buf, len)
         })?;
         Ok(v.map(|b| first_string(&b)))
     }
@@ -780,10 +816,10 @@ impl Image {
             Some(v) => {
                 let vc = cstr("metadata value", v)?;
                 // SAFETY: open image and valid strings.
-                unsafe { ffi::rbd_metadata_set(self.h, k.as_ptr(), vc.as_ptr()) }
+                unsafe { api().rbd_metadata_set(self.h, k.as_ptr(), vc.as_ptr()) }
             }
             // SAFETY: open image and valid string.
-            None => match unsafe { ffi::rbd_metadata_remove(self.h, k.as_ptr()) } {
+            None => match unsafe { api().rbd_metadata_remove(self.h, k.as_ptr()) } {
                 r if r == -libc::ENOENT => 0,
                 r => r,
             },
@@ -795,7 +831,7 @@ impl Image {
         let op = || format!("listing metadata of {}", self.name);
         // SAFETY: the closure passes live buffers of the stated lengths.
         list_pairs(&op, |k, kl, v, vl| unsafe {
-            ffi::rbd_metadata_list(self.h, c"".as_ptr(), 0, k, kl, v, vl)
+            api().rbd_metadata_list(self.h, c"".as_ptr(), 0, k, kl, v, vl)
         })
     }
 
@@ -804,7 +840,7 @@ impl Image {
     pub fn lock_acquire(&self) -> Result<()> {
         // SAFETY: open image.
         let r =
-            unsafe { ffi::rbd_lock_acquire(self.h, ffi::rbd_lock_mode_t_RBD_LOCK_MODE_EXCLUSIVE) };
+            unsafe { api().rbd_lock_acquire(self.h, ffi::rbd_lock_mode_t_RBD_LOCK_MODE_EXCLUSIVE) };
         check(
             || format!("taking the exclusive lock of RBD image {}", self.name),
             r,
@@ -814,7 +850,7 @@ impl Image {
 
     pub fn lock_release(&self) -> Result<()> {
         // SAFETY: open image.
-        let r = unsafe { ffi::rbd_lock_release(self.h) };
+        let r = unsafe { api().rbd_lock_release(self.h) };
         check(
             || format!("releasing the exclusive lock of RBD image {}", self.name),
             r,
@@ -828,7 +864,8 @@ impl Image {
         let mut owners: [*mut c_char; 8] = [ptr::null_mut(); 8];
         let mut n = owners.len();
         // SAFETY: owners has room for n pointers.
-        let r = unsafe { ffi::rbd_lock_get_owners(self.h, &mut mode, owners.as_mut_ptr(), &mut n) };
+        let r =
+            unsafe { api().rbd_lock_get_owners(self.h, &mut mode, owners.as_mut_ptr(), &mut n) };
         if r == -libc::ENOENT {
             return Ok(Vec::new());
         }
@@ -839,7 +876,7 @@ impl Image {
             .map(|&p| unsafe { CStr::from_ptr(p) }.to_string_lossy().into_owned())
             .collect();
         // SAFETY: frees the n strings librbd allocated, once.
-        unsafe { ffi::rbd_lock_get_owners_cleanup(owners.as_mut_ptr(), n) };
+        unsafe { api().rbd_lock_get_owners_cleanup(owners.as_mut_ptr(), n) };
         Ok(out)
     }
 
@@ -849,7 +886,7 @@ impl Image {
         let o = cstr("lock owner", owner)?;
         // SAFETY: open image, valid string.
         let r = unsafe {
-            ffi::rbd_lock_break(
+            api().rbd_lock_break(
                 self.h,
                 ffi::rbd_lock_mode_t_RBD_LOCK_MODE_EXCLUSIVE,
                 o.as_ptr(),
@@ -865,7 +902,7 @@ impl Image {
     pub fn is_lock_owner(&self) -> Result<bool> {
         let mut o: c_int = 0;
         // SAFETY: open image, valid out pointer.
-        let r = unsafe { ffi::rbd_is_exclusive_lock_owner(self.h, &mut o) };
+        let r = unsafe { api().rbd_is_exclusive_lock_owner(self.h, &mut o) };
         check(|| format!("lock state of RBD image {}", self.name), r)?;
         Ok(o != 0)
     }
@@ -875,6 +912,6 @@ impl Drop for Image {
     fn drop(&mut self) {
         // SAFETY: every request was waited on before its call returned, so nothing is in
         // flight; the handle is not used after.
-        unsafe { ffi::rbd_close(self.h) };
+        unsafe { api().rbd_close(self.h) };
     }
 }
