@@ -260,6 +260,21 @@ pub fn testvm_cache() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("/var/cache/qubes-ctl-testvm"))
 }
 
+/// A file's text in an ext4 image (debugfs, no mount), or None if it is not there.
+pub fn ext4_cat(image: &Path, path: &str) -> Option<String> {
+    let out = Command::new("debugfs")
+        .args(["-R", &format!("cat {path}")])
+        .arg(image)
+        .output()
+        .unwrap_or_else(|e| panic!("debugfs (e2fsprogs): {e}"));
+    let err = String::from_utf8_lossy(&out.stderr);
+    if err.contains("File not found") || !out.status.success() {
+        None
+    } else {
+        Some(String::from_utf8_lossy(&out.stdout).trim().to_string())
+    }
+}
+
 /// The repository's top directory.
 pub fn repo_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))

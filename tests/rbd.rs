@@ -2,12 +2,13 @@
 //! roots (two machines) on one Ceph pool and namespace share templates and qubes, a qube
 //! runs on one machine at a time (the refusal names the machine holding it), a SIGKILLed
 //! daemon restarted on its machine breaks its own stale lock and serves the qube on with
-//! its flushed writes, and a clone chain deeper than 5 is flattened in the background.
+//! its flushed writes, a clone chain deeper than 5 is flattened in the background, and
+//! a Debian qube whose root, private and volatile are RBD images boots under QEMU.
 
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use e2e_tests::{ceph_micro, pattern, wait_for, Ctl};
+use e2e_tests::{ceph_micro, debian_template_package, ext4_cat, pattern, wait_for, Ctl};
 use serde_json::Value;
 
 const MIB: usize = 1 << 20;
@@ -278,4 +279,62 @@ fn a_clone_chain_deeper_than_five_is_flattened_in_the_background() {
     a.ok(&["qube", "shutdown", "deep"]);
     assert_eq!(a.json(&["pool", "verify"])["clean"], true);
     eprintln!("flatten test took {:?}", t0.elapsed());
+}
+
+/// The shared Debian template imported into the cluster; `work` on it boots under QEMU
+/// from three RBD volumes served by the daemon over NBD (`qube run` autostarts it and
+/// waits for its agent); what the guest writes to /rw is in work:private after the
+/// shutdown, and its root was a layered clone of the template's.
+#[test]
+fn a_qube_boots_under_qemu_from_rbd_volumes() {
+    let t0 = Instant::now();
+    let ns = ceph_micro::fresh_namespace();
+    let a = rbd_root(&ns, "boot");
+    let pkg = debian_template_package();
+    let t = Instant::now();
+    a.ok(&["template", "import", pkg.to_str().unwrap(), "--name", "deb"]);
+    eprintln!("template import into RBD took {:?}", t.elapsed());
+    a.ok(&["qube", "create", "work", "--template", "deb"]);
+
+    let t = Instant::now();
+    let out = a.output(&[
+        "qube",
+        "run",
+        "work",
+        "--timeout",
+        "1200",
+        "--",
+        "sh",
+        "-c",
+        "echo from-rbd > /rw/marker && sync && cat /etc/hostname && findmnt -no SOURCE /",
+    ]);
+    eprintln!("qube run (boot from RBD) took {:?}", t.elapsed());
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        a.console("work")
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let mut lines = stdout.lines();
+    assert_eq!(lines.next(), Some("work"), "{stdout}");
+    assert!(
+        lines.next().is_some_and(|l| l.starts_with("/dev/vd")),
+        "the root is a virtio disk (the NBD export of the RBD clone): {stdout}"
+    );
+    // While it runs, the root is an RBD clone of the template's image.
+    let root = rbd_info(&ns, "work/root");
+    assert!(
+        root.get("parent").is_some(),
+        "work's root is not a layered clone: {root}"
+    );
+
+    a.ok(&["qube", "shutdown", "work"]);
+    assert_eq!(a.state("work"), "halted");
+    let img = a.root.join("private.img");
+    a.ok(&["volume", "export", "work:private", img.to_str().unwrap()]);
+    assert_eq!(ext4_cat(&img, "/marker").as_deref(), Some("from-rbd"));
+    assert_eq!(a.json(&["pool", "verify"])["clean"], true);
+    a.stop_daemon();
+    eprintln!("RBD boot test took {:?}", t0.elapsed());
 }

@@ -17,7 +17,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use e2e_tests::{apt_mirror, private_image, qubes_ctl_bin, wait_for, Ctl};
+use e2e_tests::{apt_mirror, ext4_cat, private_image, qubes_ctl_bin, wait_for, Ctl};
 use serde_json::Value;
 
 const BOOT_TIMEOUT: Duration = Duration::from_secs(600);
@@ -83,21 +83,6 @@ fn fingerprint(ctl: &Ctl, vol: &str) -> String {
 }
 
 /// Reads a file out of an ext4 image (exported volume) with debugfs; None if absent.
-fn ext4_cat(image: &Path, path: &str) -> Option<String> {
-    let out = Command::new("debugfs")
-        .args(["-R", &format!("cat {path}")])
-        .arg(image)
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    let err = String::from_utf8_lossy(&out.stderr).into_owned();
-    if err.contains("File not found") || !out.status.success() {
-        None
-    } else {
-        Some(text.trim().to_string())
-    }
-}
-
 fn export_to(ctl: &Ctl, vol: &str, path: &Path) {
     ctl.ok(&["volume", "export", vol, path.to_str().unwrap()]);
 }
