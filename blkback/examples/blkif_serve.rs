@@ -95,6 +95,7 @@ fn main() -> anyhow::Result<()> {
         size: device.size(),
         read_only: false,
         discard_granularity: if thin.is_some() { 64 << 10 } else { 4096 },
+        persistent: blkback::blkif::persistent::offered(),
     };
     let mut dev = BlkifDevice::new(xs.clone(), &paths.backend, info, conn)?;
     for p in dev.watch_paths() {

@@ -160,7 +160,11 @@ pub fn blkif(data: &[u8]) {
     let Ok(ring) = BackRing::attach(mem) else {
         return;
     };
-    let mut vbd = Vbd::new(ring, front.grants.clone(), dev, VbdParams::default());
+    // Bit 4 of the shape byte: the frontend keeps persistent grants (the default on
+    // Xen) or every transfer goes by grant copy.
+    let guest =
+        crate::blkif::persistent::PersistentGrants::new(front.grants.clone(), shape & 16 != 0);
+    let mut vbd = Vbd::new(ring, guest, dev, VbdParams::default());
     let mut ids = Vec::new();
     for chunk in rest.chunks_exact(REQUEST_SIZE) {
         if front.ring.free_slots() == 0 {

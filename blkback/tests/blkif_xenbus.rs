@@ -42,6 +42,7 @@ fn setup(read_only: bool) -> (Arc<MemStore>, Frontend, Dev, Arc<dyn BlockDevice>
         size: dev.size(),
         read_only,
         discard_granularity: 64 << 10,
+        persistent: true,
     };
     let mut d = BlkifDevice::new(xs.clone(), BE, info, conn).unwrap();
     for p in d.watch_paths() {
@@ -79,6 +80,7 @@ fn handshake_publishes_features_connects_and_serves() {
     let want = [
         ("state", "2"),
         ("feature-flush-cache", "1"),
+        ("feature-persistent", "1"),
         ("feature-discard", "1"),
         ("discard-granularity", "65536"),
         ("feature-max-indirect-segments", "256"),
@@ -96,6 +98,10 @@ fn handshake_publishes_features_connects_and_serves() {
     assert_eq!(node(&xs, &format!("{BE}/state")).as_deref(), Some("4"));
     assert_eq!(d.state(), State::Connected);
     assert_eq!(d.running().unwrap().params.event_channel, 17);
+    assert!(
+        d.running().unwrap().params.persistent,
+        "both ends offered it"
+    );
     // I/O over the ring the handshake mapped.
     let data: Vec<u8> = (0..4 * PAGE_SIZE).map(|i| (i % 251) as u8).collect();
     assert_eq!(front.write(64, &data), RSP_OKAY);
@@ -207,6 +213,7 @@ fn missing_toolstack_nodes_are_named() {
         size: MIB,
         read_only: false,
         discard_granularity: 4096,
+        persistent: true,
     };
     let e = BlkifDevice::new(xs, BE, info, TestConnector::for_frontend(&front, dev))
         .err()
@@ -250,6 +257,7 @@ fn add_device_writes_what_a_frontend_needs_and_the_handshake_runs_on_it() {
         size: MIB,
         read_only: false,
         discard_granularity: 4096,
+        persistent: true,
     };
     let conn = TestConnector::for_frontend(&front, dev);
     let mut d = BlkifDevice::new(xs.clone(), &paths.backend, info, conn).unwrap();
@@ -300,6 +308,7 @@ fn a_new_backend_takes_over_a_connected_ring_and_redoes_the_unanswered_requests(
         size: dev.size(),
         read_only: false,
         discard_granularity: 64 << 10,
+        persistent: true,
     };
     let conn = TestConnector::for_frontend(&front, dev.clone());
     let mut d2: Dev = BlkifDevice::new(xs.clone(), BE, info, conn).unwrap();
@@ -332,6 +341,7 @@ fn resuming_a_device_that_waited_for_its_frontend_finishes_the_handshake() {
         size: dev.size(),
         read_only: false,
         discard_granularity: 64 << 10,
+        persistent: true,
     };
     let conn = TestConnector::for_frontend(&front, dev.clone());
     let mut d2: Dev = BlkifDevice::new(xs.clone(), BE, info.clone(), conn).unwrap();

@@ -306,6 +306,7 @@ fn real_disks(chunk_size: u64, volumes: Vec<RealVolume>) -> Result<RealDisks> {
                 size: device.size(),
                 read_only,
                 discard_granularity: u32::try_from(chunk_size).unwrap_or(4096).max(4096),
+                persistent: blkback::blkif::persistent::offered(),
             },
             connector: blkback::blkif::xen::XenConnector {
                 gnttab: gnttab.clone(),
@@ -399,6 +400,7 @@ mod tests {
                     size: 1 << 20,
                     read_only: *v == "xvda",
                     discard_granularity: 65536,
+                    persistent: true,
                 },
                 connector: Probe {
                     xs: xs.clone(),

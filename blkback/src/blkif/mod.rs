@@ -5,7 +5,8 @@
 //!  guest blkfront ── xenstore handshake ──> xenbus (state machine, XenStore trait)
 //!        │ ring pages (mapped grants), event channel
 //!        └── requests ──> ring (BackRing) ──> abi (parse + validate, fuzzed)
-//!                          └──> vbd (grant copy <-> Arc<dyn storage::BlockDevice>)
+//!                          └──> vbd (grant copy or persistent grants
+//!                                    <-> Arc<dyn storage::BlockDevice>)
 //! ```
 //!
 //! Everything but `xen` is plain safe Rust over two small traits ([`vbd::GuestMemory`],
@@ -13,6 +14,7 @@
 //! Xen against the in-process frontend in [`testing`]. The `unsafe` lives in `xen-sys`.
 
 pub mod abi;
+pub mod persistent;
 pub mod ring;
 #[cfg(feature = "testing")]
 pub mod testing;

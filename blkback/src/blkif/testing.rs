@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use xen_sys::{GrantSeg, SharedMem, PAGE_SIZE};
 
 use super::abi::*;
+use super::persistent::{MappedPage, PersistentGrants};
 use super::ring::FrontRing;
 use super::vbd::{EventChannel, GuestMemory};
 use super::xenbus::{Connector, FrontendParams};
@@ -114,6 +115,18 @@ impl GuestMemory for Arc<FakeGrants> {
         }
         Ok(())
     }
+
+    fn map_page(&self, gref: u32) -> Result<MappedPage, String> {
+        let t = self.table.lock().unwrap();
+        let g = t.get(&gref).ok_or_else(|| format!("bad gref {gref}"))?;
+        if !g.writable {
+            return Err(format!("gref {gref} is read-only"));
+        }
+        Ok(MappedPage {
+            mem: g.mem.clone(),
+            base: g.page * PAGE_SIZE,
+        })
+    }
 }
 
 /// One direction of an event channel: a counter of kicks on a condvar.
@@ -167,6 +180,8 @@ pub struct Frontend {
     pub ring_refs: Vec<u32>,
     pub to_front: Arc<Kick>,
     pub to_back: Arc<Kick>,
+    /// Offer `feature-persistent` in [`Self::nodes`] (Linux's blkfront does).
+    pub persistent: bool,
     next_id: u64,
 }
 
@@ -197,6 +212,7 @@ impl Frontend {
             ring_refs,
             to_front: Arc::new(Kick::default()),
             to_back: Arc::new(Kick::default()),
+            persistent: true,
             next_id: 1,
         }
     }
@@ -222,6 +238,10 @@ impl Frontend {
                 event_channel.to_string(),
             ),
             (format!("{fe_path}/protocol"), "x86_64-abi".to_string()),
+            (
+                format!("{fe_path}/feature-persistent"),
+                u8::from(self.persistent).to_string(),
+            ),
         ];
         if self.ring_refs.len() == 1 {
             v.push((format!("{fe_path}/ring-ref"), self.ring_refs[0].to_string()));
@@ -363,7 +383,8 @@ impl Connector for TestConnector {
     fn connect(&mut self, fe: &FrontendParams) -> Result<TestRunning, String> {
         let mem = self.grants.map_ring(&fe.ring_refs)?;
         let ring = super::ring::BackRing::attach(mem).map_err(|e| e.to_string())?;
-        let mut vbd = super::Vbd::new(ring, self.grants.clone(), self.device.clone(), self.params);
+        let guest = PersistentGrants::new(self.grants.clone(), fe.persistent);
+        let mut vbd = super::Vbd::new(ring, guest, self.device.clone(), self.params);
         let chan = TestChannel {
             to_front: self.to_front.clone(),
             to_back: self.to_back.clone(),

@@ -9,10 +9,12 @@
 //! transfer into 128 KiB requests; in dom0 every syscall costs a trip through Xen). A
 //! run that fails is redone request by request, so each gets its own status.
 //!
-//! Data moves by grant copy (as QEMU's xen-block does), not by mapping the guest's
-//! pages: a copy is a snapshot, so the guest cannot change a write's data between our
-//! checks and the volume write, there is no map/unmap (and TLB shootdown) per request,
-//! and no mapping can leak if we die. The cost is one memcpy per request in Xen.
+//! Data moves through the device's own buffer, never straight between the guest's page
+//! and the volume: a copy is a snapshot, so the guest cannot change a write's data
+//! between our checks and the volume write. The copy is a grant copy (as QEMU's
+//! xen-block does: no map/unmap per request, one hypercall per run) or, when the
+//! frontend keeps persistent grants, a plain memcpy through pages mapped once per
+//! connection (`blkif::persistent`: no hypercall at all per request).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -22,6 +24,7 @@ use storage::BlockDevice;
 use xen_sys::GrantSeg;
 
 use super::abi::*;
+pub use super::persistent::MappedPage;
 use super::ring::{BackRing, RingError};
 
 /// The guest's granted pages, as the backend sees them.
@@ -30,6 +33,11 @@ pub trait GuestMemory: Send {
     fn copy_from_guest(&self, segs: &[GrantSeg], buf: &mut [u8]) -> Result<(), String>;
     /// Copies `buf` into the segments, in order.
     fn copy_to_guest(&self, segs: &[GrantSeg], buf: &[u8]) -> Result<(), String>;
+    /// Maps the granted page `gref` read-write for as long as the result lives (for
+    /// persistent grants); an error if the grant cannot be mapped so.
+    fn map_page(&self, gref: u32) -> Result<MappedPage, String> {
+        Err(format!("gref {gref}: this guest memory cannot map pages"))
+    }
 }
 
 /// The event channel to the frontend.
@@ -107,6 +115,11 @@ impl<G: GuestMemory> Vbd<G> {
             run_segs: Vec::new(),
             stats: VbdStats::default(),
         }
+    }
+
+    /// The guest's memory as this device moves data through it.
+    pub fn guest(&self) -> &G {
+        &self.guest
     }
 
     /// Serves every request on the ring; true if the frontend must be notified. An

@@ -12,6 +12,7 @@ use std::time::Duration;
 use storage::BlockDevice;
 use xen_sys::{EvtChn, GntTab, GrantSeg};
 
+use super::persistent::{MappedPage, PersistentGrants};
 use super::ring::BackRing;
 use super::vbd::{serve, EventChannel, GuestMemory, ServeError, Vbd, VbdParams};
 use super::xenbus::{Connector, FrontendParams, XenStore};
@@ -78,6 +79,16 @@ impl GuestMemory for XenGuest {
             .copy_to_guest(self.domid, segs, buf)
             .map_err(|e| e.to_string())
     }
+    fn map_page(&self, gref: u32) -> Result<MappedPage, String> {
+        let mem = self
+            .gnttab
+            .map_pages(u32::from(self.domid), &[gref])
+            .map_err(|e| format!("mapping gref {gref}: {e}"))?;
+        Ok(MappedPage {
+            mem: Arc::new(mem),
+            base: 0,
+        })
+    }
 }
 
 /// A bound interdomain event channel (its own evtchn handle, so `pending` is ours).
@@ -133,10 +144,13 @@ impl Connector for XenConnector {
         let ring = BackRing::attach(Arc::new(mem)).map_err(|e| e.to_string())?;
         let chan = XenChannel::bind(fe.domid, fe.event_channel)
             .map_err(|e| format!("binding event channel {}: {e}", fe.event_channel))?;
-        let guest = XenGuest {
-            gnttab: self.gnttab.clone(),
-            domid,
-        };
+        let guest = PersistentGrants::new(
+            XenGuest {
+                gnttab: self.gnttab.clone(),
+                domid,
+            },
+            fe.persistent,
+        );
         let mut vbd = Vbd::new(ring, guest, self.device.clone(), self.params);
         let stop = Arc::new(AtomicBool::new(false));
         let s = stop.clone();

@@ -214,6 +214,9 @@ pub struct FrontendParams {
     /// One grant per ring page, in page order (2^ring-page-order of them).
     pub ring_refs: Vec<u32>,
     pub event_channel: u32,
+    /// Both ends offered `feature-persistent`: the frontend keeps its data grants for
+    /// the connection, so the backend may map them once (see `blkif::persistent`).
+    pub persistent: bool,
 }
 
 /// Maps the ring and binds the event channel; the running connection is dropped (its
@@ -232,6 +235,8 @@ pub struct DeviceInfo {
     /// Discard frees whole pool chunks: advertise the chunk size so the guest's
     /// discards line up with them.
     pub discard_granularity: u32,
+    /// Offer `feature-persistent` (grants mapped once and kept; see `blkif::persistent`).
+    pub persistent: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -414,7 +419,10 @@ impl<X: XenStore, C: Connector> BlkifDevice<X, C> {
         let mut nodes: Vec<(String, String)> = [
             ("feature-flush-cache", "1".to_string()),
             ("feature-barrier", "0".to_string()),
-            ("feature-persistent", "0".to_string()),
+            (
+                "feature-persistent",
+                u8::from(self.info.persistent).to_string(),
+            ),
             (
                 "feature-max-indirect-segments",
                 MAX_INDIRECT_SEGMENTS.to_string(),
@@ -484,10 +492,13 @@ impl<X: XenStore, C: Connector> BlkifDevice<X, C> {
             }
             None => vec![num("ring-ref")?],
         };
+        let persistent =
+            self.info.persistent && read("feature-persistent")?.is_some_and(|v| v.trim() == "1");
         Ok(FrontendParams {
             domid: self.frontend_id,
             ring_refs,
             event_channel: num("event-channel")?,
+            persistent,
         })
     }
 

@@ -1,0 +1,179 @@
+//! Persistent grants (`feature-persistent` in blkif.h): a frontend that negotiates them
+//! keeps one pool of granted pages for the whole connection and bounces every transfer
+//! through it, so the backend can map each page once and afterwards move data with plain
+//! copies, instead of one grant-copy hypercall per request. In a dom0 every hypercall and
+//! syscall is a trip through Xen; for 4 KiB requests that trip is most of the cost.
+//!
+//! Data still moves by copy into (or out of) the device thread's own buffer, never by
+//! handing the volume a pointer into the guest's page: a write is checked and written
+//! from a snapshot the guest cannot change under us, as with grant copy.
+//!
+//! Only used when both ends offered it: a frontend that did not promise to keep its
+//! grants may end a grant and reuse the ref for another page, and a mapping kept past
+//! that would read the old page. The number of mapped pages is capped ([`MAX_MAPPED`],
+//! Linux blkback's default): a segment whose grant is not mapped when the cap is reached,
+//! or cannot be mapped (a bad or read-only grant), goes through the wrapped
+//! [`GuestMemory`]'s grant copy, which gives the same answer a non-persistent backend
+//! would. The mappings go away with the connection (the device thread's `Vbd`).
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use xen_sys::{GrantSeg, SharedMem, PAGE_SIZE};
+
+use super::vbd::GuestMemory;
+
+/// Mapped grants kept per device (Linux blkback's `max_persistent_grants` default).
+pub const MAX_MAPPED: usize = 1056;
+
+/// Whether backends offer persistent grants: yes unless `QUBES_BLKIF_PERSISTENT=0` (for
+/// comparing against grant copy, as `benches/blkif_xen` does).
+pub fn offered() -> bool {
+    std::env::var("QUBES_BLKIF_PERSISTENT").map_or(true, |v| v.trim() != "0")
+}
+
+/// One granted page mapped into the backend: the page at byte `base` of `mem`.
+#[derive(Clone)]
+pub struct MappedPage {
+    pub mem: Arc<SharedMem>,
+    pub base: usize,
+}
+
+/// Counters, for tests and `blkif` figures.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct PersistentStats {
+    /// Grants mapped (each once per connection).
+    pub mapped: u64,
+    /// Segments moved by plain copy through a kept mapping.
+    pub hits: u64,
+    /// Segments that went through grant copy (cap reached, or the grant would not map).
+    pub copied: u64,
+}
+
+/// A guest's memory with the grants it keeps mapped once (see the module doc).
+pub struct PersistentGrants<G: GuestMemory> {
+    guest: G,
+    enabled: bool,
+    limit: usize,
+    pages: RefCell<HashMap<u32, MappedPage>>,
+    stats: RefCell<PersistentStats>,
+}
+
+impl<G: GuestMemory> PersistentGrants<G> {
+    /// `enabled`: both ends offered `feature-persistent`. When false every segment goes
+    /// through `guest`'s grant copy and nothing is mapped.
+    pub fn new(guest: G, enabled: bool) -> Self {
+        Self::with_limit(guest, enabled, MAX_MAPPED)
+    }
+
+    pub fn with_limit(guest: G, enabled: bool, limit: usize) -> Self {
+        PersistentGrants {
+            guest,
+            enabled,
+            limit,
+            pages: RefCell::default(),
+            stats: RefCell::default(),
+        }
+    }
+
+    pub fn enabled(&self) -> bool {
+        self.enabled
+    }
+
+    pub fn stats(&self) -> PersistentStats {
+        *self.stats.borrow()
+    }
+
+    /// The kept mapping of `gref`, mapping it now if there is room.
+    fn page(&self, gref: u32) -> Option<MappedPage> {
+        if let Some(p) = self.pages.borrow().get(&gref) {
+            return Some(p.clone());
+        }
+        if self.pages.borrow().len() >= self.limit {
+            return None;
+        }
+        let p = self.guest.map_page(gref).ok()?;
+        self.pages.borrow_mut().insert(gref, p.clone());
+        self.stats.borrow_mut().mapped += 1;
+        Some(p)
+    }
+
+    /// Walks `segs` over a buffer of `len` bytes: each segment with its byte range in
+    /// the buffer and its kept mapping, if any. Checks the segments first, so that no
+    /// copy through a mapping can leave its page or the buffer.
+    fn plan(&self, segs: &[GrantSeg], len: usize) -> Result<Vec<Option<MappedPage>>, String> {
+        let mut total = 0usize;
+        for s in segs {
+            if s.len == 0 || s.offset as usize + s.len as usize > PAGE_SIZE {
+                return Err(format!(
+                    "segment {}+{} crosses its page (gref {})",
+                    s.offset, s.len, s.gref
+                ));
+            }
+            total += s.len as usize;
+        }
+        if total != len {
+            return Err(format!(
+                "segments cover {total} bytes, the buffer {len} bytes"
+            ));
+        }
+        Ok(segs.iter().map(|s| self.page(s.gref)).collect())
+    }
+
+    fn count(&self, hits: usize, copied: usize) {
+        let mut st = self.stats.borrow_mut();
+        st.hits += hits as u64;
+        st.copied += copied as u64;
+    }
+}
+
+impl<G: GuestMemory> GuestMemory for PersistentGrants<G> {
+    fn copy_from_guest(&self, segs: &[GrantSeg], buf: &mut [u8]) -> Result<(), String> {
+        if !self.enabled {
+            return self.guest.copy_from_guest(segs, buf);
+        }
+        let pages = self.plan(segs, buf.len())?;
+        let copied = pages.iter().filter(|p| p.is_none()).count();
+        self.count(segs.len() - copied, copied);
+        if copied == segs.len() {
+            return self.guest.copy_from_guest(segs, buf);
+        }
+        let mut pos = 0;
+        for (s, page) in segs.iter().zip(pages) {
+            let end = pos + s.len as usize;
+            match page {
+                Some(p) => p.mem.read(p.base + s.offset as usize, &mut buf[pos..end]),
+                None => self.guest.copy_from_guest(&[*s], &mut buf[pos..end])?,
+            }
+            pos = end;
+        }
+        Ok(())
+    }
+
+    fn copy_to_guest(&self, segs: &[GrantSeg], buf: &[u8]) -> Result<(), String> {
+        if !self.enabled {
+            return self.guest.copy_to_guest(segs, buf);
+        }
+        let pages = self.plan(segs, buf.len())?;
+        let copied = pages.iter().filter(|p| p.is_none()).count();
+        self.count(segs.len() - copied, copied);
+        if copied == segs.len() {
+            return self.guest.copy_to_guest(segs, buf);
+        }
+        let mut pos = 0;
+        for (s, page) in segs.iter().zip(pages) {
+            let end = pos + s.len as usize;
+            match page {
+                Some(p) => p.mem.write(p.base + s.offset as usize, &buf[pos..end]),
+                None => self.guest.copy_to_guest(&[*s], &buf[pos..end])?,
+            }
+            pos = end;
+        }
+        Ok(())
+    }
+
+    fn map_page(&self, gref: u32) -> Result<MappedPage, String> {
+        self.guest.map_page(gref)
+    }
+}
