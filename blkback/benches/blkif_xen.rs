@@ -1,6 +1,7 @@
 //! The Xen disk paths side by side, on real Xen: `scripts/testvm.sh --xen` boots Xen 4.17
 //! with a Debian dom0 under QEMU TCG and runs `benches/xen/blkif_bench.sh` there, which
-//! attaches four disks (our userspace blkif backend on a thin volume and on a raw file,
+//! attaches four disks (our userspace blkif backend on a thin volume with persistent
+//! grants and on a second one with grant copy only,
 //! the kernel's xen-blkback on a loop device over a raw file, the daemon's NBD export
 //! through the kernel NBD client and xen-blkback) first to dom0 itself (dd rows and fio
 //! random rows), then to a PV domU that runs fio (the real case: the frontend on its

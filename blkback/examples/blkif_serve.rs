@@ -42,6 +42,7 @@ fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
         .with_writer(std::io::stderr)
+        .with_ansi(false)
         .init();
     let args: Vec<String> = std::env::args().skip(1).collect();
     if args.len() < 2 {

@@ -162,6 +162,18 @@ impl Connector for XenConnector {
                 if let Err(e) = &r {
                     tracing::warn!("blkif device closed: {e}");
                 }
+                let g = vbd.guest();
+                let p = g.stats();
+                tracing::info!(
+                    persistent = g.enabled(),
+                    requests = vbd.stats.requests,
+                    merged = vbd.stats.merged,
+                    errors = vbd.stats.errors,
+                    grants_mapped = p.mapped,
+                    segments_by_memcpy = p.hits,
+                    segments_by_grant_copy = p.copied,
+                    "blkif device thread done"
+                );
                 r
             })
             .map_err(|e| format!("starting the device thread: {e}"))?;
