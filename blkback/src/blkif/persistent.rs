@@ -128,6 +128,25 @@ impl<G: GuestMemory> PersistentGrants<G> {
     }
 }
 
+/// The segments without a kept mapping, and where each one's bytes sit in the buffer.
+fn unmapped(
+    segs: &[GrantSeg],
+    pages: &[Option<MappedPage>],
+) -> (Vec<GrantSeg>, Vec<std::ops::Range<usize>>) {
+    let mut rest = Vec::new();
+    let mut places = Vec::new();
+    let mut pos = 0;
+    for (s, page) in segs.iter().zip(pages) {
+        let end = pos + s.len as usize;
+        if page.is_none() {
+            rest.push(*s);
+            places.push(pos..end);
+        }
+        pos = end;
+    }
+    (rest, places)
+}
+
 impl<G: GuestMemory> GuestMemory for PersistentGrants<G> {
     fn copy_from_guest(&self, segs: &[GrantSeg], buf: &mut [u8]) -> Result<(), String> {
         if !self.enabled {
@@ -139,12 +158,24 @@ impl<G: GuestMemory> GuestMemory for PersistentGrants<G> {
         if copied == segs.len() {
             return self.guest.copy_from_guest(segs, buf);
         }
+        // The unmapped segments go in one grant copy (one hypercall), through a scratch
+        // buffer scattered afterwards.
+        let (rest, places) = unmapped(segs, &pages);
+        if !rest.is_empty() {
+            let mut scratch = vec![0u8; places.iter().map(|r| r.len()).sum()];
+            self.guest.copy_from_guest(&rest, &mut scratch)?;
+            let mut at = 0;
+            for r in places {
+                let n = r.len();
+                buf[r].copy_from_slice(&scratch[at..at + n]);
+                at += n;
+            }
+        }
         let mut pos = 0;
         for (s, page) in segs.iter().zip(pages) {
             let end = pos + s.len as usize;
-            match page {
-                Some(p) => p.mem.read(p.base + s.offset as usize, &mut buf[pos..end]),
-                None => self.guest.copy_from_guest(&[*s], &mut buf[pos..end])?,
+            if let Some(p) = page {
+                p.mem.read(p.base + s.offset as usize, &mut buf[pos..end]);
             }
             pos = end;
         }
@@ -161,12 +192,16 @@ impl<G: GuestMemory> GuestMemory for PersistentGrants<G> {
         if copied == segs.len() {
             return self.guest.copy_to_guest(segs, buf);
         }
+        let (rest, places) = unmapped(segs, &pages);
+        if !rest.is_empty() {
+            let scratch: Vec<u8> = places.into_iter().flat_map(|r| &buf[r]).copied().collect();
+            self.guest.copy_to_guest(&rest, &scratch)?;
+        }
         let mut pos = 0;
         for (s, page) in segs.iter().zip(pages) {
             let end = pos + s.len as usize;
-            match page {
-                Some(p) => p.mem.write(p.base + s.offset as usize, &buf[pos..end]),
-                None => self.guest.copy_to_guest(&[*s], &buf[pos..end])?,
+            if let Some(p) = page {
+                p.mem.write(p.base + s.offset as usize, &buf[pos..end]);
             }
             pos = end;
         }
