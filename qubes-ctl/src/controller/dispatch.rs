@@ -3,7 +3,7 @@
 use std::fs;
 use std::path::Path;
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{anyhow, Result};
 use serde_json::{json, Value};
 
 use super::Controller;
@@ -72,19 +72,7 @@ impl Controller {
             })
         };
         match req {
-            Request::Ping => {
-                let mut v = json!({
-                    "pong": true,
-                    "protocol": crate::api::PROTOCOL,
-                    "pid": std::process::id(),
-                    "build": crate::api::build_id(),
-                    "served": self.served().len(),
-                });
-                if self.in_daemon {
-                    v["stats"] = self.serving_stats();
-                }
-                Ok(v)
-            }
+            Request::Ping => Ok(self.ping()),
             Request::PoolInfo => self.pool_info(),
             Request::PoolVerify => {
                 let report = self.pool().verify()?;
@@ -151,31 +139,13 @@ impl Controller {
                 qube,
                 vol,
                 revision,
-            } => {
-                self.refuse_if_served(&qube, "revert a volume of")?;
-                {
-                    let _txn = self.txn();
-                    self.vols.revert(&qube, &vol, revision.as_deref())?;
-                }
-                self.volume_info(&qube, &vol)
-            }
+            } => self.volume_revert(&qube, &vol, revision.as_deref()),
             Request::VolumeResize {
                 qube,
                 vol,
                 size,
                 allow_shrink,
-            } => {
-                // A running qube's client would get EINVAL past the new end, and what it
-                // flushed there would be lost.
-                if size < self.vols.volume_status(&qube, &vol)?.size {
-                    self.refuse_if_served(&qube, "shrink a volume of")?;
-                }
-                {
-                    let _txn = self.txn();
-                    self.vols.resize(&qube, &vol, size, allow_shrink)?;
-                }
-                self.volume_info(&qube, &vol)
-            }
+            } => self.volume_resize(&qube, &vol, size, allow_shrink),
             Request::VolumeImport {
                 qube,
                 vol,
@@ -190,45 +160,16 @@ impl Controller {
                 vol,
                 file: path,
             } => {
-                let mut out = file(&path)?;
-                let n = self.vols.export(&qube, &vol, &mut out)?;
-                // Only a regular file has anything to sync (/dev/null, a FIFO: EINVAL).
-                if out.metadata().is_ok_and(|m| m.is_file()) {
-                    out.sync_all()
-                        .with_context(|| format!("syncing {}", path.display()))?;
-                }
-                Ok(json!({"volume": format!("{qube}:{vol}"), "file": path, "bytes": n}))
+                let out = file(&path)?;
+                self.volume_export(&qube, &vol, &path, out)
             }
             Request::VolumeConfig {
                 qube,
                 vol,
                 key,
                 value,
-            } => {
-                match key.as_str() {
-                    "revisions_to_keep" => {
-                        let n: u32 = value
-                            .parse()
-                            .map_err(|_| anyhow!("revisions_to_keep must be a whole number (0 keeps none), not {value:?}"))?;
-                        let _txn = self.txn();
-                        self.vols.set_revisions_to_keep(&qube, &vol, n)?;
-                    }
-                    other => bail!(
-                        "volume property {other:?} cannot be set; settable: revisions_to_keep"
-                    ),
-                }
-                self.volume_info(&qube, &vol)
-            }
-            Request::VolumeDiscard { qube, vol } => {
-                // The running snapshot is what the qube's client sees; dropping it under
-                // a running qube leaves that qube unservable.
-                self.refuse_if_served(&qube, "discard the writes of")?;
-                {
-                    let _txn = self.txn();
-                    self.vols.discard(&qube, &vol)?;
-                }
-                self.volume_info(&qube, &vol)
-            }
+            } => self.volume_config(&qube, &vol, &key, &value),
+            Request::VolumeDiscard { qube, vol } => self.volume_discard(&qube, &vol),
             Request::DaemonStop => Ok(json!({"stopping": true})),
         }
     }

@@ -3,7 +3,7 @@
 //! detach at exit).
 
 use std::fs;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
@@ -39,149 +39,61 @@ impl Controller {
         r
     }
 
+    /// A qube's start, step by step: checks, its netvm, its volumes (the volume model's
+    /// start, with the runtime record in the same commit), their NBD exports, then its
+    /// domain. From the volumes on, a step that fails undoes the ones before it
+    /// ([`StartUndo`]).
     pub(super) fn start_qube(&self, name: &str, hypervisor: Option<String>) -> Result<Value> {
         let q = self.vols.qube(name)?;
-        if self.is_served(name) {
-            bail!("{name} is already running");
-        }
-        if self.vols.is_running(name)? && !self.in_daemon {
-            bail!("{name} is marked running; start the daemon (`qubes-ctl daemon`) to pick it up");
-        }
-        let free = fs_free_bytes(&self.paths.pool_dir())?;
-        if free < HOST_FREE_START_MARGIN {
-            bail!(
-                "cannot start {name}: the filesystem holding the pool ({}) has only {} free, less than the {} safety margin; \
-                 its guest would get write errors. Free space there (remove files, or qubes/revisions with \
-                 `qubes-ctl qube remove` / `qubes-ctl volume config Q:private revisions_to_keep 0`), then start it again",
-                self.paths.pool_dir().display(),
-                crate::units::human_size(free),
-                crate::units::human_size(HOST_FREE_START_MARGIN)
-            );
-        }
+        self.check_startable(name)?;
         let prefs = self.catalogue().prefs(name)?;
         let hv_name = hypervisor
             .or_else(|| Some(prefs.hypervisor.clone()).filter(|s| !s.is_empty()))
             .unwrap_or_else(|| hypervisor::default_hypervisor().name().to_string());
         let hv = hypervisor::by_name(&hv_name)?;
-        let run_dir = self.paths.qube_run_dir(name);
-        {
-            use std::os::unix::fs::DirBuilderExt;
-            // The qube's sockets and logs: ours alone, whatever the umask.
-            fs::DirBuilder::new()
-                .recursive(true)
-                .mode(0o700)
-                .create(&run_dir)
-                .with_context(|| format!("creating {}", run_dir.display()))?;
-        }
-        // As in Qubes, a qube's netvm is started first (with the same hypervisor).
-        if let (Some(n), true) = (&prefs.netvm, hv_name != "none") {
-            self.check_network_prefs(name, &prefs)?;
-            {
-                let _netvm = self.lock_qubes(&[n]);
-                if !self.vols.is_running(n)? {
-                    self.qube_start(n, Some(hv_name.clone()))
-                        .with_context(|| format!("starting {name}'s netvm {n}"))?;
-                }
-            }
-            let nhv = self.served_hypervisor(n).unwrap_or_default();
-            if nhv != hv_name {
-                bail!("{name}'s netvm {n} runs on {nhv:?}, not {hv_name}: both must use the same hypervisor");
-            }
-        }
+        let run_dir = self.make_run_dir(name)?;
+        self.start_netvm(name, &prefs, &hv_name)?;
 
-        let (started, qemu_user) = {
-            let _txn = self.txn();
-            // Under the catalogue lock, so two qubes starting at once get distinct ids.
-            // Only root can hand QEMU another uid; a user's own qubes run as that user.
-            let qemu_uid = match hv_name.as_str() {
-                "qemu" if rustix::process::geteuid().is_root() => Some(self.free_qemu_uid()?),
-                _ => None,
-            };
-            self.catalogue().set_runtime(
-                name,
-                Some(&RuntimeRecord {
-                    hypervisor: hv_name.clone(),
-                    started_at: now_secs(),
-                    qemu_uid,
-                }),
-            )?;
-            match self.vols.start(name) {
-                Ok(s) => (
-                    s,
-                    qemu_uid.map(|id| hypervisor::DomainUser { uid: id, gid: id }),
-                ),
-                Err(e) => {
-                    self.catalogue().set_runtime(name, None)?;
-                    return Err(e.into());
-                }
-            }
+        let (started, qemu_user) = self.start_volumes(name, &hv_name)?;
+        let mut undo = StartUndo {
+            ctl: self,
+            name,
+            server: None,
+            netvm_link: None,
+            armed: true,
         };
         if let Some(u) = qemu_user {
-            if let Err(e) = self.open_run_dir_to(name, &run_dir, &prefs) {
-                let _txn = self.txn();
-                let _ = self.catalogue().set_runtime(name, None);
-                let _ = self.vols.stop(name);
-                return Err(e);
-            }
+            self.open_run_dir_to(name, &run_dir, &prefs)?;
             tracing::debug!(qube = %name, uid = u.uid, "qemu user");
         }
-        let served = match self
-            .serve(name, &started)
-            .and_then(|s| give_socket(s.path(), qemu_user).map(|()| s))
-        {
-            Ok(s) => s,
-            Err(e) => {
-                let _txn = self.txn();
-                let _ = self.catalogue().set_runtime(name, None);
-                let _ = self.vols.stop(name);
-                return Err(e);
-            }
+        let socket = {
+            let server = self.serve(name, &started)?;
+            let socket = server.path().to_path_buf();
+            undo.server = Some(server);
+            give_socket(&socket, qemu_user)?;
+            socket
         };
-        let socket = served.path().to_path_buf();
+
         let mut xen_disks = None;
         if hv_name != "none" {
-            let undo = |ctl: &Self, served: blkback::NbdServer| {
-                let _ = served.shutdown(Duration::from_secs(1));
-                let _txn = ctl.txn();
-                let _ = ctl.catalogue().set_runtime(name, None);
-                let _ = ctl.vols.stop(name);
+            let spec = self.domain_spec(&q, &prefs, &started, &socket, &run_dir)?;
+            let spec = hypervisor::DomainSpec {
+                user: qemu_user,
+                ..spec
             };
-            let spec = self
-                .domain_spec(&q, &prefs, &started, &socket, &run_dir)
-                .map(|spec| hypervisor::DomainSpec {
-                    user: qemu_user,
-                    ..spec
-                })
-                .and_then(|spec| self.wire_network(name, &prefs, hv.as_ref(), spec));
-            let mut spec = match spec {
-                Ok(s) => s,
-                Err(e) => {
-                    undo(self, served);
-                    return Err(e);
-                }
-            };
+            let mut spec = self.wire_network(name, &prefs, hv.as_ref(), spec)?;
             if hv_name == "xen" {
                 spec.cmdline = xen_cmdline(&spec.cmdline);
             }
-            let started_hv = hv
-                .start(&spec)
-                .map_err(|e| anyhow!(e).context(format!("starting {name} on {hv_name}")))
-                .and_then(|()| self.xen_blkif_disks(name, &hv_name, &spec, &started));
-            match started_hv {
-                Ok(d) => xen_disks = d,
-                Err(e) => {
-                    if let Some(n) = &prefs.netvm {
-                        let _ = hv.detach_client(n, &self.paths.qube_run_dir(n), name);
-                    }
-                    undo(self, served);
-                    return Err(e);
-                }
-            }
+            undo.netvm_link = prefs.netvm.as_deref().map(|n| (hv.as_ref(), n));
+            hv.start(&spec)
+                .map_err(|e| anyhow!(e).context(format!("starting {name} on {hv_name}")))?;
+            xen_disks = self.xen_blkif_disks(name, &hv_name, &spec, &started)?;
         }
         self.served().insert(
             name.to_string(),
             Served {
-                server: served,
+                server: undo.done(),
                 hypervisor: hv_name.clone(),
                 xen_disks,
             },
@@ -206,6 +118,95 @@ impl Controller {
             "console": hv.console_log(&run_dir),
             "volumes": vols,
         }))
+    }
+
+    /// What must hold before a start changes anything: not served yet (nor marked
+    /// running, outside the daemon), and room on the host filesystem.
+    fn check_startable(&self, name: &str) -> Result<()> {
+        if self.is_served(name) {
+            bail!("{name} is already running");
+        }
+        if self.vols.is_running(name)? && !self.in_daemon {
+            bail!("{name} is marked running; start the daemon (`qubes-ctl daemon`) to pick it up");
+        }
+        let free = fs_free_bytes(&self.paths.pool_dir())?;
+        if free < HOST_FREE_START_MARGIN {
+            bail!(
+                "cannot start {name}: the filesystem holding the pool ({}) has only {} free, less than the {} safety margin; \
+                 its guest would get write errors. Free space there (remove files, or qubes/revisions with \
+                 `qubes-ctl qube remove` / `qubes-ctl volume config Q:private revisions_to_keep 0`), then start it again",
+                self.paths.pool_dir().display(),
+                crate::units::human_size(free),
+                crate::units::human_size(HOST_FREE_START_MARGIN)
+            );
+        }
+        Ok(())
+    }
+
+    /// The qube's sockets and logs: ours alone, whatever the umask.
+    fn make_run_dir(&self, name: &str) -> Result<PathBuf> {
+        use std::os::unix::fs::DirBuilderExt;
+        let run_dir = self.paths.qube_run_dir(name);
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&run_dir)
+            .with_context(|| format!("creating {}", run_dir.display()))?;
+        Ok(run_dir)
+    }
+
+    /// As in Qubes, a qube's netvm is started first (with the same hypervisor).
+    fn start_netvm(&self, name: &str, prefs: &QubePrefs, hv_name: &str) -> Result<()> {
+        let (Some(n), true) = (&prefs.netvm, hv_name != "none") else {
+            return Ok(());
+        };
+        self.check_network_prefs(name, prefs)?;
+        {
+            let _netvm = self.lock_qubes(&[n]);
+            if !self.vols.is_running(n)? {
+                self.qube_start(n, Some(hv_name.to_string()))
+                    .with_context(|| format!("starting {name}'s netvm {n}"))?;
+            }
+        }
+        let nhv = self.served_hypervisor(n).unwrap_or_default();
+        if nhv != hv_name {
+            bail!("{name}'s netvm {n} runs on {nhv:?}, not {hv_name}: both must use the same hypervisor");
+        }
+        Ok(())
+    }
+
+    /// The volume model's start, committed with the qube's runtime record (its
+    /// hypervisor and QEMU user); nothing is left staged if it fails.
+    fn start_volumes(
+        &self,
+        name: &str,
+        hv_name: &str,
+    ) -> Result<(Vec<StartedVolume>, Option<hypervisor::DomainUser>)> {
+        let _txn = self.txn();
+        // Under the catalogue lock, so two qubes starting at once get distinct ids.
+        // Only root can hand QEMU another uid; a user's own qubes run as that user.
+        let qemu_uid = match hv_name {
+            "qemu" if rustix::process::geteuid().is_root() => Some(self.free_qemu_uid()?),
+            _ => None,
+        };
+        self.catalogue().set_runtime(
+            name,
+            Some(&RuntimeRecord {
+                hypervisor: hv_name.to_string(),
+                started_at: now_secs(),
+                qemu_uid,
+            }),
+        )?;
+        match self.vols.start(name) {
+            Ok(s) => Ok((
+                s,
+                qemu_uid.map(|id| hypervisor::DomainUser { uid: id, gid: id }),
+            )),
+            Err(e) => {
+                self.catalogue().set_runtime(name, None)?;
+                Err(e.into())
+            }
+        }
     }
 
     /// The lowest QEMU uid no running qube holds (see [`QEMU_UID_BASE`]). The caller
@@ -538,3 +539,42 @@ pub const QEMU_UID_BASE: u32 = 0x7000_0000;
 
 /// How many qubes may run under QEMU at once.
 const QEMU_UIDS: u32 = 1 << 16;
+
+/// Undoes a start whose volumes started, unless [`StartUndo::done`]: unplugs the link
+/// from the netvm (once the domain was being made), closes the exports, and stops the
+/// volumes with the runtime record in one commit.
+struct StartUndo<'a> {
+    ctl: &'a Controller,
+    name: &'a str,
+    server: Option<blkback::NbdServer>,
+    netvm_link: Option<(&'a dyn hypervisor::Hypervisor, &'a str)>,
+    armed: bool,
+}
+
+impl StartUndo<'_> {
+    /// The start went through: nothing to undo; the exports are the caller's.
+    fn done(mut self) -> blkback::NbdServer {
+        self.armed = false;
+        self.server
+            .take()
+            .expect("a start is done only once its exports are up")
+    }
+}
+
+impl Drop for StartUndo<'_> {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        let ctl = self.ctl;
+        if let Some((hv, n)) = self.netvm_link {
+            let _ = hv.detach_client(n, &ctl.paths.qube_run_dir(n), self.name);
+        }
+        if let Some(s) = self.server.take() {
+            let _ = s.shutdown(Duration::from_secs(1));
+        }
+        let _txn = ctl.txn();
+        let _ = ctl.catalogue().set_runtime(self.name, None);
+        let _ = ctl.vols.stop(self.name);
+    }
+}

@@ -5,6 +5,22 @@ use serde_json::{json, Value};
 use super::Controller;
 
 impl Controller {
+    /// The ping reply: who answers (protocol, pid, build) and, from the daemon, what it
+    /// serves.
+    pub(crate) fn ping(&self) -> Value {
+        let mut v = json!({
+            "pong": true,
+            "protocol": crate::api::PROTOCOL,
+            "pid": std::process::id(),
+            "build": crate::api::build_id(),
+            "served": self.served().len(),
+        });
+        if self.in_daemon {
+            v["stats"] = self.serving_stats();
+        }
+        v
+    }
+
     /// Figures for the ping reply: NBD connections open and requests served over all
     /// running qubes, and the pool's usage (left out if the pool cannot say).
     pub(crate) fn serving_stats(&self) -> Value {

@@ -1,10 +1,10 @@
-//! Volumes: list, info and import (revert, resize, config and discard are one call into
-//! the volume model each, in the dispatch).
+//! Volumes: list, info, import, export, revert, resize, config and discard, each one
+//! call into the volume model (`storage::qubes`), which checks and undoes its steps.
 
 use std::fs;
 use std::path::Path;
 
-use anyhow::Result;
+use anyhow::{anyhow, bail, Context, Result};
 use serde_json::{json, Value};
 use storage::qubes::QubeVolumes;
 
@@ -134,5 +134,89 @@ impl Controller {
         let mut v = self.volume_info(qube, vol)?;
         v["import"] = serde_json::to_value(stats)?;
         Ok(v)
+    }
+
+    pub(super) fn volume_revert(
+        &self,
+        qube: &str,
+        vol: &str,
+        revision: Option<&str>,
+    ) -> Result<Value> {
+        self.refuse_if_served(qube, "revert a volume of")?;
+        {
+            let _txn = self.txn();
+            self.vols.revert(qube, vol, revision)?;
+        }
+        self.volume_info(qube, vol)
+    }
+
+    pub(super) fn volume_resize(
+        &self,
+        qube: &str,
+        vol: &str,
+        size: u64,
+        allow_shrink: bool,
+    ) -> Result<Value> {
+        // A running qube's client would get EINVAL past the new end, and what it
+        // flushed there would be lost.
+        if size < self.vols.volume_status(qube, vol)?.size {
+            self.refuse_if_served(qube, "shrink a volume of")?;
+        }
+        {
+            let _txn = self.txn();
+            self.vols.resize(qube, vol, size, allow_shrink)?;
+        }
+        self.volume_info(qube, vol)
+    }
+
+    pub(super) fn volume_export(
+        &self,
+        qube: &str,
+        vol: &str,
+        path: &Path,
+        mut out: fs::File,
+    ) -> Result<Value> {
+        let n = self.vols.export(qube, vol, &mut out)?;
+        // Only a regular file has anything to sync (/dev/null, a FIFO: EINVAL).
+        if out.metadata().is_ok_and(|m| m.is_file()) {
+            out.sync_all()
+                .with_context(|| format!("syncing {}", path.display()))?;
+        }
+        Ok(json!({"volume": format!("{qube}:{vol}"), "file": path, "bytes": n}))
+    }
+
+    pub(super) fn volume_config(
+        &self,
+        qube: &str,
+        vol: &str,
+        key: &str,
+        value: &str,
+    ) -> Result<Value> {
+        match key {
+            "revisions_to_keep" => {
+                let n: u32 = value.parse().map_err(|_| {
+                    anyhow!(
+                        "revisions_to_keep must be a whole number (0 keeps none), not {value:?}"
+                    )
+                })?;
+                let _txn = self.txn();
+                self.vols.set_revisions_to_keep(qube, vol, n)?;
+            }
+            other => {
+                bail!("volume property {other:?} cannot be set; settable: revisions_to_keep")
+            }
+        }
+        self.volume_info(qube, vol)
+    }
+
+    pub(super) fn volume_discard(&self, qube: &str, vol: &str) -> Result<Value> {
+        // The running snapshot is what the qube's client sees; dropping it under a
+        // running qube leaves that qube unservable.
+        self.refuse_if_served(qube, "discard the writes of")?;
+        {
+            let _txn = self.txn();
+            self.vols.discard(qube, vol)?;
+        }
+        self.volume_info(qube, vol)
     }
 }
