@@ -162,6 +162,14 @@ pub fn validate_qube_name(what: &'static str, name: &str) -> Result<()> {
     Ok(())
 }
 
+/// `(key, value)` pairs as the volume model takes them.
+fn as_strs(records: &[(String, String)]) -> Vec<(&str, &str)> {
+    records
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect()
+}
+
 /// Splits `QUBE:VOL`.
 pub fn parse_volume_ref(s: &str) -> Result<(String, String)> {
     let (q, v) = s
@@ -232,11 +240,20 @@ impl Controller {
         Ok(())
     }
 
-    /// Stages the marker of an object being made (committed with its first commit).
-    fn mark_creating(&self, name: &str, what: &str) -> Result<()> {
-        self.pool()
-            .set_meta(&format!("{CREATING}{name}"), Some(what))?;
-        Ok(())
+    /// The records a new qube's creation commits with its volumes: its creation marker
+    /// (`what` is being made) and its catalogue records.
+    fn creation_records(
+        name: &str,
+        what: &str,
+        prefs: &crate::catalogue::QubePrefs,
+        template: Option<&crate::catalogue::TemplateRecord>,
+    ) -> Vec<(String, String)> {
+        let mut r = vec![
+            (format!("{CREATING}{name}"), what.to_string()),
+            crate::catalogue::prefs_entry(name, prefs),
+        ];
+        r.extend(template.map(|t| crate::catalogue::template_entry(name, t)));
+        r
     }
 
     /// Clears the marker and commits: the object is complete.

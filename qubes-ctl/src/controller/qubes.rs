@@ -7,7 +7,7 @@ use anyhow::{anyhow, bail, Result};
 use serde_json::{json, Value};
 use storage::qubes::QubeClass;
 
-use super::{class_name, copy_atomic, validate_qube_name, Controller, CREATING};
+use super::{as_strs, class_name, copy_atomic, validate_qube_name, Controller};
 use crate::catalogue::QubePrefs;
 
 impl Controller {
@@ -36,13 +36,9 @@ impl Controller {
                 prefs.virt_mode = tp.virt_mode.clone();
             }
         }
-        self.mark_creating(name, "qube")?;
-        self.catalogue().set_prefs(name, Some(&prefs))?;
-        if let Err(e) = self.vols.create_qube(name, class, template) {
-            self.catalogue().set_prefs(name, None)?;
-            self.pool().set_meta(&format!("{CREATING}{name}"), None)?;
-            return Err(e.into());
-        }
+        let records = Self::creation_records(name, "qube", &prefs, None);
+        self.vols
+            .create_qube_with(name, class, template, &as_strs(&records))?;
         if class == QubeClass::StandaloneVM {
             // A standalone qube keeps its own copy of the kernel it was created with.
             if let Some(t) = template {
@@ -171,15 +167,8 @@ impl Controller {
         // Addresses are per qube: the clone gets its own at its first start.
         prefs.ip = None;
         let rec = self.catalogue().template(src)?;
-        self.mark_creating(dst, "clone")?;
-        self.catalogue().set_prefs(dst, Some(&prefs))?;
-        self.catalogue().set_template(dst, rec.as_ref())?;
-        if let Err(e) = self.vols.clone_qube(src, dst) {
-            self.catalogue().set_prefs(dst, None)?;
-            self.catalogue().set_template(dst, None)?;
-            self.pool().set_meta(&format!("{CREATING}{dst}"), None)?;
-            return Err(e.into());
-        }
+        let records = Self::creation_records(dst, "clone", &prefs, rec.as_ref());
+        self.vols.clone_qube_with(src, dst, &as_strs(&records))?;
         let k = self.paths.kernels_dir(src);
         if k.exists() {
             let d = self.paths.kernels_dir(dst);

@@ -10,7 +10,7 @@ use serde_json::{json, Value};
 use storage::qubes::{QubeClass, QubeVolumes};
 
 use super::volumes::{image_size, ExactReader};
-use super::{class_name, copy_atomic, validate_qube_name, Controller, CREATING, DEFAULT_CMDLINE};
+use super::{as_strs, class_name, copy_atomic, validate_qube_name, Controller, DEFAULT_CMDLINE};
 use crate::catalogue::{QubePrefs, TemplateRecord};
 
 /// Where a template's root image comes from: an image or a verified package's chunk
@@ -114,9 +114,11 @@ impl Controller {
             }
             rec.has_kernel = true;
         }
-        if !exists {
-            let _txn = self.txn();
-            self.mark_creating(name, "template")?;
+        // A new template is made first (its creation marker and preferences committed
+        // with it); the volume model removes it again unless the import completes.
+        let pending = if exists {
+            None
+        } else {
             let mut prefs = QubePrefs {
                 label: crate::catalogue::Label::Black,
                 ..Default::default()
@@ -125,13 +127,13 @@ impl Controller {
                 prefs.kernel = "none".into();
                 prefs.virt_mode = "hvm".into();
             }
-            self.catalogue().set_prefs(name, Some(&prefs))?;
-            if let Err(e) = self.vols.create_qube(name, QubeClass::TemplateVM, None) {
-                self.catalogue().set_prefs(name, None)?;
-                self.pool().set_meta(&format!("{CREATING}{name}"), None)?;
-                return Err(e.into());
-            }
-        }
+            let records = Self::creation_records(name, "template", &prefs, None);
+            let _txn = self.txn();
+            Some(
+                self.vols
+                    .create_pending(name, QubeClass::TemplateVM, None, &as_strs(&records))?,
+            )
+        };
         let ImageSource::Stream {
             what,
             size,
@@ -144,15 +146,23 @@ impl Controller {
         let stats_fp = match self.vols.import(name, "root", &mut reader, size) {
             Ok(stats) => stats.fingerprint,
             Err(e) => {
-                // Leave no half-made template behind.
-                if !exists {
+                let e = anyhow!(e).context(format!("importing {what} into {name}:root"));
+                if let Some(p) = pending {
                     let _txn = self.txn();
-                    self.remove_with_catalogue(name)?;
-                    self.mark_created(name)?;
+                    if let Err(u) = p.undo() {
+                        return Err(e.context(format!(
+                            "removing the unfinished template {name} failed too ({u}); the next qubes-ctl command removes it"
+                        )));
+                    }
                 }
-                return Err(anyhow!(e).context(format!("importing {what} into {name}:root")));
+                return Err(e);
             }
         };
+        // Complete as far as the volumes go; if the commit below fails, the creation
+        // marker it would clear makes the next open remove the template.
+        if let Some(p) = pending {
+            p.keep();
+        }
         if rec.fingerprint.is_empty() {
             rec.fingerprint = stats_fp;
         }
