@@ -8,6 +8,7 @@ use serde_json::{json, Value};
 
 use super::Controller;
 use crate::api::Request;
+use crate::results::PoolVerified;
 
 /// The qubes a request acts on, whose locks it holds while it runs. Requests that make
 /// a template take its lock themselves (the name may be known only once it is built),
@@ -72,11 +73,14 @@ impl Controller {
             })
         };
         match req {
-            Request::Ping => Ok(self.ping()),
-            Request::PoolInfo => self.pool_info(),
+            Request::Ping => wire(self.ping()),
+            Request::PoolInfo => self.pool_info().and_then(wire),
             Request::PoolVerify => {
                 let report = self.pool().verify()?;
-                Ok(json!({"clean": report.is_clean(), "report": report}))
+                wire(PoolVerified {
+                    clean: report.is_clean(),
+                    report,
+                })
             }
             Request::TemplateCreate {
                 name,
@@ -119,33 +123,41 @@ impl Controller {
                 class,
                 template,
                 label,
-            } => self.qube_create(&name, &class, template.as_deref(), label.as_deref()),
-            Request::QubeList => self.qube_list(),
+            } => self
+                .qube_create(&name, &class, template.as_deref(), label.as_deref())
+                .and_then(wire),
+            Request::QubeList => self.qube_list().and_then(wire),
             Request::QubeRemove { name } => self.qube_remove(&name),
-            Request::QubeClone { src, dst } => self.qube_clone(&src, &dst),
+            Request::QubeClone { src, dst } => self.qube_clone(&src, &dst).and_then(wire),
             Request::QubePrefs { name, key, value } => self.qube_prefs(&name, key, value),
-            Request::QubeStart { name, hypervisor } => self.qube_start(&name, hypervisor),
+            Request::QubeStart { name, hypervisor } => {
+                self.qube_start(&name, hypervisor).and_then(wire)
+            }
             Request::QubeShutdown {
                 name,
                 timeout_secs,
                 kill,
-            } => self.qube_shutdown(&name, timeout_secs, kill),
+            } => self.qube_shutdown(&name, timeout_secs, kill).and_then(wire),
             Request::QubeConsole { name } => self.qube_console(&name),
-            Request::QubePause { name } => self.qube_pause(&name, true),
-            Request::QubeUnpause { name } => self.qube_pause(&name, false),
-            Request::VolumeList { qube } => self.volume_list(qube.as_deref()),
-            Request::VolumeInfo { qube, vol } => self.volume_info(&qube, &vol),
+            Request::QubePause { name } => self.qube_pause(&name, true).and_then(wire),
+            Request::QubeUnpause { name } => self.qube_pause(&name, false).and_then(wire),
+            Request::VolumeList { qube } => self.volume_list(qube.as_deref()).and_then(wire),
+            Request::VolumeInfo { qube, vol } => self.volume_info(&qube, &vol).and_then(wire),
             Request::VolumeRevert {
                 qube,
                 vol,
                 revision,
-            } => self.volume_revert(&qube, &vol, revision.as_deref()),
+            } => self
+                .volume_revert(&qube, &vol, revision.as_deref())
+                .and_then(wire),
             Request::VolumeResize {
                 qube,
                 vol,
                 size,
                 allow_shrink,
-            } => self.volume_resize(&qube, &vol, size, allow_shrink),
+            } => self
+                .volume_resize(&qube, &vol, size, allow_shrink)
+                .and_then(wire),
             Request::VolumeImport {
                 qube,
                 vol,
@@ -154,6 +166,7 @@ impl Controller {
             } => {
                 let f = file(&path)?;
                 self.volume_import(&qube, &vol, &path, f, size)
+                    .and_then(wire)
             }
             Request::VolumeExport {
                 qube,
@@ -168,9 +181,14 @@ impl Controller {
                 vol,
                 key,
                 value,
-            } => self.volume_config(&qube, &vol, &key, &value),
-            Request::VolumeDiscard { qube, vol } => self.volume_discard(&qube, &vol),
+            } => self.volume_config(&qube, &vol, &key, &value).and_then(wire),
+            Request::VolumeDiscard { qube, vol } => self.volume_discard(&qube, &vol).and_then(wire),
             Request::DaemonStop => Ok(json!({"stopping": true})),
         }
     }
+}
+
+/// A typed result as the wire carries it (see [`crate::results`]).
+fn wire<T: serde::Serialize>(result: T) -> Result<Value> {
+    Ok(serde_json::to_value(result)?)
 }

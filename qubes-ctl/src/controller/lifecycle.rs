@@ -7,16 +7,16 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
-use serde_json::{json, Value};
 use storage::qubes::{QubeClass, StartedVolume};
 
 use super::domain::xen_cmdline;
 use super::pool::{fs_free_bytes, HOST_FREE_START_MARGIN};
 use super::{export_name, now_secs, Controller, Served};
 use crate::catalogue::{QubePrefs, RuntimeRecord};
+use crate::results::{QubeHalted, QubeStarted, QubeState, ServedVolume};
 
 impl Controller {
-    pub(super) fn qube_start(&self, name: &str, hypervisor: Option<String>) -> Result<Value> {
+    pub(super) fn qube_start(&self, name: &str, hypervisor: Option<String>) -> Result<QubeStarted> {
         let r = self.start_qube(name, hypervisor);
         if let Err(e) = &r {
             // A failed start leaves nothing behind in run/qubes/NAME (sockets, pid files,
@@ -43,7 +43,7 @@ impl Controller {
     /// start, with the runtime record in the same commit), their NBD exports, then its
     /// domain. From the volumes on, a step that fails undoes the ones before it
     /// ([`StartUndo`]).
-    pub(super) fn start_qube(&self, name: &str, hypervisor: Option<String>) -> Result<Value> {
+    pub(super) fn start_qube(&self, name: &str, hypervisor: Option<String>) -> Result<QubeStarted> {
         let q = self.vols.qube(name)?;
         self.check_startable(name)?;
         let prefs = self.catalogue().prefs(name)?;
@@ -99,25 +99,23 @@ impl Controller {
             },
         );
         tracing::info!(qube = %name, hypervisor = %hv_name, socket = %socket.display(), "qube started");
-        let vols: Vec<Value> = started
+        let volumes = started
             .iter()
-            .map(|s| {
-                json!({
-                    "volume": s.name,
-                    "key": s.key,
-                    "read_only": s.read_only,
-                    "size": s.size,
-                    "nbd_uri": blkback::nbd_uri(&socket, &export_name(name, &s.name)),
-                })
+            .map(|s| ServedVolume {
+                volume: s.name.clone(),
+                key: s.key.clone(),
+                read_only: s.read_only,
+                size: s.size,
+                nbd_uri: blkback::nbd_uri(&socket, &export_name(name, &s.name)),
             })
             .collect();
-        Ok(json!({
-            "name": name,
-            "state": "running",
-            "hypervisor": hv_name,
-            "console": hv.console_log(&run_dir),
-            "volumes": vols,
-        }))
+        Ok(QubeStarted {
+            name: name.to_string(),
+            state: QubeState::Running,
+            hypervisor: hv_name,
+            console: hv.console_log(&run_dir),
+            volumes,
+        })
     }
 
     /// What must hold before a start changes anything: not served yet (nor marked
@@ -273,7 +271,12 @@ impl Controller {
             .with_context(|| format!("serving {name}'s volumes on {}", socket.display()))
     }
 
-    pub(super) fn qube_shutdown(&self, name: &str, timeout_secs: u64, kill: bool) -> Result<Value> {
+    pub(super) fn qube_shutdown(
+        &self,
+        name: &str,
+        timeout_secs: u64,
+        kill: bool,
+    ) -> Result<QubeHalted> {
         self.vols.qube(name)?;
         let timeout = Duration::from_secs(timeout_secs);
         let run_dir = self.paths.qube_run_dir(name);
@@ -309,7 +312,10 @@ impl Controller {
             }
         }
         self.stop_storage(name, timeout)?;
-        Ok(json!({"name": name, "state": "halted"}))
+        Ok(QubeHalted {
+            name: name.to_string(),
+            state: QubeState::Halted,
+        })
     }
 
     /// Waits for the NBD clients to flush and go, then commits the volumes (stop).

@@ -4,11 +4,12 @@ use std::path::Path;
 use std::sync::Arc;
 
 use anyhow::{anyhow, bail, Context, Result};
-use serde_json::{json, Value};
+use serde_json::Value;
 use storage::Pool;
 
 use super::Controller;
 use crate::paths::Paths;
+use crate::results::PoolReport;
 
 /// Which pool driver a directory holds.
 pub(super) fn detect_driver(dir: &Path) -> Option<&'static str> {
@@ -150,25 +151,28 @@ pub(super) fn open_pool(paths: &Paths) -> Result<Arc<dyn Pool>> {
 impl Controller {
     /// The pool's figures, with the free space of the filesystem holding it: the pool
     /// file is sparse, so a host filesystem that fills up stops guests' writes.
-    pub(super) fn pool_info(&self) -> Result<Value> {
-        let info = self.pool().info()?;
-        let mut v = serde_json::to_value(&info)?;
+    pub(super) fn pool_info(&self) -> Result<PoolReport> {
+        let mut info = self.pool().info()?;
         let pct = |used: u64, cap: u64| (used as f64 * 1000.0 / cap as f64).round() / 10.0;
-        if info.capacity > 0 {
-            v["data_used_percent"] = json!(pct(info.data_used, info.capacity));
-        }
-        if let Some(mc) = info.metadata_capacity.filter(|&c| c > 0) {
-            v["metadata_used_percent"] = json!(pct(info.metadata_used, mc));
-        }
+        let data_used_percent = (info.capacity > 0).then(|| pct(info.data_used, info.capacity));
+        let metadata_used_percent = info
+            .metadata_capacity
+            .filter(|&c| c > 0)
+            .map(|mc| pct(info.metadata_used, mc));
         let free = fs_free_bytes(&self.paths.pool_dir())?;
-        v["host_free"] = json!(free);
-        if free < HOST_FREE_WARN {
-            v["warning"] = json!(format!(
+        info.host_free = Some(free);
+        let warning = (free < HOST_FREE_WARN).then(|| {
+            format!(
                 "the filesystem holding the pool has only {} free (qube start is refused below {}); free space there",
                 crate::units::human_size(free),
                 crate::units::human_size(HOST_FREE_START_MARGIN)
-            ));
-        }
-        Ok(v)
+            )
+        });
+        Ok(PoolReport {
+            info,
+            data_used_percent,
+            metadata_used_percent,
+            warning,
+        })
     }
 }

@@ -9,6 +9,7 @@ use storage::qubes::QubeClass;
 
 use super::{as_strs, class_name, copy_atomic, validate_qube_name, Controller};
 use crate::catalogue::QubePrefs;
+use crate::results::{QubeInfo, QubeState};
 
 impl Controller {
     pub(super) fn qube_create(
@@ -17,7 +18,7 @@ impl Controller {
         class: &str,
         template: Option<&str>,
         label: Option<&str>,
-    ) -> Result<Value> {
+    ) -> Result<QubeInfo> {
         validate_qube_name("qube", name)?;
         let class: QubeClass = class.parse().map_err(|_| {
             anyhow!("class {class:?} is not one of AppVM, DispVM, StandaloneVM, TemplateVM")
@@ -63,33 +64,33 @@ impl Controller {
         self.qube_show(name)
     }
 
-    pub(super) fn qube_state(&self, name: &str) -> Result<&'static str> {
+    pub(super) fn qube_state(&self, name: &str) -> Result<QubeState> {
         if !self.vols.is_running(name)? {
-            return Ok("halted");
+            return Ok(QubeState::Halted);
         }
         if self.in_daemon && !self.is_served(name) {
             // A start or a shutdown under way passes through this state for a moment
             // (Qubes calls it Transient).
             if self.qube_locks.is_held(name) {
-                return Ok("transient");
+                return Ok(QubeState::Transient);
             }
             // Marked running, but the daemon could not serve it (see its log).
-            return Ok("broken");
+            return Ok(QubeState::Broken);
         }
         // Volumes started; the hypervisor knows whether the guest is paused.
         let rt = self.catalogue().runtime(name)?.unwrap_or_default();
         if rt.hypervisor.is_empty() || rt.hypervisor == "none" {
-            return Ok("running");
+            return Ok(QubeState::Running);
         }
         let hv = hypervisor::by_name(&rt.hypervisor)?;
         Ok(match hv.state(name, &self.paths.qube_run_dir(name)) {
-            Ok(hypervisor::DomainState::Paused) => "paused",
-            _ => "running",
+            Ok(hypervisor::DomainState::Paused) => QubeState::Paused,
+            _ => QubeState::Running,
         })
     }
 
     /// `qube pause` / `qube unpause`: the guest stops or resumes; storage is untouched.
-    pub(super) fn qube_pause(&self, name: &str, pause: bool) -> Result<Value> {
+    pub(super) fn qube_pause(&self, name: &str, pause: bool) -> Result<QubeInfo> {
         self.vols.qube(name)?;
         let rt = self.catalogue().runtime(name)?.unwrap_or_default();
         let hv_name = self.served_hypervisor(name).unwrap_or(rt.hypervisor);
@@ -109,27 +110,27 @@ impl Controller {
         self.qube_show(name)
     }
 
-    pub(super) fn qube_show(&self, name: &str) -> Result<Value> {
+    pub(super) fn qube_show(&self, name: &str) -> Result<QubeInfo> {
         let q = self.vols.qube(name)?;
         let prefs = self.catalogue().prefs(name)?;
         let rt = self.catalogue().runtime(name)?;
-        Ok(json!({
-            "name": q.qube,
-            "class": class_name(&q.class),
-            "template": q.template,
-            "state": self.qube_state(name)?,
-            "label": prefs.label.to_string(),
-            "hypervisor": rt.map(|r| r.hypervisor),
-            "prefs": prefs,
-        }))
+        Ok(QubeInfo {
+            name: q.qube,
+            class: class_name(&q.class),
+            template: q.template,
+            state: self.qube_state(name)?,
+            label: prefs.label.to_string(),
+            hypervisor: rt.map(|r| r.hypervisor),
+            prefs,
+        })
     }
 
-    pub(super) fn qube_list(&self) -> Result<Value> {
+    pub(super) fn qube_list(&self) -> Result<Vec<QubeInfo>> {
         let mut out = Vec::new();
         for q in self.vols.list_qubes()? {
             out.push(self.qube_show(&q.qube)?);
         }
-        Ok(Value::Array(out))
+        Ok(out)
     }
 
     pub(super) fn qube_remove(&self, name: &str) -> Result<Value> {
@@ -156,7 +157,7 @@ impl Controller {
         Ok(json!({"removed": name}))
     }
 
-    pub(super) fn qube_clone(&self, src: &str, dst: &str) -> Result<Value> {
+    pub(super) fn qube_clone(&self, src: &str, dst: &str) -> Result<QubeInfo> {
         validate_qube_name("qube", dst)?;
         let txn = self.txn();
         self.vols.qube(src)?;

@@ -9,6 +9,7 @@ use serde_json::{json, Value};
 use storage::qubes::QubeVolumes;
 
 use super::{export_name, Controller};
+use crate::results::VolumeInfo;
 
 /// Size of an image descriptor: a regular file's length or a block device's size; `None`
 /// for streams (pipes, FIFOs, terminals), whose size is not known in advance.
@@ -87,21 +88,23 @@ impl<R: std::io::Read> std::io::Read for ExactReader<R> {
 }
 
 impl Controller {
-    pub(super) fn volume_json(&self, qube: &str, vol: &str) -> Result<Value> {
-        let st = self.vols.volume_status(qube, vol)?;
-        let mut v = serde_json::to_value(&st)?;
-        let uri = self
+    pub(super) fn volume_json(&self, qube: &str, vol: &str) -> Result<VolumeInfo> {
+        let status = self.vols.volume_status(qube, vol)?;
+        let nbd_uri = self
             .is_served(qube)
             .then(|| blkback::nbd_uri(&self.paths.nbd_socket(qube), &export_name(qube, vol)));
-        v["nbd_uri"] = json!(uri);
-        Ok(v)
+        Ok(VolumeInfo {
+            status,
+            nbd_uri,
+            import: None,
+        })
     }
 
-    pub(super) fn volume_info(&self, qube: &str, vol: &str) -> Result<Value> {
+    pub(super) fn volume_info(&self, qube: &str, vol: &str) -> Result<VolumeInfo> {
         self.volume_json(qube, vol)
     }
 
-    pub(super) fn volume_list(&self, qube: Option<&str>) -> Result<Value> {
+    pub(super) fn volume_list(&self, qube: Option<&str>) -> Result<Vec<VolumeInfo>> {
         let qubes: Vec<QubeVolumes> = match qube {
             Some(q) => vec![self.vols.qube(q)?],
             None => self.vols.list_qubes()?,
@@ -112,7 +115,7 @@ impl Controller {
                 out.push(self.volume_json(&q.qube, &v.name)?);
             }
         }
-        Ok(Value::Array(out))
+        Ok(out)
     }
 
     pub(super) fn volume_import(
@@ -122,7 +125,7 @@ impl Controller {
         file: &Path,
         f: fs::File,
         size: u64,
-    ) -> Result<Value> {
+    ) -> Result<VolumeInfo> {
         self.refuse_if_served(qube, "import into")?;
         let mut reader = ExactReader {
             inner: std::io::BufReader::with_capacity(1 << 20, f),
@@ -131,9 +134,10 @@ impl Controller {
             what: format!("the input {}", file.display()),
         };
         let stats = self.vols.import(qube, vol, &mut reader, size)?;
-        let mut v = self.volume_info(qube, vol)?;
-        v["import"] = serde_json::to_value(stats)?;
-        Ok(v)
+        Ok(VolumeInfo {
+            import: Some(stats),
+            ..self.volume_info(qube, vol)?
+        })
     }
 
     pub(super) fn volume_revert(
@@ -141,7 +145,7 @@ impl Controller {
         qube: &str,
         vol: &str,
         revision: Option<&str>,
-    ) -> Result<Value> {
+    ) -> Result<VolumeInfo> {
         self.refuse_if_served(qube, "revert a volume of")?;
         {
             let _txn = self.txn();
@@ -156,7 +160,7 @@ impl Controller {
         vol: &str,
         size: u64,
         allow_shrink: bool,
-    ) -> Result<Value> {
+    ) -> Result<VolumeInfo> {
         // A running qube's client would get EINVAL past the new end, and what it
         // flushed there would be lost.
         if size < self.vols.volume_status(qube, vol)?.size {
@@ -191,7 +195,7 @@ impl Controller {
         vol: &str,
         key: &str,
         value: &str,
-    ) -> Result<Value> {
+    ) -> Result<VolumeInfo> {
         match key {
             "revisions_to_keep" => {
                 let n: u32 = value.parse().map_err(|_| {
@@ -209,7 +213,7 @@ impl Controller {
         self.volume_info(qube, vol)
     }
 
-    pub(super) fn volume_discard(&self, qube: &str, vol: &str) -> Result<Value> {
+    pub(super) fn volume_discard(&self, qube: &str, vol: &str) -> Result<VolumeInfo> {
         // The running snapshot is what the qube's client sees; dropping it under a
         // running qube leaves that qube unservable.
         self.refuse_if_served(qube, "discard the writes of")?;
