@@ -286,6 +286,12 @@ pub fn prefs_entry(qube: &str, prefs: &QubePrefs) -> (String, String) {
     entry(&format!("{PREFS}{qube}"), prefs)
 }
 
+/// The pool metadata keys of a qube's catalogue records (preferences, template record),
+/// for the volume model to remove with the qube.
+pub fn record_keys(qube: &str) -> [String; 2] {
+    [format!("{PREFS}{qube}"), format!("{TEMPLATE}{qube}")]
+}
+
 pub fn template_entry(name: &str, rec: &TemplateRecord) -> (String, String) {
     entry(&format!("{TEMPLATE}{name}"), rec)
 }

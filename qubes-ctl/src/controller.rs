@@ -301,23 +301,16 @@ impl Controller {
     // ---------------------------------------------------------------- qubes
 
     /// Removes a qube's volumes and its catalogue records in one commit; if the volume
-    /// model refuses (running, in use), the staged catalogue edits are put back so the
-    /// next commit does not carry half an operation.
+    /// model refuses (running, in use), nothing is left staged.
     fn txn_remove(&self, name: &str) -> Result<()> {
         let _txn = self.txn();
         self.remove_with_catalogue(name)
     }
 
     fn remove_with_catalogue(&self, name: &str) -> Result<()> {
-        let prefs = self.catalogue().prefs(name)?;
-        let rec = self.catalogue().template(name)?;
-        self.catalogue().set_prefs(name, None)?;
-        self.catalogue().set_template(name, None)?;
-        if let Err(e) = self.vols.remove_qube(name) {
-            self.catalogue().set_prefs(name, Some(&prefs))?;
-            self.catalogue().set_template(name, rec.as_ref())?;
-            return Err(e.into());
-        }
+        let keys = crate::catalogue::record_keys(name);
+        let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
+        self.vols.remove_qube_with(name, &keys)?;
         Ok(())
     }
 

@@ -741,6 +741,12 @@ impl Volumes {
     }
 
     pub fn remove_qube(&self, name: &str) -> Result<(), ModelError> {
+        self.remove_qube_with(name, &[])
+    }
+
+    /// [`Self::remove_qube`], removing the caller's `records` of the qube in the same
+    /// commit; a refused removal leaves them as they were.
+    pub fn remove_qube_with(&self, name: &str, records: &[&str]) -> Result<(), ModelError> {
         let _g = self.shared.lock.lock();
         self.load(name)?;
         if self.marked_running(name)? {
@@ -775,6 +781,9 @@ impl Volumes {
             txn.remove(k)?;
         }
         txn.set_meta(&format!("{META_VOLUMES}{name}"), None)?;
+        for key in records {
+            txn.set_meta(key, None)?;
+        }
         txn.commit(&format!("removing qube {name}"))
     }
 
@@ -1374,6 +1383,32 @@ mod tests {
         assert!(matches!(vols.qube("t"), Err(ModelError::NoSuchQube { .. })));
         // The name is free again.
         vols.create_qube("t", QubeClass::TemplateVM, None).unwrap();
+    }
+
+    #[test]
+    fn records_go_with_their_qube_and_stay_when_its_removal_is_refused() {
+        let mem = Arc::new(crate::MemPool::new());
+        let pool: Arc<dyn Pool> = mem.clone();
+        let vols = Volumes::new(pool.clone());
+        vols.create_qube_with("t", QubeClass::TemplateVM, None, &RECORDS)
+            .unwrap();
+        vols.create_qube("a", QubeClass::AppVM, Some("t")).unwrap();
+        let keys = RECORDS.map(|(k, _)| k);
+        let err = vols.remove_qube_with("t", &keys).unwrap_err();
+        assert!(matches!(err, ModelError::InUse { .. }), "{err}");
+        // Another qube's commit makes nothing of the refused removal durable.
+        vols.create_qube("b", QubeClass::TemplateVM, None).unwrap();
+        let crashed = mem.crash();
+        for (k, v) in RECORDS {
+            assert_eq!(crashed.get_meta(k).unwrap().as_deref(), Some(v), "{k}");
+        }
+        vols.remove_qube("a").unwrap();
+        vols.remove_qube_with("t", &keys).unwrap();
+        let crashed = mem.crash();
+        for k in keys {
+            assert_eq!(crashed.get_meta(k).unwrap(), None, "{k} outlived its qube");
+        }
+        assert!(!crashed.exists("t/root").unwrap());
     }
 
     #[test]
