@@ -188,36 +188,56 @@ struct Probes<'a> {
 impl Probes<'_> {
     /// `qube start` and `qube shutdown` p50/p99, on the admin socket or through the CLI.
     fn latency(&self, cli: bool) -> (String, String) {
-        let (mut st, mut sd) = (Vec::new(), Vec::new());
-        for _ in 0..self.rounds {
-            let t = Instant::now();
-            if cli {
-                self.ctl
-                    .ok(&["qube", "start", self.cli, "--hypervisor", "none"]);
-            } else {
-                admin_call(
-                    self.sock,
-                    json!({"op": "qube_start", "name": self.admin, "hypervisor": "none"}),
-                );
+        let [(st, sd)] = self.latencies_while(&[cli], &mut || true);
+        (st, sd)
+    }
+
+    /// For each of `modes` (CLI or not), start and shutdown p50/p99 over the rounds that
+    /// begin while `go` holds (at least one); the modes take turns within each round, so
+    /// they see the same conditions.
+    fn latencies_while<const N: usize>(
+        &self,
+        modes: &[bool; N],
+        go: &mut dyn FnMut() -> bool,
+    ) -> [(String, String); N] {
+        let mut samples = [(); N].map(|()| (Vec::new(), Vec::new()));
+        for i in 0..self.rounds {
+            if i > 0 && !go() {
+                break;
             }
-            st.push(t.elapsed().as_secs_f64() * 1e3);
-            let t = Instant::now();
-            if cli {
-                self.ctl.ok(&["qube", "shutdown", self.cli]);
-            } else {
-                admin_call(
-                    self.sock,
-                    json!({"op": "qube_shutdown", "name": self.admin, "timeout_secs": 10, "kill": false}),
-                );
+            for (&cli, (st, sd)) in modes.iter().zip(samples.iter_mut()) {
+                let t = Instant::now();
+                if cli {
+                    self.ctl
+                        .ok(&["qube", "start", self.cli, "--hypervisor", "none"]);
+                } else {
+                    admin_call(
+                        self.sock,
+                        json!({"op": "qube_start", "name": self.admin, "hypervisor": "none"}),
+                    );
+                }
+                st.push(t.elapsed().as_secs_f64() * 1e3);
+                let t = Instant::now();
+                if cli {
+                    self.ctl.ok(&["qube", "shutdown", self.cli]);
+                } else {
+                    admin_call(
+                        self.sock,
+                        json!({"op": "qube_shutdown", "name": self.admin, "timeout_secs": 10, "kill": false}),
+                    );
+                }
+                sd.push(t.elapsed().as_secs_f64() * 1e3);
             }
-            sd.push(t.elapsed().as_secs_f64() * 1e3);
         }
-        st.sort_by(f64::total_cmp);
-        sd.sort_by(f64::total_cmp);
-        (
-            format!("{:.1}/{:.1} ms", pct(&st, 0.5), pct(&st, 0.99)),
-            format!("{:.1}/{:.1} ms", pct(&sd, 0.5), pct(&sd, 0.99)),
-        )
+        samples.map(|(mut st, mut sd)| {
+            st.sort_by(f64::total_cmp);
+            sd.sort_by(f64::total_cmp);
+            let n = st.len();
+            (
+                format!("{:.1}/{:.1} ms (n={n})", pct(&st, 0.5), pct(&st, 0.99)),
+                format!("{:.1}/{:.1} ms (n={n})", pct(&sd, 0.5), pct(&sd, 0.99)),
+            )
+        })
     }
 }
 
@@ -243,9 +263,10 @@ fn import_latency(probes: &Probes<'_>, vol: &str, mib: usize, running: usize) {
     });
     // Let the copy get under way.
     std::thread::sleep(Duration::from_millis(500));
-    let (sa, da) = probes.latency(false);
-    let (sc, dc) = probes.latency(true);
-    let under_way = child.try_wait().unwrap().is_none();
+    // Only rounds that begin while the import runs count.
+    let mut importing = || child.try_wait().unwrap().is_none();
+    let [(sa, da), (sc, dc)] = probes.latencies_while(&[false, true], &mut importing);
+    let under_way = importing();
     writer.join().unwrap();
     assert!(child.wait().unwrap().success(), "the import failed");
     println!();
@@ -255,7 +276,7 @@ fn import_latency(probes: &Probes<'_>, vol: &str, mib: usize, running: usize) {
         if under_way {
             ""
         } else {
-            "; it ENDED before the rounds did, raise IMPORT_MIB"
+            "; it ended before the rounds did: n < ROUNDS, raise IMPORT_MIB for more"
         }
     );
     println!();
