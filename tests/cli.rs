@@ -4,7 +4,7 @@
 
 use std::process::Command;
 
-use e2e_tests::{pattern, Ctl};
+use e2e_tests::{pattern, uri_of, Ctl};
 use serde_json::Value;
 
 const MIB: u64 = 1 << 20;
@@ -51,18 +51,6 @@ fn qemu_io(uri: &str, cmds: &[&str]) -> String {
     );
     assert!(!stdout.contains("failed"), "qemu-io {cmds:?}: {stdout}");
     stdout
-}
-
-fn uri_of(started: &Value, vol: &str) -> String {
-    started["volumes"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|v| v["volume"] == vol)
-        .unwrap_or_else(|| panic!("no {vol} in {started}"))["nbd_uri"]
-        .as_str()
-        .unwrap()
-        .to_string()
 }
 
 #[test]

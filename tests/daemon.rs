@@ -8,24 +8,8 @@ use std::os::unix::fs::PermissionsExt;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use e2e_tests::{pattern, Ctl};
+use e2e_tests::{daemons_of, pattern, raw_call, socket_of, uri_of, wait_for_exit, Ctl};
 use serde_json::Value;
-
-fn uri_of(started: &Value, vol: &str) -> String {
-    started["volumes"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|v| v["volume"] == vol)
-        .unwrap()["nbd_uri"]
-        .as_str()
-        .unwrap()
-        .to_string()
-}
-
-fn socket_of(uri: &str) -> String {
-    uri.split("socket=").nth(1).unwrap().to_string()
-}
 
 fn run(cmd: &mut Command) -> String {
     let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
@@ -64,7 +48,7 @@ fn exports_are_private_to_their_qube_and_work_with_real_clients() {
     let sock = socket_of(&uri_of(&work, "private"));
     let mode = std::fs::metadata(&sock).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o600, "qube sockets are 0600");
-    let admin = ctl.root.join("run/admin.sock");
+    let admin = ctl.admin_socket();
     assert_eq!(
         std::fs::metadata(&admin).unwrap().permissions().mode() & 0o777,
         0o600
@@ -323,18 +307,6 @@ fn finishes_within(mut cmd: Command, secs: u64, what: &str) -> std::process::Out
     out
 }
 
-/// Daemon processes serving `root` (their command line names it).
-fn daemons_of(root: &std::path::Path) -> usize {
-    let root = root.to_string_lossy();
-    std::fs::read_dir("/proc")
-        .unwrap()
-        .flatten()
-        .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
-        .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
-        .filter(|c| c.contains(&*root) && c.contains("daemon run"))
-        .count()
-}
-
 /// One request does not hold back the others: while an import into `other` is stuck on
 /// its reader, `work` starts and shuts down, `qube list` and `daemon status` answer, and
 /// only one daemon exists; a start of `other` itself waits for the import (requests on
@@ -465,7 +437,7 @@ fn a_second_daemon_on_the_same_root_is_refused() {
     assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
     wait_for_exit(pid);
     assert!(
-        ctl.root.join("run/admin.sock").exists(),
+        ctl.admin_socket().exists(),
         "the dead daemon's socket stays"
     );
     ctl.ok(&["daemon", "start"]);
@@ -479,34 +451,6 @@ fn a_second_daemon_on_the_same_root_is_refused() {
     ctl.ok(&["qube", "shutdown", "work"]);
 }
 
-fn wait_for_exit(pid: i32) {
-    for _ in 0..200 {
-        // SAFETY: kill(pid, 0) only checks that the process exists.
-        if unsafe { libc::kill(pid, 0) } != 0 {
-            return;
-        }
-        // The daemon is a child of an earlier `daemon start`, reparented: not ours to reap.
-        if std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
-            s.rsplit_once(')')
-                .is_some_and(|(_, r)| r.trim_start().starts_with('Z'))
-        }) {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    panic!("daemon {pid} did not exit");
-}
-
-/// Sends one raw request line to the admin socket; returns the reply.
-fn raw_call(sock: &std::path::Path, line: &str) -> Value {
-    use std::io::{BufRead, Write};
-    let mut s = std::os::unix::net::UnixStream::connect(sock).unwrap();
-    s.write_all(format!("{line}\n").as_bytes()).unwrap();
-    let mut reply = String::new();
-    std::io::BufReader::new(&s).read_line(&mut reply).unwrap();
-    serde_json::from_str(&reply).unwrap_or_else(|e| panic!("{e}: {reply}"))
-}
-
 /// The admin protocol is versioned and its errors typed: a request of another version
 /// gets an error of kind `protocol` naming both versions and the fix (ping and
 /// daemon_stop are answered whatever the version), a failed request a `kind` a script can
@@ -516,7 +460,7 @@ fn raw_call(sock: &std::path::Path, line: &str) -> Value {
 fn the_admin_protocol_is_versioned_and_its_errors_typed() {
     let ctl = setup();
     ctl.ok(&["daemon", "start"]);
-    let sock = ctl.root.join("run/admin.sock");
+    let sock = ctl.admin_socket();
     let ping = raw_call(&sock, r#"{"op":"ping"}"#);
     let ours = ping["ok"]["protocol"]
         .as_u64()

@@ -11,7 +11,7 @@ use std::os::unix::process::ExitStatusExt;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use e2e_tests::{pattern, Ctl};
+use e2e_tests::{pattern, stderr_of, Ctl};
 use serde_json::Value;
 
 const MIB: usize = 1 << 20;
@@ -45,10 +45,6 @@ fn export(ctl: &Ctl, vol: &str) -> Vec<u8> {
     std::fs::read(out).unwrap()
 }
 
-fn stderr(out: &std::process::Output) -> String {
-    String::from_utf8_lossy(&out.stderr).into_owned()
-}
-
 /// Issue 14.1: pool files 0600 and directories 0700 from the start; an existing tree
 /// with looser modes is repaired on open, with a warning. (Old code: 0644 / 0755.)
 #[test]
@@ -76,8 +72,8 @@ fn pool_files_are_private_and_repaired_on_open() {
     )
     .unwrap();
     let out = ctl.output(&["qube", "list"]);
-    assert!(out.status.success(), "{}", stderr(&out));
-    let err = stderr(&out);
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    let err = stderr_of(&out);
     assert!(
         err.contains("warning") && err.contains("pool.data"),
         "the repair is reported: {err}"
@@ -87,7 +83,7 @@ fn pool_files_are_private_and_repaired_on_open() {
     assert_eq!(mode(&pool.join("pool.data")), 0o600);
     // Said once: the next command finds nothing to repair.
     let out = ctl.output(&["qube", "list"]);
-    assert!(!stderr(&out).contains("warning"), "{}", stderr(&out));
+    assert!(!stderr_of(&out).contains("warning"), "{}", stderr_of(&out));
 }
 
 /// Issue 14.2 and 14.12: with a daemon running, `volume export` writes through a
@@ -109,7 +105,7 @@ fn daemon_writes_exports_through_the_callers_descriptor() {
         .stdin(Stdio::null())
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(out.status.success(), "{}", stderr_of(&out));
     assert_eq!(out.stdout.len(), 4 * MIB, "the image went to our stdout");
     assert_eq!(out.stdout, pattern(1, 4 * MIB));
     let log_after = std::fs::read(&log).unwrap();
@@ -186,7 +182,7 @@ fn stream_imports_take_the_size_first_and_refuse_short_input() {
             !out.status.success(),
             "{path}: accepted a stream without --size"
         );
-        assert!(stderr(&out).contains("--size"), "{}", stderr(&out));
+        assert!(stderr_of(&out).contains("--size"), "{}", stderr_of(&out));
     }
     // Cut off part-way: refused, the volume and its revisions as they were.
     let out = import(
@@ -194,7 +190,11 @@ fn stream_imports_take_the_size_first_and_refuse_short_input() {
         &data[..3 * MIB],
     );
     assert!(!out.status.success(), "a short stream was committed");
-    assert!(stderr(&out).contains("ended after"), "{}", stderr(&out));
+    assert!(
+        stderr_of(&out).contains("ended after"),
+        "{}",
+        stderr_of(&out)
+    );
     // Longer than announced: refused too.
     let mut longer = data.clone();
     longer.extend_from_slice(b"more");
@@ -231,7 +231,7 @@ fn stream_imports_take_the_size_first_and_refuse_short_input() {
         ],
         &data,
     );
-    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(out.status.success(), "{}", stderr_of(&out));
     assert_eq!(export(&ctl, "work:private"), data);
     let fifo = ctl.root.join("fifo");
     assert!(Command::new("mkfifo")
@@ -318,7 +318,7 @@ fn one_broken_qube_does_not_keep_the_others_from_being_served() {
         .arg(&uri)
         .output()
         .expect("qemu-io (install qemu-utils)");
-    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(out.status.success(), "{}", stderr_of(&out));
     ctl.ok(&["qube", "shutdown", "work"]);
     std::fs::remove_file(&sock).unwrap();
     ctl.ok(&["qube", "shutdown", "k", "--kill"]);
@@ -400,7 +400,7 @@ fn a_closed_stdout_ends_the_command_quietly() {
             .stderr(Stdio::piped())
             .output()
             .unwrap();
-        let err = stderr(&out);
+        let err = stderr_of(&out);
         assert!(!err.contains("panicked"), "{args:?}: {err}");
         assert!(
             out.status.signal() == Some(libc::SIGPIPE) || out.status.success(),
@@ -485,7 +485,7 @@ fn parallel_commands_wait_for_the_pool_lock() {
         .collect();
     for c in children {
         let out = c.wait_with_output().unwrap();
-        assert!(out.status.success(), "{}", stderr(&out));
+        assert!(out.status.success(), "{}", stderr_of(&out));
     }
     // tpl, work and the twelve.
     assert_eq!(ctl.json(&["qube", "list"]).as_array().unwrap().len(), 14);
@@ -507,7 +507,7 @@ fn parallel_commands_wait_for_the_pool_lock() {
         .output()
         .unwrap();
     assert!(!out.status.success());
-    let err = stderr(&out);
+    let err = stderr_of(&out);
     assert!(
         err.contains(&format!("process {}", std::process::id())) && !err.contains("Some("),
         "{err}"
@@ -548,7 +548,7 @@ fn a_frozen_daemon_is_named_not_waited_for() {
     let out = child.wait_with_output().unwrap();
     let status = status.expect("the CLI hung on a stopped daemon");
     assert!(!status.success());
-    let err = stderr(&out);
+    let err = stderr_of(&out);
     assert!(err.contains(&format!("pid {pid}")), "{err}");
     ctl.stop_daemon();
 }
@@ -586,7 +586,7 @@ fn a_busy_daemon_still_answers() {
     stdin.write_all(&pattern(8, MIB)).unwrap();
     drop(stdin);
     let out = import.wait_with_output().unwrap();
-    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(out.status.success(), "{}", stderr_of(&out));
     assert!(answered, "daemon status hung on a busy daemon");
     let v: Value = serde_json::from_slice(&status.wait_with_output().unwrap().stdout).unwrap();
     assert_eq!(v["daemon"], "running", "{v}");
@@ -673,7 +673,7 @@ fn a_damaged_superblock_slot_is_reported() {
     let mut fell_back = 0;
     for c in [&slot0, &slot1] {
         let out = c.output(&["--format", "json", "pool", "info"]);
-        assert!(out.status.success(), "{}", stderr(&out));
+        assert!(out.status.success(), "{}", stderr_of(&out));
         let info: Value = serde_json::from_slice(&out.stdout).unwrap();
         let g = info["generation"].as_u64().unwrap();
         if g < gen {
@@ -682,7 +682,11 @@ fn a_damaged_superblock_slot_is_reported() {
                 info["warnings"].to_string().contains("superblock"),
                 "{info}"
             );
-            assert!(stderr(&out).contains("superblock"), "{}", stderr(&out));
+            assert!(
+                stderr_of(&out).contains("superblock"),
+                "{}",
+                stderr_of(&out)
+            );
         }
         // The commit in use is sound; the damaged slot is a warning.
         let out = c.output(&["pool", "verify"]);
@@ -937,8 +941,8 @@ fn a_nearly_full_host_filesystem_is_seen_from_the_cli() {
     let _unmount = Unmount(mnt.clone());
     let ctl = Ctl::at(&mnt.join("r"));
     let out = ctl.output(&["pool", "init", "--size", "1G"]);
-    assert!(out.status.success(), "{}", stderr(&out));
-    assert!(stderr(&out).contains("more than"), "{}", stderr(&out));
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    assert!(stderr_of(&out).contains("more than"), "{}", stderr_of(&out));
     let img = base.path().join("t.img");
     std::fs::write(&img, pattern(4, MIB)).unwrap();
     ctl.ok(&[
@@ -1014,7 +1018,7 @@ fn template_builds_send_the_resolved_recipe_not_its_path() {
         .stdin(Stdio::null())
         .output()
         .unwrap();
-    let err = stderr(&out);
+    let err = stderr_of(&out);
     assert!(
         !out.status.success(),
         "the bootstrap cannot reach the mirror"
@@ -1053,7 +1057,7 @@ fn a_failed_start_leaves_no_run_directory() {
         !run.exists(),
         "{} was left behind by a failed start ({})",
         run.display(),
-        stderr(&out)
+        stderr_of(&out)
     );
     let started = ctl.json(&["qube", "start", "work", "--hypervisor", "none"]);
     assert_eq!(started["state"], "running");

@@ -113,6 +113,108 @@ impl Ctl {
     pub fn stop_daemon(&self) {
         let _ = self.output(&["daemon", "stop"]);
     }
+
+    /// The daemon's admin socket.
+    pub fn admin_socket(&self) -> PathBuf {
+        self.root.join("run/admin.sock")
+    }
+
+    /// One request to this root's daemon (see [`admin_call`]).
+    pub fn call(&self, req: Value) -> Value {
+        admin_call(&self.admin_socket(), req)
+    }
+}
+
+/// The NBD URI a `qube start` reply gives for volume `vol`.
+pub fn uri_of(started: &Value, vol: &str) -> String {
+    started["volumes"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no volumes in {started}"))
+        .iter()
+        .find(|v| v["volume"] == vol)
+        .unwrap_or_else(|| panic!("no volume {vol} in {started}"))["nbd_uri"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
+/// The socket path of an `nbd+unix://` URI.
+pub fn socket_of(uri: &str) -> String {
+    uri.split("socket=").nth(1).unwrap().to_string()
+}
+
+/// Sends one raw request line to an admin socket; returns the reply.
+pub fn raw_call(sock: &Path, line: &str) -> Value {
+    use std::io::{BufRead, Write};
+    let mut s = std::os::unix::net::UnixStream::connect(sock)
+        .unwrap_or_else(|e| panic!("connecting to {}: {e}", sock.display()));
+    s.write_all(format!("{line}\n").as_bytes()).unwrap();
+    let mut reply = String::new();
+    std::io::BufReader::new(&s).read_line(&mut reply).unwrap();
+    serde_json::from_str(&reply).unwrap_or_else(|e| panic!("{e}: {reply}"))
+}
+
+/// One request on an admin socket, in the protocol version the daemon's ping names;
+/// returns the reply's `ok` value (an error reply panics).
+pub fn admin_call(sock: &Path, mut req: Value) -> Value {
+    static PROTOCOL: std::sync::OnceLock<Value> = std::sync::OnceLock::new();
+    if req["op"] != "ping" {
+        req["v"] = PROTOCOL
+            .get_or_init(|| admin_call(sock, serde_json::json!({"op": "ping"}))["protocol"].clone())
+            .clone();
+    }
+    let v = raw_call(sock, &req.to_string());
+    if let Some(e) = v.get("error") {
+        panic!("{req}: {e}");
+    }
+    v["ok"].clone()
+}
+
+/// A field of `/proc/PID/status` (`Uid`, `Threads`, `CapEff`...), its value trimmed.
+pub fn proc_status(pid: i32, field: &str) -> String {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_else(|e| panic!("/proc/{pid}/status: {e}"));
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("{field}:")))
+        .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status"))
+        .trim()
+        .to_string()
+}
+
+/// Daemon processes serving `root` (their command line names it).
+pub fn daemons_of(root: &Path) -> usize {
+    let root = root.to_string_lossy();
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
+        .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
+        .filter(|c| c.contains(&*root) && c.contains("daemon run"))
+        .count()
+}
+
+/// Waits until process `pid` (a daemon: reparented, not ours to reap) has exited.
+pub fn wait_for_exit(pid: i32) {
+    for _ in 0..200 {
+        // SAFETY: kill(pid, 0) only checks that the process exists.
+        if unsafe { libc::kill(pid, 0) } != 0 {
+            return;
+        }
+        if std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
+            s.rsplit_once(')')
+                .is_some_and(|(_, r)| r.trim_start().starts_with('Z'))
+        }) {
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    panic!("process {pid} did not exit");
+}
+
+/// A command's stderr as text.
+pub fn stderr_of(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
 impl Default for Ctl {

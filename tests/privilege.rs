@@ -11,14 +11,10 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use e2e_tests::{pattern, wait_for, Ctl};
+use e2e_tests::{pattern, proc_status, wait_for, Ctl};
 
 fn status_ids(pid: i32, field: &str) -> Vec<u32> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix(&format!("{field}:")))
-        .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status"))
+    proc_status(pid, field)
         .split_whitespace()
         .map(|n| n.parse().unwrap())
         .collect()

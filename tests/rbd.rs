@@ -8,7 +8,7 @@
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use e2e_tests::{ceph_micro, debian_template_package, ext4_cat, pattern, wait_for, Ctl};
+use e2e_tests::{ceph_micro, debian_template_package, ext4_cat, pattern, uri_of, wait_for, Ctl};
 use serde_json::Value;
 
 const MIB: usize = 1 << 20;
@@ -34,18 +34,6 @@ fn rbd_root(ns: &str, machine: &str) -> Ctl {
         machine,
     ]);
     ctl
-}
-
-fn uri_of(started: &Value, vol: &str) -> String {
-    started["volumes"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|v| v["volume"] == vol)
-        .unwrap_or_else(|| panic!("no {vol} in {started}"))["nbd_uri"]
-        .as_str()
-        .unwrap()
-        .to_string()
 }
 
 fn run(cmd: &mut Command) -> String {

@@ -378,9 +378,9 @@ pub fn daemon_alive(socket: &Path, timeout: Duration) -> bool {
 }
 
 /// The daemon's answer to a ping (`pid`, `build`, `served`), if one answers.
-pub fn ping(socket: &Path, timeout: Duration) -> Option<serde_json::Value> {
+pub fn ping(socket: &Path, timeout: Duration) -> Option<crate::results::Pong> {
     match call_with_fds(socket, &Request::Ping, &[], Some(timeout)) {
-        Ok(Reply::Ok(v)) => Some(v),
+        Ok(Reply::Ok(v)) => serde_json::from_value(v).ok(),
         _ => None,
     }
 }

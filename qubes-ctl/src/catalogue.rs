@@ -280,6 +280,27 @@ pub struct Catalogue<'p> {
     pool: &'p dyn Pool,
 }
 
+/// A record as a pool metadata entry, for the volume model to write in the commit that
+/// creates its qube (see `storage::qubes::Volumes::create_qube_with`).
+pub fn prefs_entry(qube: &str, prefs: &QubePrefs) -> (String, String) {
+    entry(&format!("{PREFS}{qube}"), prefs)
+}
+
+/// The pool metadata keys of a qube's catalogue records (preferences, template record),
+/// for the volume model to remove with the qube.
+pub fn record_keys(qube: &str) -> [String; 2] {
+    [format!("{PREFS}{qube}"), format!("{TEMPLATE}{qube}")]
+}
+
+pub fn template_entry(name: &str, rec: &TemplateRecord) -> (String, String) {
+    entry(&format!("{TEMPLATE}{name}"), rec)
+}
+
+fn entry<T: Serialize>(key: &str, value: &T) -> (String, String) {
+    let s = serde_json::to_string(value).expect("catalogue records serialize");
+    (key.to_string(), s)
+}
+
 impl<'p> Catalogue<'p> {
     pub fn new(pool: &'p dyn Pool) -> Self {
         Catalogue { pool }

@@ -16,6 +16,7 @@ use crate::api::{self, Reply, Request};
 use crate::controller::{self, parse_volume_ref, Controller, InitOptions};
 use crate::paths::Paths;
 use crate::repo::{repo_args, InstallMode, RepoAction};
+use crate::results::{DaemonStatus, PoolVerified, QubeInfo, QubeStarted, VolumeInfo};
 use crate::units::{human_size, parse_size};
 
 /// `println!` that exits quietly when stdout is closed early (`qubes-ctl qube list | head
@@ -710,23 +711,20 @@ fn retire_stale_daemon(paths: &Paths) -> Result<bool> {
     let Some(p) = api::ping(&sock, std::time::Duration::from_secs(2)) else {
         return Ok(false);
     };
-    if p["build"].as_str() == Some(api::build_id()) {
+    if p.build.as_deref() == Some(api::build_id()) {
         return Ok(true);
     }
-    let pid = p["pid"].as_u64().unwrap_or(0);
+    let pid = u64::from(p.pid.unwrap_or(0));
     // Daemons before the versioned protocol do not say theirs: version 1.
-    let theirs = p["protocol"]
-        .as_u64()
-        .map(|v| u32::try_from(v).unwrap_or(u32::MAX))
-        .unwrap_or(1);
-    if p["served"].as_u64() != Some(0) && theirs != api::PROTOCOL {
+    let theirs = p.protocol.unwrap_or(1);
+    if p.served != Some(0) && theirs != api::PROTOCOL {
         let who = format!("the daemon, pid {pid}, was started by another qubes-ctl build");
         bail!(api::ApiError::new(
             api::ErrorKind::Protocol,
             api::protocol_mismatch(theirs, api::PROTOCOL, &who)
         ));
     }
-    if p["served"].as_u64() != Some(0) {
+    if p.served != Some(0) {
         eprintln!(
             "qubes-ctl: warning: the daemon (pid {pid}) runs another qubes-ctl build; \
              shut its qubes down and run `qubes-ctl daemon stop` to switch to this one"
@@ -1038,28 +1036,15 @@ fn daemon_cmd(paths: &Paths, action: DaemonCmd, format: Format) -> Result<()> {
                     &serde_json::json!({"daemon": "not running"}),
                 );
             };
-            let v = stop_daemon(paths, p["pid"].as_u64().unwrap_or(0))?;
+            let v = stop_daemon(paths, u64::from(p.pid.unwrap_or(0)))?;
             print(format, "plain", &v)
         }
         DaemonCmd::Status => {
-            let v = match api::ping(&paths.admin_socket(), std::time::Duration::from_secs(2)) {
-                Some(p) => {
-                    let mut v = serde_json::json!({
-                        "daemon": "running",
-                        "pid": p["pid"],
-                        "qubes_served": p["served"],
-                        "same_build": p["build"].as_str() == Some(api::build_id()),
-                    });
-                    if let Some(stats) = p["stats"].as_object() {
-                        for (k, x) in stats {
-                            v[k] = x.clone();
-                        }
-                    }
-                    v
-                }
-                None => serde_json::json!({"daemon": "not running"}),
+            let status = match api::ping(&paths.admin_socket(), std::time::Duration::from_secs(2)) {
+                Some(p) => DaemonStatus::of(p),
+                None => DaemonStatus::not_running(),
             };
-            print(format, "plain", &v)
+            print(format, "plain", &serde_json::to_value(status)?)
         }
     }
 }
@@ -1134,22 +1119,24 @@ fn print(format: Format, kind: &str, v: &Value) -> Result<()> {
     }
     let empty = Vec::new();
     match kind {
-        "qube-list" => table(
-            &["NAME", "CLASS", "STATE", "LABEL", "TEMPLATE"],
-            v.as_array()
-                .unwrap_or(&empty)
-                .iter()
-                .map(|q| {
-                    vec![
-                        s(q, "name"),
-                        s(q, "class"),
-                        s(q, "state"),
-                        s(q, "label"),
-                        s(q, "template"),
-                    ]
-                })
-                .collect(),
-        ),
+        "qube-list" => {
+            let qubes: Vec<QubeInfo> = typed(v)?;
+            table(
+                &["NAME", "CLASS", "STATE", "LABEL", "TEMPLATE"],
+                qubes
+                    .into_iter()
+                    .map(|q| {
+                        vec![
+                            q.name,
+                            q.class,
+                            q.state.to_string(),
+                            dash(&q.label),
+                            dash_opt(q.template.as_deref()),
+                        ]
+                    })
+                    .collect(),
+            )
+        }
         "template-list" => table(
             &["NAME", "ORIGIN", "SIZE", "USAGE", "FINGERPRINT"],
             v.as_array()
@@ -1191,85 +1178,102 @@ fn print(format: Format, kind: &str, v: &Value) -> Result<()> {
                 })
                 .collect(),
         ),
-        "volume-list" => table(
-            &["VOLUME", "SIZE", "USAGE", "DIRTY", "REVISIONS", "SOURCE"],
-            v.as_array()
-                .unwrap_or(&empty)
-                .iter()
-                .map(|x| {
-                    vec![
-                        format!("{}:{}", s(x, "qube"), s(x, "name")),
-                        size(x, "size"),
-                        size(x, "usage"),
-                        s(x, "dirty"),
-                        x["revisions"]
-                            .as_array()
-                            .map(|a| a.len())
-                            .unwrap_or(0)
-                            .to_string(),
-                        s(&x["config"], "source"),
-                    ]
-                })
-                .collect(),
-        ),
+        "volume-list" => {
+            let vols: Vec<VolumeInfo> = typed(v)?;
+            table(
+                &["VOLUME", "SIZE", "USAGE", "DIRTY", "REVISIONS", "SOURCE"],
+                vols.into_iter()
+                    .map(|x| {
+                        let st = x.status;
+                        vec![
+                            format!("{}:{}", st.qube, st.name),
+                            human_size(st.size),
+                            human_size(st.usage),
+                            st.dirty.to_string(),
+                            st.revisions.len().to_string(),
+                            dash_opt(st.config.source.as_deref()),
+                        ]
+                    })
+                    .collect(),
+            )
+        }
         "volume" => {
-            outln!("volume     {}:{}", s(v, "qube"), s(v, "name"));
-            outln!("size       {}", size(v, "size"));
-            outln!("usage      {}", size(v, "usage"));
-            outln!("dirty      {}", s(v, "dirty"));
-            outln!("running    {}", s(v, "running"));
-            outln!("source     {}", s(&v["config"], "source"));
-            outln!(
-                "keep       {} revisions",
-                s(&v["config"], "revisions_to_keep")
-            );
-            if let Some(uri) = v["nbd_uri"].as_str() {
+            let x: VolumeInfo = typed(v)?;
+            let st = &x.status;
+            outln!("volume     {}:{}", st.qube, st.name);
+            outln!("size       {}", human_size(st.size));
+            outln!("usage      {}", human_size(st.usage));
+            outln!("dirty      {}", st.dirty);
+            outln!("running    {}", st.running);
+            outln!("source     {}", dash_opt(st.config.source.as_deref()));
+            outln!("keep       {} revisions", st.config.revisions_to_keep);
+            if let Some(uri) = &x.nbd_uri {
                 outln!("nbd_uri    {uri}");
             }
-            for r in v["revisions"].as_array().unwrap_or(&empty) {
-                outln!("revision   {}", s(r, "id"));
+            for r in &st.revisions {
+                outln!("revision   {}", dash(&r.id));
             }
         }
         "started" => {
-            outln!("{} is running on {}", s(v, "name"), s(v, "hypervisor"));
-            if s(v, "hypervisor") != "none" {
-                outln!("console: {}", s(v, "console"));
+            let q: QubeStarted = typed(v)?;
+            outln!("{} is running on {}", q.name, dash(&q.hypervisor));
+            if q.hypervisor != "none" {
+                outln!("console: {}", q.console.display());
             }
-            for x in v["volumes"].as_array().unwrap_or(&empty) {
-                outln!("  {:<9} {}", s(x, "volume"), s(x, "nbd_uri"));
+            for x in &q.volumes {
+                outln!("  {:<9} {}", x.volume, dash(&x.nbd_uri));
             }
         }
         "console" => out!("{}", v["text"].as_str().unwrap_or("")),
         "verify" => {
-            let r = &v["report"];
-            let warned = r["warnings"].as_array().is_some_and(|w| !w.is_empty());
+            let PoolVerified { clean, report: r } = typed(v)?;
             outln!(
                 "{}: {} volumes, {} metadata pages, {} data chunks",
-                match (v["clean"].as_bool() == Some(true), warned) {
+                match (clean, !r.warnings.is_empty()) {
                     (true, false) => "clean",
                     (true, true) => "clean, with warnings",
                     (false, _) => "PROBLEMS FOUND",
                 },
-                s(r, "volumes"),
-                s(r, "metadata_pages"),
-                s(r, "data_chunks")
+                r.volumes,
+                r.metadata_pages,
+                r.data_chunks
             );
-            for l in r["leaks"].as_array().unwrap_or(&empty) {
-                outln!("leak: {}", l.as_str().unwrap_or(""));
+            for l in &r.leaks {
+                outln!("leak: {l}");
             }
-            for e in r["errors"].as_array().unwrap_or(&empty) {
-                outln!("error: {}", e.as_str().unwrap_or(""));
+            for e in &r.errors {
+                outln!("error: {e}");
             }
-            for w in r["warnings"].as_array().unwrap_or(&empty) {
-                outln!("warning: {}", w.as_str().unwrap_or(""));
+            for w in &r.warnings {
+                outln!("warning: {w}");
             }
-            if v["clean"].as_bool() != Some(true) {
+            if !clean {
                 bail!("pool verify found problems");
             }
         }
         _ => print_kv(v, ""),
     }
     Ok(())
+}
+
+/// A reply read as the typed result of its request (see [`crate::results`]).
+fn typed<T: serde::de::DeserializeOwned>(v: &Value) -> Result<T> {
+    serde_json::from_value(v.clone()).context(
+        "the daemon's reply is not what this qubes-ctl expects; restart the daemon with it (`qubes-ctl daemon stop`)",
+    )
+}
+
+/// A text cell: `-` for nothing.
+fn dash(s: &str) -> String {
+    if s.is_empty() {
+        "-".into()
+    } else {
+        s.to_string()
+    }
+}
+
+fn dash_opt(s: Option<&str>) -> String {
+    dash(s.unwrap_or(""))
 }
 
 fn print_kv(v: &Value, prefix: &str) {

@@ -24,15 +24,13 @@ pub const ESCAPE: u8 = 0x1d;
 
 /// The qube's state and hypervisor, as `qube list` reports them.
 pub fn qube_status(paths: &Paths, name: &str) -> Result<(String, String)> {
-    let list = execute(paths, Request::QubeList, false)?;
+    let list: Vec<crate::results::QubeInfo> =
+        serde_json::from_value(execute(paths, Request::QubeList, false)?)?;
     let q = list
-        .as_array()
-        .and_then(|a| a.iter().find(|q| q["name"] == name))
+        .into_iter()
+        .find(|q| q.name == name)
         .ok_or_else(|| anyhow!("no qube named {name}; see `qubes-ctl qube list`"))?;
-    Ok((
-        q["state"].as_str().unwrap_or("").to_string(),
-        q["hypervisor"].as_str().unwrap_or("").to_string(),
-    ))
+    Ok((q.state.to_string(), q.hypervisor.unwrap_or_default()))
 }
 
 pub fn attach(paths: &Paths, name: &str) -> Result<()> {

@@ -144,15 +144,15 @@ fn serve_admin(conn: UnixStream, shared: &Shared, paths: &Paths) -> Result<()> {
         // A ping is answered at once, whatever else runs: the CLI tells a busy daemon
         // from a frozen one by it.
         Ok(Request::Ping) => {
-            let mut v = serde_json::json!({
-                "pong": true,
-                "protocol": api::PROTOCOL,
-                "pid": std::process::id(),
-                "build": api::build_id(),
-                "served": SERVED.load(std::sync::atomic::Ordering::Relaxed),
-            });
-            v["stats"] = shared.serving_stats();
-            Reply::Ok(v)
+            let pong = crate::results::Pong {
+                pong: true,
+                protocol: Some(api::PROTOCOL),
+                pid: Some(std::process::id()),
+                build: Some(api::build_id().to_string()),
+                served: Some(SERVED.load(std::sync::atomic::Ordering::Relaxed) as u64),
+                stats: Some(shared.serving_stats()),
+            };
+            Reply::Ok(serde_json::to_value(pong)?)
         }
         Ok(req) => {
             let r = shared.handle_with(req, files);

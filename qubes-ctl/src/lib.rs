@@ -13,6 +13,7 @@ pub mod logging;
 pub mod notify;
 pub mod paths;
 pub mod repo;
+pub mod results;
 pub mod run;
 pub mod units;
 pub mod xen_disks;

@@ -11,38 +11,19 @@
 //! each), and shut down the same ways: the daemon runs requests on different qubes in
 //! parallel, so "all at once" should take about the slowest one, not the sum.
 //!
+//! Last, the same latencies while a `volume import` of IMPORT_MIB MiB streams into
+//! another qube through the daemon.
+//!
 //! `cargo bench -p e2e-tests --bench daemon_scale` (builds nothing itself: run
 //! `cargo build --release -p qubes-ctl` first, or set QUBES_CTL_BIN). Environment:
-//! `LEVELS=10,200,1000`, `ROUNDS=100`, `IDLE_SECS=5`, `PARALLEL=20`.
+//! `LEVELS=10,200,1000`, `ROUNDS=100`, `IDLE_SECS=5`, `PARALLEL=20`, `IMPORT_MIB=2048`
+//! (0: no import).
 
-use std::io::{BufRead, BufReader, Write};
-use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use e2e_tests::{pattern, Ctl};
-use serde_json::{json, Value};
-
-/// One request, in the protocol version the daemon's ping names.
-fn call(sock: &Path, mut req: Value) -> Value {
-    static PROTOCOL: std::sync::OnceLock<Value> = std::sync::OnceLock::new();
-    if req["op"] != "ping" {
-        req["v"] = PROTOCOL
-            .get_or_init(|| call(sock, json!({"op": "ping"}))["protocol"].clone())
-            .clone();
-    }
-    let mut s = UnixStream::connect(sock).expect("connecting to the admin socket");
-    let mut line = req.to_string();
-    line.push('\n');
-    s.write_all(line.as_bytes()).unwrap();
-    let mut reply = String::new();
-    BufReader::new(&s).read_line(&mut reply).unwrap();
-    let v: Value = serde_json::from_str(&reply).unwrap_or_else(|e| panic!("{e}: {reply}"));
-    if let Some(e) = v.get("error") {
-        panic!("{req}: {e}");
-    }
-    v["ok"].clone()
-}
+use e2e_tests::{admin_call, pattern, proc_status, Ctl};
+use serde_json::json;
 
 fn env_or<T: std::str::FromStr>(k: &str, d: T) -> T {
     std::env::var(k)
@@ -58,16 +39,14 @@ fn proc_stat(pid: u32) -> (u64, u64, u64) {
     let f: Vec<&str> = rest.split_whitespace().collect();
     // Fields after the comm: state is [0]; utime, stime are fields 14, 15 (1-based) -> [11], [12].
     let ticks = f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap();
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
     let field = |name: &str| {
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix(name))
-            .and_then(|v| v.split_whitespace().next())
+        proc_status(pid as i32, name)
+            .split_whitespace()
+            .next()
             .and_then(|v| v.parse::<u64>().ok())
             .unwrap_or(0)
     };
-    (ticks, field("Threads:"), field("VmRSS:"))
+    (ticks, field("Threads"), field("VmRSS"))
 }
 
 fn pct(sorted: &[f64], p: f64) -> f64 {
@@ -87,7 +66,7 @@ fn parallel_starts(sock: &Path, n: usize) {
     let sequential = |op: &str| {
         let t = Instant::now();
         for i in 0..n {
-            call(sock, each(op, format!("q{i}")));
+            admin_call(sock, each(op, format!("q{i}")));
         }
         t.elapsed()
     };
@@ -96,7 +75,7 @@ fn parallel_starts(sock: &Path, n: usize) {
         std::thread::scope(|s| {
             for i in 0..n {
                 let req = each(op, format!("q{i}"));
-                s.spawn(move || call(sock, req));
+                s.spawn(move || admin_call(sock, req));
             }
         });
         t.elapsed()
@@ -133,20 +112,30 @@ fn main() {
         img.to_str().unwrap(),
     ]);
     ctl.ok(&["daemon", "start"]);
-    let sock = ctl.root.join("run/admin.sock");
-    let pid = call(&sock, json!({"op": "ping"}))["pid"].as_u64().unwrap() as u32;
+    let sock = ctl.admin_socket();
+    let pid = admin_call(&sock, json!({"op": "ping"}))["pid"]
+        .as_u64()
+        .unwrap() as u32;
     let t = Instant::now();
-    for i in 0..max + 2 {
-        call(
+    for i in 0..max + 3 {
+        admin_call(
             &sock,
             json!({"op": "qube_create", "name": format!("q{i}"), "class": "AppVM",
                    "template": "tpl", "label": null}),
         );
     }
-    eprintln!("created {} qubes in {:.1?}", max + 2, t.elapsed());
+    eprintln!("created {} qubes in {:.1?}", max + 3, t.elapsed());
     parallel_starts(&sock, env_or("PARALLEL", 20).min(max));
     let probe_admin = format!("q{}", max);
     let probe_cli = format!("q{}", max + 1);
+    let imported = format!("q{}:private", max + 2);
+    let probes = Probes {
+        ctl: &ctl,
+        sock: &sock,
+        admin: &probe_admin,
+        cli: &probe_cli,
+        rounds,
+    };
 
     println!(
         "| running qubes | idle CPU (% of a core) | threads | RSS MiB | start p50/p99 (admin) | shutdown p50/p99 (admin) | start p50/p99 (CLI) | shutdown p50/p99 (CLI) |"
@@ -155,7 +144,7 @@ fn main() {
     let mut running = 0;
     for &n in &levels {
         while running < n {
-            call(
+            admin_call(
                 &sock,
                 json!({"op": "qube_start", "name": format!("q{running}"), "hypervisor": "none"}),
             );
@@ -171,43 +160,127 @@ fn main() {
         let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
         let cpu = (t1 - t0) as f64 / hz / w.elapsed().as_secs_f64() * 100.0;
 
-        let lat = |cli: bool| {
-            let (mut st, mut sd) = (Vec::new(), Vec::new());
-            for _ in 0..rounds {
-                let t = Instant::now();
-                if cli {
-                    ctl.ok(&["qube", "start", &probe_cli, "--hypervisor", "none"]);
-                } else {
-                    call(
-                        &sock,
-                        json!({"op": "qube_start", "name": probe_admin, "hypervisor": "none"}),
-                    );
-                }
-                st.push(t.elapsed().as_secs_f64() * 1e3);
-                let t = Instant::now();
-                if cli {
-                    ctl.ok(&["qube", "shutdown", &probe_cli]);
-                } else {
-                    call(
-                        &sock,
-                        json!({"op": "qube_shutdown", "name": probe_admin, "timeout_secs": 10, "kill": false}),
-                    );
-                }
-                sd.push(t.elapsed().as_secs_f64() * 1e3);
-            }
-            st.sort_by(f64::total_cmp);
-            sd.sort_by(f64::total_cmp);
-            (
-                format!("{:.1}/{:.1} ms", pct(&st, 0.5), pct(&st, 0.99)),
-                format!("{:.1}/{:.1} ms", pct(&sd, 0.5), pct(&sd, 0.99)),
-            )
-        };
-        let (sa, da) = lat(false);
-        let (sc, dc) = lat(true);
+        let (sa, da) = probes.latency(false);
+        let (sc, dc) = probes.latency(true);
         println!(
             "| {n} | {cpu:.2} | {threads} | {:.0} | {sa} | {da} | {sc} | {dc} |",
             rss as f64 / 1024.0
         );
     }
+    let import_mib: usize = env_or("IMPORT_MIB", 2048);
+    if import_mib > 0 {
+        import_latency(&probes, &imported, import_mib, running);
+    }
     ctl.stop_daemon();
+}
+
+/// The qubes whose start and shutdown are timed.
+struct Probes<'a> {
+    ctl: &'a Ctl,
+    sock: &'a Path,
+    /// Started on the admin socket.
+    admin: &'a str,
+    /// Started by the CLI, a process per command.
+    cli: &'a str,
+    rounds: usize,
+}
+
+impl Probes<'_> {
+    /// `qube start` and `qube shutdown` p50/p99, on the admin socket or through the CLI.
+    fn latency(&self, cli: bool) -> (String, String) {
+        let [(st, sd)] = self.latencies_while(&[cli], &mut || true);
+        (st, sd)
+    }
+
+    /// For each of `modes` (CLI or not), start and shutdown p50/p99 over the rounds that
+    /// begin while `go` holds (at least one); the modes take turns within each round, so
+    /// they see the same conditions.
+    fn latencies_while<const N: usize>(
+        &self,
+        modes: &[bool; N],
+        go: &mut dyn FnMut() -> bool,
+    ) -> [(String, String); N] {
+        let mut samples = [(); N].map(|()| (Vec::new(), Vec::new()));
+        for i in 0..self.rounds {
+            if i > 0 && !go() {
+                break;
+            }
+            for (&cli, (st, sd)) in modes.iter().zip(samples.iter_mut()) {
+                let t = Instant::now();
+                if cli {
+                    self.ctl
+                        .ok(&["qube", "start", self.cli, "--hypervisor", "none"]);
+                } else {
+                    admin_call(
+                        self.sock,
+                        json!({"op": "qube_start", "name": self.admin, "hypervisor": "none"}),
+                    );
+                }
+                st.push(t.elapsed().as_secs_f64() * 1e3);
+                let t = Instant::now();
+                if cli {
+                    self.ctl.ok(&["qube", "shutdown", self.cli]);
+                } else {
+                    admin_call(
+                        self.sock,
+                        json!({"op": "qube_shutdown", "name": self.admin, "timeout_secs": 10, "kill": false}),
+                    );
+                }
+                sd.push(t.elapsed().as_secs_f64() * 1e3);
+            }
+        }
+        samples.map(|(mut st, mut sd)| {
+            st.sort_by(f64::total_cmp);
+            sd.sort_by(f64::total_cmp);
+            let n = st.len();
+            (
+                format!("{:.1}/{:.1} ms (n={n})", pct(&st, 0.5), pct(&st, 0.99)),
+                format!("{:.1}/{:.1} ms (n={n})", pct(&sd, 0.5), pct(&sd, 0.99)),
+            )
+        })
+    }
+}
+
+/// Start/shutdown latency while a `volume import` of `mib` MiB of distinct data (no
+/// chunk to share) streams into the daemon through the CLI, as a user runs it.
+fn import_latency(probes: &Probes<'_>, vol: &str, mib: usize, running: usize) {
+    use std::io::Write;
+    let mut child = probes
+        .ctl
+        .cmd(&["volume", "import", vol, "-", "--size", &format!("{mib}M")])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let t = Instant::now();
+    let writer = std::thread::spawn(move || {
+        for i in 0..mib {
+            if stdin.write_all(&pattern(1000 + i as u64, 1 << 20)).is_err() {
+                break;
+            }
+        }
+    });
+    // Let the copy get under way.
+    std::thread::sleep(Duration::from_millis(500));
+    // Only rounds that begin while the import runs count.
+    let mut importing = || child.try_wait().unwrap().is_none();
+    let [(sa, da), (sc, dc)] = probes.latencies_while(&[false, true], &mut importing);
+    let under_way = importing();
+    writer.join().unwrap();
+    assert!(child.wait().unwrap().success(), "the import failed");
+    println!();
+    println!(
+        "While a {mib} MiB `volume import` runs ({running} qubes running; the import took {:.1?}{}):",
+        t.elapsed(),
+        if under_way {
+            ""
+        } else {
+            "; it ended before the rounds did: n < ROUNDS, raise IMPORT_MIB for more"
+        }
+    );
+    println!();
+    println!("| start p50/p99 (admin) | shutdown p50/p99 (admin) | start p50/p99 (CLI) | shutdown p50/p99 (CLI) |");
+    println!("|---:|---:|---:|---:|");
+    println!("| {sa} | {da} | {sc} | {dc} |");
 }

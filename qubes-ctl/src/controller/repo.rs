@@ -11,7 +11,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use template_builder::repo::{self as trepo, IndexEntry, LocalChunks, Repo, TrustStore};
 
-use super::{Controller, ImageSource};
+use super::templates::ImageSource;
+use super::Controller;
 use crate::catalogue::TemplateRecord;
 use crate::repo::{InstallMode, RepoAction};
 

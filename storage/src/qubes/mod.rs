@@ -250,6 +250,44 @@ impl Drop for Importing<'_> {
     }
 }
 
+/// A qube being made (see [`Volumes::create_pending`]): removed with its records when
+/// dropped, unless kept.
+#[must_use = "dropping a PendingQube removes the qube it made"]
+pub struct PendingQube<'v> {
+    vols: &'v Volumes,
+    name: String,
+    records: Vec<String>,
+    armed: bool,
+}
+
+impl PendingQube<'_> {
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The qube is complete: it stays.
+    pub fn keep(mut self) {
+        self.armed = false;
+    }
+
+    /// Removes the qube now, saying whether that worked (dropping does the same, and
+    /// can only log a failure).
+    pub fn undo(mut self) -> Result<(), ModelError> {
+        self.armed = false;
+        self.vols.undo_pending(&self.name, &self.records)
+    }
+}
+
+impl Drop for PendingQube<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            if let Err(e) = self.vols.undo_pending(&self.name, &self.records) {
+                tracing::error!(qube = %self.name, "removing the unfinished qube failed: {e}");
+            }
+        }
+    }
+}
+
 impl Volumes {
     /// Every `Volumes` over the same pool object shares one lock, so a caller that makes a
     /// new `Volumes` per request still gets one transaction at a time.
@@ -502,6 +540,19 @@ impl Volumes {
         class: QubeClass,
         template: Option<&str>,
     ) -> Result<QubeVolumes, ModelError> {
+        self.create_qube_with(name, class, template, &[])
+    }
+
+    /// [`Self::create_qube`], writing `records` (pool metadata the caller keeps with the
+    /// qube: its preferences, a creation marker) in the same commit: if the creation
+    /// fails, none of them is left staged.
+    pub fn create_qube_with(
+        &self,
+        name: &str,
+        class: QubeClass,
+        template: Option<&str>,
+        records: &[(&str, &str)],
+    ) -> Result<QubeVolumes, ModelError> {
         validate_name("qube", name)?;
         if let Some(t) = template {
             validate_name("template", t)?;
@@ -592,11 +643,69 @@ impl Volumes {
             volumes,
         };
         self.save(&mut txn, &q)?;
+        for (key, value) in records {
+            txn.set_meta(key, Some(value))?;
+        }
         txn.commit(&format!("creating qube {name}"))?;
         Ok(q)
     }
 
+    /// Makes a qube whose contents come next (a template's root image): it is created
+    /// with `records` as by [`Self::create_qube_with`], and the returned
+    /// [`PendingQube`] removes it again (volumes, config and records, in one commit)
+    /// unless [`PendingQube::keep`] is called once the contents are in. So a failed
+    /// import leaves no half-made qube behind, and the caller undoes nothing by hand.
+    pub fn create_pending(
+        &self,
+        name: &str,
+        class: QubeClass,
+        template: Option<&str>,
+        records: &[(&str, &str)],
+    ) -> Result<PendingQube<'_>, ModelError> {
+        self.create_qube_with(name, class, template, records)?;
+        Ok(PendingQube {
+            vols: self,
+            name: name.to_string(),
+            records: records.iter().map(|(k, _)| k.to_string()).collect(),
+            armed: true,
+        })
+    }
+
+    /// Removes a qube made by [`Self::create_pending`] and its records, in one commit.
+    fn undo_pending(&self, name: &str, records: &[String]) -> Result<(), ModelError> {
+        let _g = self.shared.lock.lock();
+        let prefix = format!("{name}/");
+        let keys: Vec<String> = self
+            .p()
+            .list_volumes()
+            .map_err(ModelError::pool("listing volumes", name))?
+            .into_iter()
+            .filter(|v| v.key.starts_with(&prefix))
+            .map(|v| v.key)
+            .collect();
+        let mut txn = Txn::new(self.p());
+        for k in &keys {
+            txn.remove(k)?;
+        }
+        txn.set_meta(&format!("{META_VOLUMES}{name}"), None)?;
+        for key in records {
+            txn.set_meta(key, None)?;
+        }
+        txn.commit(&format!("removing the unfinished qube {name}"))
+    }
+
     pub fn clone_qube(&self, src: &str, dst: &str) -> Result<QubeVolumes, ModelError> {
+        self.clone_qube_with(src, dst, &[])
+    }
+
+    /// [`Self::clone_qube`], writing `records` in the same commit (as
+    /// [`Self::create_qube_with`] does).
+    pub fn clone_qube_with(
+        &self,
+        src: &str,
+        dst: &str,
+        records: &[(&str, &str)],
+    ) -> Result<QubeVolumes, ModelError> {
         validate_name("qube", src)?;
         validate_name("qube", dst)?;
         let _g = self.shared.lock.lock();
@@ -624,11 +733,20 @@ impl Volumes {
             ..s
         };
         self.save(&mut txn, &q)?;
+        for (key, value) in records {
+            txn.set_meta(key, Some(value))?;
+        }
         txn.commit(&format!("cloning qube {src} to {dst}"))?;
         Ok(q)
     }
 
     pub fn remove_qube(&self, name: &str) -> Result<(), ModelError> {
+        self.remove_qube_with(name, &[])
+    }
+
+    /// [`Self::remove_qube`], removing the caller's `records` of the qube in the same
+    /// commit; a refused removal leaves them as they were.
+    pub fn remove_qube_with(&self, name: &str, records: &[&str]) -> Result<(), ModelError> {
         let _g = self.shared.lock.lock();
         self.load(name)?;
         if self.marked_running(name)? {
@@ -663,6 +781,9 @@ impl Volumes {
             txn.remove(k)?;
         }
         txn.set_meta(&format!("{META_VOLUMES}{name}"), None)?;
+        for key in records {
+            txn.set_meta(key, None)?;
+        }
         txn.commit(&format!("removing qube {name}"))
     }
 
@@ -1180,5 +1301,141 @@ mod tests {
         }];
         let id = Volumes::new_revision_id(&revs);
         assert!(parse_revision_id(&id).unwrap() > parse_revision_id(&far).unwrap());
+    }
+
+    /// Gives `left` bytes, then fails: a client that goes away mid-import.
+    struct Cut {
+        left: usize,
+    }
+
+    impl Read for Cut {
+        fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+            if self.left == 0 {
+                return Err(std::io::Error::other("the client went away"));
+            }
+            let n = buf.len().min(self.left);
+            buf[..n].fill(0xa5);
+            self.left -= n;
+            Ok(n)
+        }
+    }
+
+    /// Every volume key and metadata entry of a pool.
+    fn contents(pool: &dyn Pool) -> (Vec<String>, Vec<(String, Option<String>)>) {
+        let mut keys: Vec<String> = pool
+            .list_volumes()
+            .unwrap()
+            .into_iter()
+            .map(|v| v.key)
+            .collect();
+        keys.sort();
+        let meta = pool
+            .meta_keys("")
+            .unwrap()
+            .into_iter()
+            .map(|k| {
+                let v = pool.get_meta(&k).unwrap();
+                (k, v)
+            })
+            .collect();
+        (keys, meta)
+    }
+
+    const RECORDS: [(&str, &str); 2] = [("creating/t", "template"), ("qube-prefs/t", "{}")];
+
+    #[test]
+    fn a_pending_qube_whose_import_fails_is_removed_with_its_records() {
+        let mem = Arc::new(crate::MemPool::new());
+        let pool: Arc<dyn Pool> = mem.clone();
+        let vols = Volumes::new(pool.clone());
+        vols.create_qube("other", QubeClass::TemplateVM, None)
+            .unwrap();
+        let before = contents(&*pool);
+        {
+            let pending = vols
+                .create_pending("t", QubeClass::TemplateVM, None, &RECORDS)
+                .unwrap();
+            assert_eq!(pending.name(), "t");
+            // The records are durable with the creation (a caller killed during the
+            // import finds its marker at the next open).
+            let crashed = mem.crash();
+            assert_eq!(
+                crashed.get_meta("creating/t").unwrap().as_deref(),
+                Some("template")
+            );
+            assert!(crashed.exists("t/root").unwrap());
+            let err = vols
+                .import("t", "root", &mut Cut { left: 1 << 20 }, 4 << 20)
+                .unwrap_err();
+            assert!(err.to_string().contains("went away"), "{err}");
+            // Dropped here, as by the caller's early return on that error.
+        }
+        assert_eq!(
+            contents(&*pool),
+            before,
+            "the unfinished qube was left behind"
+        );
+        assert_eq!(
+            contents(&mem.crash()),
+            before,
+            "its removal was not committed"
+        );
+        assert!(matches!(vols.qube("t"), Err(ModelError::NoSuchQube { .. })));
+        // The name is free again.
+        vols.create_qube("t", QubeClass::TemplateVM, None).unwrap();
+    }
+
+    #[test]
+    fn records_go_with_their_qube_and_stay_when_its_removal_is_refused() {
+        let mem = Arc::new(crate::MemPool::new());
+        let pool: Arc<dyn Pool> = mem.clone();
+        let vols = Volumes::new(pool.clone());
+        vols.create_qube_with("t", QubeClass::TemplateVM, None, &RECORDS)
+            .unwrap();
+        vols.create_qube("a", QubeClass::AppVM, Some("t")).unwrap();
+        let keys = RECORDS.map(|(k, _)| k);
+        let err = vols.remove_qube_with("t", &keys).unwrap_err();
+        assert!(matches!(err, ModelError::InUse { .. }), "{err}");
+        // Another qube's commit makes nothing of the refused removal durable.
+        vols.create_qube("b", QubeClass::TemplateVM, None).unwrap();
+        let crashed = mem.crash();
+        for (k, v) in RECORDS {
+            assert_eq!(crashed.get_meta(k).unwrap().as_deref(), Some(v), "{k}");
+        }
+        vols.remove_qube("a").unwrap();
+        vols.remove_qube_with("t", &keys).unwrap();
+        let crashed = mem.crash();
+        for k in keys {
+            assert_eq!(crashed.get_meta(k).unwrap(), None, "{k} outlived its qube");
+        }
+        assert!(!crashed.exists("t/root").unwrap());
+    }
+
+    #[test]
+    fn a_kept_pending_qube_stays_and_an_undone_one_goes() {
+        let mem = Arc::new(crate::MemPool::new());
+        let pool: Arc<dyn Pool> = mem.clone();
+        let vols = Volumes::new(pool.clone());
+        let before = contents(&*pool);
+        let pending = vols
+            .create_pending("t", QubeClass::TemplateVM, None, &RECORDS)
+            .unwrap();
+        pending.undo().unwrap();
+        assert_eq!(contents(&mem.crash()), before);
+
+        let pending = vols
+            .create_pending("t", QubeClass::TemplateVM, None, &RECORDS)
+            .unwrap();
+        let image = vec![7u8; 1 << 20];
+        vols.import("t", "root", &mut image.as_slice(), 1 << 20)
+            .unwrap();
+        pending.keep();
+        let crashed = mem.crash();
+        assert_eq!(
+            crashed.get_meta("qube-prefs/t").unwrap().as_deref(),
+            Some("{}")
+        );
+        assert_eq!(crashed.volume("t/root").unwrap().size, 1 << 20);
+        assert!(vols.qube("t").is_ok());
     }
 }
