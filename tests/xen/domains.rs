@@ -12,12 +12,14 @@
 //! **PVH** (Qubes' default for AppVMs, which `in_dom0` checks is the default here too)
 //! with one vCPU and maxmem = memory; it is not the default because PVH guests are not
 //! reliable under this nested setup (QEMU 7.2's SVM under TCG, on Xen's two pCPUs):
-//! they triple-fault at random points with Xen's own RIP/CS (`e008:ffff82d0...`) in the
-//! saved guest state, i.e. QEMU resumed Xen's code as the guest's. Seen: a 2-vCPU PVH
-//! guest after reaching userspace; a PVH DispVM 2.5 min into its boot beside a PVH
-//! `work`; a 1-vCPU PVH `work` beside a PV DispVM ~8 min into its boot, just before its
-//! report. Once in three 1-vCPU boots it went through: report 780 s after `qube start`,
-//! powered off and reaped (host load ~15). PV never failed.
+//! they triple-fault at random points, mostly with Xen's own RIP/CS
+//! (`e008:ffff82d0...`) in the saved guest state, i.e. QEMU resumed Xen's code as the
+//! guest's. Seen: a 2-vCPU PVH guest after reaching userspace; a PVH DispVM 2.5 min
+//! into its boot beside a PVH `work`; a 1-vCPU PVH `work` beside a PV DispVM ~8 min
+//! into its boot, just before its report; another 51 s in, still in the kernel (CS
+//! 0010, RDX = 0xcfc, the PCI config port). Once in four 1-vCPU boots it went through:
+//! report 780 s after `qube start`, powered off and reaped (host load ~15). PV never
+//! failed.
 //!
 //! The checks are on behaviour (states, revisions, the pool's volumes, xenstore, the
 //! console), not on how the disks reach the domain, so they hold for the kernel-NBD
