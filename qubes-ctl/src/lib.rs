@@ -15,4 +15,5 @@ pub mod paths;
 pub mod repo;
 pub mod run;
 pub mod units;
+pub mod xen_agent;
 pub mod xen_disks;
