@@ -19,8 +19,9 @@
 //!    (the balloon follows); the daemon SIGKILLed while the guest writes and fsyncs,
 //!    a new one takes the rings over and the guest reads back what it flushed before
 //!    the kill (`tests/xen/blkif.rs`); `qube run` through the agent's PV console
-//!    (before and after that restart, `tests/xen/agent.rs`); `qube shutdown` (`xl
-//!    shutdown -w`): each device closes 5 -> 6 and its nodes go;
+//!    (before and after that restart) and `qube console` in a pty
+//!    (`tests/xen/agent.rs`); `qube shutdown` (`xl shutdown -w`): each device closes
+//!    5 -> 6 and its nodes go;
 //! 3. the marker and the guest's last tick are in work:private, not in the template's
 //!    root; `volume revert work:private` takes the marker away; the pool verifies clean;
 //! 4. `QUBES_XEN_DISKS=nbd` (the fallback) attaches three /dev/nbd* to the kernel's
@@ -372,6 +373,8 @@ fn in_dom0() {
     let t = Instant::now();
     let ticks = blkif::daemon_restart(&ctl, &root, "work", &log);
     agent::run_after_restart(&ctl, "work");
+    // Asserted at the end, so that a console failure does not hide the other steps'.
+    let console = agent::console(&ctl, "work");
     step("blkif-daemon-restart", t);
     let t = Instant::now();
     ctl.ok(&["qube", "shutdown", "work", "--timeout", "600"]);
@@ -460,4 +463,6 @@ fn in_dom0() {
     let v: Value = ctl.json(&["pool", "verify"]);
     assert_eq!(v["clean"], true, "{v}");
     step("nbd-fallback", t);
+    let took = console.unwrap_or_else(|e| panic!("qube console on Xen: {e}"));
+    println!("qube console on Xen: attach, login, a command, detach in {took:.1?}");
 }
