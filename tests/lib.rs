@@ -387,8 +387,8 @@ pub fn repo_dir() -> PathBuf {
 
 /// A template package of recipes/debian/minimal.toml (template `debian-12-minimal`),
 /// built once with this build's `template build` + `template export` and cached under
-/// [`testvm_cache`], keyed by the hash of the recipe and the guest integration it
-/// extends, so the VM tests and their reruns share one build (`template import` it).
+/// [`testvm_cache`], keyed by the hash of the recipe, the guest integration it
+/// extends and the guest agent binary, so the VM tests and their reruns share one build (`template import` it).
 /// `$QUBES_TEST_TEMPLATE_PKG` names a package to use instead.
 pub fn debian_template_package() -> PathBuf {
     use std::os::unix::io::AsRawFd;
@@ -404,6 +404,12 @@ pub fn debian_template_package() -> PathBuf {
         .collect();
     guest.sort();
     files.extend(guest);
+    // The guest agent `template build` installs (next to qubes-ctl): a cached template
+    // with an older agent would test that agent, not this build's.
+    let agent = qubes_ctl_bin().with_file_name("qubes-guest-agent");
+    if agent.is_file() {
+        files.push(agent);
+    }
     for f in &files {
         h.update(f.file_name().unwrap().as_encoded_bytes());
         h.update(&std::fs::read(f).unwrap());

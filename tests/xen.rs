@@ -18,8 +18,10 @@
 //!    states from `xl`, `qube pause`/`unpause`, `xl mem-set` through the Xen backend
 //!    (the balloon follows); the daemon SIGKILLed while the guest writes and fsyncs,
 //!    a new one takes the rings over and the guest reads back what it flushed before
-//!    the kill (`tests/xen/blkif.rs`); `qube shutdown` (`xl shutdown -w`): each device
-//!    closes 5 -> 6 and its nodes go;
+//!    the kill (`tests/xen/blkif.rs`); `qube run` through the agent's PV console
+//!    (before and after that restart) and `qube console` in a pty
+//!    (`tests/xen/agent.rs`); `qube shutdown` (`xl shutdown -w`): each device closes
+//!    5 -> 6 and its nodes go;
 //! 3. the marker and the guest's last tick are in work:private, not in the template's
 //!    root; `volume revert work:private` takes the marker away; the pool verifies clean;
 //! 4. `QUBES_XEN_DISKS=nbd` (the fallback) attaches three /dev/nbd* to the kernel's
@@ -46,6 +48,8 @@ use e2e_tests::{
 };
 use serde_json::Value;
 
+#[path = "xen/agent.rs"]
+mod agent;
 #[path = "xen/blkif.rs"]
 mod blkif;
 #[path = "xen/domains.rs"]
@@ -168,6 +172,7 @@ fn qubes_on_real_xen() {
     for step in [
         "pool-and-template",
         "pv-boot",
+        "agent-run",
         "pause-unpause",
         "mem-set",
         "blkif-daemon-restart",
@@ -350,6 +355,9 @@ fn in_dom0() {
     let work_domid = blkif::assert_served_by_blkif("work");
     step("pv-boot", t);
     let t = Instant::now();
+    agent::run(&ctl, "work");
+    step("agent-run", t);
+    let t = Instant::now();
     let paused = ctl.json(&["qube", "pause", "work"]);
     assert_eq!(paused["state"], "paused", "{paused}");
     assert_eq!(ctl.state("work"), "paused");
@@ -375,6 +383,9 @@ fn in_dom0() {
     step("mem-set", t);
     let t = Instant::now();
     let ticks = blkif::daemon_restart(&ctl, &root, "work", &log);
+    agent::run_after_restart(&ctl, "work");
+    // Asserted at the end, so that a console failure does not hide the other steps'.
+    let console = agent::console(&ctl, "work");
     step("blkif-daemon-restart", t);
     let t = Instant::now();
     ctl.ok(&["qube", "shutdown", "work", "--timeout", "600"]);
@@ -466,4 +477,6 @@ fn in_dom0() {
 
     // 5. Guests powering themselves off, a DispVM (PVH on request).
     domains::self_poweroff_and_dispvm(&ctl, &root);
+    let took = console.unwrap_or_else(|e| panic!("qube console on Xen: {e}"));
+    println!("qube console on Xen: attach, login, a command, detach in {took:.1?}");
 }

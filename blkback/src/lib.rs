@@ -18,6 +18,7 @@
 //! no extra dependency.
 
 pub mod blkif;
+pub mod console;
 #[cfg(feature = "testing")]
 pub mod fuzzing;
 pub mod negotiate;

@@ -251,3 +251,91 @@ fn hostile_guests_get_errors_not_allocations_or_obedience() {
     b.extend_from_slice(&encode(&Msg::Exit(0)).unwrap());
     assert_eq!(hostile(b, true).unwrap(), Outcome::Exited(0));
 }
+
+/// Xen's agent channel is a tty (`/dev/hvc1`): the agent with `--tty` on a pty, the host
+/// on the master side through a socket bridge. Without raw mode the line discipline
+/// echoes the host's frames back (the host then sees its own Hello) and rewrites bytes
+/// (CR/NL, ^C, ^S, ^D), so the binary round trip below fails.
+#[test]
+fn over_a_tty_in_raw_mode_every_byte_value_passes() {
+    let (mut master, mut slave) = (0, 0);
+    let mut name = [0 as libc::c_char; 128];
+    // SAFETY: openpty writes the two fds and the slave's NUL-terminated name into `name`,
+    // which is larger than any pts path; the termios and winsize pointers may be null.
+    let rc = unsafe {
+        libc::openpty(
+            &mut master,
+            &mut slave,
+            name.as_mut_ptr(),
+            std::ptr::null(),
+            std::ptr::null(),
+        )
+    };
+    assert_eq!(rc, 0, "openpty: {}", std::io::Error::last_os_error());
+    // SAFETY: both fds were just returned by openpty and are owned by nothing else.
+    let (master, _slave) = unsafe {
+        use std::os::fd::FromRawFd;
+        (
+            std::fs::File::from_raw_fd(master),
+            std::os::fd::OwnedFd::from_raw_fd(slave),
+        )
+    };
+    // SAFETY: openpty NUL-terminated the name.
+    let path = unsafe { std::ffi::CStr::from_ptr(name.as_ptr()) }
+        .to_str()
+        .unwrap()
+        .to_string();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_qubes-guest-agent"))
+        .args(["--port", &path, "--tty"])
+        .stdin(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    // The host may talk only once the agent has put the tty in raw mode.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while rustix::termios::tcgetattr(&master)
+        .unwrap()
+        .local_modes
+        .contains(rustix::termios::LocalModes::ECHO)
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the agent never made the tty raw"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let (host, bridge) = UnixStream::pair().unwrap();
+    let (mut m_rd, mut m_wr) = (master.try_clone().unwrap(), master);
+    let (mut b_rd, mut b_wr) = (bridge.try_clone().unwrap(), bridge);
+    std::thread::spawn(move || std::io::copy(&mut b_rd, &mut m_wr));
+    std::thread::spawn(move || std::io::copy(&mut m_rd, &mut b_wr));
+    // Without raw mode the sessions hang rather than fail: bound them.
+    let (tx, rx) = std::sync::mpsc::channel();
+    let dir = tempfile_dir();
+    let d = dir.clone();
+    std::thread::spawn(move || {
+        let agent = Agent {
+            child: Command::new("true").spawn().unwrap(),
+            conn: host,
+        };
+        let (o, out, err) = agent.run(exec(&["sh", "-c", "echo out; echo err >&2; exit 3"]), None);
+        assert_eq!(
+            (o, out, err),
+            (Outcome::Exited(3), b"out\n".to_vec(), b"err\n".to_vec())
+        );
+        let input = d.join("bytes");
+        let data: Vec<u8> = (0..64 * 1024u32).map(|i| (i % 256) as u8).collect();
+        std::fs::write(&input, &data).unwrap();
+        let mut e = exec(&["cat"]);
+        e.pass_io = true;
+        let (o, out, _) = agent.run(e, Some(&std::fs::File::open(&input).unwrap()));
+        assert_eq!(o, Outcome::Exited(0));
+        assert!(out == data, "{} bytes back of {}", out.len(), data.len());
+        tx.send(()).unwrap();
+    });
+    rx.recv_timeout(Duration::from_secs(120))
+        .expect("the sessions over the tty did not finish (is the tty raw?)");
+    let _ = child.kill();
+    let _ = child.wait();
+    let _ = std::fs::remove_dir_all(dir);
+}

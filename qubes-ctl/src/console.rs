@@ -1,8 +1,8 @@
 //! `qubes-ctl qube console NAME`: the qube's serial console in this terminal, as `virsh
 //! console` does: raw terminal, Ctrl-] detaches, the terminal is restored however the
 //! session ends (detach, qube stopped, error, signal, panic). QEMU: the console socket in
-//! the qube's run dir; Xen: `xl console`. One client at a time: a lock file next to the
-//! socket says who holds it.
+//! the qube's run dir; Xen: `xl console`. One client at a time: a lock file in the qube's
+//! run dir says who holds it.
 
 use std::io::{Read, Write};
 use std::os::fd::AsFd;
@@ -43,7 +43,9 @@ pub fn attach(paths: &Paths, name: &str) -> Result<()> {
     }
     match hv.as_str() {
         "xen" => {
-            // xl console has the same escape (Ctrl-]) and restores the terminal itself.
+            // xl console has the same escape (Ctrl-]) and restores the terminal itself;
+            // the lock keeps it to one client, as on QEMU.
+            let _lock = lock(name, &paths.qube_run_dir(name).join("console.lock"))?;
             let st = std::process::Command::new("xl")
                 .args(["console", name])
                 .status()

@@ -16,4 +16,5 @@ pub mod repo;
 pub mod results;
 pub mod run;
 pub mod units;
+pub mod xen_agent;
 pub mod xen_disks;

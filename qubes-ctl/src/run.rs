@@ -5,7 +5,8 @@
 //! Unlike qvm-run, stdout and stderr are always passed back and the exit status is always
 //! the command's; `--pass-io` adds this process's stdin as the command's (otherwise
 //! /dev/null). The CLI talks to the agent directly (QEMU's agent socket in the qube's run
-//! dir): a guest that stalls stalls this one process, not the daemon.
+//! dir, or on Xen the daemon's bridge to the agent's PV console at the same place): a
+//! guest that stalls stalls this one process, not the daemon.
 
 use std::io::Write;
 use std::os::fd::AsFd;
@@ -60,10 +61,8 @@ pub fn run(paths: &Paths, a: &RunArgs) -> Result<i32> {
     let run_dir = paths.qube_run_dir(name);
     let sock = match hv.as_str() {
         "" | "none" => bail!("{name} runs no guest (hypervisor none): nothing can run in it"),
-        "xen" => bail!(
-            "`qube run` is not available on Xen yet (the agent's transport there is still \
-             to come); use `xl console {name}`"
-        ),
+        // The daemon serves the agent's PV console on the same socket (xen_agent).
+        "xen" => crate::xen_agent::ensure_socket(name, &run_dir)?,
         other => hypervisor::by_name(other)?
             .agent_socket(&run_dir)
             .ok_or_else(|| anyhow!("the {other} backend has no agent channel"))?,
@@ -132,7 +131,7 @@ fn connect(name: &str, sock: &Path, deadline: Instant) -> Result<UnixStream> {
             Err(e) => {
                 return Err(e).with_context(|| {
                     format!(
-                        "connecting to {name}'s agent socket {}: is the qube running on QEMU?",
+                        "connecting to {name}'s agent socket {}: is the qube running?",
                         sock.display()
                     )
                 })

@@ -251,27 +251,75 @@ fn pump<X: XenStore, C: Connector>(
     devices
 }
 
-/// The real thing: libxenstore, gntdev and the pool volumes.
-pub type RealXenDisks = XenDisks<xen_sys::XenStore, blkback::blkif::xen::XenConnector>;
+/// The real thing: libxenstore, gntdev and the pool volumes; with the guest agent's
+/// console ([`crate::xen_agent`]), which shares the disks' life (written while the
+/// domain is paused, closed with them).
+pub struct RealXenDisks {
+    disks: XenDisks<xen_sys::XenStore, blkback::blkif::xen::XenConnector>,
+    agent: Option<crate::xen_agent::RealAgent>,
+    run_dir: std::path::PathBuf,
+}
+
+impl RealXenDisks {
+    /// Closes the agent console and the disks, and removes their nodes.
+    pub fn detach(self) -> Result<()> {
+        let RealXenDisks {
+            disks,
+            agent,
+            run_dir,
+        } = self;
+        if let Some(a) = agent {
+            if let Err(e) = a.detach() {
+                tracing::warn!(domid = disks.domid, "closing the agent console: {e:#}");
+            }
+        }
+        let _ = std::fs::remove_file(crate::xen_agent::socket_path(&run_dir));
+        disks.detach()
+    }
+}
 
 /// One volume to serve: vdev, read-only, params, device.
 pub type RealVolume = (String, bool, String, Arc<dyn storage::BlockDevice>);
 
-/// Serves `volumes` to domain `domid` from dom0.
-pub fn attach_real(domid: u32, chunk_size: u64, volumes: Vec<RealVolume>) -> Result<RealXenDisks> {
+/// Serves `volumes` to domain `domid` from dom0, and the agent console on
+/// `run_dir`/agent.sock (without it the qube runs, `qube run` says why it cannot).
+pub fn attach_real(
+    domid: u32,
+    chunk_size: u64,
+    volumes: Vec<RealVolume>,
+    run_dir: &std::path::Path,
+) -> Result<RealXenDisks> {
     let (xs, disks) = real_disks(chunk_size, volumes)?;
-    XenDisks::attach(xs, domid, disks)
+    let disks = XenDisks::attach(xs, domid, disks)?;
+    let agent = crate::xen_agent::attach_real(domid, run_dir)
+        .inspect_err(|e| tracing::warn!(domid, "no agent console (`qube run`): {e:#}"))
+        .ok();
+    Ok(RealXenDisks {
+        disks,
+        agent,
+        run_dir: run_dir.to_path_buf(),
+    })
 }
 
 /// Serves again the disks an earlier daemon served to the running domain `domid`
-/// ([`XenDisks::reattach`]).
+/// ([`XenDisks::reattach`]), and its agent console if it has one.
 pub fn reattach_real(
     domid: u32,
     chunk_size: u64,
     volumes: Vec<RealVolume>,
+    run_dir: &std::path::Path,
 ) -> Result<RealXenDisks> {
     let (xs, disks) = real_disks(chunk_size, volumes)?;
-    XenDisks::reattach(xs, domid, disks)
+    let disks = XenDisks::reattach(xs, domid, disks)?;
+    let agent = crate::xen_agent::reattach_real(domid, run_dir)
+        .inspect_err(|e| tracing::warn!(domid, "agent console not served again: {e:#}"))
+        .ok()
+        .flatten();
+    Ok(RealXenDisks {
+        disks,
+        agent,
+        run_dir: run_dir.to_path_buf(),
+    })
 }
 
 /// Whether domain `domid` has disks of our backend type in xenstore.

@@ -117,7 +117,7 @@ impl Controller {
             let domid = xen.domid(name)?;
             let chunk = self.pool().info()?.chunk_size;
             let vols = self.blkif_volumes(name, started)?;
-            let disks = crate::xen_disks::attach_real(domid, chunk, vols)?;
+            let disks = crate::xen_disks::attach_real(domid, chunk, vols, &spec.run_dir)?;
             if let Err(e) = hypervisor::Hypervisor::unpause(&xen, name, &spec.run_dir) {
                 let _ = disks.detach();
                 return Err(e.into());
@@ -173,7 +173,7 @@ impl Controller {
         }
         let chunk = self.pool().info()?.chunk_size;
         let vols = self.blkif_volumes(name, started)?;
-        let disks = crate::xen_disks::reattach_real(domid, chunk, vols)
+        let disks = crate::xen_disks::reattach_real(domid, chunk, vols, &run_dir)
             .with_context(|| format!("serving {name}'s blkif disks again (domain {domid})"))?;
         Ok(Some(disks))
     }
