@@ -111,8 +111,14 @@ impl Link {
 
 /// Serves sessions until the stream ends (stdio mode) or forever (virtio).
 pub fn serve(mut link: Link) -> io::Result<()> {
+    // One decoder for the stream's whole life. On a Xen console a host that went away
+    // mid-session is not seen (a console has no hangup) until the next host's SYNC +
+    // Hello arrives and breaks the old session's framing: those bytes are already in
+    // the decoder then, and a fresh decoder would drop them and leave the new host
+    // waiting out its handshake.
+    let mut dec = Decoder::new();
     loop {
-        let mut dec = Decoder::new();
+        dec.resync();
         let mut out = Vec::new();
         // Idle: wait for a host's SYNC + Hello.
         let nonce = loop {
@@ -124,7 +130,8 @@ pub fn serve(mut link: Link) -> io::Result<()> {
                 }
                 Got::Gone if link.reconnects => {
                     std::thread::sleep(IDLE_POLL);
-                    dec = Decoder::new();
+                    // Stale bytes are skipped up to the next host's SYNC.
+                    dec.resync();
                 }
                 Got::Gone => break None,
             }

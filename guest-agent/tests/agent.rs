@@ -173,6 +173,34 @@ fn a_host_that_goes_away_ends_the_command() {
     );
 }
 
+/// On a Xen console a host that goes away does not hang up: the agent still runs the
+/// old command when the next host's SYNC + Hello arrive. It ends the old command and
+/// answers the new host at once (it used to drop those bytes with the old session, and
+/// the new host waited out its handshake).
+#[test]
+fn a_session_abandoned_without_hangup_gives_way_to_the_next() {
+    let agent = Agent::start();
+    let mut s = agent.conn.try_clone().unwrap();
+    s.write_all(&SYNC).unwrap();
+    s.write_all(
+        &encode(&Msg::Hello {
+            version: VERSION,
+            nonce: 7,
+        })
+        .unwrap(),
+    )
+    .unwrap();
+    s.write_all(&encode(&Msg::Exec(exec(&["sleep", "60"]))).unwrap())
+        .unwrap();
+    let mut buf = [0u8; 64];
+    let _ = s.read(&mut buf).unwrap(); // the Hello: the command is starting
+                                       // The first host is gone without a word; the stream stays open. (`run` fails the
+                                       // test if the handshake does not come within its deadline.)
+    let (o, out, _) = agent.run(exec(&["echo", "second"]), None);
+    assert_eq!(o, Outcome::Exited(0), "{o:?}");
+    assert_eq!(out, b"second\n");
+}
+
 /// A fake guest: answers the handshake, then sends `after` bytes.
 fn hostile(after: Vec<u8>, handshake: bool) -> Result<Outcome, HostError> {
     let (host, mut guest) = UnixStream::pair().unwrap();
