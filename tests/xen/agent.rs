@@ -104,6 +104,29 @@ pub fn run(ctl: &Ctl, q: &str) {
         "qube run on Xen: 256 KiB through cat in {:.1?}",
         t.elapsed()
     );
+    // A `qube run` killed mid-command: a console has no hangup, so the agent learns of
+    // it only from the next session, which must go through at once (the old command
+    // ended), not wait out its handshake.
+    let mut c = ctl
+        .cmd(&["qube", "run", q, "--", "sleep", "600"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_secs(5));
+    let _ = c.kill();
+    let _ = c.wait();
+    let t = Instant::now();
+    let out = ctl.output(&["qube", "run", q, "--timeout", "120", "--", "echo", "next"]);
+    assert!(
+        out.status.success() && out.stdout == b"next\n",
+        "the run after a killed one: {out:?}\n{}",
+        diagnostics(ctl, q)
+    );
+    println!(
+        "qube run on Xen: the run after a killed one answered in {:.1?}",
+        t.elapsed()
+    );
 }
 
 /// After a daemon restart the new daemon serves the agent's console again.
