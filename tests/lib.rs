@@ -443,3 +443,27 @@ pub fn debian_template_package() -> PathBuf {
     std::fs::rename(&tmp, &pkg).unwrap();
     pkg
 }
+
+/// A root whose pool is the namespace `ns` of the shared ceph-micro cluster, as machine
+/// `machine` (the rbd tests and benchmarks).
+pub fn rbd_root(ns: &str, machine: &str) -> Ctl {
+    let c = ceph_micro::ceph();
+    let ctl = Ctl::new();
+    ctl.ok(&[
+        "pool",
+        "init",
+        "--driver",
+        "rbd",
+        "--ceph-pool",
+        &c.pool,
+        "--ceph-conf",
+        c.conf.to_str().unwrap(),
+        "--ceph-id",
+        ceph_micro::CEPH_ID,
+        "--ceph-namespace",
+        ns,
+        "--machine-name",
+        machine,
+    ]);
+    ctl
+}

@@ -8,33 +8,12 @@
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use e2e_tests::{ceph_micro, debian_template_package, ext4_cat, pattern, uri_of, wait_for, Ctl};
+use e2e_tests::{
+    ceph_micro, debian_template_package, ext4_cat, pattern, rbd_root, uri_of, wait_for, Ctl,
+};
 use serde_json::Value;
 
 const MIB: usize = 1 << 20;
-
-/// A root whose pool is the namespace `ns` of the shared cluster, as machine `machine`.
-fn rbd_root(ns: &str, machine: &str) -> Ctl {
-    let c = ceph_micro::ceph();
-    let ctl = Ctl::new();
-    ctl.ok(&[
-        "pool",
-        "init",
-        "--driver",
-        "rbd",
-        "--ceph-pool",
-        &c.pool,
-        "--ceph-conf",
-        c.conf.to_str().unwrap(),
-        "--ceph-id",
-        ceph_micro::CEPH_ID,
-        "--ceph-namespace",
-        ns,
-        "--machine-name",
-        machine,
-    ]);
-    ctl
-}
 
 fn run(cmd: &mut Command) -> String {
     let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));

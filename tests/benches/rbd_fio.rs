@@ -17,7 +17,7 @@
 use std::process::Command;
 use std::time::Instant;
 
-use e2e_tests::{ceph_micro, Ctl};
+use e2e_tests::{ceph_micro, rbd_root};
 use serde_json::Value;
 
 fn env_u64(name: &str, default: u64) -> u64 {
@@ -101,21 +101,7 @@ fn main() {
     let secs = env_u64("FIO_SECS", 8);
     let c = ceph_micro::ceph();
     let ns = ceph_micro::fresh_namespace();
-    let ctl = Ctl::new();
-    ctl.ok(&[
-        "pool",
-        "init",
-        "--driver",
-        "rbd",
-        "--ceph-pool",
-        &c.pool,
-        "--ceph-conf",
-        c.conf.to_str().unwrap(),
-        "--ceph-id",
-        ceph_micro::CEPH_ID,
-        "--ceph-namespace",
-        &ns,
-    ]);
+    let ctl = rbd_root(&ns, "bench");
     let img = ctl.root.join("tpl.img");
     std::fs::write(&img, e2e_tests::pattern(1, 64 << 20)).unwrap();
     ctl.ok(&[
