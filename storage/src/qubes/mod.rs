@@ -674,6 +674,21 @@ impl Volumes {
     /// Removes a qube made by [`Self::create_pending`] and its records, in one commit.
     fn undo_pending(&self, name: &str, records: &[String]) -> Result<(), ModelError> {
         let _g = self.shared.lock.lock();
+        self.remove_unlocked(
+            name,
+            records.iter().map(String::as_str),
+            &format!("removing the unfinished qube {name}"),
+        )
+    }
+
+    /// Removes every volume of `name`, its record and the caller's `records`, in one
+    /// commit. The caller holds the model lock.
+    fn remove_unlocked<'a>(
+        &self,
+        name: &str,
+        records: impl IntoIterator<Item = &'a str>,
+        what: &str,
+    ) -> Result<(), ModelError> {
         let prefix = format!("{name}/");
         let keys: Vec<String> = self
             .p()
@@ -691,7 +706,7 @@ impl Volumes {
         for key in records {
             txn.set_meta(key, None)?;
         }
-        txn.commit(&format!("removing the unfinished qube {name}"))
+        txn.commit(what)
     }
 
     pub fn clone_qube(&self, src: &str, dst: &str) -> Result<QubeVolumes, ModelError> {
@@ -767,24 +782,11 @@ impl Volumes {
                 users: users.join(", "),
             });
         }
-        let prefix = format!("{name}/");
-        let keys: Vec<String> = self
-            .p()
-            .list_volumes()
-            .map_err(ModelError::pool("listing volumes", name))?
-            .into_iter()
-            .filter(|v| v.key.starts_with(&prefix))
-            .map(|v| v.key)
-            .collect();
-        let mut txn = Txn::new(self.p());
-        for k in &keys {
-            txn.remove(k)?;
-        }
-        txn.set_meta(&format!("{META_VOLUMES}{name}"), None)?;
-        for key in records {
-            txn.set_meta(key, None)?;
-        }
-        txn.commit(&format!("removing qube {name}"))
+        self.remove_unlocked(
+            name,
+            records.iter().copied(),
+            &format!("removing qube {name}"),
+        )
     }
 
     pub fn qube(&self, name: &str) -> Result<QubeVolumes, ModelError> {
