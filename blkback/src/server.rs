@@ -433,6 +433,14 @@ impl NbdServer {
         for h in threads {
             let _ = h.join();
         }
+        // A worker drops its clone of a connection (and with it the device and `shared`)
+        // just after it reports the request done, and the accept thread may still hold the
+        // listener it was serving: wait for both, so that when `shutdown` returns nothing
+        // of ours holds a device any more (a caller reopens the pool right after).
+        let released = Instant::now() + Duration::from_secs(5);
+        while Arc::strong_count(&self.shared) > 1 && Instant::now() < released {
+            std::thread::sleep(Duration::from_micros(200));
+        }
         let mut first_err = None;
         for e in &self.shared.exports {
             if let Err(source) = e.device.flush() {

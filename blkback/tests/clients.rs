@@ -229,3 +229,47 @@ fn thin_writes_survive_shutdown_and_reopen() {
         .all(|&b| b == 0));
     assert!(buf[(2 * MIB + 65536) as usize..].iter().all(|&b| b == 0x5a));
 }
+
+/// When `shutdown` returns, the server holds no device any more: the daemon reopens,
+/// reverts or removes a volume right after a qube stops, and the pool refuses a volume
+/// that is still open. A worker used to drop its last clone of a connection (and with
+/// it the device) a moment after the connection had ended.
+#[test]
+fn shutdown_releases_every_device_before_it_returns() {
+    use std::sync::Arc;
+    let dir = tempfile::tempdir().unwrap();
+    let dev: Arc<dyn storage::BlockDevice> = Arc::new(
+        blkback::testing::FileDevice::create(&dir.path().join("disk.img"), 8 * MIB).unwrap(),
+    );
+    for round in 0..40 {
+        let sock = dir.path().join(format!("s{round}.sock"));
+        let server = blkback::NbdServer::bind_unix(
+            &sock,
+            vec![blkback::Export {
+                name: "work/private".into(),
+                description: String::new(),
+                device: dev.clone(),
+            }],
+        )
+        .unwrap();
+        // Requests above the inline size run on the worker pool.
+        run(Command::new("qemu-io")
+            .args([
+                "-f",
+                "raw",
+                "-c",
+                "aio_write -P 0x11 0 1M",
+                "-c",
+                "aio_write -P 0x22 1M 1M",
+                "-c",
+                "aio_flush",
+            ])
+            .arg(blkback::nbd_uri(&sock, "work/private")));
+        server.shutdown(std::time::Duration::from_secs(5)).unwrap();
+        assert_eq!(
+            Arc::strong_count(&dev),
+            1,
+            "round {round}: the server still holds the device after shutdown returned"
+        );
+    }
+}

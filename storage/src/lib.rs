@@ -13,6 +13,7 @@
 //! Everything a block transport (NBD, Xen blkif) needs from a volume is the
 //! [`BlockDevice`] trait; everything the volume model needs from a driver is [`Pool`].
 
+pub mod dirlock;
 pub mod io;
 pub mod lvm_thin;
 pub mod mem;

@@ -55,7 +55,6 @@ use crate::pool::{
 const CATALOG: &str = "lvm.json";
 const CATALOG_TMP: &str = "lvm.json.tmp";
 const JOURNAL: &str = "lvm.journal";
-const LOCK: &str = "lock";
 const TRASH: &str = "qctrash-";
 /// O_DIRECT alignment (buffer address, offset, length); covers 512 and 4K sectors.
 const ALIGN: u64 = 4096;
@@ -392,32 +391,6 @@ impl LvmThinOptions {
     }
 }
 
-fn lock_dir(dir: &Path) -> Result<File, PoolError> {
-    let path = dir.join(LOCK);
-    let f = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .open(&path)
-        .map_err(|e| PoolError::io(format!("opening {}", path.display()), e))?;
-    // SAFETY: flock on an open descriptor has no memory-safety preconditions.
-    let r = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
-    if r < 0 {
-        let pid = fs::read_to_string(&path)
-            .ok()
-            .and_then(|s| s.trim().parse().ok());
-        return Err(PoolError::Locked {
-            path: dir.display().to_string(),
-            pid,
-        });
-    }
-    f.set_len(0)
-        .and_then(|()| f.write_all_at(format!("{}\n", std::process::id()).as_bytes(), 0))
-        .map_err(|e| PoolError::io(format!("writing {}", path.display()), e))?;
-    Ok(f)
-}
-
 fn lv_arg(vg: &str, lv: &str) -> String {
     format!("{vg}/{lv}")
 }
@@ -464,14 +437,14 @@ impl LvmThinPool {
         }
         fs::create_dir_all(dir)
             .map_err(|e| PoolError::io(format!("creating {}", dir.display()), e))?;
-        let _lock = lock_dir(dir)?;
+        let _lock = crate::dirlock::lock_pool_dir(dir)?;
         write_catalog(dir, &cat)?;
         drop(_lock);
         Self::open(dir)
     }
 
     pub fn open(dir: &Path) -> Result<LvmThinPool, PoolError> {
-        let lock = lock_dir(dir)?;
+        let lock = crate::dirlock::lock_pool_dir(dir)?;
         let path = dir.join(CATALOG);
         let bytes = fs::read(&path).map_err(|e| PoolError::NotAPool {
             path: dir.display().to_string(),

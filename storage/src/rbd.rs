@@ -35,7 +35,6 @@
 use std::collections::{BTreeMap, HashMap};
 use std::fs;
 use std::io::Read;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -49,7 +48,6 @@ use crate::pool::{
 };
 
 const CONFIG: &str = "rbd.json";
-const LOCK: &str = "lock";
 const IMAGE_PREFIX: &str = "qubes_";
 const ATTR_PREFIX: &str = "qubes.attr.";
 const META_PREFIX: &str = "qubes.";
@@ -208,25 +206,7 @@ impl RbdPool {
         })?;
         let opts: RbdOptions = serde_json::from_slice(&raw)
             .map_err(|e| PoolError::Corrupt(format!("{} cannot be opened: {e}", cfg.display())))?;
-        let lock_path = dir.join(LOCK);
-        let lock = fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .mode(0o600)
-            .open(&lock_path)
-            .map_err(|e| PoolError::io(format!("opening {}", lock_path.display()), e))?;
-        if rustix::fs::flock(&lock, rustix::fs::FlockOperation::NonBlockingLockExclusive).is_err() {
-            let pid = fs::read_to_string(&lock_path)
-                .ok()
-                .and_then(|s| s.trim().parse().ok());
-            return Err(PoolError::Locked {
-                path: dir.display().to_string(),
-                pid,
-            });
-        }
-        let _ = fs::write(&lock_path, format!("{}\n", std::process::id()));
+        let lock = crate::dirlock::lock_pool_dir(dir)?;
         let machine = opts
             .machine
             .clone()

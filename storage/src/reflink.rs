@@ -44,7 +44,6 @@ use crate::pool::{
 const CATALOG: &str = "pool.json";
 const CATALOG_TMP: &str = "pool.json.tmp";
 const VOLS: &str = "vols";
-const LOCK: &str = "lock";
 const FORMAT_VERSION: u32 = 1;
 /// Import granularity: zero runs of this size become holes, equal ones are cloned.
 const IMPORT_CHUNK: u64 = 64 * 1024;
@@ -133,21 +132,6 @@ mod sys {
             return Err(io::Error::last_os_error());
         }
         Ok(())
-    }
-
-    /// Non-blocking exclusive `flock`.
-    pub fn try_lock(file: &File) -> io::Result<bool> {
-        // SAFETY: flock on an open descriptor has no memory-safety preconditions.
-        let r = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
-        if r < 0 {
-            let e = io::Error::last_os_error();
-            return if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
-                Ok(false)
-            } else {
-                Err(e)
-            };
-        }
-        Ok(true)
     }
 
     /// (filesystem block size, total bytes, used bytes).
@@ -364,30 +348,7 @@ impl ReflinkPool {
                 cat.version
             )));
         }
-        let lock_path = dir.join(LOCK);
-        let mut lock = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .mode(0o600)
-            .open(&lock_path)
-            .map_err(|e| PoolError::io(format!("opening {}", lock_path.display()), e))?;
-        if !sys::try_lock(&lock)
-            .map_err(|e| PoolError::io(format!("locking {}", lock_path.display()), e))?
-        {
-            let pid = fs::read_to_string(&lock_path)
-                .ok()
-                .and_then(|s| s.trim().parse().ok());
-            return Err(PoolError::Locked {
-                path: dir.display().to_string(),
-                pid,
-            });
-        }
-        lock.set_len(0)
-            .and_then(|()| lock.write_all_at(format!("{}\n", std::process::id()).as_bytes(), 0))
-            .map_err(|e| PoolError::io(format!("writing {}", lock_path.display()), e))?;
-        let _ = lock.flush();
+        let lock = crate::dirlock::lock_pool_dir(dir)?;
 
         let vols = dir.join(VOLS);
         let block_size = sys::statvfs(&lock)

@@ -33,7 +33,7 @@ mod volume;
 pub use volume::ThinVolume;
 
 use std::fs::{File, OpenOptions};
-use std::io::{Read, Seek, Write};
+use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -120,7 +120,6 @@ impl Default for ThinOptions {
 
 const META_FILE: &str = "pool.meta";
 const DATA_FILE: &str = "pool.data";
-const LOCK_FILE: &str = "lock";
 
 /// The data file, noting whether anything was written since the last commit.
 struct DirtyTracking {

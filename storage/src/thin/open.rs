@@ -3,36 +3,6 @@
 
 use super::*;
 
-pub(super) fn lock_dir(dir: &Path) -> Result<File, PoolError> {
-    let path = dir.join(LOCK_FILE);
-    let mut f = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .open(&path)
-        .map_err(|e| PoolError::io(format!("opening {}", path.display()), e))?;
-    match rustix::fs::flock(&f, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
-        Ok(()) => {
-            let pid = std::process::id().to_string();
-            f.set_len(0)
-                .and_then(|_| f.rewind())
-                .and_then(|_| f.write_all(pid.as_bytes()))
-                .map_err(|e| PoolError::io("writing the lock file", e))?;
-            Ok(f)
-        }
-        Err(rustix::io::Errno::WOULDBLOCK) => {
-            let mut s = String::new();
-            let _ = f.read_to_string(&mut s);
-            Err(PoolError::Locked {
-                path: dir.display().to_string(),
-                pid: s.trim().parse().ok(),
-            })
-        }
-        Err(e) => Err(PoolError::io("locking the pool", e.into())),
-    }
-}
-
 pub(super) fn open_file(path: &Path, create: bool) -> Result<Arc<dyn BlockFile>, PoolError> {
     let mut o = OpenOptions::new();
     o.read(true).write(true);
@@ -57,7 +27,7 @@ impl ThinPool {
     pub fn create(dir: &Path, opts: ThinOptions) -> Result<Arc<ThinPool>, PoolError> {
         std::fs::create_dir_all(dir)
             .map_err(|e| PoolError::io(format!("creating {}", dir.display()), e))?;
-        let lock = lock_dir(dir)?;
+        let lock = crate::dirlock::lock_pool_dir(dir)?;
         if dir.join(META_FILE).exists() {
             return Err(PoolError::Invalid(format!(
                 "a pool already exists at {}",
@@ -77,7 +47,7 @@ impl ThinPool {
                 reason: format!("no {META_FILE}"),
             });
         }
-        let lock = lock_dir(dir)?;
+        let lock = crate::dirlock::lock_pool_dir(dir)?;
         let meta = open_file(&dir.join(META_FILE), false)?;
         let data = open_file(&dir.join(DATA_FILE), false)?;
         Self::open_locked(dir, lock, meta, data)
@@ -93,7 +63,7 @@ impl ThinPool {
     ) -> Result<Arc<ThinPool>, PoolError> {
         std::fs::create_dir_all(dir)
             .map_err(|e| PoolError::io(format!("creating {}", dir.display()), e))?;
-        let lock = lock_dir(dir)?;
+        let lock = crate::dirlock::lock_pool_dir(dir)?;
         Self::create_locked(dir, lock, opts, Arc::from(meta), Arc::from(data))
     }
 
@@ -105,7 +75,7 @@ impl ThinPool {
     ) -> Result<Arc<ThinPool>, PoolError> {
         std::fs::create_dir_all(dir)
             .map_err(|e| PoolError::io(format!("creating {}", dir.display()), e))?;
-        let lock = lock_dir(dir)?;
+        let lock = crate::dirlock::lock_pool_dir(dir)?;
         Self::open_locked(dir, lock, Arc::from(meta), Arc::from(data))
     }
 
