@@ -17,12 +17,16 @@
 //! Atomicity. Every LVM command commits LVM metadata on its own, so a transaction of the
 //! volume model (a start: three lvcreates; a stop: two lvrenames and lvremoves) is not
 //! atomic in LVM. The driver makes it so: before each step, the step's undo is appended
-//! to the journal and fsynced; a removal is a rename to a `qctrash-` name; the commit
-//! writes `lvm.json` with the next generation (the commit point), then lvremoves the
-//! trash (discarding it first, as Qubes does) and empties the journal. At open, journal
-//! records of a generation newer than `lvm.json`'s are undone in reverse order (each undo
-//! checks what exists, so a crash before or after the step, or during an earlier
-//! recovery, is fine), and trash of committed transactions is removed.
+//! to the journal and fsynced. A removal changes nothing in LVM: the LV is only hidden
+//! until the commit, which writes `lvm.json` with the next generation and the names of
+//! the hidden LVs (the commit point), then lvremoves them in one command (discarding
+//! them first, as Qubes does) and empties the journal. Only when a hidden LV's name is
+//! taken again in the same transaction is it renamed to a `qctrash-` name first (a
+//! journaled step). At open, journal records of a generation newer than `lvm.json`'s are
+//! undone in reverse order (each undo checks what exists, so a crash before or after the
+//! step, or during an earlier recovery, is fine); then what the last commit removed and
+//! any committed trash are lvremoved. Each LVM command costs 0.3-1 s under TCG (tens of
+//! ms on hardware; qubes-issues #3869): a stop is two renames and one lvremove.
 //!
 //! Not atomic even so: an undone shrink does not bring back the bytes past the shrink
 //! point (thin LVs drop them), and `lvm.json` and LVM metadata are two files: a commit
@@ -225,7 +229,6 @@ fn text(v: &Value, field: &str) -> String {
 #[derive(Debug, Clone)]
 struct Lv {
     name: String,
-    uuid: String,
     size: u64,
     data_pct: f64,
     active: bool,
@@ -255,7 +258,7 @@ fn report(vg: &str, pool: &str) -> Result<(PoolStats, Vec<Lv>), PoolError> {
         "--nosuffix",
         "-a",
         "-o",
-        "lv_name,lv_uuid,lv_size,data_percent,metadata_percent,lv_metadata_size,chunk_size,pool_lv,lv_active,segtype,zero,lv_health_status,vg_extent_size",
+        "lv_name,lv_size,data_percent,metadata_percent,lv_metadata_size,chunk_size,pool_lv,lv_active,segtype,zero,lv_health_status,vg_extent_size",
         vg,
     ];
     let out = lvm(&args)?;
@@ -284,7 +287,6 @@ fn report(vg: &str, pool: &str) -> Result<(PoolStats, Vec<Lv>), PoolError> {
         } else if text(&r, "pool_lv") == pool && text(&r, "segtype") == "thin" {
             lvs.push(Lv {
                 name,
-                uuid: text(&r, "lv_uuid"),
                 size: num(&r, "lv_size"),
                 data_pct: pct(&r, "data_percent"),
                 active: text(&r, "lv_active") == "active",
@@ -312,6 +314,10 @@ struct Catalog {
     attrs: BTreeMap<String, BTreeMap<String, String>>,
     /// Sizes asked for that LVM rounded up (to its extent size), by key.
     sizes: BTreeMap<String, u64>,
+    /// LVs the transaction of `generation` removed: lvremoved right after the commit, and
+    /// at open if a crash came first.
+    #[serde(default)]
+    removed: Vec<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -342,7 +348,7 @@ fn write_catalog(dir: &Path, cat: &Catalog) -> Result<(), PoolError> {
 
 // ------------------------------------------------------------------ the pool
 
-/// Per-LV state shared by its open handles (found by LVM uuid, which survives renames).
+/// Per-LV state shared by its open handles (found by LV name; our renames move it).
 struct Shared {
     size: AtomicU64,
     users: AtomicUsize,
@@ -350,11 +356,17 @@ struct Shared {
 
 struct State {
     cat: Catalog,
-    /// LV name -> LV, of the thin pool; `None` after a change LVM may report differently.
+    /// LV name -> LV, of the thin pool: one report, then kept up to date by our own
+    /// creates, renames, resizes and removals (each LVM command costs 0.25-0.7 s under
+    /// TCG and tens of ms on hardware; qubes-issues #3869). `None` after a failed command,
+    /// whose effect is unknown: the next lookup reports again.
     lvs: Option<BTreeMap<String, Lv>>,
     stats: PoolStats,
     journal: File,
     trash_seq: u64,
+    /// LVs removed by the open transaction, by name (still so named in LVM): left out of
+    /// every report until the commit removes them or a crash brings them back.
+    hidden: BTreeMap<String, Lv>,
     shared: HashMap<String, Arc<Shared>>,
 }
 
@@ -427,6 +439,7 @@ impl LvmThinPool {
             meta: BTreeMap::new(),
             attrs: BTreeMap::new(),
             sizes: BTreeMap::new(),
+            removed: Vec::new(),
         };
         adopt_qubes(&mut cat, &lvs);
         if stats.chunk == 0 {
@@ -470,6 +483,7 @@ impl LvmThinPool {
                 stats,
                 journal,
                 trash_seq: 0,
+                hidden: BTreeMap::new(),
                 shared: HashMap::new(),
             }),
             io_stale: AtomicBool::new(true),
@@ -602,7 +616,7 @@ fn recover(dir: &Path, cat: &Catalog) -> Result<(), PoolError> {
     }
     let trash: Vec<String> = lvs
         .iter()
-        .filter(|l| l.name.starts_with(TRASH))
+        .filter(|l| l.name.starts_with(TRASH) || cat.removed.contains(&l.name))
         .map(|l| l.name.clone())
         .collect();
     remove_lvs(vg, &trash)?;
@@ -677,7 +691,12 @@ impl Inner {
         if st.lvs.is_none() || self.io_stale.swap(false, Ordering::AcqRel) {
             let (stats, lvs) = report(&self.vg, &self.pool)?;
             st.stats = stats;
-            st.lvs = Some(lvs.into_iter().map(|l| (l.name.clone(), l)).collect());
+            let mut all: BTreeMap<String, Lv> =
+                lvs.into_iter().map(|l| (l.name.clone(), l)).collect();
+            for name in st.hidden.keys() {
+                all.remove(name);
+            }
+            st.lvs = Some(all);
         }
         Ok(st.lvs.as_ref().expect("loaded above"))
     }
@@ -700,7 +719,24 @@ impl Inner {
         if self.find(st, key)?.is_some() {
             return Err(PoolError::VolumeExists(key.into()));
         }
-        lv_name(key)
+        let name = lv_name(key)?;
+        if st.hidden.contains_key(&name) {
+            // Removed earlier in this transaction and named again: out of the way first.
+            st.trash_seq += 1;
+            let trash = format!("{TRASH}{}-{}", st.cat.generation + 1, st.trash_seq);
+            self.journal(
+                st,
+                Step::Renamed {
+                    from: name.clone(),
+                    to: trash.clone(),
+                },
+            )?;
+            lvm(&["lvrename", "--", &self.vg, &name, &trash]).inspect_err(|_| st.lvs = None)?;
+            let mut lv = st.hidden.remove(&name).expect("checked above");
+            lv.name = trash.clone();
+            st.hidden.insert(trash, lv);
+        }
+        Ok(name)
     }
 
     /// Appends the undo of the step about to be taken, durably, before it is taken.
@@ -769,7 +805,11 @@ impl Inner {
                 }
             }
         }
-        if r.is_err() {
+        if r.is_ok() {
+            if let Some(sh) = st.shared.remove(from) {
+                st.shared.insert(to.into(), sh);
+            }
+        } else {
             st.lvs = None;
         }
         r.map(drop)
@@ -787,15 +827,20 @@ impl Inner {
         }
     }
 
-    fn activate(&self, lv: &Lv) -> Result<(), PoolError> {
+    fn activate(&self, st: &mut State, lv: &Lv) -> Result<(), PoolError> {
         if !lv.active {
-            lvm(&[
+            let r = lvm(&[
                 "lvchange",
                 "--activate=y",
                 "--ignoreactivationskip",
                 "--",
                 &lv_arg(&self.vg, &lv.name),
-            ])?;
+            ]);
+            match (&r, st.lvs.as_mut().and_then(|m| m.get_mut(&lv.name))) {
+                (Ok(_), Some(cached)) => cached.active = true,
+                _ => st.lvs = None,
+            }
+            r?;
         }
         Ok(())
     }
@@ -820,11 +865,24 @@ impl Inner {
             "--",
             &pool,
         ]);
-        st.lvs = None;
-        r?;
-        let lv = self.need(st, key)?;
+        if let Err(e) = r {
+            st.lvs = None;
+            return Err(e);
+        }
+        // LVM rounds a thin LV up to whole extents.
+        let extent = st.stats.extent.max(512);
+        let lv = Lv {
+            name: name.clone(),
+            size: size.div_ceil(extent) * extent,
+            data_pct: 0.0,
+            active: true,
+        };
+        let lv_size = lv.size;
+        if let Some(m) = st.lvs.as_mut() {
+            m.insert(name, lv);
+        }
         st.cat.attrs.remove(key);
-        Self::set_logical_size(st, key, size, lv.size);
+        Self::set_logical_size(st, key, size, lv_size);
         Ok(())
     }
 }
@@ -920,8 +978,21 @@ impl Pool for LvmThinPool {
             "--",
             &lv_arg(&inner.vg, &src.name),
         ]);
-        st.lvs = None;
-        r?;
+        if let Err(e) = r {
+            st.lvs = None;
+            return Err(e);
+        }
+        // A thin snapshot has its origin's size and, until written, its blocks.
+        if let Some(m) = st.lvs.as_mut() {
+            m.insert(
+                name.clone(),
+                Lv {
+                    name,
+                    active: true,
+                    ..src.clone()
+                },
+            );
+        }
         let size = Inner::logical_size(&st, source, &src);
         st.cat.attrs.remove(target);
         Inner::set_logical_size(&mut st, target, size, src.size);
@@ -932,7 +1003,7 @@ impl Pool for LvmThinPool {
         let inner = &self.inner;
         let mut st = inner.state.lock();
         let lv = inner.need(&mut st, key)?;
-        if let Some(sh) = st.shared.get(&lv.uuid) {
+        if let Some(sh) = st.shared.get(&lv.name) {
             let users = sh.users.load(Ordering::Acquire);
             if users > 0 {
                 return Err(PoolError::Busy {
@@ -941,9 +1012,11 @@ impl Pool for LvmThinPool {
                 });
             }
         }
-        st.trash_seq += 1;
-        let trash = format!("{TRASH}{}-{}", st.cat.generation + 1, st.trash_seq);
-        inner.rename_lv(&mut st, &lv.name, &trash)?;
+        if let Some(m) = st.lvs.as_mut() {
+            m.remove(&lv.name);
+        }
+        st.shared.remove(&lv.name);
+        st.hidden.insert(lv.name.clone(), lv);
         st.cat.attrs.remove(key);
         st.cat.sizes.remove(key);
         Ok(())
@@ -997,7 +1070,10 @@ impl Pool for LvmThinPool {
                 "--",
                 &lv_arg(&inner.vg, &lv.name),
             ]);
-            st.lvs = None;
+            match (&r, st.lvs.as_mut().and_then(|m| m.get_mut(&lv.name))) {
+                (Ok(_), Some(cached)) => cached.size = want,
+                _ => st.lvs = None,
+            }
             r?;
         }
         let lv = inner.need(&mut st, key)?;
@@ -1016,7 +1092,7 @@ impl Pool for LvmThinPool {
                 .map_err(|e| PoolError::io(format!("zeroing the tail of {key}"), e))?;
         }
         Inner::set_logical_size(&mut st, key, size, lv.size);
-        if let Some(sh) = st.shared.get(&lv.uuid) {
+        if let Some(sh) = st.shared.get(&lv.name) {
             sh.size.store(size, Ordering::Release);
         }
         Ok(())
@@ -1040,7 +1116,7 @@ impl Pool for LvmThinPool {
         let inner = &self.inner;
         let mut st = inner.state.lock();
         let lv = inner.need(&mut st, key)?;
-        inner.activate(&lv)?;
+        inner.activate(&mut st, &lv)?;
         let path = dev_path(&inner.vg, &lv.name);
         let file = OpenOptions::new()
             .read(true)
@@ -1051,7 +1127,7 @@ impl Pool for LvmThinPool {
         let size = Inner::logical_size(&st, key, &lv);
         let shared = st
             .shared
-            .entry(lv.uuid.clone())
+            .entry(lv.name.clone())
             .or_insert_with(|| {
                 Arc::new(Shared {
                     size: AtomicU64::new(size),
@@ -1091,20 +1167,51 @@ impl Pool for LvmThinPool {
     fn commit(&self) -> Result<(), PoolError> {
         let inner = &self.inner;
         let mut st = inner.state.lock();
+        if st.lvs.is_none() {
+            inner.lvs(&mut st)?;
+        }
+        // Hidden LVs, and trash a failed removal left (whose names stay hidden).
+        let mut removed: Vec<String> = st.hidden.keys().cloned().collect();
+        removed.extend(
+            st.lvs
+                .as_ref()
+                .expect("loaded above")
+                .keys()
+                .filter(|n| n.starts_with(TRASH))
+                .cloned(),
+        );
         let mut next = st.cat.clone();
         next.generation += 1;
+        next.removed = removed.clone();
         // The commit point: from here on the transaction's steps are kept.
         write_catalog(&inner.dir, &next)?;
         st.cat.generation = next.generation;
+        st.cat.removed = removed.clone();
         st.trash_seq = 0;
-        let trash: Vec<String> = inner
-            .lvs(&mut st)?
-            .keys()
-            .filter(|n| n.starts_with(TRASH))
-            .cloned()
-            .collect();
-        let r = remove_lvs(&inner.vg, &trash);
-        st.lvs = None;
+        let r = remove_lvs(&inner.vg, &removed);
+        if r.is_ok() {
+            st.hidden.clear();
+            if let Some(m) = st.lvs.as_mut() {
+                for n in &removed {
+                    m.remove(n);
+                }
+            }
+        } else {
+            // What is left stays hidden and goes at the next commit (or open); what is
+            // gone must not be named to lvremove again.
+            for n in &removed {
+                if let Some(lv) = st.lvs.as_mut().and_then(|m| m.remove(n)) {
+                    st.hidden.insert(n.clone(), lv);
+                }
+            }
+            if let Ok((_, now)) = report(&inner.vg, &inner.pool) {
+                st.hidden.retain(|n, _| now.iter().any(|l| &l.name == n));
+            }
+            st.lvs = None;
+        }
+        for n in &removed {
+            st.shared.remove(n);
+        }
         if let Err(e) = r {
             // Committed all the same; the next open removes what is left.
             tracing::warn!("lvm_thin: removing committed trash: {e}");
