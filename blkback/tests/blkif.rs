@@ -23,9 +23,13 @@ struct Backend {
 
 impl Backend {
     fn start(front: &Frontend, dev: Arc<dyn BlockDevice>) -> Backend {
+        Self::start_with(front, dev, VbdParams::default())
+    }
+
+    fn start_with(front: &Frontend, dev: Arc<dyn BlockDevice>, params: VbdParams) -> Backend {
         let ring = BackRing::attach(front.grants.map_ring(&front.ring_refs).unwrap()).unwrap();
         let guest = PersistentGrants::new(front.grants.clone(), front.persistent);
-        let mut vbd = Vbd::new(ring, guest, dev, VbdParams::default());
+        let mut vbd = Vbd::new(ring, guest, dev, params);
         let chan = front.channel();
         let stop = Arc::new(AtomicBool::new(false));
         let s = stop.clone();
@@ -167,6 +171,7 @@ fn persistent_grants_map_each_page_once_and_fall_back_past_the_cap() {
                 stats.mapped, 4,
                 "each page mapped once, up to the cap: {stats:?}"
             );
+            assert_eq!(stats.map_calls, 1, "the 4 pages in one call: {stats:?}");
             assert_eq!((stats.hits, stats.copied), (40, 20), "{stats:?}");
         } else {
             assert_eq!(
@@ -648,4 +653,201 @@ fn back_to_back_transfers_are_served_as_one_run_and_a_bad_one_fails_alone() {
         let want = if bad.is_none() { n } else { 0 };
         assert_eq!(vbd.stats.merged - merged, want, "{:?}", vbd.stats);
     }
+}
+
+#[test]
+fn a_spinning_backend_takes_requests_without_asking_for_a_kick() {
+    let pool = storage::MemPool::with_options(CHUNK, None);
+    pool.create_volume("v", 4 * MIB).unwrap();
+    let dev = pool.open_volume("v", false).unwrap();
+    let mut front = Frontend::new(0);
+    let ring = BackRing::attach(front.grants.map_ring(&front.ring_refs).unwrap()).unwrap();
+    let mut vbd = Vbd::new(
+        ring,
+        front.grants.clone(),
+        dev.clone(),
+        VbdParams::default(),
+    );
+    let mut keep = Vec::new();
+    let mut put = |front: &mut Frontend, i: u64| {
+        let data = pattern(PAGE_SIZE, 500 + i);
+        let buf = front.alloc(1, Some(&data));
+        let id = front.id();
+        front.ring.put_request(&encode::rw(
+            OP_WRITE,
+            id,
+            i * 8,
+            &Frontend::page_segments(&buf),
+        ));
+        keep.push((buf, data));
+        id
+    };
+    // A fresh ring asks for a kick on the first request.
+    let id = put(&mut front, 0);
+    assert!(front.ring.push_requests(), "the first request needs a kick");
+    assert!(vbd.drain().unwrap(), "the frontend waits for its answer");
+    assert_eq!(front.ring.next_response().unwrap().id, id);
+    // Nothing published: the spin gives up and has not asked for a kick.
+    assert!(!vbd.spin(64).unwrap());
+    // A request published during the spin phase needs no kick, and the spin finds it.
+    let id = put(&mut front, 1);
+    assert!(
+        !front.ring.push_requests(),
+        "no kick while the backend spins"
+    );
+    assert!(vbd.spin(64).unwrap());
+    vbd.drain().unwrap();
+    assert_eq!(front.ring.next_response().unwrap().id, id);
+    // Once the backend goes to sleep (final check), the next request kicks it again.
+    assert!(!vbd.process().unwrap());
+    put(&mut front, 2);
+    assert!(
+        front.ring.push_requests(),
+        "a sleeping backend must be kicked"
+    );
+    vbd.process().unwrap();
+    assert!(front.ring.next_response().is_some());
+    assert_eq!(vbd.stats.spin_hits, 1);
+    for (i, (_, data)) in keep.iter().enumerate() {
+        assert_eq!(
+            &read_dev(&*dev, i as u64 * PAGE_SIZE as u64, PAGE_SIZE),
+            data
+        );
+    }
+}
+
+/// Many requests in flight, reads and writes at random places, the frontend queueing
+/// more as answers come (so some land while the backend spins, some while it sleeps):
+/// every request answered once, in order, the data byte for byte against a model.
+fn requests_in_flight_match_a_model(spin: u32, persistent: bool) {
+    let dir = tempfile::tempdir().unwrap();
+    let pool = thin_pool(dir.path(), 32 * MIB);
+    pool.create_volume("v", 4 * MIB).unwrap();
+    let dev = pool.open_volume("v", false).unwrap();
+    let mut front = Frontend::new(1);
+    front.persistent = persistent;
+    let params = VbdParams {
+        spin,
+        ..Default::default()
+    };
+    let be = Backend::start_with(&front, dev.clone(), params);
+    let mut model = vec![0u8; 4 * MIB as usize];
+    let mut rng = 0x1234_5678_9abc_def0u64 ^ u64::from(spin);
+    let mut next = move |n: u64| {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        rng % n
+    };
+    // (id, op, buffer, expected read data)
+    let mut inflight = std::collections::VecDeque::new();
+    for i in 0..1500u64 {
+        let pages = 1 + next(4) as usize;
+        let page = next(4 * MIB / PAGE_SIZE as u64 - pages as u64);
+        let off = page as usize * PAGE_SIZE;
+        let id = front.id();
+        if next(3) == 0 {
+            let buf = front.alloc(pages, None);
+            let want = model[off..off + pages * PAGE_SIZE].to_vec();
+            front.ring.put_request(&encode::rw(
+                OP_READ,
+                id,
+                page * 8,
+                &Frontend::page_segments(&buf),
+            ));
+            inflight.push_back((id, OP_READ, buf, Some(want)));
+        } else {
+            let data = pattern(pages * PAGE_SIZE, 9000 + i);
+            model[off..off + data.len()].copy_from_slice(&data);
+            let buf = front.alloc(pages, Some(&data));
+            front.ring.put_request(&encode::rw(
+                OP_WRITE,
+                id,
+                page * 8,
+                &Frontend::page_segments(&buf),
+            ));
+            inflight.push_back((id, OP_WRITE, buf, None));
+        }
+        // Publish in bursts of 1-5, keep up to 24 in flight.
+        if next(5) == 0 || inflight.len() >= 24 {
+            front.push();
+        }
+        while inflight.len() >= 24 || (next(7) == 0 && !inflight.is_empty()) {
+            front.push();
+            let r = front.wait_response();
+            let (id, op, buf, want) = inflight.pop_front().unwrap();
+            assert_eq!((r.id, r.operation, r.status), (id, op, RSP_OKAY));
+            if let Some(want) = want {
+                assert!(buf.read() == want, "read {id} returned other data");
+            }
+        }
+    }
+    front.push();
+    while let Some((id, op, buf, want)) = inflight.pop_front() {
+        let r = front.wait_response();
+        assert_eq!((r.id, r.operation, r.status), (id, op, RSP_OKAY));
+        if let Some(want) = want {
+            assert!(buf.read() == want, "read {id} returned other data");
+        }
+    }
+    assert!(front.ring.next_response().is_none(), "an extra response");
+    be.stop().unwrap();
+    assert!(
+        read_dev(&*dev, 0, model.len()) == model,
+        "volume differs from the model"
+    );
+}
+
+#[test]
+fn requests_in_flight_match_a_model_with_a_spinning_backend() {
+    requests_in_flight_match_a_model(4096, true);
+    requests_in_flight_match_a_model(4096, false);
+}
+
+#[test]
+fn requests_in_flight_match_a_model_with_a_sleeping_backend() {
+    requests_in_flight_match_a_model(0, true);
+}
+
+/// A transfer's new grants are mapped in one call; when one of them is bad the call
+/// fails as a whole, the good ones are mapped one by one and only the request with the
+/// bad grant fails.
+#[test]
+fn a_bad_grant_in_a_batch_of_new_grants_fails_only_its_request() {
+    let pool = storage::MemPool::with_options(CHUNK, None);
+    pool.create_volume("v", 4 * MIB).unwrap();
+    let dev = pool.open_volume("v", false).unwrap();
+    let mut front = Frontend::new(0);
+    let ring = BackRing::attach(front.grants.map_ring(&front.ring_refs).unwrap()).unwrap();
+    let guest = PersistentGrants::new(front.grants.clone(), true);
+    let mut vbd = Vbd::new(ring, guest, dev.clone(), VbdParams::default());
+    let buf = front.alloc(4, Some(&pattern(4 * PAGE_SIZE, 77)));
+    let mut segs = Frontend::page_segments(&buf);
+    let good = segs[3].gref;
+    segs[3].gref = 999_999;
+    let id = front.id();
+    front.ring.put_request(&encode::rw(OP_WRITE, id, 8, &segs));
+    front.push();
+    vbd.process().unwrap();
+    let r = front.ring.next_response().unwrap();
+    assert_eq!((r.id, r.status), (id, RSP_ERROR));
+    let st = vbd.guest().stats();
+    assert_eq!((st.mapped, st.map_calls), (3, 3), "{st:?}");
+    segs[3].gref = good;
+    let id = front.id();
+    front.ring.put_request(&encode::rw(OP_WRITE, id, 8, &segs));
+    front.push();
+    vbd.process().unwrap();
+    let r = front.ring.next_response().unwrap();
+    assert_eq!((r.id, r.status), (id, RSP_OKAY));
+    let st = vbd.guest().stats();
+    assert_eq!(
+        (st.mapped, st.map_calls),
+        (4, 4),
+        "one more page alone: {st:?}"
+    );
+    assert_eq!(
+        read_dev(&*dev, 8 * 512, 4 * PAGE_SIZE),
+        pattern(4 * PAGE_SIZE, 77)
+    );
 }

@@ -28,6 +28,8 @@ dd if=/dev/urandom of=/dev/shm/rand bs=1M count=$MIB 2>/dev/null
 wait_dev() { i=0; while [ ! -b /dev/$1 ] && [ $i -lt 120 ]; do sleep 1; i=$((i+1)); done; [ -b /dev/$1 ] || { echo "BENCH-FAIL: /dev/$1 never appeared"; exit 1; }; }
 
 # a. ours
+# Our backends log their counters when a device closes (BENCH stats lines at the end).
+export RUST_LOG=blkback=info
 $BIN 0 --thin $W/pool $((MIB * 2)) 51712 xvda > $W/blkif.out 2> $W/blkif.err &
 SERVE=$!
 wait_dev xvda
@@ -76,6 +78,7 @@ fio_rate() {
 }
 K4=$((MIB * 64))   # 4 KiB blocks in a quarter of the area
 DEVS="xvda xvdd xvdb xvdc"
+echo "BENCH fairness: every disk starts unwritten (our thin volumes and the NBD one unallocated, the loop device's raw file sparse); seq-1M-write, the first row, writes the area on each, so every later row, the domU's included, runs over written data on all four"
 echo "BENCH rows: MB/s, dd O_DIRECT, $MIB MiB for 1 MiB rows, $((MIB / 4)) MiB for 4 KiB rows; fio random 4 KiB over $MIB MiB, 8 s"
 printf 'BENCH %-22s %10s %10s %10s %10s\n' row blkif blkcopy blkback nbd
 for row in "seq-1M-write write 1M $MIB" "seq-1M-read read 1M $MIB" \
@@ -198,8 +201,16 @@ awk '{printf "BENCH domU-%-17s %10s %10s %10s %10s\n", $1, $2, $3, $4, $5}' $W/u
 awk 'function r(a, b) { return b > 0 ? a / b : 0 }
   {printf "BENCH domU-%-17s blkif/blkback %.2f  blkif/nbd %.2f  blkcopy/blkback %.2f  blkif/blkcopy %.2f\n", $1, r($2,$4), r($2,$5), r($3,$4), r($2,$3)}' $W/urows
 xl destroy benchu >/dev/null 2>&1 || true
-sleep 2; kill $USERVE $USERVE_RAW 2>/dev/null || true
+# Let the backends see the domain go and log their counters.
+i=0; while [ $i -lt 15 ] && ! { grep -q 'device thread done' $W/u-blkif.err && grep -q 'device thread done' $W/u-blkcopy.err; }; do sleep 1; i=$((i+1)); done
+kill $USERVE $USERVE_RAW 2>/dev/null || true
 
+# The device threads' counters (blkif/blkcopy in dom0, then in the domU): requests,
+# passes over the ring, wake-ups by a kick, spin hits, notifications, volume calls,
+# the thread's CPU time.
+for f in blkif blkcopy u-blkif u-blkcopy; do
+  sed -n "s/.*blkif device thread done \(.*\)/BENCH stats $f: \1/p" $W/$f.err
+done
 qemu-nbd --disconnect /dev/nbd0 >/dev/null 2>&1 || true
 qubes-ctl qube shutdown b --kill >/dev/null 2>&1 || true
 losetup -d $LOOP 2>/dev/null || true

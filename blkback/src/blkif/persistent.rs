@@ -45,6 +45,8 @@ pub struct MappedPage {
 pub struct PersistentStats {
     /// Grants mapped (each once per connection).
     pub mapped: u64,
+    /// Calls that mapped them (several grants of one transfer go in one).
+    pub map_calls: u64,
     /// Segments moved by plain copy through a kept mapping.
     pub hits: u64,
     /// Segments that went through grant copy (cap reached, or the grant would not map).
@@ -57,6 +59,9 @@ pub struct PersistentGrants<G: GuestMemory> {
     enabled: bool,
     limit: usize,
     pages: RefCell<HashMap<u32, MappedPage>>,
+    /// The per-transfer list of mappings, kept between transfers so that the hot path
+    /// does not allocate.
+    plan_buf: RefCell<Vec<Option<MappedPage>>>,
     stats: RefCell<PersistentStats>,
 }
 
@@ -73,6 +78,7 @@ impl<G: GuestMemory> PersistentGrants<G> {
             enabled,
             limit,
             pages: RefCell::default(),
+            plan_buf: RefCell::default(),
             stats: RefCell::default(),
         }
     }
@@ -95,7 +101,9 @@ impl<G: GuestMemory> PersistentGrants<G> {
         }
         let p = self.guest.map_page(gref).ok()?;
         self.pages.borrow_mut().insert(gref, p.clone());
-        self.stats.borrow_mut().mapped += 1;
+        let mut st = self.stats.borrow_mut();
+        st.mapped += 1;
+        st.map_calls += 1;
         Some(p)
     }
 
@@ -118,7 +126,65 @@ impl<G: GuestMemory> PersistentGrants<G> {
                 "segments cover {total} bytes, the buffer {len} bytes"
             ));
         }
-        Ok(segs.iter().map(|s| self.page(s.gref)).collect())
+        let mut pages = std::mem::take(&mut *self.plan_buf.borrow_mut());
+        pages.clear();
+        let mut missing = false;
+        {
+            let kept = self.pages.borrow();
+            pages.extend(segs.iter().map(|s| {
+                let p = kept.get(&s.gref).cloned();
+                missing |= p.is_none();
+                p
+            }));
+        }
+        if missing {
+            self.map_batch(segs, &pages);
+            for (s, p) in segs.iter().zip(pages.iter_mut()) {
+                if p.is_none() {
+                    *p = self.page(s.gref);
+                }
+            }
+        }
+        Ok(pages)
+    }
+
+    /// Maps the transfer's grants that have no mapping yet in one call (as many as the
+    /// cap leaves room for): a frontend's first 128 KiB request then costs one gntdev
+    /// call and one mmap, not 32 of each. If the call fails (one bad or read-only grant
+    /// fails the lot), [`Self::page`] tries each grant alone, so only the bad one goes
+    /// to grant copy.
+    fn map_batch(&self, segs: &[GrantSeg], pages: &[Option<MappedPage>]) {
+        let room = self.limit.saturating_sub(self.pages.borrow().len());
+        let mut new: Vec<u32> = Vec::new();
+        for (s, p) in segs.iter().zip(pages) {
+            if new.len() >= room {
+                break;
+            }
+            if p.is_none() && !new.contains(&s.gref) {
+                new.push(s.gref);
+            }
+        }
+        if new.len() < 2 {
+            return;
+        }
+        let Ok(mapped) = self.guest.map_pages(&new) else {
+            return;
+        };
+        if mapped.len() != new.len() {
+            return;
+        }
+        self.pages
+            .borrow_mut()
+            .extend(new.iter().copied().zip(mapped));
+        let mut st = self.stats.borrow_mut();
+        st.mapped += new.len() as u64;
+        st.map_calls += 1;
+    }
+
+    /// Gives a plan's list back for the next transfer.
+    fn recycle(&self, mut pages: Vec<Option<MappedPage>>) {
+        pages.clear();
+        *self.plan_buf.borrow_mut() = pages;
     }
 
     fn count(&self, hits: usize, copied: usize) {
@@ -156,6 +222,7 @@ impl<G: GuestMemory> GuestMemory for PersistentGrants<G> {
         let copied = pages.iter().filter(|p| p.is_none()).count();
         self.count(segs.len() - copied, copied);
         if copied == segs.len() {
+            self.recycle(pages);
             return self.guest.copy_from_guest(segs, buf);
         }
         // The unmapped segments go in one grant copy (one hypercall), through a scratch
@@ -172,13 +239,14 @@ impl<G: GuestMemory> GuestMemory for PersistentGrants<G> {
             }
         }
         let mut pos = 0;
-        for (s, page) in segs.iter().zip(pages) {
+        for (s, page) in segs.iter().zip(&pages) {
             let end = pos + s.len as usize;
             if let Some(p) = page {
                 p.mem.read(p.base + s.offset as usize, &mut buf[pos..end]);
             }
             pos = end;
         }
+        self.recycle(pages);
         Ok(())
     }
 
@@ -190,6 +258,7 @@ impl<G: GuestMemory> GuestMemory for PersistentGrants<G> {
         let copied = pages.iter().filter(|p| p.is_none()).count();
         self.count(segs.len() - copied, copied);
         if copied == segs.len() {
+            self.recycle(pages);
             return self.guest.copy_to_guest(segs, buf);
         }
         let (rest, places) = unmapped(segs, &pages);
@@ -198,17 +267,22 @@ impl<G: GuestMemory> GuestMemory for PersistentGrants<G> {
             self.guest.copy_to_guest(&rest, &scratch)?;
         }
         let mut pos = 0;
-        for (s, page) in segs.iter().zip(pages) {
+        for (s, page) in segs.iter().zip(&pages) {
             let end = pos + s.len as usize;
             if let Some(p) = page {
                 p.mem.write(p.base + s.offset as usize, &buf[pos..end]);
             }
             pos = end;
         }
+        self.recycle(pages);
         Ok(())
     }
 
     fn map_page(&self, gref: u32) -> Result<MappedPage, String> {
         self.guest.map_page(gref)
+    }
+
+    fn map_pages(&self, grefs: &[u32]) -> Result<Vec<MappedPage>, String> {
+        self.guest.map_pages(grefs)
     }
 }

@@ -82,6 +82,12 @@ impl BackRing {
         Ok(req.min(room))
     }
 
+    /// Whether the frontend has published requests not yet taken (without asking it for
+    /// a kick).
+    pub fn has_requests(&self) -> Result<bool, RingError> {
+        Ok(self.unconsumed()? > 0)
+    }
+
     /// The next request slot, copied out, or `None` if the frontend has published none.
     pub fn next_request(&mut self) -> Result<Option<[u8; REQUEST_SIZE]>, RingError> {
         if self.unconsumed()? == 0 {

@@ -137,21 +137,28 @@ impl SharedMem {
     pub fn read(&self, off: usize, dst: &mut [u8]) {
         self.check(off, dst.len(), 1);
         let base = self.ptr.as_ptr();
-        let mut i = 0;
-        while i < dst.len() {
-            let o = off + i;
-            if o % 8 == 0 && dst.len() - i >= 8 {
-                // SAFETY: in bounds (checked above), 8-aligned (base page-aligned, o % 8
-                // == 0), valid for the lifetime of &self, accessed only atomically.
-                let a = unsafe { AtomicU64::from_ptr(base.add(o).cast()) };
-                dst[i..i + 8].copy_from_slice(&a.load(Ordering::Relaxed).to_ne_bytes());
-                i += 8;
-            } else {
-                // SAFETY: in bounds (checked above); bytes need no alignment.
-                let a = unsafe { AtomicU8::from_ptr(base.add(o)) };
-                dst[i] = a.load(Ordering::Relaxed);
-                i += 1;
-            }
+        let len = dst.len();
+        // Bytes up to the first 8-aligned offset, then whole words, then the rest: the
+        // word loop has no per-word branches or bounds checks (under emulation every
+        // instruction of a page copy counts).
+        let (head, body) = dst.split_at_mut(((8 - off % 8) % 8).min(dst.len()));
+        for (k, d) in head.iter_mut().enumerate() {
+            // SAFETY: in bounds (checked above); bytes need no alignment.
+            *d = unsafe { AtomicU8::from_ptr(base.add(off + k)) }.load(Ordering::Relaxed);
+        }
+        let body_off = off + head.len();
+        let mut words = body.chunks_exact_mut(8);
+        for (k, d) in (&mut words).enumerate() {
+            // SAFETY: in bounds (checked above), 8-aligned (base page-aligned, body_off
+            // % 8 == 0), valid for the lifetime of &self, accessed only atomically.
+            let a = unsafe { AtomicU64::from_ptr(base.add(body_off + 8 * k).cast()) };
+            d.copy_from_slice(&a.load(Ordering::Relaxed).to_ne_bytes());
+        }
+        let tail = words.into_remainder();
+        let tail_off = off + len - tail.len();
+        for (k, d) in tail.iter_mut().enumerate() {
+            // SAFETY: in bounds (checked above); bytes need no alignment.
+            *d = unsafe { AtomicU8::from_ptr(base.add(tail_off + k)) }.load(Ordering::Relaxed);
         }
     }
 
@@ -160,21 +167,24 @@ impl SharedMem {
     pub fn write(&self, off: usize, src: &[u8]) {
         self.check(off, src.len(), 1);
         let base = self.ptr.as_ptr();
-        let mut i = 0;
-        while i < src.len() {
-            let o = off + i;
-            if o % 8 == 0 && src.len() - i >= 8 {
-                let v = u64::from_ne_bytes(src[i..i + 8].try_into().expect("8 bytes"));
-                // SAFETY: as in `read`.
-                let a = unsafe { AtomicU64::from_ptr(base.add(o).cast()) };
-                a.store(v, Ordering::Relaxed);
-                i += 8;
-            } else {
-                // SAFETY: as in `read`.
-                let a = unsafe { AtomicU8::from_ptr(base.add(o)) };
-                a.store(src[i], Ordering::Relaxed);
-                i += 1;
-            }
+        let (head, body) = src.split_at(((8 - off % 8) % 8).min(src.len()));
+        for (k, v) in head.iter().enumerate() {
+            // SAFETY: as in `read`.
+            unsafe { AtomicU8::from_ptr(base.add(off + k)) }.store(*v, Ordering::Relaxed);
+        }
+        let body_off = off + head.len();
+        let words = body.chunks_exact(8);
+        let tail = words.remainder();
+        for (k, w) in words.enumerate() {
+            let v = u64::from_ne_bytes(w.try_into().expect("8 bytes"));
+            // SAFETY: as in `read`.
+            let a = unsafe { AtomicU64::from_ptr(base.add(body_off + 8 * k).cast()) };
+            a.store(v, Ordering::Relaxed);
+        }
+        let tail_off = off + src.len() - tail.len();
+        for (k, v) in tail.iter().enumerate() {
+            // SAFETY: as in `read`.
+            unsafe { AtomicU8::from_ptr(base.add(tail_off + k)) }.store(*v, Ordering::Relaxed);
         }
     }
 }
@@ -743,6 +753,33 @@ mod tests {
         assert_eq!(back, data);
         m.store_u32(8, 0xdead_beef, Ordering::Release);
         assert_eq!(m.load_u32(8, Ordering::Acquire), 0xdead_beef);
+    }
+
+    #[test]
+    fn shared_mem_copies_match_a_model_at_every_alignment() {
+        // Head bytes, whole words and tail bytes: every start offset within a word and
+        // lengths around word boundaries, against a plain Vec.
+        let m = SharedMem::anonymous(1).unwrap();
+        let mut model = vec![0u8; 4096];
+        let mut n = 1u8;
+        for off in (0..24).chain(4070..4096) {
+            for len in (0..=40).filter(|l| off + l <= 4096) {
+                let data: Vec<u8> = (0..len)
+                    .map(|_| {
+                        n = n.wrapping_mul(31).wrapping_add(7);
+                        n
+                    })
+                    .collect();
+                m.write(off, &data);
+                model[off..off + len].copy_from_slice(&data);
+                let mut all = vec![0; 4096];
+                m.read(0, &mut all);
+                assert_eq!(all, model, "write of {len} at {off}");
+                let mut back = vec![0; len];
+                m.read(off, &mut back);
+                assert_eq!(back, data, "read of {len} at {off}");
+            }
+        }
     }
 
     #[test]
