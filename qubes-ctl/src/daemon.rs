@@ -131,9 +131,12 @@ fn serve_admin(conn: UnixStream, shared: &Shared, paths: &Paths) -> Result<()> {
         Err(e) => Reply::Error(e),
         Ok(Request::DaemonStop) => {
             let served = shared.served_qubes();
-            let mut out = serde_json::to_string(&Reply::Ok(
-                serde_json::json!({"stopping": true, "detached": served}),
-            ))?;
+            let mut out = serde_json::to_string(&Reply::Ok(serde_json::to_value(
+                crate::results::Stopping {
+                    stopping: true,
+                    detached: Some(served),
+                },
+            )?))?;
             out.push('\n');
             writer.write_all(out.as_bytes())?;
             tracing::info!("stopping on request; running qubes stay marked running");
