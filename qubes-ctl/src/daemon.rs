@@ -158,7 +158,15 @@ fn serve_admin(conn: UnixStream, shared: &Shared, paths: &Paths) -> Result<()> {
             Reply::Ok(serde_json::to_value(pong)?)
         }
         Ok(req) => {
+            let t = std::time::Instant::now();
+            // The op's wire name (serialising the request costs: only when logged).
+            let op = tracing::enabled!(tracing::Level::DEBUG)
+                .then(|| serde_json::to_value(&req).ok())
+                .flatten()
+                .and_then(|v| v.get("op").and_then(|o| o.as_str()).map(str::to_string))
+                .unwrap_or_default();
             let r = shared.handle_with(req, files);
+            tracing::debug!(op = %op, took_us = t.elapsed().as_micros() as u64, "request");
             SERVED.store(
                 shared.served_qubes().len(),
                 std::sync::atomic::Ordering::Relaxed,
