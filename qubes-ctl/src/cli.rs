@@ -16,7 +16,10 @@ use crate::api::{self, Reply, Request};
 use crate::controller::{self, parse_volume_ref, Controller, InitOptions};
 use crate::paths::Paths;
 use crate::repo::{repo_args, InstallMode, RepoAction};
-use crate::results::{DaemonStatus, PoolVerified, QubeInfo, QubeStarted, VolumeInfo};
+use crate::results::{
+    AvailableTemplate, DaemonStarted, DaemonStatus, PoolVerified, QubeConsole, QubeInfo, QubeLog,
+    QubeStarted, Stopping, TemplateSummary, VolumeInfo,
+};
 use crate::units::{human_size, parse_size};
 
 /// `println!` that exits quietly when stdout is closed early (`qubes-ctl qube list | head
@@ -452,8 +455,8 @@ pub fn main_with(cli: Cli) -> Result<()> {
                 volume_group,
                 thin_pool,
             };
-            let v = controller::init_pool(&paths, &opts)?;
-            return print(format, "pool-info", &v);
+            let info = controller::init_pool(&paths, &opts)?;
+            return print(format, "pool-info", &serde_json::to_value(info)?);
         }
         Cmd::Daemon { action } => {
             return daemon_cmd(&paths, action.unwrap_or(DaemonCmd::Run), format)
@@ -737,10 +740,10 @@ fn retire_stale_daemon(paths: &Paths) -> Result<bool> {
 
 /// Asks the daemon (process `pid`, 0 if unknown) to stop and waits until it has exited:
 /// the pool lock is released only then.
-fn stop_daemon(paths: &Paths, pid: u64) -> Result<Value> {
+fn stop_daemon(paths: &Paths, pid: u64) -> Result<Stopping> {
     let sock = paths.admin_socket();
-    let v = match api::call(&sock, &Request::DaemonStop)? {
-        Reply::Ok(v) => v,
+    let v: Stopping = match api::call(&sock, &Request::DaemonStop)? {
+        Reply::Ok(v) => typed(&v)?,
         Reply::Error(e) => bail!(e),
     };
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
@@ -1021,11 +1024,11 @@ fn daemon_cmd(paths: &Paths, action: DaemonCmd, format: Format) -> Result<()> {
             if !crate::daemon::is_running(paths) {
                 crate::daemon::spawn(paths)?;
             }
-            print(
-                format,
-                "plain",
-                &serde_json::json!({"daemon": "running", "socket": paths.admin_socket()}),
-            )
+            let started = DaemonStarted {
+                daemon: "running".into(),
+                socket: paths.admin_socket(),
+            };
+            print(format, "plain", &serde_json::to_value(started)?)
         }
         DaemonCmd::Stop => {
             let Some(p) = api::ping(&paths.admin_socket(), std::time::Duration::from_secs(2))
@@ -1033,11 +1036,11 @@ fn daemon_cmd(paths: &Paths, action: DaemonCmd, format: Format) -> Result<()> {
                 return print(
                     format,
                     "plain",
-                    &serde_json::json!({"daemon": "not running"}),
+                    &serde_json::to_value(DaemonStatus::not_running())?,
                 );
             };
-            let v = stop_daemon(paths, u64::from(p.pid.unwrap_or(0)))?;
-            print(format, "plain", &v)
+            let stopping = stop_daemon(paths, u64::from(p.pid.unwrap_or(0)))?;
+            print(format, "plain", &serde_json::to_value(stopping)?)
         }
         DaemonCmd::Status => {
             let status = match api::ping(&paths.admin_socket(), std::time::Duration::from_secs(2)) {
@@ -1078,19 +1081,6 @@ fn kind_of(req: &Request) -> &'static str {
     }
 }
 
-fn s(v: &Value, k: &str) -> String {
-    match &v[k] {
-        Value::Null => "-".into(),
-        Value::String(s) if s.is_empty() => "-".into(),
-        Value::String(s) => s.clone(),
-        other => other.to_string(),
-    }
-}
-
-fn size(v: &Value, k: &str) -> String {
-    v[k].as_u64().map(human_size).unwrap_or_else(|| "-".into())
-}
-
 fn table(headers: &[&str], rows: Vec<Vec<String>>) {
     let mut w: Vec<usize> = headers.iter().map(|h| h.len()).collect();
     for r in &rows {
@@ -1117,7 +1107,6 @@ fn print(format: Format, kind: &str, v: &Value) -> Result<()> {
         outln!("{}", serde_json::to_string_pretty(v)?);
         return Ok(());
     }
-    let empty = Vec::new();
     match kind {
         "qube-list" => {
             let qubes: Vec<QubeInfo> = typed(v)?;
@@ -1137,47 +1126,50 @@ fn print(format: Format, kind: &str, v: &Value) -> Result<()> {
                     .collect(),
             )
         }
-        "template-list" => table(
-            &["NAME", "ORIGIN", "SIZE", "USAGE", "FINGERPRINT"],
-            v.as_array()
-                .unwrap_or(&empty)
-                .iter()
-                .map(|t| {
-                    let fp = s(t, "fingerprint");
-                    vec![
-                        s(t, "name"),
-                        s(t, "origin"),
-                        size(t, "size"),
-                        size(t, "usage"),
-                        fp.chars().take(16).collect(),
-                    ]
-                })
-                .collect(),
-        ),
-        "template-available" => table(
-            &[
-                "NAME",
-                "VERSION",
-                "RELEASED",
-                "SIZE",
-                "INSTALLED",
-                "REPOSITORY",
-            ],
-            v.as_array()
-                .unwrap_or(&empty)
-                .iter()
-                .map(|t| {
-                    vec![
-                        s(t, "name"),
-                        s(t, "version"),
-                        s(t, "release_date"),
-                        size(t, "size"),
-                        s(t, "installed"),
-                        s(t, "repo"),
-                    ]
-                })
-                .collect(),
-        ),
+        "template-list" => {
+            let templates: Vec<TemplateSummary> = typed(v)?;
+            table(
+                &["NAME", "ORIGIN", "SIZE", "USAGE", "FINGERPRINT"],
+                templates
+                    .into_iter()
+                    .map(|t| {
+                        vec![
+                            dash(&t.name),
+                            dash(&t.origin),
+                            human_size(t.size),
+                            human_size(t.usage),
+                            dash(&t.fingerprint).chars().take(16).collect(),
+                        ]
+                    })
+                    .collect(),
+            )
+        }
+        "template-available" => {
+            let offered: Vec<AvailableTemplate> = typed(v)?;
+            table(
+                &[
+                    "NAME",
+                    "VERSION",
+                    "RELEASED",
+                    "SIZE",
+                    "INSTALLED",
+                    "REPOSITORY",
+                ],
+                offered
+                    .into_iter()
+                    .map(|t| {
+                        vec![
+                            dash(&t.name),
+                            dash(&t.version),
+                            dash(&t.release_date),
+                            human_size(t.size),
+                            dash_opt(t.installed.as_deref()),
+                            dash(&t.repo),
+                        ]
+                    })
+                    .collect(),
+            )
+        }
         "volume-list" => {
             let vols: Vec<VolumeInfo> = typed(v)?;
             table(
@@ -1224,7 +1216,7 @@ fn print(format: Format, kind: &str, v: &Value) -> Result<()> {
                 outln!("  {:<9} {}", x.volume, dash(&x.nbd_uri));
             }
         }
-        "console" => out!("{}", v["text"].as_str().unwrap_or("")),
+        "console" => out!("{}", typed::<QubeConsole>(v)?.text),
         "verify" => {
             let PoolVerified { clean, report: r } = typed(v)?;
             outln!(
@@ -1305,31 +1297,32 @@ fn print_kv(v: &Value, prefix: &str) {
 /// `qube log NAME`: the console log, then the daemon's lines naming the qube (from the
 /// journal when the daemon runs under systemd, else from `ROOT/run/daemon.log`).
 fn qube_log(paths: &Paths, name: &str, lines: usize, format: Format) -> Result<()> {
-    let console = execute(
+    let console: QubeConsole = typed(&execute(
         paths,
         Request::QubeConsole {
             name: name.to_string(),
         },
         false,
-    )?;
+    )?)?;
     let mut daemon = crate::logging::qube_lines(&paths.daemon_log(), name, lines);
     if daemon.is_empty() {
         daemon = crate::logging::journal_lines(name, lines).unwrap_or_default();
     }
+    let log = QubeLog {
+        name: name.to_string(),
+        console_log: console.log,
+        console: console.text,
+        daemon,
+    };
     if format == Format::Json {
-        let v = serde_json::json!({
-            "name": name,
-            "console_log": console["log"],
-            "console": console["text"],
-            "daemon": daemon,
-        });
+        let v = serde_json::to_value(&log)?;
         println!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(());
     }
-    println!("== console ({}) ==", console["log"].as_str().unwrap_or("-"));
-    print!("{}", console["text"].as_str().unwrap_or(""));
+    println!("== console ({}) ==", log.console_log.display());
+    print!("{}", log.console);
     println!("== daemon ==");
-    for l in daemon {
+    for l in log.daemon {
         println!("{l}");
     }
     Ok(())

@@ -131,9 +131,12 @@ fn serve_admin(conn: UnixStream, shared: &Shared, paths: &Paths) -> Result<()> {
         Err(e) => Reply::Error(e),
         Ok(Request::DaemonStop) => {
             let served = shared.served_qubes();
-            let mut out = serde_json::to_string(&Reply::Ok(
-                serde_json::json!({"stopping": true, "detached": served}),
-            ))?;
+            let mut out = serde_json::to_string(&Reply::Ok(serde_json::to_value(
+                crate::results::Stopping {
+                    stopping: true,
+                    detached: Some(served),
+                },
+            )?))?;
             out.push('\n');
             writer.write_all(out.as_bytes())?;
             tracing::info!("stopping on request; running qubes stay marked running");
@@ -155,7 +158,15 @@ fn serve_admin(conn: UnixStream, shared: &Shared, paths: &Paths) -> Result<()> {
             Reply::Ok(serde_json::to_value(pong)?)
         }
         Ok(req) => {
+            let t = std::time::Instant::now();
+            // The op's wire name (serialising the request costs: only when logged).
+            let op = tracing::enabled!(tracing::Level::DEBUG)
+                .then(|| serde_json::to_value(&req).ok())
+                .flatten()
+                .and_then(|v| v.get("op").and_then(|o| o.as_str()).map(str::to_string))
+                .unwrap_or_default();
             let r = shared.handle_with(req, files);
+            tracing::debug!(op = %op, took_us = t.elapsed().as_micros() as u64, "request");
             SERVED.store(
                 shared.served_qubes().len(),
                 std::sync::atomic::Ordering::Relaxed,

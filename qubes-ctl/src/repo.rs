@@ -7,10 +7,11 @@
 
 use std::path::PathBuf;
 
+use crate::results::{RepoAdded, RepoKey, RepoRotated, RepoSigned};
 use anyhow::{bail, Context, Result};
 use clap::Subcommand;
 use serde::{Deserialize, Serialize};
-use serde_json::{json, Value};
+use serde_json::{to_value, Value};
 use template_builder::repo as trepo;
 
 /// `template repo ...`
@@ -124,7 +125,11 @@ pub fn repo_cmd(cmd: RepoCmd) -> Result<std::result::Result<Value, RepoAction>> 
     Ok(Ok(match cmd {
         RepoCmd::Keygen { key } => {
             let vk = trepo::keygen(&key)?;
-            json!({"secret_key": key, "public_key": trepo::pub_path(&key), "key": trepo::key_id(&vk)})
+            to_value(RepoKey {
+                public_key: trepo::pub_path(&key),
+                secret_key: key,
+                key: trepo::key_id(&vk),
+            })?
         }
         RepoCmd::Init {
             dir,
@@ -132,7 +137,11 @@ pub fn repo_cmd(cmd: RepoCmd) -> Result<std::result::Result<Value, RepoAction>> 
             expires_days,
         } => {
             let idx = trepo::repo_init(&dir, &key, expires_days)?;
-            json!({"repository": dir, "index_version": idx.version, "expires": idx.expires})
+            to_value(RepoSigned {
+                repository: dir,
+                index_version: idx.version,
+                expires: idx.expires,
+            })?
         }
         RepoCmd::Add {
             dir,
@@ -147,7 +156,11 @@ pub fn repo_cmd(cmd: RepoCmd) -> Result<std::result::Result<Value, RepoAction>> 
             };
             let (idx, entry) = trepo::repo_add(&dir, &key, &package, &version, expires_days)
                 .with_context(|| format!("adding {} to {}", package.display(), dir.display()))?;
-            json!({"repository": dir, "index_version": idx.version, "added": entry})
+            to_value(RepoAdded {
+                repository: dir,
+                index_version: idx.version,
+                added: entry,
+            })?
         }
         RepoCmd::Resign {
             dir,
@@ -155,7 +168,11 @@ pub fn repo_cmd(cmd: RepoCmd) -> Result<std::result::Result<Value, RepoAction>> 
             expires_days,
         } => {
             let idx = trepo::repo_resign(&dir, &key, expires_days, |_| Ok(()))?;
-            json!({"repository": dir, "index_version": idx.version, "expires": idx.expires})
+            to_value(RepoSigned {
+                repository: dir,
+                index_version: idx.version,
+                expires: idx.expires,
+            })?
         }
         RepoCmd::Rotate {
             dir,
@@ -164,7 +181,10 @@ pub fn repo_cmd(cmd: RepoCmd) -> Result<std::result::Result<Value, RepoAction>> 
             expires_days,
         } => {
             let kl = trepo::repo_rotate(&dir, &old_key, &new_key, expires_days)?;
-            json!({"repository": dir, "key_list": kl})
+            to_value(RepoRotated {
+                repository: dir,
+                key_list: kl,
+            })?
         }
         RepoCmd::Trust { pubkey } => {
             return Ok(Err(RepoAction::Trust {

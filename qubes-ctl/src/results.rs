@@ -3,11 +3,14 @@
 //! JSON object of its fields, the `ok` value of a [`crate::api::Reply`]; the objects are
 //! the ones protocol 2 always sent, so scripts reading them are unaffected.
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 
-use serde::{Deserialize, Serialize};
+use serde::{Deserialize, Deserializer, Serialize};
 use storage::qubes::VolumeStatus;
 use storage::{ImportStats, PoolInfo, VerifyReport};
+use template_builder::package::ExportStats;
+use template_builder::repo::{IndexEntry, KeyList, TrustStore};
 
 use crate::catalogue::QubePrefs;
 
@@ -186,6 +189,319 @@ impl DaemonStatus {
     }
 }
 
+/// `template info`, and what every way of making a template answers (`template create`,
+/// `template import`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TemplateInfo {
+    pub name: String,
+    pub class: String,
+    /// recipe | image | package | repo
+    pub origin: String,
+    pub recipe: Option<String>,
+    pub recipe_hash: Option<String>,
+    pub build_date: Option<String>,
+    pub fingerprint: String,
+    pub packages: Vec<String>,
+    /// The template's own kernel, if it ships one.
+    pub kernel: Option<PathBuf>,
+    pub kernel_cmdline: String,
+    pub root_size: u64,
+    pub root_usage: u64,
+    pub revisions: Vec<String>,
+    /// The qubes based on it.
+    pub used_by: Vec<String>,
+}
+
+/// `template build`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TemplateBuilt {
+    #[serde(flatten)]
+    pub info: TemplateInfo,
+    pub cache_hit: bool,
+    /// The rebuild made the same image as the installed one: nothing changed (no new
+    /// revision). Sent only when true.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub unchanged: bool,
+}
+
+/// One row of `template list`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TemplateSummary {
+    pub name: String,
+    pub origin: String,
+    pub size: u64,
+    pub usage: u64,
+    pub fingerprint: String,
+    pub running: bool,
+}
+
+/// `template remove`, `qube remove`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Removed {
+    pub removed: String,
+}
+
+/// `template export`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TemplateExported {
+    pub template: String,
+    pub file: PathBuf,
+    pub stats: ExportStats,
+}
+
+/// `volume export`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VolumeExported {
+    /// `QUBE:VOLUME`.
+    pub volume: String,
+    pub file: PathBuf,
+    pub bytes: u64,
+}
+
+/// `qube console --log`: the guest's console log.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QubeConsole {
+    pub name: String,
+    pub log: PathBuf,
+    pub text: String,
+}
+
+/// `qube log` (made by the CLI): the console log and the daemon's lines on the qube.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QubeLog {
+    pub name: String,
+    pub console_log: PathBuf,
+    pub console: String,
+    pub daemon: Vec<String>,
+}
+
+/// `qube prefs NAME [KEY [VALUE]]`: all preferences, or the one named (as text), on
+/// the wire `{KEY: VALUE}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(untagged)]
+pub enum PrefsReply {
+    All(QubePrefs),
+    One(BTreeMap<String, String>),
+}
+
+impl PrefsReply {
+    pub fn one(key: &str, value: String) -> Self {
+        PrefsReply::One(BTreeMap::from([(key.to_string(), value)]))
+    }
+}
+
+impl<'de> Deserialize<'de> for PrefsReply {
+    /// Untagged by shape: every preference is always sent, so a one-entry object is a
+    /// single one (an untagged derive would read `{"label": "red"}` as all preferences,
+    /// the rest defaulted).
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        use serde::de::Error;
+        let m = serde_json::Map::<String, serde_json::Value>::deserialize(d)?;
+        if m.len() == 1 {
+            serde_json::from_value(serde_json::Value::Object(m)).map(PrefsReply::One)
+        } else {
+            serde_json::from_value(serde_json::Value::Object(m)).map(PrefsReply::All)
+        }
+        .map_err(D::Error::custom)
+    }
+}
+
+/// `daemon stop`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Stopping {
+    pub stopping: bool,
+    /// The qubes left running (marked running, served again by the next daemon); sent
+    /// by the daemon, not by an in-process stop.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detached: Option<Vec<String>>,
+}
+
+/// `daemon start` (made by the CLI).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DaemonStarted {
+    /// `running`.
+    pub daemon: String,
+    pub socket: PathBuf,
+}
+
+/// `template repo trust KEYFILE`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RepoTrusted {
+    /// The key's id (hex).
+    pub trusted: String,
+    /// It was not trusted before.
+    pub new: bool,
+}
+
+/// `template repo add-source`, and `template repo show` (which adds the trust store).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RepoSources {
+    pub sources: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trust: Option<TrustStore>,
+}
+
+/// One row of `template list --available`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AvailableTemplate {
+    pub name: String,
+    pub version: String,
+    pub release_date: String,
+    pub size: u64,
+    /// The version installed from a repository, if any.
+    pub installed: Option<String>,
+    pub repo: String,
+}
+
+/// `template info NAME --available`: what each repository offers under that name.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TemplateOffers {
+    pub name: String,
+    pub available: Vec<TemplateOffer>,
+}
+
+/// A repository's index entry (see [`IndexEntry`], field for field: it refuses unknown
+/// fields, so it cannot be flattened here), with where it comes from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TemplateOffer {
+    pub name: String,
+    pub version: String,
+    pub release_date: String,
+    pub file: String,
+    pub size: u64,
+    pub blake3: String,
+    pub manifest_offset: u64,
+    pub manifest_len: u64,
+    pub manifest_blake3: String,
+    pub fingerprint: String,
+    pub image_size: u64,
+    pub data_bytes: u64,
+    pub repo: String,
+    pub index_version: u64,
+    /// The key that signed the index (hex).
+    pub key: String,
+}
+
+impl TemplateOffer {
+    pub fn new(e: &IndexEntry, repo: String, index_version: u64, key: String) -> Self {
+        let IndexEntry {
+            name,
+            version,
+            release_date,
+            file,
+            size,
+            blake3,
+            manifest_offset,
+            manifest_len,
+            manifest_blake3,
+            fingerprint,
+            image_size,
+            data_bytes,
+        } = e.clone();
+        TemplateOffer {
+            name,
+            version,
+            release_date,
+            file,
+            size,
+            blake3,
+            manifest_offset,
+            manifest_len,
+            manifest_blake3,
+            fingerprint,
+            image_size,
+            data_bytes,
+            repo,
+            index_version,
+            key,
+        }
+    }
+}
+
+/// `template install` (and upgrade, downgrade, reinstall) of one template.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TemplateInstalled {
+    #[serde(flatten)]
+    pub info: TemplateInfo,
+    pub version: String,
+    pub repo: String,
+    pub transfer: RepoTransfer,
+}
+
+/// What an install fetched, and what it found in the pool instead.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RepoTransfer {
+    pub package_bytes: u64,
+    pub fetched_bytes: u64,
+    pub requests: u64,
+    pub blobs: u64,
+    pub blobs_fetched: u64,
+    pub chunks_from_pool: u64,
+    pub pool_bytes_added: u64,
+}
+
+/// `template upgrade NAME` when no newer version is offered.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UpToDate {
+    pub name: String,
+    pub version: String,
+    pub up_to_date: bool,
+}
+
+/// One template's install: done, or nothing to do.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum InstallOutcome {
+    Installed(Box<TemplateInstalled>),
+    UpToDate(UpToDate),
+}
+
+/// What `template repo ...`, `template list/info --available` and the installs answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(untagged)]
+pub enum RepoReply {
+    Trusted(RepoTrusted),
+    Sources(RepoSources),
+    Available(Vec<AvailableTemplate>),
+    Offers(TemplateOffers),
+    Install(InstallOutcome),
+    /// `template upgrade` with no name: every template a repository installed.
+    InstallAll(Vec<InstallOutcome>),
+}
+
+/// `template repo keygen` (publisher side, run by the CLI).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RepoKey {
+    pub secret_key: PathBuf,
+    pub public_key: PathBuf,
+    /// The public key's id (hex).
+    pub key: String,
+}
+
+/// `template repo init` and `resign`: the index signed anew.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RepoSigned {
+    pub repository: PathBuf,
+    pub index_version: u64,
+    /// Unix time after which clients refuse the index.
+    pub expires: u64,
+}
+
+/// `template repo add`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RepoAdded {
+    pub repository: PathBuf,
+    pub index_version: u64,
+    pub added: IndexEntry,
+}
+
+/// `template repo rotate`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RepoRotated {
+    pub repository: PathBuf,
+    pub key_list: KeyList,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -226,5 +542,124 @@ mod tests {
         assert_eq!(v["qubes_served"], 2);
         assert_eq!(v["uptime_secs"], 5, "the stats sit beside the rest: {v}");
         assert_eq!(v["pool_usage"], serde_json::Value::Null);
+    }
+
+    /// Reads `json` (what the build before the typed results printed with `--format
+    /// json`, captured from it into `testdata/wire/`; `repo_rotate.json` with its keys
+    /// and paths replaced) as `T`, and checks that `T` writes it back byte for byte, as
+    /// the wire (a `Value`, keys in order) and the CLI do.
+    fn round_trip<T: Serialize + serde::de::DeserializeOwned>(file: &str, json: &str) -> T {
+        let typed: T = serde_json::from_str(json)
+            .unwrap_or_else(|e| panic!("{file} does not read as its type: {e}"));
+        let v = serde_json::to_value(&typed).unwrap();
+        assert_eq!(
+            serde_json::to_string_pretty(&v).unwrap(),
+            json.trim_end(),
+            "{file} changed shape"
+        );
+        typed
+    }
+
+    macro_rules! wire {
+        ($t:ty, $f:literal) => {
+            round_trip::<$t>($f, include_str!(concat!("../testdata/wire/", $f)))
+        };
+    }
+
+    /// Every typed reply against the JSON the untyped code produced for it.
+    #[test]
+    fn typed_replies_match_what_the_untyped_code_sent() {
+        let info = wire!(TemplateInfo, "template_info.json");
+        assert_eq!((info.kernel, info.recipe), (None, None));
+        wire!(TemplateInfo, "template_create.json");
+        let imported = wire!(TemplateInfo, "template_import.json");
+        assert_eq!(imported.origin, "package");
+        let list = wire!(Vec<TemplateSummary>, "template_list.json");
+        assert_eq!(list[0].size, 4194304);
+        assert_eq!(wire!(Removed, "template_remove.json").removed, "tpl2");
+        wire!(Removed, "qube_remove.json");
+        assert_eq!(
+            wire!(TemplateExported, "template_export.json").stats.chunks,
+            16
+        );
+        assert_eq!(wire!(VolumeExported, "volume_export.json").bytes, 2 << 30);
+        assert!(wire!(QubeConsole, "console.json").text.is_empty());
+        wire!(QubeLog, "qube_log.json");
+        assert!(matches!(
+            wire!(PrefsReply, "prefs_all.json"),
+            PrefsReply::All(_)
+        ));
+        assert_eq!(
+            wire!(PrefsReply, "prefs_get.json"),
+            PrefsReply::one("memory", "512".into())
+        );
+        wire!(PrefsReply, "prefs_set.json");
+        // A single preference that QubePrefs also has as text stays a single one.
+        let label: PrefsReply = serde_json::from_str(r#"{"label": "red"}"#).unwrap();
+        assert_eq!(label, PrefsReply::one("label", "red".into()));
+        wire!(PoolInfo, "pool_init.json");
+        let stop = wire!(Stopping, "daemon_stop.json");
+        assert_eq!(stop.detached, Some(vec![]));
+        assert_eq!(
+            serde_json::to_value(Stopping {
+                stopping: true,
+                detached: None
+            })
+            .unwrap(),
+            serde_json::json!({"stopping": true}),
+            "an in-process stop sends no `detached`"
+        );
+        wire!(DaemonStarted, "daemon_start.json");
+
+        wire!(RepoTrusted, "repo_trust.json");
+        assert_eq!(wire!(RepoSources, "repo_add_source.json").trust, None);
+        assert!(wire!(RepoSources, "repo_show.json").trust.is_some());
+        let avail = wire!(Vec<AvailableTemplate>, "repo_list_available.json");
+        assert_eq!(avail[0].installed, None);
+        assert_eq!(
+            wire!(TemplateOffers, "repo_info_available.json").available[0].index_version,
+            2
+        );
+        let inst = wire!(TemplateInstalled, "repo_install.json");
+        assert_eq!(
+            (inst.transfer.blobs, inst.info.origin.as_str()),
+            (16, "repo")
+        );
+        assert!(matches!(
+            wire!(InstallOutcome, "repo_install.json"),
+            InstallOutcome::Installed(_)
+        ));
+        assert!(matches!(
+            wire!(InstallOutcome, "repo_upgrade_uptodate.json"),
+            InstallOutcome::UpToDate(_)
+        ));
+        wire!(Vec<InstallOutcome>, "repo_upgrade_all.json");
+        wire!(RepoKey, "repo_keygen.json");
+        wire!(RepoSigned, "repo_init.json");
+        wire!(RepoSigned, "repo_resign.json");
+        wire!(RepoAdded, "repo_add.json");
+        wire!(RepoRotated, "repo_rotate.json");
+        // The untagged replies write what their variant does.
+        assert_eq!(
+            serde_json::to_value(RepoReply::Install(InstallOutcome::UpToDate(UpToDate {
+                name: "deb".into(),
+                version: "1.0".into(),
+                up_to_date: true
+            })))
+            .unwrap(),
+            serde_json::json!({"name": "deb", "version": "1.0", "up_to_date": true})
+        );
+
+        // `template build` adds `cache_hit`, and `unchanged` only when true (no capture:
+        // a build needs a mirror; the old code set these two keys on the info object).
+        let mut built: serde_json::Value =
+            serde_json::from_str(include_str!("../testdata/wire/template_info.json")).unwrap();
+        built["cache_hit"] = serde_json::json!(false);
+        let b: TemplateBuilt = serde_json::from_value(built.clone()).unwrap();
+        assert!(!b.unchanged);
+        assert_eq!(serde_json::to_value(&b).unwrap(), built);
+        built["unchanged"] = serde_json::json!(true);
+        let b: TemplateBuilt = serde_json::from_value(built.clone()).unwrap();
+        assert_eq!(serde_json::to_value(&b).unwrap(), built);
     }
 }

@@ -4,11 +4,11 @@ use std::fs;
 use std::path::Path;
 
 use anyhow::{anyhow, Result};
-use serde_json::{json, Value};
+use serde_json::Value;
 
 use super::Controller;
 use crate::api::Request;
-use crate::results::PoolVerified;
+use crate::results::{PoolVerified, Stopping};
 
 /// The qubes a request acts on, whose locks it holds while it runs. Requests that make
 /// a template take its lock themselves (the name may be known only once it is built),
@@ -89,6 +89,7 @@ impl Controller {
             } => {
                 let f = file(&image)?;
                 self.template_create(&name, &image, f, replace)
+                    .and_then(wire)
             }
             Request::TemplateBuild {
                 recipe,
@@ -101,13 +102,14 @@ impl Controller {
                     .map(|_| file(&recipe))
                     .collect::<Result<Vec<_>>>()?;
                 self.template_build(&recipe, *resolved, inputs, name, mirror)
+                    .and_then(wire)
             }
-            Request::TemplateList => self.template_list(),
-            Request::TemplateInfo { name } => self.template_info(&name),
-            Request::TemplateRemove { name } => self.template_remove(&name),
+            Request::TemplateList => self.template_list().and_then(wire),
+            Request::TemplateInfo { name } => self.template_info(&name).and_then(wire),
+            Request::TemplateRemove { name } => self.template_remove(&name).and_then(wire),
             Request::TemplateExport { name, file: path } => {
                 let f = file(&path)?;
-                self.template_export(&name, &path, f)
+                self.template_export(&name, &path, f).and_then(wire)
             }
             Request::TemplateImport {
                 file: path,
@@ -115,9 +117,9 @@ impl Controller {
                 replace,
             } => {
                 let f = file(&path)?;
-                self.template_import(&path, f, name, replace)
+                self.template_import(&path, f, name, replace).and_then(wire)
             }
-            Request::TemplateRepo { action } => self.template_repo(action),
+            Request::TemplateRepo { action } => self.template_repo(action).and_then(wire),
             Request::QubeCreate {
                 name,
                 class,
@@ -127,9 +129,11 @@ impl Controller {
                 .qube_create(&name, &class, template.as_deref(), label.as_deref())
                 .and_then(wire),
             Request::QubeList => self.qube_list().and_then(wire),
-            Request::QubeRemove { name } => self.qube_remove(&name),
+            Request::QubeRemove { name } => self.qube_remove(&name).and_then(wire),
             Request::QubeClone { src, dst } => self.qube_clone(&src, &dst).and_then(wire),
-            Request::QubePrefs { name, key, value } => self.qube_prefs(&name, key, value),
+            Request::QubePrefs { name, key, value } => {
+                self.qube_prefs(&name, key, value).and_then(wire)
+            }
             Request::QubeStart { name, hypervisor } => {
                 self.qube_start(&name, hypervisor).and_then(wire)
             }
@@ -138,7 +142,7 @@ impl Controller {
                 timeout_secs,
                 kill,
             } => self.qube_shutdown(&name, timeout_secs, kill).and_then(wire),
-            Request::QubeConsole { name } => self.qube_console(&name),
+            Request::QubeConsole { name } => self.qube_console(&name).and_then(wire),
             Request::QubePause { name } => self.qube_pause(&name, true).and_then(wire),
             Request::QubeUnpause { name } => self.qube_pause(&name, false).and_then(wire),
             Request::VolumeList { qube } => self.volume_list(qube.as_deref()).and_then(wire),
@@ -174,7 +178,7 @@ impl Controller {
                 file: path,
             } => {
                 let out = file(&path)?;
-                self.volume_export(&qube, &vol, &path, out)
+                self.volume_export(&qube, &vol, &path, out).and_then(wire)
             }
             Request::VolumeConfig {
                 qube,
@@ -183,7 +187,11 @@ impl Controller {
                 value,
             } => self.volume_config(&qube, &vol, &key, &value).and_then(wire),
             Request::VolumeDiscard { qube, vol } => self.volume_discard(&qube, &vol).and_then(wire),
-            Request::DaemonStop => Ok(json!({"stopping": true})),
+            // In process: nothing was served, nothing is left running.
+            Request::DaemonStop => wire(Stopping {
+                stopping: true,
+                detached: None,
+            }),
         }
     }
 }

@@ -4,8 +4,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use anyhow::{anyhow, bail, Context, Result};
-use serde_json::Value;
-use storage::Pool;
+use storage::{Pool, PoolInfo};
 
 use super::Controller;
 use crate::paths::Paths;
@@ -64,7 +63,7 @@ impl Default for InitOptions {
 }
 
 /// Creates a pool under `paths`. Refuses if one exists.
-pub fn init_pool(paths: &Paths, opts: &InitOptions) -> Result<Value> {
+pub fn init_pool(paths: &Paths, opts: &InitOptions) -> Result<PoolInfo> {
     let dir = paths.pool_dir();
     if let Some(d) = detect_driver(&dir) {
         bail!("a {d} pool already exists at {}; remove that directory first if you really want a new one", dir.display());
@@ -81,7 +80,7 @@ pub fn init_pool(paths: &Paths, opts: &InitOptions) -> Result<Value> {
         );
         paths.secure()?;
         let pool = open_pool(paths)?;
-        return Ok(serde_json::to_value(pool.info()?)?);
+        return Ok(pool.info()?);
     }
     if opts.driver == "lvm_thin" {
         let (Some(vg), Some(tp)) = (&opts.volume_group, &opts.thin_pool) else {
@@ -90,8 +89,7 @@ pub fn init_pool(paths: &Paths, opts: &InitOptions) -> Result<Value> {
         storage::LvmThinPool::create(&dir, &storage::LvmThinOptions::new(vg, tp))
             .with_context(|| format!("making an lvm_thin pool over {vg}/{tp}"))?;
         paths.secure()?;
-        let info = open_pool(paths)?.info()?;
-        return Ok(serde_json::to_value(info)?);
+        return Ok(open_pool(paths)?.info()?);
     }
     if opts.volume_group.is_some() || opts.thin_pool.is_some() {
         bail!("--volume-group and --thin-pool are for --driver lvm_thin");
@@ -130,8 +128,7 @@ pub fn init_pool(paths: &Paths, opts: &InitOptions) -> Result<Value> {
     // The files were made inside the 0700 directory; make them 0600 themselves.
     paths.secure()?;
     let pool = open_pool(paths)?;
-    let info = pool.info()?;
-    Ok(serde_json::to_value(info)?)
+    Ok(pool.info()?)
 }
 
 pub(super) fn open_pool(paths: &Paths) -> Result<Arc<dyn Pool>> {

@@ -4,12 +4,11 @@
 use std::fs;
 
 use anyhow::{anyhow, bail, Result};
-use serde_json::{json, Value};
 use storage::qubes::QubeClass;
 
 use super::{as_strs, class_name, copy_atomic, validate_qube_name, Controller};
 use crate::catalogue::QubePrefs;
-use crate::results::{QubeInfo, QubeState};
+use crate::results::{PrefsReply, QubeConsole, QubeInfo, QubeState, Removed};
 
 impl Controller {
     pub(super) fn qube_create(
@@ -133,7 +132,7 @@ impl Controller {
         Ok(out)
     }
 
-    pub(super) fn qube_remove(&self, name: &str) -> Result<Value> {
+    pub(super) fn qube_remove(&self, name: &str) -> Result<Removed> {
         let q = self.vols.qube(name)?;
         if q.class == QubeClass::TemplateVM {
             return self.template_remove(name);
@@ -154,7 +153,9 @@ impl Controller {
         self.txn_remove(name)?;
         let _ = fs::remove_dir_all(self.paths.kernels_dir(name));
         let _ = fs::remove_dir_all(self.paths.qube_run_dir(name));
-        Ok(json!({"removed": name}))
+        Ok(Removed {
+            removed: name.to_string(),
+        })
     }
 
     pub(super) fn qube_clone(&self, src: &str, dst: &str) -> Result<QubeInfo> {
@@ -190,24 +191,24 @@ impl Controller {
         name: &str,
         key: Option<String>,
         value: Option<String>,
-    ) -> Result<Value> {
+    ) -> Result<PrefsReply> {
         self.vols.qube(name)?;
         let mut prefs = self.catalogue().prefs(name)?;
         match (key, value) {
-            (None, _) => Ok(serde_json::to_value(&prefs)?),
-            (Some(k), None) => Ok(json!({ k.clone(): prefs.get(&k)? })),
+            (None, _) => Ok(PrefsReply::All(prefs)),
+            (Some(k), None) => Ok(PrefsReply::one(&k, prefs.get(&k)?)),
             (Some(k), Some(v)) => {
                 prefs.set(&k, &v)?;
                 let _txn = self.txn();
                 self.check_network_prefs(name, &prefs)?;
                 self.catalogue().set_prefs(name, Some(&prefs))?;
                 self.pool().commit()?;
-                Ok(json!({ k.clone(): prefs.get(&k)? }))
+                Ok(PrefsReply::one(&k, prefs.get(&k)?))
             }
         }
     }
 
-    pub(super) fn qube_console(&self, name: &str) -> Result<Value> {
+    pub(super) fn qube_console(&self, name: &str) -> Result<QubeConsole> {
         self.vols.qube(name)?;
         let run_dir = self.paths.qube_run_dir(name);
         let rt = self.catalogue().runtime(name)?.unwrap_or_default();
@@ -220,6 +221,10 @@ impl Controller {
         let text = fs::read(&log)
             .map(|b| String::from_utf8_lossy(&b).into_owned())
             .unwrap_or_default();
-        Ok(json!({"name": name, "log": log, "text": text}))
+        Ok(QubeConsole {
+            name: name.to_string(),
+            log,
+            text,
+        })
     }
 }

@@ -8,13 +8,16 @@ use std::path::PathBuf;
 
 use anyhow::{anyhow, bail, Context, Result};
 use serde::{Deserialize, Serialize};
-use serde_json::{json, Value};
 use template_builder::repo::{self as trepo, IndexEntry, LocalChunks, Repo, TrustStore};
 
 use super::templates::ImageSource;
 use super::Controller;
 use crate::catalogue::TemplateRecord;
 use crate::repo::{InstallMode, RepoAction};
+use crate::results::{
+    AvailableTemplate, InstallOutcome, RepoReply, RepoSources, RepoTransfer, RepoTrusted,
+    TemplateInstalled, TemplateOffer, TemplateOffers, UpToDate,
+};
 
 /// Pool meta key prefix: what a repository installed, per template.
 const INSTALLED: &str = "repo-installed/";
@@ -48,14 +51,17 @@ impl Controller {
         }
     }
 
-    pub(super) fn template_repo(&self, action: RepoAction) -> Result<Value> {
+    pub(super) fn template_repo(&self, action: RepoAction) -> Result<RepoReply> {
         match action {
             RepoAction::Trust { pubkey } => {
                 let vk = trepo::load_public(std::path::Path::new(&pubkey))?;
                 let mut t = TrustStore::load(&self.trust_path())?;
                 let added = t.trust(&vk);
                 t.save(&self.trust_path())?;
-                Ok(json!({"trusted": trepo::key_id(&vk), "new": added}))
+                Ok(RepoReply::Trusted(RepoTrusted {
+                    trusted: trepo::key_id(&vk),
+                    new: added,
+                }))
             }
             RepoAction::AddSource { url } => {
                 let mut s = self.sources()?;
@@ -66,11 +72,17 @@ impl Controller {
                 let tmp = self.sources_path().with_extension("tmp");
                 fs::write(&tmp, serde_json::to_vec_pretty(&s)?)?;
                 fs::rename(&tmp, self.sources_path())?;
-                Ok(json!({"sources": s}))
+                Ok(RepoReply::Sources(RepoSources {
+                    sources: s,
+                    trust: None,
+                }))
             }
             RepoAction::Show => {
                 let t = TrustStore::load(&self.trust_path())?;
-                Ok(json!({"sources": self.sources()?, "trust": t}))
+                Ok(RepoReply::Sources(RepoSources {
+                    sources: self.sources()?,
+                    trust: Some(t),
+                }))
             }
             RepoAction::ListAvailable { repos } => {
                 let repos = self.open_repos(&repos)?;
@@ -78,21 +90,21 @@ impl Controller {
                 for r in &repos {
                     for e in &r.index.packages {
                         let inst = self.installed(&e.name)?;
-                        out.push(json!({
-                            "name": e.name,
-                            "version": e.version,
-                            "release_date": e.release_date,
-                            "size": e.size,
-                            "installed": inst.as_ref().map(|i| i.version.clone()),
-                            "repo": r.source.url(),
-                        }));
+                        out.push(AvailableTemplate {
+                            name: e.name.clone(),
+                            version: e.version.clone(),
+                            release_date: e.release_date.clone(),
+                            size: e.size,
+                            installed: inst.map(|i| i.version),
+                            repo: r.source.url().to_string(),
+                        });
                     }
                 }
-                Ok(Value::Array(out))
+                Ok(RepoReply::Available(out))
             }
             RepoAction::InfoAvailable { name, repos } => {
                 let repos = self.open_repos(&repos)?;
-                let found: Vec<Value> = repos
+                let found: Vec<TemplateOffer> = repos
                     .iter()
                     .flat_map(|r| {
                         r.index
@@ -100,18 +112,22 @@ impl Controller {
                             .iter()
                             .filter(|e| e.name == name)
                             .map(move |e| {
-                                let mut v = serde_json::to_value(e).unwrap_or_default();
-                                v["repo"] = json!(r.source.url());
-                                v["index_version"] = json!(r.index.version);
-                                v["key"] = json!(r.key);
-                                v
+                                TemplateOffer::new(
+                                    e,
+                                    r.source.url().to_string(),
+                                    r.index.version,
+                                    r.key.clone(),
+                                )
                             })
                     })
                     .collect();
                 if found.is_empty() {
                     bail!("no repository offers a template named {name}; see `qubes-ctl template list --available`");
                 }
-                Ok(json!({"name": name, "available": found}))
+                Ok(RepoReply::Offers(TemplateOffers {
+                    name,
+                    available: found,
+                }))
             }
             RepoAction::Install { mode, spec, repos } => self.repo_install(mode, spec, &repos),
         }
@@ -168,7 +184,7 @@ impl Controller {
         mode: InstallMode,
         spec: Option<String>,
         repos: &[String],
-    ) -> Result<Value> {
+    ) -> Result<RepoReply> {
         let repos = self.open_repos(repos)?;
         let all: Vec<(&Repo, &IndexEntry)> = repos
             .iter()
@@ -187,7 +203,7 @@ impl Controller {
             for n in names {
                 out.push(self.install_one(mode, &n, None, &all)?);
             }
-            return Ok(Value::Array(out));
+            return Ok(RepoReply::InstallAll(out));
         };
         // NAME, or NAME-VERSION when that names a published version.
         let (name, version) = match all.iter().find(|(_, e)| e.label() == spec) {
@@ -197,6 +213,7 @@ impl Controller {
             _ => (spec.clone(), None),
         };
         self.install_one(mode, &name, version, &all)
+            .map(RepoReply::Install)
     }
 
     fn install_one(
@@ -205,7 +222,7 @@ impl Controller {
         name: &str,
         version: Option<String>,
         all: &[(&Repo, &IndexEntry)],
-    ) -> Result<Value> {
+    ) -> Result<InstallOutcome> {
         use std::cmp::Ordering;
         storage::validate_name("template", name)?;
         let exists = self.vols.qube(name).is_ok();
@@ -242,9 +259,11 @@ impl Controller {
                         {
                             Some(c) => Some(c),
                             None => {
-                                return Ok(
-                                    json!({"name": name, "version": cur, "up_to_date": true}),
-                                )
+                                return Ok(InstallOutcome::UpToDate(UpToDate {
+                                    name: name.to_string(),
+                                    version: cur.to_string(),
+                                    up_to_date: true,
+                                }))
                             }
                         }
                     }
@@ -266,9 +285,10 @@ impl Controller {
             self.refuse_if_served(name, "replace the root of")?;
         }
         self.fetch_and_install(repo, entry)
+            .map(|i| InstallOutcome::Installed(Box::new(i)))
     }
 
-    fn fetch_and_install(&self, repo: &Repo, entry: &IndexEntry) -> Result<Value> {
+    fn fetch_and_install(&self, repo: &Repo, entry: &IndexEntry) -> Result<TemplateInstalled> {
         let name = entry.name.clone();
         let used_before = self.pool().info()?.data_used;
         let cache = self.paths.cache_dir().join("downloads");
@@ -378,21 +398,22 @@ impl Controller {
             self.pool().commit()?;
         }
         let used_after = self.pool().info()?.data_used;
-        let transfer = json!({
-            "package_bytes": entry.size,
-            "fetched_bytes": fetch.fetched_bytes,
-            "requests": fetch.requests,
-            "blobs": m.blobs.len(),
-            "blobs_fetched": blobs_needed,
-            "chunks_from_pool": chunks_local,
-            "pool_bytes_added": used_after.saturating_sub(used_before),
-        });
+        let transfer = RepoTransfer {
+            package_bytes: entry.size,
+            fetched_bytes: fetch.fetched_bytes,
+            requests: fetch.requests,
+            blobs: m.blobs.len() as u64,
+            blobs_fetched: blobs_needed as u64,
+            chunks_from_pool: chunks_local as u64,
+            pool_bytes_added: used_after.saturating_sub(used_before),
+        };
         fetch.finish();
-        let mut v = self.template_info(&name)?;
-        v["version"] = json!(entry.version);
-        v["repo"] = json!(repo.source.url());
-        v["transfer"] = transfer;
-        Ok(v)
+        Ok(TemplateInstalled {
+            info: self.template_info(&name)?,
+            version: entry.version.clone(),
+            repo: repo.source.url().to_string(),
+            transfer,
+        })
     }
 }
 

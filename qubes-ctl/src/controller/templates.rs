@@ -6,12 +6,12 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, bail, Context, Result};
-use serde_json::{json, Value};
 use storage::qubes::{QubeClass, QubeVolumes};
 
 use super::volumes::{image_size, ExactReader};
 use super::{as_strs, class_name, copy_atomic, validate_qube_name, Controller, DEFAULT_CMDLINE};
 use crate::catalogue::{QubePrefs, TemplateRecord};
+use crate::results::{Removed, TemplateBuilt, TemplateExported, TemplateInfo, TemplateSummary};
 
 /// Where a template's root image comes from: an image or a verified package's chunk
 /// stream (no temporary copy of the image).
@@ -40,7 +40,7 @@ impl Controller {
         image: &Path,
         file: fs::File,
         replace: bool,
-    ) -> Result<Value> {
+    ) -> Result<TemplateInfo> {
         validate_qube_name("template", name)?;
         let size = image_size(&file)
             .with_context(|| format!("reading image {}", image.display()))?
@@ -183,7 +183,7 @@ impl Controller {
         inputs: Vec<fs::File>,
         name: Option<String>,
         mirror: Option<String>,
-    ) -> Result<Value> {
+    ) -> Result<TemplateBuilt> {
         recipe_obj.path = recipe.to_path_buf();
         // The builder reads files by path: give it copies of what the client sent, in a
         // directory of ours that goes when the build ends.
@@ -233,10 +233,11 @@ impl Controller {
         // A rebuild that produced the same image changes nothing (no new revision).
         if let Ok(Some(old)) = self.catalogue().template(&tname) {
             if old.fingerprint == built.fingerprint && self.vols.qube(&tname).is_ok() {
-                let mut v = self.template_info(&tname)?;
-                v["unchanged"] = json!(true);
-                v["cache_hit"] = json!(built.cache_hit);
-                return Ok(v);
+                return Ok(TemplateBuilt {
+                    info: self.template_info(&tname)?,
+                    cache_hit: built.cache_hit,
+                    unchanged: true,
+                });
             }
         }
         let rec = TemplateRecord {
@@ -267,12 +268,14 @@ impl Controller {
             built.initrd.as_deref(),
             true,
         )?;
-        let mut v = self.template_info(&tname)?;
-        v["cache_hit"] = json!(built.cache_hit);
-        Ok(v)
+        Ok(TemplateBuilt {
+            info: self.template_info(&tname)?,
+            cache_hit: built.cache_hit,
+            unchanged: false,
+        })
     }
 
-    pub(super) fn template_list(&self) -> Result<Value> {
+    pub(super) fn template_list(&self) -> Result<Vec<TemplateSummary>> {
         let mut out = Vec::new();
         for q in self.vols.list_qubes()? {
             if q.class != QubeClass::TemplateVM {
@@ -280,39 +283,45 @@ impl Controller {
             }
             let rec = self.catalogue().template(&q.qube)?.unwrap_or_default();
             let root = self.vols.volume_status(&q.qube, "root")?;
-            out.push(json!({
-                "name": q.qube,
-                "origin": rec.origin,
-                "size": root.size,
-                "usage": root.usage,
-                "fingerprint": rec.fingerprint,
-                "running": self.vols.is_running(&q.qube)?,
-            }));
+            out.push(TemplateSummary {
+                running: self.vols.is_running(&q.qube)?,
+                name: q.qube,
+                origin: rec.origin,
+                size: root.size,
+                usage: root.usage,
+                fingerprint: rec.fingerprint,
+            });
         }
-        Ok(Value::Array(out))
+        Ok(out)
     }
 
-    pub(super) fn template_info(&self, name: &str) -> Result<Value> {
+    pub(super) fn template_info(&self, name: &str) -> Result<TemplateInfo> {
         let q = self.require_template(name)?;
         let rec = self.catalogue().template(name)?.unwrap_or_default();
         let root = self.vols.volume_status(name, "root")?;
         let users = self.template_users(name)?;
-        Ok(json!({
-            "name": q.qube,
-            "class": class_name(&q.class),
-            "origin": rec.origin,
-            "recipe": rec.recipe,
-            "recipe_hash": rec.recipe_hash,
-            "build_date": rec.build_date,
-            "fingerprint": rec.fingerprint,
-            "packages": rec.packages,
-            "kernel": rec.has_kernel.then(|| self.paths.kernels_dir(name).join("vmlinuz")),
-            "kernel_cmdline": if rec.kernel_cmdline.is_empty() { DEFAULT_CMDLINE.to_string() } else { rec.kernel_cmdline.clone() },
-            "root_size": root.size,
-            "root_usage": root.usage,
-            "revisions": root.revisions.iter().map(|r| r.id.clone()).collect::<Vec<_>>(),
-            "used_by": users,
-        }))
+        Ok(TemplateInfo {
+            class: class_name(&q.class),
+            name: q.qube,
+            kernel: rec
+                .has_kernel
+                .then(|| self.paths.kernels_dir(name).join("vmlinuz")),
+            kernel_cmdline: if rec.kernel_cmdline.is_empty() {
+                DEFAULT_CMDLINE.to_string()
+            } else {
+                rec.kernel_cmdline
+            },
+            origin: rec.origin,
+            recipe: rec.recipe,
+            recipe_hash: rec.recipe_hash,
+            build_date: rec.build_date,
+            fingerprint: rec.fingerprint,
+            packages: rec.packages,
+            root_size: root.size,
+            root_usage: root.usage,
+            revisions: root.revisions.into_iter().map(|r| r.id).collect(),
+            used_by: users,
+        })
     }
 
     pub(super) fn template_users(&self, name: &str) -> Result<Vec<String>> {
@@ -325,12 +334,14 @@ impl Controller {
             .collect())
     }
 
-    pub(super) fn template_remove(&self, name: &str) -> Result<Value> {
+    pub(super) fn template_remove(&self, name: &str) -> Result<Removed> {
         self.require_template(name)?;
         self.refuse_if_served(name, "remove")?;
         self.txn_remove(name)?;
         let _ = fs::remove_dir_all(self.paths.kernels_dir(name));
-        Ok(json!({"removed": name}))
+        Ok(Removed {
+            removed: name.to_string(),
+        })
     }
 
     /// The package is made in a staging directory of ours and copied into `out`, which
@@ -340,7 +351,7 @@ impl Controller {
         name: &str,
         file: &Path,
         mut out: fs::File,
-    ) -> Result<Value> {
+    ) -> Result<TemplateExported> {
         self.require_template(name)?;
         let rec = self.catalogue().template(name)?.unwrap_or_default();
         let root = self.vols.volume_status(name, "root")?;
@@ -376,7 +387,11 @@ impl Controller {
             out.sync_all()
                 .with_context(|| format!("syncing {}", file.display()))?;
         }
-        Ok(json!({"template": name, "file": file, "stats": serde_json::to_value(&stats)?}))
+        Ok(TemplateExported {
+            template: name.to_string(),
+            file: file.to_path_buf(),
+            stats,
+        })
     }
 
     pub(super) fn template_import(
@@ -385,7 +400,7 @@ impl Controller {
         opened: fs::File,
         name: Option<String>,
         replace: bool,
-    ) -> Result<Value> {
+    ) -> Result<TemplateInfo> {
         use std::os::fd::AsRawFd;
         // Everything is verified before the pool is touched. The package is read through
         // the descriptor the client opened (our own /proc/self/fd entry), never by path.

@@ -5,11 +5,10 @@ use std::fs;
 use std::path::Path;
 
 use anyhow::{anyhow, bail, Context, Result};
-use serde_json::{json, Value};
 use storage::qubes::QubeVolumes;
 
 use super::{export_name, Controller};
-use crate::results::VolumeInfo;
+use crate::results::{VolumeExported, VolumeInfo};
 
 /// Size of an image descriptor: a regular file's length or a block device's size; `None`
 /// for streams (pipes, FIFOs, terminals), whose size is not known in advance.
@@ -179,14 +178,18 @@ impl Controller {
         vol: &str,
         path: &Path,
         mut out: fs::File,
-    ) -> Result<Value> {
+    ) -> Result<VolumeExported> {
         let n = self.vols.export(qube, vol, &mut out)?;
         // Only a regular file has anything to sync (/dev/null, a FIFO: EINVAL).
         if out.metadata().is_ok_and(|m| m.is_file()) {
             out.sync_all()
                 .with_context(|| format!("syncing {}", path.display()))?;
         }
-        Ok(json!({"volume": format!("{qube}:{vol}"), "file": path, "bytes": n}))
+        Ok(VolumeExported {
+            volume: format!("{qube}:{vol}"),
+            file: path.to_path_buf(),
+            bytes: n,
+        })
     }
 
     pub(super) fn volume_config(

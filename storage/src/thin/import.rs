@@ -13,7 +13,11 @@ use super::meta::{map_height, Meta};
 use super::{Error, ThinPool};
 use crate::pool::{validate_volume_key, ImportOptions, ImportStats, PoolError};
 
-const BATCH_BYTES: u64 = 32 << 20;
+/// The gate is held while a batch is mapped and written, so a snapshot or a commit (a
+/// qube start, a guest's FLUSH) waits for up to one batch. 2 MiB (32 chunks of 64 KiB to
+/// hash in parallel) keeps that to a few ms: with 32 MiB a batch held it 100s of ms on a
+/// busy host, and the import was slower too (each pass over a batch left the cache).
+const BATCH_BYTES: u64 = 2 << 20;
 
 static ZERO: [u8; 4096] = [0; 4096];
 
@@ -151,10 +155,11 @@ impl ThinPool {
                     bytes: size,
                     ..Default::default()
                 };
+                let mut behind = None;
                 for (vc0, want, buf) in full_rx {
                     let n = batch.min(total - vc0);
                     let bytes = &buf[..(n * cs) as usize];
-                    self.import_batch(
+                    let span = self.import_batch(
                         id,
                         vc0,
                         bytes,
@@ -165,6 +170,7 @@ impl ThinPool {
                         &mut stats,
                     )?;
                     let _ = free_tx.send(buf);
+                    self.write_back(span, &mut behind);
                 }
                 stats.fingerprint = hasher.finalize().to_hex().to_string();
                 Ok(stats)
@@ -205,8 +211,44 @@ impl ThinPool {
         })
     }
 
+    /// Starts the writeback of what the batch just written put in pool.data (`span`, a
+    /// byte range), and waits for that of the batch before it (`behind`). Unbounded, a
+    /// multi-GiB import leaves GiBs dirty in the page cache, and the next commit's sync
+    /// of pool.data (any qube's start or stop, a guest's FLUSH) writes them all out
+    /// while holding the gate: starts took 100s of ms, stops seconds. Bounded, the
+    /// import goes at the disk's pace and a commit finds about two batches to write.
+    /// Durability still comes from the commit's sync (this is an early start of it):
+    /// errors are left for that sync to report, on its own file description.
+    fn write_back(&self, span: Option<(u64, u64)>, behind: &mut Option<(u64, u64)>) {
+        use std::os::fd::AsRawFd;
+        let Some(f) = &self.data_wb else { return };
+        let range = |(off, len): (u64, u64), flags| {
+            // SAFETY: sync_file_range only reads its integer arguments; the descriptor
+            // is ours and open for as long as `self`.
+            let r = unsafe { libc::sync_file_range(f.as_raw_fd(), off as i64, len as i64, flags) };
+            if r != 0 {
+                tracing::debug!(
+                    "writeback of imported chunks: {}",
+                    std::io::Error::last_os_error()
+                );
+            }
+        };
+        if let Some(s) = span {
+            range(s, libc::SYNC_FILE_RANGE_WRITE);
+        }
+        if let Some(b) = std::mem::replace(behind, span) {
+            range(
+                b,
+                libc::SYNC_FILE_RANGE_WAIT_BEFORE
+                    | libc::SYNC_FILE_RANGE_WRITE
+                    | libc::SYNC_FILE_RANGE_WAIT_AFTER,
+            );
+        }
+    }
+
     /// Hashes, maps and writes one batch of whole chunks starting at virtual chunk `vc0`;
-    /// the first `want` bytes belong to the volume (the rest is zero padding).
+    /// the first `want` bytes belong to the volume (the rest is zero padding). Returns
+    /// the byte range of pool.data the new chunks went to, if any.
     #[allow(clippy::too_many_arguments)]
     fn import_batch(
         &self,
@@ -218,7 +260,7 @@ impl ThinPool {
         hasher: &mut blake3::Hasher,
         known: &mut Known,
         stats: &mut ImportStats,
-    ) -> Result<(), PoolError> {
+    ) -> Result<Option<(u64, u64)>, PoolError> {
         let c = self.geo.chunk_size as usize;
         let n = bytes.len() / c;
         let (_, sums) = rayon::join(
@@ -251,7 +293,9 @@ impl ThinPool {
                     .collect::<Vec<_>>()
             },
         );
+        let t = std::time::Instant::now();
         let _g = self.gate.read();
+        let gate_us = t.elapsed().as_micros() as u64;
         let placed = {
             let mut m = self.lock()?;
             let r = self.mutate(&mut m, |m| place_batch(m, id, vc0, &sums, dedup, known));
@@ -263,7 +307,15 @@ impl ThinPool {
             }
             placed
         };
+        let mapped_us = t.elapsed().as_micros() as u64;
         let r = self.write_batch(bytes, &placed);
+        tracing::debug!(
+            vc0,
+            gate_us,
+            mapped_us,
+            written_us = t.elapsed().as_micros() as u64,
+            "import batch"
+        );
         {
             let mut m = self.state.lock();
             for p in &placed {
@@ -281,14 +333,29 @@ impl ThinPool {
             self.cv.notify_all();
         }
         r.map_err(|e| self.perr(e))?;
+        let mut new = (u64::MAX, 0);
         for p in &placed {
             match p {
                 Placed::Zero => stats.zero_chunks += 1,
                 Placed::Shared => stats.dedup_chunks += 1,
-                Placed::New(..) => stats.written_chunks += 1,
+                Placed::New(c, _) => {
+                    stats.written_chunks += 1;
+                    new = (new.0.min(c.0), new.1.max(c.0));
+                }
             }
         }
-        Ok(())
+        if new.0 > new.1 {
+            return Ok(None);
+        }
+        let (first, _) = self
+            .geo
+            .chunk_run(Chunk(new.0), 1)
+            .map_err(|e| self.perr(e))?;
+        let (last, len) = self
+            .geo
+            .chunk_run(Chunk(new.1), 1)
+            .map_err(|e| self.perr(e))?;
+        Ok(Some((first.raw(), last.raw() + len - first.raw())))
     }
 
     fn write_batch(&self, bytes: &[u8], placed: &[Placed]) -> Result<(), Error> {

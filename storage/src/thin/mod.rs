@@ -186,6 +186,10 @@ pub struct ThinPool {
     data: Arc<dyn BlockFile>,
     /// `data` without the dirty tracking.
     data_raw: Arc<dyn BlockFile>,
+    /// pool.data opened once more, for an import to start and wait on the writeback of
+    /// what it wrote (see `import::ThinPool::write_back`); `None` for a pool not in
+    /// files.
+    data_wb: Option<File>,
     meta_file: Arc<dyn BlockFile>,
     geo: Geometry,
     /// Data I/O holds this shared from planning to completion; commit, snapshot, remove
@@ -268,6 +272,7 @@ impl ThinPool {
             }
             return Err(self.perr(e));
         }
+        let t = std::time::Instant::now();
         let synced = if data_dirty {
             self.data.sync().map_err(|source| Error::Io {
                 op: "syncing pool.data",
@@ -276,7 +281,14 @@ impl ThinPool {
         } else {
             Ok(())
         };
+        let sync_us = t.elapsed().as_micros() as u64;
         let r = synced.and_then(|_| m.commit());
+        tracing::debug!(
+            data_dirty,
+            sync_us,
+            meta_us = t.elapsed().as_micros() as u64 - sync_us,
+            "pool commit: synced"
+        );
         if let Err(e) = r {
             m.poison(e.to_string());
             return Err(self.perr(e));

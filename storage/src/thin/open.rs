@@ -278,8 +278,17 @@ impl ThinPool {
             inner: data,
             dirty: data_dirty.clone(),
         });
+        // Its own open file description: waiting on writeback consumes the waiting
+        // description's error cursor (errseq), and the commit's sync of `data` must still
+        // see any writeback error.
+        let data_wb = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(dir.join("pool.data"))
+            .ok();
         Arc::new_cyclic(|me| ThinPool {
             me: me.clone(),
+            data_wb,
             path: dir.to_path_buf(),
             _lock: lock,
             fallback,

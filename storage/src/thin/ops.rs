@@ -85,7 +85,13 @@ impl Pool for ThinPool {
 
     fn snapshot(&self, source: &str, target: &str) -> Result<(), PoolError> {
         validate_volume_key(target)?;
+        let t = std::time::Instant::now();
         let _g = self.gate.write();
+        tracing::debug!(
+            waited_us = t.elapsed().as_micros() as u64,
+            target,
+            "snapshot: gate"
+        );
         let mut m = self.lock()?;
         let src = self.id(&m, source)?;
         if m.id_of(target).is_some() {
@@ -220,10 +226,18 @@ impl Pool for ThinPool {
     }
 
     fn commit(&self) -> Result<(), PoolError> {
+        let t = std::time::Instant::now();
         let _b = self.batch.lock();
         let _g = self.gate.write();
         let mut m = self.state.lock();
-        self.commit_locked(&mut m)
+        let waited = t.elapsed();
+        let r = self.commit_locked(&mut m);
+        tracing::debug!(
+            waited_us = waited.as_micros() as u64,
+            total_us = t.elapsed().as_micros() as u64,
+            "pool commit"
+        );
+        r
     }
 
     fn verify(&self) -> Result<VerifyReport, PoolError> {
