@@ -263,7 +263,9 @@ fi
 # The kernel unpacks concatenated archives in order: the cached initramfs, then this run's.
 cat "$RD/initrd.cpio.gz" "$RUN/run.cpio.gz" > "$RUN/initrd"
 
-COMMON=(-accel tcg -smp 2 -nographic -no-reboot -monitor none -serial stdio -nic none
+# $QUBES_TESTVM_TCG_THREAD=single runs both vCPUs in one host thread (QEMU's default is one
+# thread per vCPU): a way to tell races of multi-threaded TCG from other faults.
+COMMON=(-accel "tcg,thread=${QUBES_TESTVM_TCG_THREAD:-multi}" -smp 2 -nographic -no-reboot -monitor none -serial stdio -nic none
   -drive "file=$RD/root.img,format=raw,if=virtio,snapshot=on"
   -drive "file=$RUN/scratch.img,format=raw,if=virtio,cache=unsafe,discard=unmap"
   -virtfs "local,path=$REPO,mount_tag=src,security_model=none,readonly=on"
