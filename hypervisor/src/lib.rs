@@ -169,6 +169,10 @@ pub struct NetSpec {
     pub netvm_socket: Option<PathBuf>,
     /// MAC of the qube's NIC (empty: the backend's default).
     pub mac: String,
+    /// The qube's address on the qubes network (empty: none). On Xen it goes into the
+    /// vif (`ip=`), so libxl writes it to the backend's xenstore directory in the netvm,
+    /// where the netvm's vif hotplug reads which client the link serves.
+    pub ip: String,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -263,8 +267,10 @@ pub trait Hypervisor: Send + Sync {
     fn unpause(&self, name: &str, run_dir: &Path) -> Result<(), HvError>;
     /// Connects `client`'s NIC to this running netvm domain: on QEMU a virtio-net device
     /// hot-plugged into the netvm, backed by a stream socket at `socket` that the
-    /// client's QEMU connects to (`NetSpec::netvm_socket`). Xen: nothing to do, the
-    /// client's `vif = [backend=NETVM]` makes the toolstack create the backend.
+    /// client's QEMU connects to (`NetSpec::netvm_socket`). Xen: the client's
+    /// `vif = [backend=NETVM]` makes the toolstack create the backend, which the netvm's
+    /// kernel must be able to serve at once (libxl gives it 10 s): this waits until the
+    /// netvm says it can.
     fn attach_client(
         &self,
         _netvm: &str,

@@ -80,6 +80,10 @@ impl XenDiskMode {
 
 pub struct Xen {
     xl: String,
+    /// `xenstore-read`, for a netvm's readiness (see [`NET_BACKEND_READY_KEY`]).
+    xenstore_read: String,
+    /// How long a client's start waits for its netvm to serve vifs.
+    net_ready_timeout: Duration,
     qemu_nbd: String,
     disk_mode: XenDiskMode,
     /// Where the kernel lists block devices (`/sys/block`); tests point it elsewhere.
@@ -91,6 +95,17 @@ pub struct Xen {
 
 /// See [`Xen::with_linger`]: a loaded dom0 runs the block hotplug scripts slowly.
 const LINGER: Duration = Duration::from_secs(60);
+
+/// Where a netvm says, in its own xenstore directory (`/local/domain/DOMID/`, `data/` is
+/// the guest's to write), that its kernel serves vif backends (xen-netback loaded): the
+/// guest integration writes `ready` there. libxl builds a client's vif in the netvm and
+/// gives its backend 10 s to reach InitWait, so a client domain made before that fails;
+/// Qubes likewise starts a client only once its netvm has started.
+pub const NET_BACKEND_READY_KEY: &str = "data/qubes-net-backend";
+/// A netvm boots in seconds on real hardware but minutes under nested TCG.
+const NET_READY_TIMEOUT: Duration = Duration::from_secs(900);
+const XENSTORE_FIX: &str =
+    "the xen backend needs xenstore-read (Debian package xenstore-utils) in dom0";
 
 /// One line per attached `/dev/nbdN`, detached when the domain is gone.
 const NBD_DEVICES: &str = "nbd-devices";
@@ -117,6 +132,9 @@ impl Xen {
                 });
         Xen {
             xl: std::env::var("QUBES_XL").unwrap_or_else(|_| "xl".into()),
+            xenstore_read: std::env::var("QUBES_XENSTORE_READ")
+                .unwrap_or_else(|_| "xenstore-read".into()),
+            net_ready_timeout: NET_READY_TIMEOUT,
             qemu_nbd: "qemu-nbd".into(),
             disk_mode,
             sys_block: "/sys/block".into(),
@@ -136,6 +154,52 @@ impl Xen {
     pub fn with_linger(mut self, linger: Duration) -> Self {
         self.linger = linger;
         self
+    }
+
+    /// The `xenstore-read` binary and how long a client's start waits for its netvm
+    /// (default 15 min; tests use a stand-in and a short wait).
+    pub fn with_netvm_wait(mut self, xenstore_read: impl Into<String>, timeout: Duration) -> Self {
+        self.xenstore_read = xenstore_read.into();
+        self.net_ready_timeout = timeout;
+        self
+    }
+
+    /// Waits until the running netvm `netvm` serves vif backends (it wrote `ready` to
+    /// its [`NET_BACKEND_READY_KEY`]); fails at once when the netvm is not running.
+    fn wait_net_backend(&self, netvm: &str, client: &str) -> Result<(), HvError> {
+        let bin = find_tool(&self.xenstore_read, XENSTORE_FIX)?;
+        let deadline = std::time::Instant::now() + self.net_ready_timeout;
+        let mut last: String;
+        loop {
+            if !self.listed(netvm)? {
+                return Err(HvError::NotRunning {
+                    name: netvm.to_string(),
+                    op: "serve the network of its client",
+                    reason: format!("its domain is gone, so {client} cannot start"),
+                });
+            }
+            let domid = self.domid(netvm)?;
+            let key = format!("/local/domain/{domid}/{NET_BACKEND_READY_KEY}");
+            match run_with_timeout(Command::new(&bin).arg(&key), XL_TIMEOUT) {
+                Ok(Some(o)) if o.status.success() && o.stdout.trim() == "ready" => return Ok(()),
+                Ok(Some(o)) => last = format!("{key}: {}", (o.stdout + &o.stderr).trim()),
+                Ok(None) => last = format!("xenstore-read {key} timed out"),
+                Err(e) => last = format!("xenstore-read {key}: {e}"),
+            }
+            if std::time::Instant::now() >= deadline {
+                return Err(HvError::NotRunning {
+                    name: netvm.to_string(),
+                    op: "serve the network of its client",
+                    reason: format!(
+                        "it did not say it serves vif backends within {:?} ({last}); its guest \
+                         integration loads xen-netback and writes {NET_BACKEND_READY_KEY} at boot: \
+                         check its console (`qubes-ctl qube log {netvm}`), then start {client} again",
+                        self.net_ready_timeout
+                    ),
+                });
+            }
+            std::thread::sleep(Duration::from_secs(1));
+        }
     }
 
     pub fn with_disk_mode(mut self, mode: XenDiskMode) -> Self {
@@ -541,6 +605,18 @@ impl Hypervisor for Xen {
         self.xl_simple(name, "pause")
     }
 
+    /// The vif itself comes with the client's config; its backend must be servable now.
+    fn attach_client(
+        &self,
+        netvm: &str,
+        _netvm_run_dir: &Path,
+        client: &str,
+        _socket: &Path,
+        _mac: &str,
+    ) -> Result<(), HvError> {
+        self.wait_net_backend(netvm, client)
+    }
+
     fn unpause(&self, name: &str, _run_dir: &Path) -> Result<(), HvError> {
         self.xl_simple(name, "unpause")
     }
@@ -688,6 +764,12 @@ fn check_spec(spec: &DomainSpec) -> Result<(), HvError> {
             return bad(format!("bad netvm name {n:?}"));
         }
     }
+    if !spec.net.ip.is_empty() && spec.net.ip.parse::<std::net::Ipv4Addr>().is_err() {
+        return bad(format!(
+            "bad IP address {:?}: a dotted IPv4 address",
+            spec.net.ip
+        ));
+    }
     // Part of the VIFSPEC, so no separator may hide in it.
     let octets: Vec<&str> = spec.net.mac.split(':').collect();
     if !spec.net.mac.is_empty()
@@ -716,13 +798,18 @@ pub fn phy_disk_spec_string(d: &DiskSpec, dev: &Path) -> String {
 
 /// The xl VIFSPEC of the qube's one NIC, served by its netvm. The MAC is the one the
 /// controller put on the guest's command line (`qubes.mac=`): the guest integration
-/// finds its NIC by it, and libxl would otherwise pick a random one.
+/// finds its NIC by it, and libxl would otherwise pick a random one. `ip=` is the
+/// qube's address: libxl writes it to the backend's directory in the netvm, whose vif
+/// hotplug routes it to this link (as Qubes' vif-route-qubes does).
 pub fn vif_spec_string(spec: &DomainSpec, netvm: &str) -> String {
-    if spec.net.mac.is_empty() {
-        format!("backend={netvm}")
-    } else {
-        format!("backend={netvm},mac={}", spec.net.mac)
+    let mut s = format!("backend={netvm}");
+    if !spec.net.mac.is_empty() {
+        s.push_str(&format!(",mac={}", spec.net.mac));
     }
+    if !spec.net.ip.is_empty() {
+        s.push_str(&format!(",ip={}", spec.net.ip));
+    }
+    s
 }
 
 /// `/dev/nbdN` devices with no client attached, in N order. The kernel shows an
@@ -898,6 +985,18 @@ mod tests {
             c.contains("vif = [ \"backend=sys-firewall,mac=00:16:3e:5e:6c:05\" ]"),
             "{c}"
         );
+        // The netvm's vif hotplug reads the client's address from the backend (`ip`).
+        s.net.ip = "10.137.0.5".into();
+        let c = config_text(&s).unwrap();
+        assert!(
+            c.contains("vif = [ \"backend=sys-firewall,mac=00:16:3e:5e:6c:05,ip=10.137.0.5\" ]"),
+            "{c}"
+        );
+        for bad in ["10.137.0", "10.137.0.5,mac=x", "10.137.0.500"] {
+            s.net.ip = bad.into();
+            assert!(config_text(&s).is_err(), "ip {bad} accepted");
+        }
+        s.net.ip = String::new();
         for bad in [
             "00:16:3e:5e:6c",
             "00:16:3e:5e:6c:05,ip=1.2.3.4",

@@ -117,6 +117,74 @@ fn xen_sets_memory_with_xl_mem_set() {
     }
 }
 
+/// libxl builds a client's vif backend in the netvm and gives it 10 s to reach
+/// InitWait, so a client's start waits until the netvm says (in its xenstore `data/`)
+/// that its kernel serves vifs, and fails at once when the netvm's domain is gone.
+#[test]
+fn xen_starts_a_client_only_once_its_netvm_serves_vifs() {
+    use std::os::unix::fs::PermissionsExt;
+    let tmp = tempfile::tempdir().unwrap();
+    let xl = fake_xl(tmp.path());
+    let ready = tmp.path().join("netvm.ready");
+    let reads = tmp.path().join("xenstore.reads");
+    let xs = tmp.path().join("xenstore-read");
+    std::fs::write(
+        &xs,
+        format!(
+            "#!/bin/sh\necho \"$*\" >> '{}'\nif [ -e '{}' ]; then echo ready; else echo \"couldn't read path $1\" >&2; exit 1; fi\n",
+            reads.display(),
+            ready.display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&xs, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let spec = plain_spec("c-netvm", tmp.path());
+    let hv = |wait: u64| {
+        Xen::with_xl(xl.to_string_lossy())
+            .with_disk_mode(XenDiskMode::Qdisk)
+            .with_netvm_wait(xs.to_string_lossy(), Duration::from_secs(wait))
+    };
+    let attach = |hv: &Xen| {
+        hv.attach_client(
+            "c-netvm",
+            &spec.run_dir,
+            "work",
+            &tmp.path().join("unused.sock"),
+            "fe:16:3e:5e:6c:05",
+        )
+    };
+    hv(1).start(&spec).unwrap();
+    let e = attach(&hv(2)).unwrap_err().to_string();
+    assert!(
+        e.contains("data/qubes-net-backend") && e.contains("start work again"),
+        "{e}"
+    );
+    let writer = {
+        let ready = ready.clone();
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(1500));
+            std::fs::write(ready, "").unwrap();
+        })
+    };
+    attach(&hv(60)).unwrap();
+    writer.join().unwrap();
+    let calls = std::fs::read_to_string(&reads).unwrap();
+    assert!(
+        calls
+            .lines()
+            .all(|l| l == "/local/domain/7/data/qubes-net-backend"),
+        "{calls}"
+    );
+    hv(1).kill("c-netvm", &spec.run_dir).unwrap();
+    let t = std::time::Instant::now();
+    let e = attach(&hv(60)).unwrap_err().to_string();
+    assert!(e.contains("domain is gone"), "{e}");
+    assert!(
+        t.elapsed() < Duration::from_secs(30),
+        "a gone netvm fails at once"
+    );
+}
+
 #[test]
 fn none_refuses_to_set_memory() {
     let tmp = tempfile::tempdir().unwrap();

@@ -99,11 +99,13 @@ fn pv_config_parses_with_three_nbd_disks_and_a_vif() {
         "/run/qubes/work-1/nbd.sock",
     );
     s.net.mac = "00:16:3e:5e:6c:07".into();
+    s.net.ip = "10.137.0.7".into();
     let cfg = check(&s);
-    // The guest finds its NIC by this MAC (qubes.mac=); without it libxl picks one.
+    // The guest finds its NIC by this MAC (qubes.mac=); without it libxl picks one. The
+    // netvm's vif hotplug reads the client's address from the backend's `ip`.
     assert_eq!(
         cfg.list("vif").unwrap(),
-        vec!["backend=sys-firewall,mac=00:16:3e:5e:6c:07".to_string()]
+        vec!["backend=sys-firewall,mac=00:16:3e:5e:6c:07,ip=10.137.0.7".to_string()]
     );
     assert_eq!(
         cfg.string("cmdline").as_deref(),

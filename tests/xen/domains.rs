@@ -45,7 +45,7 @@ fn start(ctl: &Ctl, qube: &str) -> (PathBuf, u32) {
     (log, out.trim().parse().expect("xl domid prints a number"))
 }
 
-fn read(log: &Path) -> String {
+pub(super) fn read(log: &Path) -> String {
     std::fs::read(log)
         .map(|b| String::from_utf8_lossy(&b).into_owned())
         .unwrap_or_default()
@@ -74,7 +74,7 @@ fn no_report(guests: &[(&str, &Path)], why: &str) -> ! {
 /// and the time from `since` to it. A guest whose domain goes away before it reports
 /// crashed (the configs say `on_crash = "destroy"`): that fails at once rather than
 /// at the timeout.
-fn wait_reports(guests: &[(&str, &Path)], since: Instant) -> Vec<(String, Duration)> {
+pub(super) fn wait_reports(guests: &[(&str, &Path)], since: Instant) -> Vec<(String, Duration)> {
     let mut got: Vec<Option<(String, Duration)>> = vec![None; guests.len()];
     let deadline = Instant::now() + GUEST_TIMEOUT;
     let mut shown = 0;

@@ -142,6 +142,7 @@ pub fn fake_xl(dir: &Path) -> PathBuf {
                      touch '{marker}' ;;\n\
              destroy) rm -f '{marker}' ;;\n\
              shutdown) rm -f '{marker}' ;;\n\
+             domid) if [ -e '{marker}' ]; then echo 7; else echo \"$2 is an invalid domain identifier\" >&2; exit 1; fi ;;\n\
              list)\n\
                if [ -e '{marker}' ]; then\n\
                  echo 'Name                                        ID   Mem VCPUs\tState\tTime(s)'\n\

@@ -98,6 +98,7 @@ impl Controller {
             .and_then(|n| n.parse().ok())
             .unwrap_or(0);
         spec.net.mac = format!("00:16:3e:5e:6c:{last:02x}");
+        spec.net.ip = ip.clone();
         spec.net.provides_network = prefs.provides_network;
         let mut opts = format!(" qubes.ip={ip} qubes.mac={}", spec.net.mac);
         if prefs.provides_network {
@@ -115,7 +116,8 @@ impl Controller {
                 );
             }
             // The netvm's end: the same number, locally administered (`fe:`), which the
-            // guest integration's udev rule recognises as a client link.
+            // guest integration's udev rule recognises as a client link (QEMU; on Xen
+            // this waits until the netvm's kernel serves vif backends).
             let backend_mac = format!("fe:16:3e:5e:6c:{last:02x}");
             hv.attach_client(n, &nrun, name, &sock, &backend_mac)
                 .with_context(|| format!("connecting {name} to its netvm {n}"))?;
