@@ -724,14 +724,7 @@ impl Inner {
             // Removed earlier in this transaction and named again: out of the way first.
             st.trash_seq += 1;
             let trash = format!("{TRASH}{}-{}", st.cat.generation + 1, st.trash_seq);
-            self.journal(
-                st,
-                Step::Renamed {
-                    from: name.clone(),
-                    to: trash.clone(),
-                },
-            )?;
-            lvm(&["lvrename", "--", &self.vg, &name, &trash]).inspect_err(|_| st.lvs = None)?;
+            self.rename_lv(st, &name, &trash)?;
             let mut lv = st.hidden.remove(&name).expect("checked above");
             lv.name = trash.clone();
             st.hidden.insert(trash, lv);
@@ -1186,7 +1179,6 @@ impl Pool for LvmThinPool {
         // The commit point: from here on the transaction's steps are kept.
         write_catalog(&inner.dir, &next)?;
         st.cat.generation = next.generation;
-        st.cat.removed = removed.clone();
         st.trash_seq = 0;
         let r = remove_lvs(&inner.vg, &removed);
         if r.is_ok() {
