@@ -26,11 +26,27 @@ use std::sync::Arc;
 
 use parking_lot::Mutex;
 
+use crate::pool::WriteSource;
+
 /// Positioned I/O on one file. Implementations are thread-safe.
 pub trait BlockFile: Send + Sync {
     /// Fills `buf` from `offset`; fails with `UnexpectedEof` if the file is shorter.
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()>;
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()>;
+    /// Writes bytes `[src_off, src_off + len)` of `src` at `offset`. The default copies
+    /// them into a buffer and calls `write_at`; a real file hands the source's memory to
+    /// the kernel (`pwritev`).
+    fn write_from(
+        &self,
+        src: &dyn WriteSource,
+        src_off: usize,
+        len: usize,
+        offset: u64,
+    ) -> io::Result<()> {
+        let mut buf = vec![0u8; len];
+        src.copy_to(src_off, &mut buf);
+        self.write_at(&buf, offset)
+    }
     /// Durability barrier for data written so far (`fdatasync`).
     fn sync(&self) -> io::Result<()>;
     fn len(&self) -> io::Result<u64>;
@@ -49,6 +65,51 @@ pub trait BlockFile: Send + Sync {
     fn host_free(&self) -> io::Result<Option<u64>> {
         Ok(None)
     }
+}
+
+/// Writes every byte of `iov` at `offset`: at most `IOV_MAX` pieces per call, again
+/// after a short write or `EINTR` (the pieces are advanced in place).
+fn pwritev_all(file: &File, iov: &mut [libc::iovec], mut offset: u64) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    const IOV_MAX: usize = 1024;
+    let mut at = 0;
+    while at < iov.len() {
+        if iov[at].iov_len == 0 {
+            at += 1;
+            continue;
+        }
+        let batch = &iov[at..iov.len().min(at + IOV_MAX)];
+        let off = libc::off_t::try_from(offset)
+            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "offset past off_t"))?;
+        // SAFETY: `batch` is a valid array of at most IOV_MAX iovecs; each points to
+        // memory readable for the whole call (the `WriteSource` contract, or one of our
+        // own slices); the kernel only reads it.
+        let n = unsafe { libc::pwritev(file.as_raw_fd(), batch.as_ptr(), batch.len() as i32, off) };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        if n == 0 {
+            return Err(io::Error::from(io::ErrorKind::WriteZero));
+        }
+        let mut left = n as usize;
+        offset += left as u64;
+        while left > 0 {
+            let v = &mut iov[at];
+            let k = left.min(v.iov_len);
+            // Advancing inside the piece the kernel just read: still the same memory.
+            v.iov_base = v.iov_base.cast::<u8>().wrapping_add(k).cast();
+            v.iov_len -= k;
+            left -= k;
+            if v.iov_len == 0 {
+                at += 1;
+            }
+        }
+    }
+    Ok(())
 }
 
 /// A regular file (or block device) on the host.
@@ -73,6 +134,18 @@ impl BlockFile for RealFile {
 
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
         self.file.write_all_at(buf, offset)
+    }
+
+    fn write_from(
+        &self,
+        src: &dyn WriteSource,
+        src_off: usize,
+        len: usize,
+        offset: u64,
+    ) -> io::Result<()> {
+        let mut iov = Vec::new();
+        src.iovecs(src_off, len, &mut iov);
+        pwritev_all(&self.file, &mut iov, offset)
     }
 
     fn sync(&self) -> io::Result<()> {

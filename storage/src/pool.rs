@@ -133,6 +133,53 @@ impl BlockError {
     }
 }
 
+/// The bytes of one write, in memory another party may change while the write runs (a
+/// Xen guest's granted pages), so that a driver can hand them to the kernel without a
+/// bounce copy. No `&[u8]` into that memory is ever made: [`Self::copy_to`] reads it
+/// (the implementation decides how, e.g. with atomics), and [`Self::iovecs`] gives raw
+/// pieces only the kernel reads (`pwritev`).
+///
+/// Nothing in a write path may rely on these bytes staying the same between two looks
+/// (no checksum of them, no "validate then write"): a driver reads each byte at most once
+/// per destination, and a source that changes meanwhile gets some mix of old and new
+/// bytes, which only a guest writing its own volume can cause.
+///
+/// # Safety
+/// Every piece [`Self::iovecs`] gives must be memory readable for as long as `self` is
+/// borrowed, and the pieces for `(off, len)` must cover exactly `len` bytes.
+pub unsafe trait WriteSource: Sync {
+    /// The write's length in bytes.
+    fn len(&self) -> usize;
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// Copies the source's bytes `[off, off + dst.len())` into `dst`.
+    fn copy_to(&self, off: usize, dst: &mut [u8]);
+    /// Appends to `out` the pieces of memory holding bytes `[off, off + len)`, in order.
+    /// Panics if the range passes [`Self::len`] (a caller's bug).
+    fn iovecs(&self, off: usize, len: usize, out: &mut Vec<libc::iovec>);
+}
+
+// SAFETY: the one piece is inside the slice (checked by the slicing), which outlives the
+// borrow of `self`.
+unsafe impl WriteSource for &[u8] {
+    fn len(&self) -> usize {
+        <[u8]>::len(self)
+    }
+    fn copy_to(&self, off: usize, dst: &mut [u8]) {
+        dst.copy_from_slice(&self[off..off + dst.len()]);
+    }
+    fn iovecs(&self, off: usize, len: usize, out: &mut Vec<libc::iovec>) {
+        let piece = &self[off..off + len];
+        if !piece.is_empty() {
+            out.push(libc::iovec {
+                iov_base: piece.as_ptr() as *mut libc::c_void,
+                iov_len: piece.len(),
+            });
+        }
+    }
+}
+
 /// One open volume, as a block transport sees it. Implementations are thread-safe:
 /// several connections and several in-flight requests call these concurrently.
 pub trait BlockDevice: Send + Sync {
@@ -144,6 +191,19 @@ pub trait BlockDevice: Send + Sync {
     /// Reads `buf.len()` bytes at `offset`; unmapped ranges read as zeros.
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), BlockError>;
     fn write_at(&self, buf: &[u8], offset: u64) -> Result<(), BlockError>;
+    /// Writes `src` at `offset`, as [`Self::write_at`] would write its bytes. The default
+    /// copies them into a buffer first; a driver that writes straight from the source
+    /// says so with [`Self::writes_in_place`].
+    fn write_from(&self, src: &dyn WriteSource, offset: u64) -> Result<(), BlockError> {
+        let mut buf = vec![0u8; src.len()];
+        src.copy_to(0, &mut buf);
+        self.write_at(&buf, offset)
+    }
+    /// [`Self::write_from`] writes from the source's memory, with no copy of its own (a
+    /// transport with its own bounce buffer uses `write_at` otherwise).
+    fn writes_in_place(&self) -> bool {
+        false
+    }
     /// Makes every write acknowledged so far durable (commits the mapping).
     fn flush(&self) -> Result<(), BlockError>;
     /// Unmaps whole chunks inside the range (frees them); partial chunks at the edges are

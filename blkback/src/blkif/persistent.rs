@@ -4,9 +4,11 @@
 //! copies, instead of one grant-copy hypercall per request. In a dom0 every hypercall and
 //! syscall is a trip through Xen; for 4 KiB requests that trip is most of the cost.
 //!
-//! Data still moves by copy into (or out of) the device thread's own buffer, never by
-//! handing the volume a pointer into the guest's page: a write is checked and written
-//! from a snapshot the guest cannot change under us, as with grant copy.
+//! Reads still move by copy out of the device thread's own buffer. A write whose pages
+//! are all mapped goes to a volume that can take it ([`storage::BlockDevice::
+//! writes_in_place`], the thin pool) straight from those pages ([`GuestPages`]: the
+//! kernel reads them in `pwritev`), with no copy of ours; see `vbd` for why the guest
+//! changing a page meanwhile is harmless.
 //!
 //! Only used when both ends offered it: a frontend that did not promise to keep its
 //! grants may end a grant and reuse the ref for another page, and a mapping kept past
@@ -20,6 +22,7 @@ use std::cell::RefCell;
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use storage::WriteSource;
 use xen_sys::{GrantSeg, SharedMem, PAGE_SIZE};
 
 use super::vbd::GuestMemory;
@@ -51,6 +54,93 @@ pub struct PersistentStats {
     pub hits: u64,
     /// Segments that went through grant copy (cap reached, or the grant would not map).
     pub copied: u64,
+    /// Segments written to the volume straight from their mapping (no copy of ours).
+    pub direct: u64,
+}
+
+/// A write's bytes where they are: in the guest's pages, kept mapped. The kernel reads
+/// them (`pwritev`) through [`WriteSource::iovecs`]; we read them only through
+/// [`SharedMem::read`] (atomics), never as `&[u8]`, since the guest may write them at
+/// any moment.
+pub struct GuestPages {
+    /// (mapping, byte offset in it, length) in transfer order; neighbours that follow each
+    /// other in one mapping (pages mapped in one call) are one piece.
+    pieces: Vec<(Arc<SharedMem>, usize, usize)>,
+    /// Where each piece starts in the transfer.
+    starts: Vec<usize>,
+    len: usize,
+}
+
+impl GuestPages {
+    fn new() -> Self {
+        GuestPages {
+            pieces: Vec::new(),
+            starts: Vec::new(),
+            len: 0,
+        }
+    }
+
+    fn push(&mut self, mem: &Arc<SharedMem>, at: usize, n: usize) {
+        if let Some((m, a, l)) = self.pieces.last_mut() {
+            if Arc::ptr_eq(m, mem) && *a + *l == at {
+                *l += n;
+                self.len += n;
+                return;
+            }
+        }
+        self.pieces.push((mem.clone(), at, n));
+        self.starts.push(self.len);
+        self.len += n;
+    }
+
+    /// Calls `f(mapping, offset in it, length, offset in the range)` for each part of
+    /// the transfer's bytes `[off, off + len)`. Panics if the range passes the end.
+    fn walk(&self, off: usize, len: usize, mut f: impl FnMut(&SharedMem, usize, usize, usize)) {
+        assert!(
+            off.checked_add(len).is_some_and(|e| e <= self.len),
+            "bytes {off}+{len} of a {}-byte transfer",
+            self.len
+        );
+        if len == 0 {
+            return;
+        }
+        let mut i = self.starts.partition_point(|&s| s <= off) - 1;
+        let (mut pos, mut done) = (off, 0);
+        while done < len {
+            let (mem, at, n) = &self.pieces[i];
+            let within = pos - self.starts[i];
+            let k = (n - within).min(len - done);
+            f(mem, at + within, k, done);
+            done += k;
+            pos += k;
+            i += 1;
+        }
+    }
+}
+
+// SAFETY: every address `iovecs` gives comes from `SharedMem::addr`, which checks the
+// range against the mapping; each piece holds an `Arc` of its mapping, so the memory
+// stays mapped for as long as `self` is borrowed. The pieces cover exactly the range
+// (`walk`).
+unsafe impl WriteSource for GuestPages {
+    fn len(&self) -> usize {
+        self.len
+    }
+
+    fn copy_to(&self, off: usize, dst: &mut [u8]) {
+        self.walk(off, dst.len(), |mem, at, n, d| {
+            mem.read(at, &mut dst[d..d + n])
+        });
+    }
+
+    fn iovecs(&self, off: usize, len: usize, out: &mut Vec<libc::iovec>) {
+        self.walk(off, len, |mem, at, n, _| {
+            out.push(libc::iovec {
+                iov_base: mem.addr(at, n).cast(),
+                iov_len: n,
+            })
+        });
+    }
 }
 
 /// A guest's memory with the grants it keeps mapped once (see the module doc).
@@ -187,6 +277,27 @@ impl<G: GuestMemory> PersistentGrants<G> {
         *self.plan_buf.borrow_mut() = pages;
     }
 
+    /// The transfer's bytes in its kept mappings, if every segment has one (mapping new
+    /// grants now, as a copy would); `None` otherwise: then the transfer goes by copy.
+    pub fn direct(&self, segs: &[GrantSeg]) -> Option<GuestPages> {
+        if !self.enabled {
+            return None;
+        }
+        let len = segs.iter().map(|s| s.len as usize).sum();
+        let pages = self.plan(segs, len).ok()?;
+        let mut out = None;
+        if pages.iter().all(Option::is_some) {
+            let mut g = GuestPages::new();
+            for (s, p) in segs.iter().zip(pages.iter().flatten()) {
+                g.push(&p.mem, p.base + s.offset as usize, s.len as usize);
+            }
+            self.stats.borrow_mut().direct += segs.len() as u64;
+            out = Some(g);
+        }
+        self.recycle(pages);
+        out
+    }
+
     fn count(&self, hits: usize, copied: usize) {
         let mut st = self.stats.borrow_mut();
         st.hits += hits as u64;
@@ -284,5 +395,9 @@ impl<G: GuestMemory> GuestMemory for PersistentGrants<G> {
 
     fn map_pages(&self, grefs: &[u32]) -> Result<Vec<MappedPage>, String> {
         self.guest.map_pages(grefs)
+    }
+
+    fn direct(&self, segs: &[GrantSeg]) -> Option<GuestPages> {
+        PersistentGrants::direct(self, segs)
     }
 }

@@ -9,12 +9,21 @@
 //! transfer into 128 KiB requests; in dom0 every syscall costs a trip through Xen). A
 //! run that fails is redone request by request, so each gets its own status.
 //!
-//! Data moves through the device's own buffer, never straight between the guest's page
-//! and the volume: a copy is a snapshot, so the guest cannot change a write's data
-//! between our checks and the volume write. The copy is a grant copy (as QEMU's
-//! xen-block does: no map/unmap per request, one hypercall per run) or, when the
-//! frontend keeps persistent grants, a plain memcpy through pages mapped once per
-//! connection (`blkif::persistent`: no hypercall at all per request).
+//! Reads move through the device's own buffer. So do writes by grant copy (as QEMU's
+//! xen-block does: no map/unmap per request, one hypercall per run). When the frontend
+//! keeps persistent grants (`blkif::persistent`: pages mapped once per connection) and
+//! the volume writes in place ([`BlockDevice::writes_in_place`]: the thin pool), a
+//! write goes to the volume straight from the guest's pages, one `pwritev` per
+//! data-file run, where a bounce copy would cost as much CPU as the write itself.
+//!
+//! Writing from pages the guest can change during the write is safe, as with the
+//! kernel's blkback (which hands the guest's page to the disk): what we check of a
+//! request (operation, sectors, segments, grants) we copied off the ring first, and
+//! the data bytes decide nothing; the volume's plan (which chunks, copy-on-write,
+//! allocation) depends on the offset and length alone, and the pool keeps no checksum
+//! or dedup of written data. A guest that changes a page mid-write gets some mix of old
+//! and new bytes in the sectors it asked to write, in its own volume: its own doing,
+//! what a real disk gives for a buffer changed during DMA.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -24,7 +33,7 @@ use storage::BlockDevice;
 use xen_sys::GrantSeg;
 
 use super::abi::*;
-pub use super::persistent::MappedPage;
+pub use super::persistent::{GuestPages, MappedPage};
 use super::ring::{BackRing, RingError};
 
 /// The guest's granted pages, as the backend sees them.
@@ -42,6 +51,11 @@ pub trait GuestMemory: Send {
     /// all or nothing, in the order of `grefs`. The default maps them one by one.
     fn map_pages(&self, grefs: &[u32]) -> Result<Vec<MappedPage>, String> {
         grefs.iter().map(|&g| self.map_page(g)).collect()
+    }
+    /// The segments' bytes in place in mapped pages, if every one of them is mapped
+    /// (persistent grants), for a write with no copy; `None` sends the write by copy.
+    fn direct(&self, _segs: &[GrantSeg]) -> Option<GuestPages> {
+        None
     }
 }
 
@@ -109,6 +123,8 @@ pub struct VbdStats {
     pub volume_writes: u64,
     pub read_bytes: u64,
     pub write_bytes: u64,
+    /// Volume writes made straight from the guest's mapped pages (no copy of ours).
+    pub direct_writes: u64,
     pub flushes: u64,
 }
 
@@ -473,29 +489,37 @@ impl<G: GuestMemory> Vbd<G> {
 
     /// Moves a checked transfer between the guest's pages and the volume.
     fn io(&mut self, dir: Direction, plan: &IoPlan) -> Result<(), String> {
-        self.buf.resize(plan.len, 0);
-        let buf = &mut self.buf[..plan.len];
         match dir {
             Direction::Read => {
                 self.stats.volume_reads += 1;
                 self.stats.read_bytes += plan.len as u64;
+                self.buf.resize(plan.len, 0);
+                let buf = &mut self.buf[..plan.len];
+                self.device
+                    .read_at(buf, plan.offset)
+                    .map_err(|e| e.to_string())
+                    .and_then(|()| self.guest.copy_to_guest(&plan.segs, buf))
             }
             Direction::Write => {
                 self.stats.volume_writes += 1;
                 self.stats.write_bytes += plan.len as u64;
+                if self.device.writes_in_place() {
+                    if let Some(src) = self.guest.direct(&plan.segs) {
+                        self.stats.direct_writes += 1;
+                        return self
+                            .device
+                            .write_from(&src, plan.offset)
+                            .map_err(|e| e.to_string());
+                    }
+                }
+                self.buf.resize(plan.len, 0);
+                let buf = &mut self.buf[..plan.len];
+                self.guest.copy_from_guest(&plan.segs, buf).and_then(|()| {
+                    self.device
+                        .write_at(buf, plan.offset)
+                        .map_err(|e| e.to_string())
+                })
             }
-        }
-        match dir {
-            Direction::Read => self
-                .device
-                .read_at(buf, plan.offset)
-                .map_err(|e| e.to_string())
-                .and_then(|()| self.guest.copy_to_guest(&plan.segs, buf)),
-            Direction::Write => self.guest.copy_from_guest(&plan.segs, buf).and_then(|()| {
-                self.device
-                    .write_at(buf, plan.offset)
-                    .map_err(|e| e.to_string())
-            }),
         }
     }
 

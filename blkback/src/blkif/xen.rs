@@ -211,6 +211,7 @@ impl Connector for XenConnector {
                     volume_writes = st.volume_writes,
                     read_bytes = st.read_bytes,
                     write_bytes = st.write_bytes,
+                    direct_writes = st.direct_writes,
                     flushes = st.flushes,
                     user_ms,
                     sys_ms,
@@ -218,6 +219,7 @@ impl Connector for XenConnector {
                     map_calls = p.map_calls,
                     segments_by_memcpy = p.hits,
                     segments_by_grant_copy = p.copied,
+                    segments_written_direct = p.direct,
                     "blkif device thread done"
                 );
                 r

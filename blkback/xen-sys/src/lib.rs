@@ -132,6 +132,14 @@ impl SharedMem {
         self.atomic_u32(off).store(v, order)
     }
 
+    /// The address of bytes `[off, off + n)`, for the kernel to read or write them (an
+    /// iovec for `pwritev`): no Rust reference into the memory is made, and the address
+    /// is valid as long as `self` lives. Panics if the range passes the end.
+    pub fn addr(&self, off: usize, n: usize) -> *mut u8 {
+        self.check(off, n, 1);
+        self.ptr.as_ptr().wrapping_add(off)
+    }
+
     /// Copies `dst.len()` bytes at `off` out of the shared memory (relaxed loads:
     /// order them against an index with an acquire load of that index first).
     pub fn read(&self, off: usize, dst: &mut [u8]) {

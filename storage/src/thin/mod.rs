@@ -48,7 +48,7 @@ use units::{DataOffset, VolOffset};
 use crate::io::{BlockFile, RealFile};
 use crate::pool::{
     validate_volume_key, BlockDevice, BlockError, BlockErrorKind, Extent, ImportOptions,
-    ImportStats, Pool, PoolError, PoolInfo, VerifyReport, VolumeInfo,
+    ImportStats, Pool, PoolError, PoolInfo, VerifyReport, VolumeInfo, WriteSource,
 };
 
 /// Errors inside the driver; mapped to [`PoolError`] / [`BlockError`] at the boundary.
@@ -140,6 +140,16 @@ impl BlockFile for DirtyTracking {
     fn write_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
         self.mark();
         self.inner.write_at(buf, offset)
+    }
+    fn write_from(
+        &self,
+        src: &dyn WriteSource,
+        src_off: usize,
+        len: usize,
+        offset: u64,
+    ) -> std::io::Result<()> {
+        self.mark();
+        self.inner.write_from(src, src_off, len, offset)
     }
     fn sync(&self) -> std::io::Result<()> {
         self.inner.sync()

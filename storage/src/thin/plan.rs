@@ -47,13 +47,29 @@ impl ThinPool {
     /// were (its fresh chunks are freed) and the next commit cannot make zeros durable
     /// over bytes the guest never wrote.
     pub(super) fn write_locked(&self, id: u64, buf: &[u8], off: VolOffset) -> Result<(), Error> {
+        self.write_locked_from(id, &buf, off)
+    }
+
+    /// [`Self::write_locked`] from memory that may change meanwhile (see
+    /// [`WriteSource`]): each byte of `src` is read once per place it goes (a data-file
+    /// write or a sub-block copy's overlay), never checked then written, so a source that
+    /// changes under the write leaves some mix of its old and new bytes in the range
+    /// written, and nothing outside it: the plan (which chunks, CoW, allocation) depends
+    /// on the offset and length alone.
+    pub(super) fn write_locked_from(
+        &self,
+        id: u64,
+        src: &dyn WriteSource,
+        off: VolOffset,
+    ) -> Result<(), Error> {
         let geo = self.geo;
+        let len = src.len();
         let plan = self.plan(|m| {
-            if !targets_idle(m, id, geo, off, buf.len() as u64)? {
+            if !targets_idle(m, id, geo, off, len as u64)? {
                 return Ok(None);
             }
             let mut plan = WritePlan::default();
-            let r = self.mutate(m, |m| plan_write(m, geo, id, off, buf.len(), &mut plan));
+            let r = self.mutate(m, |m| plan_write(m, geo, id, off, len, &mut plan));
             if let Err(e) = r {
                 if !matches!(e, Error::NoSpace) {
                     return Err(e);
@@ -68,7 +84,7 @@ impl ThinPool {
             }
             Ok(Some(plan))
         })?;
-        let r = self.execute(&plan, buf);
+        let r = self.execute(&plan, src);
         if !plan.inflight.is_empty() || !plan.installs.is_empty() {
             let mut m = self.state.lock();
             for c in &plan.inflight {
@@ -93,7 +109,7 @@ impl ThinPool {
         }
     }
 
-    pub(super) fn execute(&self, plan: &WritePlan, buf: &[u8]) -> Result<(), Error> {
+    pub(super) fn execute(&self, plan: &WritePlan, src: &dyn WriteSource) -> Result<(), Error> {
         let io = |op: &'static str| move |source| Error::Io { op, source };
         for op in &plan.ops {
             if let WOp::Punch { off, len } = op {
@@ -105,7 +121,7 @@ impl ThinPool {
         let mut tmp = Vec::new();
         for op in &plan.ops {
             if let WOp::Copy {
-                src,
+                src: from,
                 dst,
                 len,
                 overlay,
@@ -113,10 +129,10 @@ impl ThinPool {
             {
                 tmp.resize(*len as usize, 0);
                 self.data
-                    .read_at(&mut tmp, src.raw())
+                    .read_at(&mut tmp, from.raw())
                     .map_err(io("reading a shared chunk"))?;
                 if let Some((bo, at, n)) = overlay {
-                    tmp[*at..at + n].copy_from_slice(&buf[*bo..bo + n]);
+                    src.copy_to(*bo, &mut tmp[*at..at + n]);
                 }
                 self.data
                     .write_at(&tmp, dst.raw())
@@ -126,7 +142,7 @@ impl ThinPool {
         for op in &plan.ops {
             if let WOp::Write { dst, buf_off, len } = op {
                 self.data
-                    .write_at(&buf[*buf_off..buf_off + len], dst.raw())
+                    .write_from(src, *buf_off, *len, dst.raw())
                     .map_err(io("writing pool.data"))?;
             }
         }
