@@ -184,12 +184,13 @@ fn persistent_grants_map_each_page_once_and_fall_back_past_the_cap() {
 }
 
 /// With persistent grants and a thin volume a write goes to the pool straight from the
-/// guest's mapped pages (`pwritev`, no copy of ours): segments out of page order and
-/// partial pages, across a chunk boundary, copy-on-write under a snapshot; the volume
-/// and the snapshot match a model. Past the mapping cap, or without persistent grants,
-/// the same writes go by copy.
+/// guest's mapped pages (`pwritev`, no copy of ours) and a read straight into them
+/// (`preadv`): segments out of page order and partial pages, across a chunk boundary,
+/// copy-on-write under a snapshot; the volume and the snapshot match a model, the read
+/// fills exactly the segments' sectors. Past the mapping cap, or without persistent
+/// grants, the same transfers go by copy.
 #[test]
-fn writes_go_to_a_thin_volume_straight_from_mapped_pages() {
+fn transfers_go_between_a_thin_volume_and_mapped_pages_directly() {
     for (enabled, limit) in [(true, 1056), (true, 4), (false, 1056)] {
         let dir = tempfile::tempdir().unwrap();
         let pool = thin_pool(dir.path(), 32 * MIB);
@@ -244,13 +245,40 @@ fn writes_go_to_a_thin_volume_straight_from_mapped_pages() {
             read_dev(&*snap, 0, model.len()) == snap_model.unwrap(),
             "snapshot differs from the model ({enabled}, {limit})"
         );
-        let direct = vbd.stats.direct_writes;
+        // Read the area back into the same pages, in the same order.
+        bounce.mem.write(0, &vec![0xee; 6 * PAGE_SIZE]);
+        let sector = 120 + (rounds - 1) * 9;
+        let id = front.id();
+        front
+            .ring
+            .put_request(&encode::rw(OP_READ, id, sector, &segs));
+        front.push();
+        vbd.process().unwrap();
+        let r = front.ring.next_response().expect("a response");
+        assert_eq!((r.id, r.status), (id, RSP_OKAY));
+        let got = bounce.read();
+        let mut at = sector as usize * 512;
+        for s in &segs {
+            let page = bounce.refs.iter().position(|&r| r == s.gref).unwrap();
+            let a = page * PAGE_SIZE + s.first_sect as usize * 512;
+            let b = page * PAGE_SIZE + (s.last_sect as usize + 1) * 512;
+            assert!(
+                got[a..b] == model[at..at + b - a],
+                "read back ({enabled}, {limit})"
+            );
+            at += b - a;
+        }
+        let (w, rd) = (vbd.stats.direct_writes, vbd.stats.direct_reads);
         let p = vbd.guest().stats();
         if enabled && limit > 6 {
-            assert_eq!(direct, rounds, "every write straight from the pages");
-            assert_eq!((p.direct, p.hits, p.copied), (6 * rounds, 0, 0), "{p:?}");
+            assert_eq!((w, rd), (rounds, 1), "every transfer in place");
+            assert_eq!(
+                (p.direct, p.hits, p.copied),
+                (6 * (rounds + 1), 0, 0),
+                "{p:?}"
+            );
         } else {
-            assert_eq!((direct, p.direct), (0, 0), "by copy: {p:?}");
+            assert_eq!((w, rd, p.direct), (0, 0, 0), "by copy: {p:?}");
         }
         dev.flush().unwrap();
         let r = pool.verify().unwrap();

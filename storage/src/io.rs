@@ -26,7 +26,7 @@ use std::sync::Arc;
 
 use parking_lot::Mutex;
 
-use crate::pool::WriteSource;
+use crate::pool::{ReadTarget, WriteSource};
 
 /// Positioned I/O on one file. Implementations are thread-safe.
 pub trait BlockFile: Send + Sync {
@@ -46,6 +46,21 @@ pub trait BlockFile: Send + Sync {
         let mut buf = vec![0u8; len];
         src.copy_to(src_off, &mut buf);
         self.write_at(&buf, offset)
+    }
+    /// Fills bytes `[dst_off, dst_off + len)` of `dst` from `offset`; `UnexpectedEof` if
+    /// the file is shorter. The default reads into a buffer and copies; a real file has
+    /// the kernel fill the target's memory (`preadv`).
+    fn read_into(
+        &self,
+        dst: &dyn ReadTarget,
+        dst_off: usize,
+        len: usize,
+        offset: u64,
+    ) -> io::Result<()> {
+        let mut buf = vec![0u8; len];
+        self.read_at(&mut buf, offset)?;
+        dst.fill_from(dst_off, &buf);
+        Ok(())
     }
     /// Durability barrier for data written so far (`fdatasync`).
     fn sync(&self) -> io::Result<()>;
@@ -67,9 +82,16 @@ pub trait BlockFile: Send + Sync {
     }
 }
 
-/// Writes every byte of `iov` at `offset`: at most `IOV_MAX` pieces per call, again
-/// after a short write or `EINTR` (the pieces are advanced in place).
-fn pwritev_all(file: &File, iov: &mut [libc::iovec], mut offset: u64) -> io::Result<()> {
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Dir {
+    Read,
+    Write,
+}
+
+/// Writes (`pwritev`) or reads (`preadv`) every byte of `iov` at `offset`: at most
+/// `IOV_MAX` pieces per call, again after a short transfer or `EINTR` (the pieces are
+/// advanced in place). A read that meets the end of the file is `UnexpectedEof`.
+fn vectored_all(file: &File, iov: &mut [libc::iovec], mut offset: u64, dir: Dir) -> io::Result<()> {
     use std::os::fd::AsRawFd;
     const IOV_MAX: usize = 1024;
     let mut at = 0;
@@ -81,10 +103,16 @@ fn pwritev_all(file: &File, iov: &mut [libc::iovec], mut offset: u64) -> io::Res
         let batch = &iov[at..iov.len().min(at + IOV_MAX)];
         let off = libc::off_t::try_from(offset)
             .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "offset past off_t"))?;
-        // SAFETY: `batch` is a valid array of at most IOV_MAX iovecs; each points to
-        // memory readable for the whole call (the `WriteSource` contract, or one of our
-        // own slices); the kernel only reads it.
-        let n = unsafe { libc::pwritev(file.as_raw_fd(), batch.as_ptr(), batch.len() as i32, off) };
+        let (fd, cnt) = (file.as_raw_fd(), batch.len() as i32);
+        let n = match dir {
+            // SAFETY: `batch` is a valid array of at most IOV_MAX iovecs; each points to
+            // memory readable for the whole call (the `WriteSource` contract); the
+            // kernel only reads it.
+            Dir::Write => unsafe { libc::pwritev(fd, batch.as_ptr(), cnt, off) },
+            // SAFETY: as above, memory writable for the whole call (the `ReadTarget`
+            // contract), which no Rust reference covers meanwhile.
+            Dir::Read => unsafe { libc::preadv(fd, batch.as_ptr(), cnt, off) },
+        };
         if n < 0 {
             let e = io::Error::last_os_error();
             if e.kind() == io::ErrorKind::Interrupted {
@@ -93,7 +121,10 @@ fn pwritev_all(file: &File, iov: &mut [libc::iovec], mut offset: u64) -> io::Res
             return Err(e);
         }
         if n == 0 {
-            return Err(io::Error::from(io::ErrorKind::WriteZero));
+            return Err(io::Error::from(match dir {
+                Dir::Write => io::ErrorKind::WriteZero,
+                Dir::Read => io::ErrorKind::UnexpectedEof,
+            }));
         }
         let mut left = n as usize;
         offset += left as u64;
@@ -145,7 +176,19 @@ impl BlockFile for RealFile {
     ) -> io::Result<()> {
         let mut iov = Vec::new();
         src.iovecs(src_off, len, &mut iov);
-        pwritev_all(&self.file, &mut iov, offset)
+        vectored_all(&self.file, &mut iov, offset, Dir::Write)
+    }
+
+    fn read_into(
+        &self,
+        dst: &dyn ReadTarget,
+        dst_off: usize,
+        len: usize,
+        offset: u64,
+    ) -> io::Result<()> {
+        let mut iov = Vec::new();
+        dst.iovecs(dst_off, len, &mut iov);
+        vectored_all(&self.file, &mut iov, offset, Dir::Read)
     }
 
     fn sync(&self) -> io::Result<()> {

@@ -29,7 +29,7 @@ pub use mem::MemPool;
 pub use names::{validate_name, NameError};
 pub use pool::{
     BatchGuard, BlockDevice, BlockError, BlockErrorKind, Extent, ImportOptions, ImportStats, Pool,
-    PoolError, PoolInfo, VerifyReport, VolumeInfo, WriteSource,
+    PoolError, PoolInfo, ReadTarget, VerifyReport, VolumeInfo, WriteSource,
 };
 pub use qubes::{ModelError, QubeClass, QubeVolumes, Volumes};
 pub use rbd::{RbdOptions, RbdPool};

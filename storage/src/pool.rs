@@ -180,6 +180,28 @@ unsafe impl WriteSource for &[u8] {
     }
 }
 
+/// Where a read's bytes go, in memory another party may read or write meanwhile (a Xen
+/// guest's granted pages), so that a driver can have the kernel fill it without a bounce
+/// copy: [`Self::fill_from`] for bytes the driver makes itself (zeros of a hole), raw
+/// [`Self::iovecs`] for the kernel (`preadv`). As for [`WriteSource`], no `&mut [u8]`
+/// into it is ever made.
+///
+/// # Safety
+/// Every piece [`Self::iovecs`] gives must be memory writable for as long as `self` is
+/// borrowed, and the pieces for `(off, len)` must cover exactly `len` bytes.
+pub unsafe trait ReadTarget: Sync {
+    /// The read's length in bytes.
+    fn len(&self) -> usize;
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// Copies `src` into the target's bytes `[off, off + src.len())`.
+    fn fill_from(&self, off: usize, src: &[u8]);
+    /// Appends to `out` the pieces of memory for bytes `[off, off + len)`, in order.
+    /// Panics if the range passes [`Self::len`] (a caller's bug).
+    fn iovecs(&self, off: usize, len: usize, out: &mut Vec<libc::iovec>);
+}
+
 /// One open volume, as a block transport sees it. Implementations are thread-safe:
 /// several connections and several in-flight requests call these concurrently.
 pub trait BlockDevice: Send + Sync {
@@ -190,6 +212,19 @@ pub trait BlockDevice: Send + Sync {
     fn read_only(&self) -> bool;
     /// Reads `buf.len()` bytes at `offset`; unmapped ranges read as zeros.
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), BlockError>;
+    /// Reads into `dst` what [`Self::read_at`] would read at `offset`. The default reads
+    /// into a buffer first; a driver that reads straight into the target says so with
+    /// [`Self::reads_in_place`]. On error `dst` holds anything.
+    fn read_into(&self, dst: &dyn ReadTarget, offset: u64) -> Result<(), BlockError> {
+        let mut buf = vec![0u8; dst.len()];
+        self.read_at(&mut buf, offset)?;
+        dst.fill_from(0, &buf);
+        Ok(())
+    }
+    /// [`Self::read_into`] fills the target with no copy of its own.
+    fn reads_in_place(&self) -> bool {
+        false
+    }
     fn write_at(&self, buf: &[u8], offset: u64) -> Result<(), BlockError>;
     /// Writes `src` at `offset`, as [`Self::write_at`] would write its bytes. The default
     /// copies them into a buffer first; a driver that writes straight from the source

@@ -4,11 +4,11 @@
 //! copies, instead of one grant-copy hypercall per request. In a dom0 every hypercall and
 //! syscall is a trip through Xen; for 4 KiB requests that trip is most of the cost.
 //!
-//! Reads still move by copy out of the device thread's own buffer. A write whose pages
-//! are all mapped goes to a volume that can take it ([`storage::BlockDevice::
-//! writes_in_place`], the thin pool) straight from those pages ([`GuestPages`]: the
-//! kernel reads them in `pwritev`), with no copy of ours; see `vbd` for why the guest
-//! changing a page meanwhile is harmless.
+//! A transfer whose pages are all mapped moves between them and a volume that can do
+//! it in place ([`storage::BlockDevice::writes_in_place`] / `reads_in_place`: the thin
+//! pool) with no copy of ours ([`GuestPages`]: the kernel reads or fills them in
+//! `pwritev` / `preadv`); see `vbd` for why the guest changing a page meanwhile is
+//! harmless. Otherwise data moves by copy through the device thread's own buffer.
 //!
 //! Only used when both ends offered it: a frontend that did not promise to keep its
 //! grants may end a grant and reuse the ref for another page, and a mapping kept past
@@ -22,7 +22,7 @@ use std::cell::RefCell;
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use storage::WriteSource;
+use storage::{ReadTarget, WriteSource};
 use xen_sys::{GrantSeg, SharedMem, PAGE_SIZE};
 
 use super::vbd::GuestMemory;
@@ -54,14 +54,15 @@ pub struct PersistentStats {
     pub hits: u64,
     /// Segments that went through grant copy (cap reached, or the grant would not map).
     pub copied: u64,
-    /// Segments written to the volume straight from their mapping (no copy of ours).
+    /// Segments moved between the volume and their mapping with no copy of ours
+    /// (written from it or read into it).
     pub direct: u64,
 }
 
-/// A write's bytes where they are: in the guest's pages, kept mapped. The kernel reads
-/// them (`pwritev`) through [`WriteSource::iovecs`]; we read them only through
-/// [`SharedMem::read`] (atomics), never as `&[u8]`, since the guest may write them at
-/// any moment.
+/// A transfer's bytes where they are: in the guest's pages, kept mapped. The kernel
+/// reads or fills them (`pwritev`, `preadv`) through the iovecs; we touch them only
+/// through [`SharedMem::read`] / [`SharedMem::write`] (atomics), never as a slice,
+/// since the guest may use them at any moment.
 pub struct GuestPages {
     /// (mapping, byte offset in it, length) in transfer order; neighbours that follow each
     /// other in one mapping (pages mapped in one call) are one piece.
@@ -153,6 +154,25 @@ pub struct PersistentGrants<G: GuestMemory> {
     /// does not allocate.
     plan_buf: RefCell<Vec<Option<MappedPage>>>,
     stats: RefCell<PersistentStats>,
+}
+
+// SAFETY: as for `WriteSource`: the mappings are read-write (`GuestMemory::map_page`
+// maps them so), checked by `SharedMem::addr`, kept alive by the pieces' `Arc`s, and
+// the pieces cover exactly the range.
+unsafe impl ReadTarget for GuestPages {
+    fn len(&self) -> usize {
+        self.len
+    }
+
+    fn fill_from(&self, off: usize, src: &[u8]) {
+        self.walk(off, src.len(), |mem, at, n, d| {
+            mem.write(at, &src[d..d + n])
+        });
+    }
+
+    fn iovecs(&self, off: usize, len: usize, out: &mut Vec<libc::iovec>) {
+        WriteSource::iovecs(self, off, len, out)
+    }
 }
 
 impl<G: GuestMemory> PersistentGrants<G> {

@@ -9,12 +9,13 @@
 //! transfer into 128 KiB requests; in dom0 every syscall costs a trip through Xen). A
 //! run that fails is redone request by request, so each gets its own status.
 //!
-//! Reads move through the device's own buffer. So do writes by grant copy (as QEMU's
-//! xen-block does: no map/unmap per request, one hypercall per run). When the frontend
-//! keeps persistent grants (`blkif::persistent`: pages mapped once per connection) and
-//! the volume writes in place ([`BlockDevice::writes_in_place`]: the thin pool), a
-//! write goes to the volume straight from the guest's pages, one `pwritev` per
-//! data-file run, where a bounce copy would cost as much CPU as the write itself.
+//! With grant copy (as QEMU's xen-block does: no map/unmap per request, one hypercall
+//! per run) data moves through the device's own buffer. When the frontend keeps
+//! persistent grants (`blkif::persistent`: pages mapped once per connection) and the
+//! volume does I/O in place ([`BlockDevice::writes_in_place`], `reads_in_place`: the
+//! thin pool), a transfer goes between the volume and the guest's pages directly, one
+//! `pwritev` / `preadv` per data-file run, where a bounce copy would cost as much CPU
+//! as the I/O itself.
 //!
 //! Writing from pages the guest can change during the write is safe, as with the
 //! kernel's blkback (which hands the guest's page to the disk): what we check of a
@@ -125,6 +126,8 @@ pub struct VbdStats {
     pub write_bytes: u64,
     /// Volume writes made straight from the guest's mapped pages (no copy of ours).
     pub direct_writes: u64,
+    /// Volume reads made straight into the guest's mapped pages.
+    pub direct_reads: u64,
     pub flushes: u64,
 }
 
@@ -493,6 +496,15 @@ impl<G: GuestMemory> Vbd<G> {
             Direction::Read => {
                 self.stats.volume_reads += 1;
                 self.stats.read_bytes += plan.len as u64;
+                if self.device.reads_in_place() {
+                    if let Some(dst) = self.guest.direct(&plan.segs) {
+                        self.stats.direct_reads += 1;
+                        return self
+                            .device
+                            .read_into(&dst, plan.offset)
+                            .map_err(|e| e.to_string());
+                    }
+                }
                 self.buf.resize(plan.len, 0);
                 let buf = &mut self.buf[..plan.len];
                 self.device

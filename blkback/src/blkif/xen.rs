@@ -212,6 +212,7 @@ impl Connector for XenConnector {
                     read_bytes = st.read_bytes,
                     write_bytes = st.write_bytes,
                     direct_writes = st.direct_writes,
+                    direct_reads = st.direct_reads,
                     flushes = st.flushes,
                     user_ms,
                     sys_ms,
@@ -219,7 +220,7 @@ impl Connector for XenConnector {
                     map_calls = p.map_calls,
                     segments_by_memcpy = p.hits,
                     segments_by_grant_copy = p.copied,
-                    segments_written_direct = p.direct,
+                    segments_direct = p.direct,
                     "blkif device thread done"
                 );
                 r

@@ -48,7 +48,7 @@ use units::{DataOffset, VolOffset};
 use crate::io::{BlockFile, RealFile};
 use crate::pool::{
     validate_volume_key, BlockDevice, BlockError, BlockErrorKind, Extent, ImportOptions,
-    ImportStats, Pool, PoolError, PoolInfo, VerifyReport, VolumeInfo, WriteSource,
+    ImportStats, Pool, PoolError, PoolInfo, ReadTarget, VerifyReport, VolumeInfo, WriteSource,
 };
 
 /// Errors inside the driver; mapped to [`PoolError`] / [`BlockError`] at the boundary.
@@ -136,6 +136,15 @@ impl DirtyTracking {
 impl BlockFile for DirtyTracking {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
         self.inner.read_at(buf, offset)
+    }
+    fn read_into(
+        &self,
+        dst: &dyn ReadTarget,
+        dst_off: usize,
+        len: usize,
+        offset: u64,
+    ) -> std::io::Result<()> {
+        self.inner.read_into(dst, dst_off, len, offset)
     }
     fn write_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
         self.mark();

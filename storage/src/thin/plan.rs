@@ -41,6 +41,39 @@ impl ThinPool {
         Ok(())
     }
 
+    /// [`Self::read_locked`] straight into memory another party may use meanwhile (see
+    /// [`ReadTarget`]): holes from a zero buffer, data by `preadv`.
+    pub(super) fn read_locked_into(
+        &self,
+        id: u64,
+        dst: &dyn ReadTarget,
+        off: VolOffset,
+    ) -> Result<(), Error> {
+        static ZEROS: [u8; 64 << 10] = [0; 64 << 10];
+        let geo = self.geo;
+        let segs = self.plan(|m| plan_read(m, geo, id, off, dst.len()))?;
+        for s in segs {
+            match s {
+                ReadSeg::Zero { buf_off, len } => {
+                    let mut at = 0;
+                    while at < len {
+                        let n = (len - at).min(ZEROS.len());
+                        dst.fill_from(buf_off + at, &ZEROS[..n]);
+                        at += n;
+                    }
+                }
+                ReadSeg::File { off, buf_off, len } => self
+                    .data
+                    .read_into(dst, buf_off, len, off.raw())
+                    .map_err(|source| Error::Io {
+                        op: "reading pool.data",
+                        source,
+                    })?,
+            }
+        }
+        Ok(())
+    }
+
     /// Writes as dm-thin does: data first, then the mapping. The plan allocates fresh
     /// chunks and marks the virtual chunks busy; the mapping changes only after every
     /// data write succeeded, so a failed write leaves the volume's mapped bytes as they

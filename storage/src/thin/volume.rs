@@ -254,6 +254,19 @@ impl BlockDevice for ThinVolume {
             .map_err(self.map_err("read", offset, len))
     }
 
+    fn read_into(&self, dst: &dyn ReadTarget, offset: u64) -> Result<(), BlockError> {
+        let _g = self.pool.gate.read();
+        let len = dst.len() as u64;
+        let (off, _, _) = self.check("read", offset, len, false)?;
+        self.pool
+            .read_locked_into(self.id, dst, off)
+            .map_err(self.map_err("read", offset, len))
+    }
+
+    fn reads_in_place(&self) -> bool {
+        true
+    }
+
     fn write_at(&self, buf: &[u8], offset: u64) -> Result<(), BlockError> {
         self.reclaiming_on_nospace("write", offset, buf.len() as u64, || {
             let (off, _, _) = self.check("write", offset, buf.len() as u64, true)?;
@@ -508,12 +521,76 @@ mod tests {
         }
     }
 
+    /// A read target in pieces, filled through raw pointers only (as a guest's pages).
+    struct Scatter {
+        bufs: Vec<Vec<u8>>,
+        ptrs: Vec<(*mut u8, usize)>,
+    }
+
+    // SAFETY: a test fills it from one thread at a time (`read_into` runs on the caller's
+    // thread); nothing reads `bufs` until `into_bytes` takes it back.
+    unsafe impl Sync for Scatter {}
+
+    impl Scatter {
+        fn new(sizes: &[usize]) -> Self {
+            let mut bufs: Vec<Vec<u8>> = sizes.iter().map(|&n| vec![0xa5; n]).collect();
+            let ptrs = bufs.iter_mut().map(|b| (b.as_mut_ptr(), b.len())).collect();
+            Scatter { bufs, ptrs }
+        }
+
+        fn walk(&self, mut off: usize, mut len: usize, mut f: impl FnMut(*mut u8, usize, usize)) {
+            let mut done = 0;
+            for &(p, n) in &self.ptrs {
+                if len == 0 {
+                    break;
+                }
+                if off >= n {
+                    off -= n;
+                    continue;
+                }
+                let k = (n - off).min(len);
+                f(p.wrapping_add(off), k, done);
+                done += k;
+                off = 0;
+                len -= k;
+            }
+            assert_eq!(len, 0, "range past the target");
+        }
+
+        fn into_bytes(self) -> Vec<u8> {
+            self.bufs.concat()
+        }
+    }
+
+    // SAFETY: every piece lies inside one of the buffers, which live (and are not moved:
+    // their heap blocks stay put) as long as `self`.
+    unsafe impl ReadTarget for Scatter {
+        fn len(&self) -> usize {
+            self.ptrs.iter().map(|p| p.1).sum()
+        }
+        fn fill_from(&self, off: usize, src: &[u8]) {
+            self.walk(off, src.len(), |p, n, d| {
+                // SAFETY: `p..p+n` is inside a buffer (walk), `src[d..d+n]` in bounds;
+                // no reference to the buffers exists meanwhile.
+                unsafe { std::ptr::copy_nonoverlapping(src[d..d + n].as_ptr(), p, n) }
+            });
+        }
+        fn iovecs(&self, off: usize, len: usize, out: &mut Vec<libc::iovec>) {
+            self.walk(off, len, |p, n, _| {
+                out.push(libc::iovec {
+                    iov_base: p.cast(),
+                    iov_len: n,
+                })
+            });
+        }
+    }
+
     /// Writes from a source in pieces (a `pwritev` per data-file run, pieces split
     /// anywhere, more than IOV_MAX of them once) at random unaligned places, across chunk
     /// and sub-block boundaries, with snapshots taken and dropped so that every CoW case
     /// (unmapped, exclusive in place, shared chunk, overlay sub-block copy, shared
-    /// overlay) runs: the volume and every snapshot match a model, before and after a
-    /// reopen.
+    /// overlay) runs, and reads into pieces (`preadv`, holes, overlays) between them: the
+    /// volume and every snapshot match a model, before and after a reopen.
     #[test]
     fn writes_from_pieces_match_a_model_through_snapshots() {
         let dir = tempfile::tempdir().unwrap();
@@ -528,7 +605,7 @@ mod tests {
         const SIZE: usize = 1 << 20;
         p.create_volume("v", SIZE as u64).unwrap();
         let v = p.open_volume("v", false).unwrap();
-        assert!(v.writes_in_place());
+        assert!(v.writes_in_place() && v.reads_in_place());
         let mut model = vec![0u8; SIZE];
         let mut snaps: Vec<(String, Vec<u8>)> = Vec::new();
         let mut rng = 0x9e37_79b9_7f4a_7c15u64;
@@ -562,6 +639,24 @@ mod tests {
                     p.remove_volume(&name).unwrap();
                 }
                 2 => p.commit().unwrap(),
+                3 | 4 => {
+                    // A read into pieces (`preadv`; holes filled from zeros), anywhere.
+                    let len = 1 + next(150_000) as usize;
+                    let off = next((SIZE - len) as u64) as usize;
+                    let mut sizes = Vec::new();
+                    let mut at = 0;
+                    while at < len {
+                        let n = (1 + next(9000) as usize).min(len - at);
+                        sizes.push(n);
+                        at += n;
+                    }
+                    let dst = Scatter::new(&sizes);
+                    v.read_into(&dst, off as u64).unwrap();
+                    assert!(
+                        dst.into_bytes() == model[off..off + len],
+                        "read_into at {off}+{len}"
+                    );
+                }
                 _ => {
                     let len = 1 + next(if i % 5 == 0 { 200_000 } else { 20_000 }) as usize;
                     let off = next((SIZE - len) as u64) as usize;
