@@ -2,7 +2,7 @@
 //! qcow2 subclusters, in userspace). On-disk format: ARCHITECTURE.md, "The `thin` driver".
 //!
 //! ```text
-//!  BlockDevice::write_at ──gate (shared)──► Meta mutex: plan ──► unlock ──► data pwrite
+//!  BlockDevice::write_at ──gate (shared)──► Meta mutex: plan ──► unlock ──► data pwrite(v)
 //!        (ThinVolume)                        shadow path, allocate,      (Punch, Copy, Write)
 //!                                            mark chunk in flight         └► unmark, notify
 //!  Pool::commit/snapshot/remove ──gate (exclusive: no data I/O in flight)──► Meta mutex
