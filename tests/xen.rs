@@ -152,7 +152,8 @@ fn qubes_on_real_xen() {
     println!("pool prepared on the host in {:.0?}", t.elapsed());
     std::fs::copy(std::env::current_exe().unwrap(), s.join("xen-test")).unwrap();
     domains::pass_options(s);
-    // `QUBES_XEN_TEST_ONLY=netvm`: only that step (a quicker try of it while working on it).
+    // `QUBES_XEN_TEST_ONLY=netvm`: only that step (a quicker try of it while working on
+    // it); `=pvh`: only PVH boots of `work`, several in a row (domains::pvh_boots).
     if let Ok(only) = std::env::var("QUBES_XEN_TEST_ONLY") {
         std::fs::write(s.join("only"), only).unwrap();
     }
@@ -321,9 +322,13 @@ fn in_dom0() {
     let ctl = Ctl::at(&root);
     domains::show_daemon_log_on_panic(&root);
     let share = Path::new("/share");
-    if std::fs::read_to_string(share.join("only")).is_ok_and(|o| o.trim() == "netvm") {
-        netvm::netvm_and_client(&ctl, &root);
-        return;
+    match std::fs::read_to_string(share.join("only"))
+        .as_deref()
+        .map(str::trim)
+    {
+        Ok("netvm") => return netvm::netvm_and_client(&ctl, &root),
+        Ok("pvh") => return domains::pvh_boots(&ctl),
+        _ => {}
     }
 
     // 1. pool init + template import in dom0 (a small package: see the host part),

@@ -179,12 +179,130 @@ fn backends_of(domid: u32) -> Vec<String> {
 
 /// The host's switch for booting `work` as PVH (see the module's comment).
 const PVH_ENV: &str = "QUBES_XEN_TEST_PVH";
+/// `QUBES_XEN_TEST_ONLY=pvh` ([`pvh_boots`]): how many PVH boots in a row (default 3)
+/// and what to add to the guest's kernel command line.
+const PVH_BOOTS_ENV: &str = "QUBES_XEN_TEST_PVH_BOOTS";
+const PVH_KERNELOPTS_ENV: &str = "QUBES_XEN_TEST_PVH_KERNELOPTS";
 
 /// Host side: hands the options of this scenario to dom0 through the share.
 pub fn pass_options(share: &Path) {
     if std::env::var(PVH_ENV).is_ok_and(|v| v == "1") {
         std::fs::write(share.join("pvh"), "1").unwrap();
     }
+    for (env, file) in [
+        (PVH_BOOTS_ENV, "pvh-boots"),
+        (PVH_KERNELOPTS_ENV, "pvh-kernelopts"),
+    ] {
+        if let Ok(v) = std::env::var(env) {
+            std::fs::write(share.join(file), v).unwrap();
+        }
+    }
+}
+
+/// How one probe boot ended.
+enum Probe {
+    Reported(Duration),
+    Crashed(Duration, String),
+    TimedOut,
+}
+
+/// `QUBES_XEN_TEST_ONLY=pvh`, by hand: `work` boots as PVH (1 vCPU, maxmem = memory,
+/// as in [`self_poweroff_and_dispvm`]) alone, several times in a row, each boot to its
+/// job's report and its own poweroff, and says how each ended: a probe of PVH's
+/// reliability under this nested setup, for trying guest, Xen and QEMU settings
+/// (`QUBES_XEN_TEST_PVH_BOOTS`, `QUBES_XEN_TEST_PVH_KERNELOPTS`; the Xen command line and
+/// the QEMU CPU through scripts/testvm.sh's variables). Fails unless every boot reported.
+pub fn pvh_boots(ctl: &Ctl) {
+    let n: usize = std::fs::read_to_string("/share/pvh-boots")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(3);
+    let extra = std::fs::read_to_string("/share/pvh-kernelopts").unwrap_or_default();
+    ctl.ok(&["qube", "prefs", "work", "virt_mode", "pvh"]);
+    ctl.ok(&["qube", "prefs", "work", "maxmem", "512"]);
+    ctl.ok(&["qube", "prefs", "work", "vcpus", "1"]);
+    ctl.ok(&["qube", "prefs", "work", "kernelopts", extra.trim()]);
+    println!(
+        "PVH-PROBE {n} boots, kernelopts {:?}; Xen: {}",
+        extra.trim(),
+        xl(&["info"])
+            .1
+            .lines()
+            .filter(|l| l.starts_with("xen_commandline") || l.starts_with("nr_cpus"))
+            .collect::<Vec<_>>()
+            .join("; ")
+    );
+    let mut outcomes = Vec::new();
+    for i in 1..=n {
+        let _ = xl(&["dmesg", "-c"]);
+        let t = Instant::now();
+        let (log, _) = start(ctl, "work");
+        assert_eq!(xl_type("work"), "pvh");
+        let outcome = loop {
+            let text = read(&log);
+            if text.contains("QTEST-DONE") {
+                break Probe::Reported(t.elapsed());
+            }
+            if !xl(&["domid", "work"]).0 {
+                std::thread::sleep(Duration::from_secs(3));
+                let text = read(&log);
+                if text.contains("QTEST-DONE") {
+                    break Probe::Reported(t.elapsed());
+                }
+                let dmesg = xl(&["dmesg"]).1;
+                let why: Vec<&str> = dmesg
+                    .lines()
+                    .filter(|l| {
+                        l.contains("riple fault")
+                            || l.contains("crashed")
+                            || l.contains("RIP")
+                            || l.contains("CR2")
+                    })
+                    .take(8)
+                    .collect();
+                println!(
+                    "PVH-PROBE boot {i}: console tail:\n{}\nxl dmesg tail:\n{}",
+                    tail(&text, 25),
+                    tail(&dmesg, 25)
+                );
+                break Probe::Crashed(
+                    t.elapsed(),
+                    format!(
+                        "{} | last console line: {}",
+                        why.join(" / "),
+                        text.lines().last().unwrap_or("")
+                    ),
+                );
+            }
+            if t.elapsed() > GUEST_TIMEOUT {
+                println!("PVH-PROBE boot {i}: console tail:\n{}", tail(&text, 25));
+                break Probe::TimedOut;
+            }
+            std::thread::sleep(Duration::from_secs(1));
+        };
+        match &outcome {
+            Probe::Reported(d) => println!("PVH-PROBE boot {i}: report after {d:.0?}"),
+            Probe::Crashed(d, why) => println!("PVH-PROBE boot {i}: CRASHED after {d:.0?}: {why}"),
+            Probe::TimedOut => println!("PVH-PROBE boot {i}: no report in {GUEST_TIMEOUT:?}"),
+        }
+        if matches!(outcome, Probe::TimedOut) {
+            ctl.ok(&["qube", "shutdown", "work", "--kill"]);
+        }
+        // The job powers the guest off (a crashed one is gone): the daemon reaps it.
+        wait_for("the daemon to stop work's volumes", GUEST_TIMEOUT, || {
+            volume(ctl, "work:volatile")["running"] == false
+        });
+        wait_for("work's domain to go", Duration::from_secs(300), || {
+            !xl(&["list", "work"]).0
+        });
+        outcomes.push(outcome);
+    }
+    let ok = outcomes
+        .iter()
+        .filter(|o| matches!(o, Probe::Reported(_)))
+        .count();
+    println!("PVH-PROBE summary: {ok} of {n} PVH boots reported");
+    assert_eq!(ok, n, "PVH boots that did not report (see PVH-PROBE lines)");
 }
 
 /// `work` powering itself off next to a PV DispVM on `work`; `work` as PVH when the
