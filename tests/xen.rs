@@ -34,13 +34,17 @@
 //! 6. ([`netvm`]) `sys-net` and `net-client`, whose netvm it is: starting the client
 //!    starts sys-net first, its vif's backend is in sys-net (libxl, xen-netback, the
 //!    guest integration's hotplug), the client reaches a TCP service of sys-net over
-//!    it; sys-net refuses to shut down under its client; the client's shutdown removes
-//!    the vif, backend nodes included.
+//!    it, and beyond: a listener in dom0 on the bridge sys-net's uplink vif joins (the
+//!    controller gives a netvm without a netvm that uplink; DHCP from dom0), which sees
+//!    the connection come from sys-net's uplink address (routed and masqueraded);
+//!    sys-net refuses to shut down under its client; the client's shutdown removes the
+//!    vif, backend nodes included.
 //!
 //! Runtime: ~10-15 min on a loaded 2-core host, most of it the guest's boot (24 min at a
 //! load of 20 on 2 cores, 17 of them the boot); the blkif steps add about a minute
 //! (daemon restart ~50 s, the NBD fallback's attach and kill); the netvm step adds two
-//! sequential PV boots and two shutdowns: 170 s on a quiet host, 16 min at load 8.
+//! sequential PV boots and two shutdowns: 170 s on a quiet host, 16 min at load 8 (the
+//! uplink check in it 23 s at load 6-9).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
