@@ -238,8 +238,16 @@ pub fn pvh_boots(ctl: &Ctl) {
         let t = Instant::now();
         let (log, _) = start(ctl, "work");
         assert_eq!(xl_type("work"), "pvh");
+        let mut shown = 0;
         let outcome = loop {
             let text = read(&log);
+            if t.elapsed().as_secs() / 60 > shown {
+                shown = t.elapsed().as_secs() / 60;
+                println!(
+                    "PVH-PROBE boot {i}: waiting {shown} min; console: {}",
+                    text.lines().last().unwrap_or("")
+                );
+            }
             if text.contains("QTEST-DONE") {
                 break Probe::Reported(t.elapsed());
             }
