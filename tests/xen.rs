@@ -161,7 +161,12 @@ fn qubes_on_real_xen() {
     if let Ok(only) = std::env::var("QUBES_XEN_TEST_ONLY") {
         std::fs::write(s.join("only"), only).unwrap();
     }
-    let out = Command::new(repo_dir().join("scripts/testvm.sh"))
+    let mut testvm = Command::new(repo_dir().join("scripts/testvm.sh"));
+    if domains::wants_pvh() && std::env::var_os("QUBES_TESTVM_SMP").is_none() {
+        // PVH guests need Xen on one physical CPU under nested TCG (see domains.rs).
+        testvm.env("QUBES_TESTVM_SMP", "1");
+    }
+    let out = testvm
         .args(["--xen", "--timeout", "3600", "--share"])
         .arg(s)
         .arg("--scratch-from")
