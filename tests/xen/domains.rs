@@ -25,10 +25,11 @@
 //!
 //! **With Xen on one physical CPU** (`QUBES_TESTVM_SMP=1`, which the host part sets
 //! for any PVH run) PVH boots went through every time: `QUBES_XEN_TEST_ONLY=pvh`
-//! ([`pvh_boots`], `work` alone, 1 vCPU) reported 5 of 5 times, in two runs: 494 and
+//! ([`pvh_boots`], `work` alone, 1 vCPU) reported 6 of 6 times, in three runs: 494 and
 //! 201 s, then 264, 205 and 151 s after `qube start` (host load 3-6; the 3-boot run 875 s
-//! in all). Not yet in CI: a PVH run is a dom0 boot of its own (the whole scenario on one
-//! CPU is not measured). So the faults need Xen
+//! in all), then 159 s (load 1-2; that 1-boot run 280 s in all). Not yet in CI: a PVH
+//! run is a dom0 boot of its own (the whole scenario on one CPU is not measured). So
+//! the faults need Xen
 //! running on two physical CPUs (cross-CPU interrupts, another CPU changing the
 //! guest's state while QEMU emulates its world switch), not two TCG threads. The
 //! whole scenario keeps two CPUs: its PV guests overlap their boots on them.
