@@ -265,7 +265,8 @@ cat "$RD/initrd.cpio.gz" "$RUN/run.cpio.gz" > "$RUN/initrd"
 
 # $QUBES_TESTVM_TCG_THREAD=single runs both vCPUs in one host thread (QEMU's default is one
 # thread per vCPU): a way to tell races of multi-threaded TCG from other faults.
-COMMON=(-accel "tcg,thread=${QUBES_TESTVM_TCG_THREAD:-multi}" -smp 2 -nographic -no-reboot -monitor none -serial stdio -nic none
+# $QUBES_TESTVM_SMP: the VM's vCPUs (default 2; with --xen, Xen's physical CPUs).
+COMMON=(-accel "tcg,thread=${QUBES_TESTVM_TCG_THREAD:-multi}" -smp "${QUBES_TESTVM_SMP:-2}" -nographic -no-reboot -monitor none -serial stdio -nic none
   -drive "file=$RD/root.img,format=raw,if=virtio,snapshot=on"
   -drive "file=$RUN/scratch.img,format=raw,if=virtio,cache=unsafe,discard=unmap"
   -virtfs "local,path=$REPO,mount_tag=src,security_model=none,readonly=on"
@@ -280,8 +281,10 @@ if [ $XEN = 1 ]; then
   export QEMU_MODULE_DIR=$Q72/root/usr/lib/x86_64-linux-gnu/qemu
   QEMU=("$Q72/root/usr/bin/qemu-system-x86_64" -L "$Q72/root/usr/share/qemu" -L /usr/share/seabios -L /usr/share/qemu)
   # +svm,+npt: Debian's Xen has no shadow paging, PVH/HVM domUs need HAP.
-  QEMU+=(-cpu qemu64,+svm,+npt -m "$MEM" -kernel "$RD/xen.elf"
-    -append "console=com1 com1=115200,8n1 dom0_mem=${DOM0}M,max:${DOM0}M dom0_max_vcpus=1 noreboot console_timestamps=boot"
+  # $QUBES_TESTVM_CPU replaces the CPU model, $QUBES_TESTVM_XEN_ARGS is added to Xen's
+  # command line (for trying what makes nested PVH guests reliable: tests/xen/domains.rs).
+  QEMU+=(-cpu "${QUBES_TESTVM_CPU:-qemu64,+svm,+npt}" -m "$MEM" -kernel "$RD/xen.elf"
+    -append "console=com1 com1=115200,8n1 dom0_mem=${DOM0}M,max:${DOM0}M dom0_max_vcpus=1 noreboot console_timestamps=boot ${QUBES_TESTVM_XEN_ARGS:-}"
     -initrd "$RD/vmlinuz console=hvc0 $KARGS rdinit=/init,$RUN/initrd")
 else
   MEM=${MEM:-2048}

@@ -173,6 +173,11 @@ pub struct NetSpec {
     /// vif (`ip=`), so libxl writes it to the backend's xenstore directory in the netvm,
     /// where the netvm's vif hotplug reads which client the link serves.
     pub ip: String,
+    /// Xen, a netvm without a netvm of its own: the dom0 bridge its uplink vif joins
+    /// (standing in for sys-net's physical NIC, as QEMU's user-mode NIC does). The
+    /// controller leaves it empty; the Xen backend fills it at start when dom0 has that
+    /// bridge (`xen::UPLINK_BRIDGE_ENV`).
+    pub uplink_bridge: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]

@@ -31,6 +31,13 @@
 //!   takes effect for a daemon started with it (`qubes-ctl daemon stop` first).
 //! - on_poweroff/on_reboot/on_crash = destroy: a guest that stops is gone, so
 //!   `xl list` failing with "invalid domain" means Halted.
+//! - Network: a client's one vif has its netvm as backend (see [`vif_spec_string`]); a
+//!   netvm without a netvm of its own (sys-net) gets an uplink instead, standing in for
+//!   the physical NIC Qubes passes through to it (as the QEMU backend's user-mode NIC
+//!   does): a vif served by dom0, on dom0's bridge `xenbr0` (Xen's own `vif-bridge`
+//!   hotplug; `QUBES_XEN_UPLINK_BRIDGE` names another, `none` turns it off), with the
+//!   netvm's MAC, so its guest integration configures it by DHCP from that network.
+//!   dom0 without that bridge: the netvm starts without an uplink (logged).
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -91,6 +98,39 @@ pub struct Xen {
     /// How long a domain that has shut down may stay listed (xl's monitor is still
     /// destroying it: hotplug scripts run) before we destroy it ourselves.
     linger: Duration,
+    /// dom0's bridge for a netvm's uplink (`None`: no uplink).
+    uplink_bridge: Option<String>,
+    /// Where the kernel lists network interfaces (`/sys/class/net`); tests point it elsewhere.
+    sys_net: PathBuf,
+}
+
+/// Names dom0's bridge for the uplink of a netvm without a netvm (default
+/// [`DEFAULT_UPLINK_BRIDGE`]; empty or `none`: no uplink).
+pub const UPLINK_BRIDGE_ENV: &str = "QUBES_XEN_UPLINK_BRIDGE";
+/// The bridge name Xen's own tools default to.
+pub const DEFAULT_UPLINK_BRIDGE: &str = "xenbr0";
+
+/// The uplink bridge `QUBES_XEN_UPLINK_BRIDGE` names (unset: [`DEFAULT_UPLINK_BRIDGE`];
+/// empty or `none`: `None`).
+pub fn uplink_bridge_from_env_value(v: Option<&str>) -> Result<Option<String>, String> {
+    match v.map(str::trim) {
+        None => Ok(Some(DEFAULT_UPLINK_BRIDGE.into())),
+        Some("") | Some("none") => Ok(None),
+        Some(b) if is_ifname(b) => Ok(Some(b.into())),
+        Some(b) => Err(format!(
+            "{UPLINK_BRIDGE_ENV}={b:?} is not an interface name (1-15 of A-Za-z0-9_.-); \
+             name dom0's bridge, or `none` for no uplink"
+        )),
+    }
+}
+
+/// A Linux interface name that can also sit in a VIFSPEC (no separators).
+fn is_ifname(s: &str) -> bool {
+    (1..=15).contains(&s.len())
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        && s != "."
+        && s != ".."
 }
 
 /// See [`Xen::with_linger`]: a loaded dom0 runs the block hotplug scripts slowly.
@@ -130,6 +170,12 @@ impl Xen {
                     tracing::warn!("{e}; using blkif");
                     XenDiskMode::Blkif
                 });
+        let uplink_bridge =
+            uplink_bridge_from_env_value(std::env::var(UPLINK_BRIDGE_ENV).ok().as_deref())
+                .unwrap_or_else(|e| {
+                    tracing::warn!("{e}; netvms get no uplink");
+                    None
+                });
         Xen {
             xl: std::env::var("QUBES_XL").unwrap_or_else(|_| "xl".into()),
             xenstore_read: std::env::var("QUBES_XENSTORE_READ")
@@ -139,7 +185,43 @@ impl Xen {
             disk_mode,
             sys_block: "/sys/block".into(),
             linger: LINGER,
+            uplink_bridge,
+            sys_net: "/sys/class/net".into(),
         }
+    }
+
+    /// dom0's bridge for a netvm's uplink (`None`: none) and where its interfaces are
+    /// listed (`/sys/class/net`; tests use a stand-in directory).
+    pub fn with_uplink_bridge(mut self, bridge: Option<&str>, sys_net: impl Into<PathBuf>) -> Self {
+        self.uplink_bridge = bridge.map(str::to_string);
+        self.sys_net = sys_net.into();
+        self
+    }
+
+    /// `spec` with its uplink bridge filled in: only a netvm without a netvm of its own
+    /// has one, and only when dom0 has the bridge (a missing one is logged: the netvm
+    /// still starts, as a Qubes sys-net without its NIC does).
+    fn with_uplink(&self, spec: &DomainSpec) -> DomainSpec {
+        let mut spec = spec.clone();
+        spec.net.uplink_bridge = None;
+        if !spec.net.provides_network || spec.netvm.is_some() {
+            return spec;
+        }
+        let Some(bridge) = &self.uplink_bridge else {
+            return spec;
+        };
+        if self.sys_net.join(bridge).join("bridge").is_dir() {
+            spec.net.uplink_bridge = Some(bridge.clone());
+        } else {
+            tracing::warn!(
+                qube = spec.name,
+                "netvm {} starts without an uplink: dom0 has no bridge {bridge} (create it, \
+                 with dom0's uplink NIC in it, or name another with {UPLINK_BRIDGE_ENV}; \
+                 `none` for no uplink)",
+                spec.name
+            );
+        }
+        spec
     }
 
     pub fn with_xl(xl: impl Into<String>) -> Self {
@@ -348,6 +430,7 @@ impl Xen {
     /// Writes the config (attaching kernel NBD devices first if that mode is on) and
     /// runs `xl create`.
     fn create(&self, spec: &DomainSpec) -> Result<(), HvError> {
+        let spec = &self.with_uplink(spec);
         let text = match self.disk_mode {
             XenDiskMode::Qdisk => config_text(spec)?,
             XenDiskMode::KernelNbd => {
@@ -764,6 +847,16 @@ fn check_spec(spec: &DomainSpec) -> Result<(), HvError> {
             return bad(format!("bad netvm name {n:?}"));
         }
     }
+    if let Some(b) = &spec.net.uplink_bridge {
+        if !is_ifname(b) {
+            return bad(format!("bad uplink bridge name {b:?}"));
+        }
+        if !spec.net.provides_network || spec.netvm.is_some() {
+            return bad(format!(
+                "an uplink (bridge {b}) is only for a netvm without a netvm of its own"
+            ));
+        }
+    }
     if !spec.net.ip.is_empty() && spec.net.ip.parse::<std::net::Ipv4Addr>().is_err() {
         return bad(format!(
             "bad IP address {:?}: a dotted IPv4 address",
@@ -808,6 +901,17 @@ pub fn vif_spec_string(spec: &DomainSpec, netvm: &str) -> String {
     }
     if !spec.net.ip.is_empty() {
         s.push_str(&format!(",ip={}", spec.net.ip));
+    }
+    s
+}
+
+/// The xl VIFSPEC of a netvm's uplink: backend dom0 (the default), on dom0's `bridge`
+/// (Xen's `vif-bridge` script, libxl's default), with the netvm's MAC, which its guest
+/// integration configures by DHCP.
+pub fn uplink_vif_spec_string(spec: &DomainSpec, bridge: &str) -> String {
+    let mut s = format!("bridge={bridge}");
+    if !spec.net.mac.is_empty() {
+        s.push_str(&format!(",mac={}", spec.net.mac));
     }
     s
 }
@@ -920,12 +1024,16 @@ fn render(spec: &DomainSpec, disk_specs: &[String]) -> Result<String, HvError> {
         .map(|d| q("disk", d))
         .collect::<Result<Vec<_>, _>>()?;
     c.push_str(&format!("disk = [ {} ]\n", disks.join(", ")));
-    match &spec.netvm {
-        Some(netvm) => c.push_str(&format!(
+    match (&spec.netvm, &spec.net.uplink_bridge) {
+        (Some(netvm), _) => c.push_str(&format!(
             "vif = [ {} ]\n",
             q("vif", &vif_spec_string(spec, netvm))?
         )),
-        None => c.push_str("vif = [ ]\n"),
+        (None, Some(bridge)) => c.push_str(&format!(
+            "vif = [ {} ]\n",
+            q("vif", &uplink_vif_spec_string(spec, bridge))?
+        )),
+        (None, None) => c.push_str("vif = [ ]\n"),
     }
     c.push_str("on_poweroff = \"destroy\"\n");
     c.push_str("on_reboot = \"destroy\"\n");
@@ -1004,6 +1112,67 @@ mod tests {
         ] {
             s.net.mac = bad.into();
             assert!(config_text(&s).is_err(), "{bad} accepted");
+        }
+    }
+
+    #[test]
+    fn a_netvm_without_a_netvm_gets_its_uplink_on_dom0s_bridge() {
+        let tmp = tempfile::tempdir().unwrap();
+        let sys_net = tmp.path();
+        let mut s = spec(VirtMode::Pv);
+        s.netvm = None;
+        s.net.provides_network = true;
+        s.net.mac = "00:16:3e:5e:6c:02".into();
+        let xen = Xen::with_xl("xl").with_uplink_bridge(Some("xenbr0"), sys_net);
+        // dom0 without the bridge: no uplink (the netvm still starts).
+        assert_eq!(xen.with_uplink(&s).net.uplink_bridge, None);
+        fs::create_dir_all(sys_net.join("xenbr0")).unwrap();
+        assert_eq!(
+            xen.with_uplink(&s).net.uplink_bridge,
+            None,
+            "an interface that is not a bridge"
+        );
+        fs::create_dir_all(sys_net.join("xenbr0/bridge")).unwrap();
+        let up = xen.with_uplink(&s);
+        assert_eq!(up.net.uplink_bridge.as_deref(), Some("xenbr0"));
+        let c = config_text(&up).unwrap();
+        assert!(
+            c.contains("vif = [ \"bridge=xenbr0,mac=00:16:3e:5e:6c:02\" ]"),
+            "{c}"
+        );
+        // Only a netvm without a netvm of its own has an uplink.
+        let mut client = s.clone();
+        client.net.provides_network = false;
+        assert_eq!(xen.with_uplink(&client).net.uplink_bridge, None);
+        let mut chained = s.clone();
+        chained.netvm = Some("sys-net".into());
+        let c = config_text(&xen.with_uplink(&chained)).unwrap();
+        assert!(c.contains("vif = [ \"backend=sys-net,mac="), "{c}");
+        client.net.uplink_bridge = Some("xenbr0".into());
+        assert!(config_text(&client).is_err());
+        // Turned off, or another bridge.
+        let off = Xen::with_xl("xl").with_uplink_bridge(None, sys_net);
+        assert_eq!(off.with_uplink(&s).net.uplink_bridge, None);
+        let mut bad = up.clone();
+        bad.net.uplink_bridge = Some("br0,script=/bin/evil".into());
+        assert!(config_text(&bad).is_err());
+    }
+
+    #[test]
+    fn the_uplink_bridge_comes_from_the_environment() {
+        assert_eq!(
+            uplink_bridge_from_env_value(None),
+            Ok(Some("xenbr0".into()))
+        );
+        assert_eq!(uplink_bridge_from_env_value(Some("none")), Ok(None));
+        assert_eq!(uplink_bridge_from_env_value(Some("")), Ok(None));
+        assert_eq!(
+            uplink_bridge_from_env_value(Some("br-lan")),
+            Ok(Some("br-lan".into()))
+        );
+        for bad in ["a,b", "sixteen-chars-xx", "..", "a b"] {
+            let e = uplink_bridge_from_env_value(Some(bad)).unwrap_err();
+            assert!(e.contains("none"), "{e}");
         }
     }
 

@@ -84,9 +84,10 @@ fn check(spec: &DomainSpec) -> XlConfig {
     }
 
     let vifs = cfg.list("vif").expect("vif list");
-    match &spec.netvm {
-        Some(n) => assert_eq!(vifs, vec![hypervisor::xen::vif_spec_string(spec, n)]),
-        None => assert!(vifs.is_empty()),
+    match (&spec.netvm, &spec.net.uplink_bridge) {
+        (Some(n), _) => assert_eq!(vifs, vec![hypervisor::xen::vif_spec_string(spec, n)]),
+        (None, Some(b)) => assert_eq!(vifs, vec![hypervisor::xen::uplink_vif_spec_string(spec, b)]),
+        (None, None) => assert!(vifs.is_empty()),
     }
     cfg
 }
@@ -110,6 +111,25 @@ fn pv_config_parses_with_three_nbd_disks_and_a_vif() {
     assert_eq!(
         cfg.string("cmdline").as_deref(),
         Some("root=/dev/mapper/dmroot ro nomodeset console=hvc0")
+    );
+}
+
+#[test]
+fn a_netvms_uplink_vif_parses() {
+    let mut s = spec(
+        VirtMode::Pv,
+        Path::new("/run/qubes/sys-net"),
+        "/run/qubes/sys-net/nbd.sock",
+    );
+    s.netvm = None;
+    s.net.provides_network = true;
+    s.net.mac = "00:16:3e:5e:6c:02".into();
+    s.net.uplink_bridge = Some("xenbr0".into());
+    let cfg = check(&s);
+    // Backend dom0 (no backend=), on that bridge, with the MAC the guest configures.
+    assert_eq!(
+        cfg.list("vif").unwrap(),
+        vec!["bridge=xenbr0,mac=00:16:3e:5e:6c:02".to_string()]
     );
 }
 

@@ -12,12 +12,23 @@
 //! - the client's NIC comes up with the address the controller assigned and it reaches
 //!   a TCP service sys-net runs (`systemd-socket-activate`, answering with its hostname)
 //!   over the vif; sys-net refuses to shut down while its client runs;
+//! - beyond sys-net: dom0 has a bridge `xenbr0` (10.0.2.2/24, a DHCP server on it:
+//!   the test's stand-in for the LAN of sys-net's physical NIC, addressed as QEMU's
+//!   user-mode network is); sys-net, a netvm without a netvm, gets its uplink there
+//!   from the controller (a vif with dom0 as backend, Xen's `vif-bridge`), configured
+//!   by DHCP; the client reaches a TCP listener of this test in dom0, which sees the
+//!   connection come from sys-net's uplink address (sys-net routed and masqueraded it;
+//!   dom0 has no route to the qubes network, so nothing else could answer);
 //! - `qube shutdown net-client`: the client's domain goes, sys-net's kernel drops
 //!   `vifD.0` and its udev rule removes the backend's xenstore directory (what `xl devd`
-//!   does in a Qubes netvm; dom0's libxl waits for it); then sys-net shuts down.
+//!   does in a Qubes netvm; dom0's libxl waits for it); then sys-net shuts down and its
+//!   uplink leaves dom0's bridge.
 
+use std::io::{BufRead, BufReader, Write};
+use std::net::{SocketAddr, TcpListener};
 use std::path::Path;
-use std::process::Command;
+use std::process::{Child, Command};
+use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use e2e_tests::{private_image, wait_for, Ctl};
@@ -39,6 +50,66 @@ echo "QTEST-DONE host=$(hostname)" > /dev/console
 "#;
 
 const PORT: u16 = 7777;
+
+/// dom0's side of sys-net's uplink network.
+const BRIDGE: &str = "xenbr0";
+const DOM0_UPLINK_IP: &str = "10.0.2.2";
+const UPLINK_PORT: u16 = 7778;
+
+/// dom0's stand-in for the LAN of sys-net's physical NIC: the bridge the controller
+/// puts sys-net's uplink vif on, with an address and a DHCP server (busybox udhcpd),
+/// addressed as QEMU's user-mode network is. Returns the DHCP server.
+fn dom0_uplink_network() -> Child {
+    let sh = |cmd: &str| {
+        let o = Command::new("sh").args(["-c", cmd]).output().unwrap();
+        assert!(
+            o.status.success(),
+            "{cmd}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+    };
+    sh(&format!(
+        "ip link add {BRIDGE} type bridge forward_delay 0 && \
+         ip addr add {DOM0_UPLINK_IP}/24 dev {BRIDGE} && ip link set {BRIDGE} up"
+    ));
+    let conf = "/run/udhcpd-uplink.conf";
+    std::fs::write(
+        conf,
+        format!(
+            "start 10.0.2.15\nend 10.0.2.31\ninterface {BRIDGE}\n\
+             lease_file /run/udhcpd-uplink.leases\noption subnet 255.255.255.0\n\
+             option router {DOM0_UPLINK_IP}\n"
+        ),
+    )
+    .unwrap();
+    std::fs::write("/run/udhcpd-uplink.leases", "").unwrap();
+    Command::new("busybox")
+        .args(["udhcpd", "-f", conf])
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("busybox udhcpd in dom0")
+}
+
+/// A TCP listener in dom0 on the uplink network: each connection's first line and its
+/// peer address go to the channel, and the peer gets its own address back.
+fn dom0_listener() -> mpsc::Receiver<(SocketAddr, String)> {
+    let l = TcpListener::bind((DOM0_UPLINK_IP, UPLINK_PORT)).expect("listening in dom0");
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for conn in l.incoming() {
+            let Ok(mut c) = conn else { continue };
+            let _ = c.set_read_timeout(Some(Duration::from_secs(60)));
+            let peer = c.peer_addr().unwrap();
+            let mut line = String::new();
+            let _ = BufReader::new(&c).read_line(&mut line);
+            let _ = writeln!(c, "dom0 saw {}", peer.ip());
+            if tx.send((peer, line.trim().to_string())).is_err() {
+                return;
+            }
+        }
+    });
+    rx
+}
 
 /// Host side: the two qubes and their private volumes (with their jobs) in the pool
 /// dom0 gets.
@@ -88,6 +159,8 @@ fn run(ctl: &Ctl, qube: &str, args: &[&str]) -> Option<String> {
 }
 
 pub fn netvm_and_client(ctl: &Ctl, root: &Path) {
+    let mut dhcpd = dom0_uplink_network();
+    let seen = dom0_listener();
     let t = Instant::now();
     ctl.ok(&["qube", "prefs", "sys-net", "provides_network", "true"]);
     ctl.ok(&["qube", "prefs", "net-client", "netvm", "sys-net"]);
@@ -169,6 +242,12 @@ pub fn netvm_and_client(ctl: &Ctl, root: &Path) {
         "net-client -> sys-net:{PORT} answered {:.0?} after both reports",
         t_net.elapsed()
     );
+    let t_up = Instant::now();
+    let uplink_ip = beyond_the_netvm(ctl, root, net_domid, &seen);
+    println!(
+        "net-client -> dom0 {DOM0_UPLINK_IP}:{UPLINK_PORT} through sys-net (seen from {uplink_ip}) in {:.0?}",
+        t_up.elapsed()
+    );
     let addrs = run(ctl, "net-client", &["hostname", "-I"]).expect("hostname -I");
     assert!(
         addrs.split_whitespace().any(|a| a == client_ip),
@@ -227,7 +306,91 @@ pub fn netvm_and_client(ctl: &Ctl, root: &Path) {
     assert_eq!(ctl.state("sys-net"), "running");
     ctl.ok(&["qube", "shutdown", "sys-net", "--timeout", "600"]);
     assert_eq!(ctl.state("sys-net"), "halted");
+    // libxl ran vif-bridge offline: the uplink left dom0's bridge with the domain.
+    wait_for(
+        "sys-net's uplink vif to leave dom0",
+        Duration::from_secs(120),
+        || !Path::new(&format!("/sys/class/net/vif{net_domid}.0")).exists(),
+    );
+    let _ = dhcpd.kill();
+    let _ = dhcpd.wait();
     let v = ctl.json(&["pool", "verify"]);
     assert_eq!(v["clean"], true, "{v}");
     step("netvm-shutdown", t);
+}
+
+/// The client's traffic beyond sys-net: sys-net's uplink is a vif served by dom0 on
+/// its bridge, configured by DHCP; the client reaches dom0's listener, which sees the
+/// connection come from sys-net's uplink address (routed and masqueraded by sys-net).
+/// Returns that address.
+fn beyond_the_netvm(
+    ctl: &Ctl,
+    root: &Path,
+    net_domid: u32,
+    seen: &mpsc::Receiver<(SocketAddr, String)>,
+) -> String {
+    let mac = ctl.json(&["qube", "prefs", "sys-net", "ip"])["ip"]
+        .as_str()
+        .and_then(|ip| ip.rsplit('.').next()?.parse::<u8>().ok())
+        .map(|n| format!("00:16:3e:5e:6c:{n:02x}"))
+        .unwrap();
+    let cfg = std::fs::read_to_string(root.join("run/qubes/sys-net/xl.cfg")).unwrap();
+    let vif = format!("vif = [ \"bridge={BRIDGE},mac={mac}\" ]");
+    assert!(cfg.contains(&vif), "sys-net's uplink: {vif} in\n{cfg}");
+    let port = format!("/sys/class/net/{BRIDGE}/brif/vif{net_domid}.0");
+    assert!(
+        Path::new(&port).exists(),
+        "libxl's vif-bridge put sys-net's uplink on {BRIDGE} ({port})"
+    );
+    // Nothing in dom0 routes to the qubes network: only sys-net's NAT can bring the
+    // client's packets here and the answers back.
+    let routes = Command::new("ip").args(["-4", "route"]).output().unwrap();
+    let routes = String::from_utf8_lossy(&routes.stdout);
+    assert!(!routes.contains("10.137."), "dom0's routes: {routes}");
+    // sys-net's uplink address, from dom0's DHCP server.
+    let mut uplink_ip = None;
+    wait_for(
+        "sys-net's uplink to get its DHCP lease",
+        Duration::from_secs(600),
+        || {
+            uplink_ip = run(ctl, "sys-net", &["hostname", "-I"]).and_then(|a| {
+                a.split_whitespace()
+                    .find(|a| a.starts_with("10.0.2."))
+                    .map(str::to_string)
+            });
+            uplink_ip.is_some()
+        },
+    );
+    let uplink_ip = uplink_ip.unwrap();
+    let connect = format!(
+        "exec 3<>/dev/tcp/{DOM0_UPLINK_IP}/{UPLINK_PORT} && echo from-$(hostname) >&3 && cat <&3"
+    );
+    let t = Instant::now();
+    let mut got = None;
+    while t.elapsed() < Duration::from_secs(600) {
+        got = run(ctl, "net-client", &["bash", "-c", &connect]);
+        if got.is_some() {
+            break;
+        }
+        std::thread::sleep(Duration::from_secs(3));
+    }
+    let got = got.unwrap_or_else(|| {
+        panic!(
+            "net-client did not reach dom0's {DOM0_UPLINK_IP}:{UPLINK_PORT} through sys-net; \
+             sys-net's routes: {:?}; its nft ruleset: {:?}",
+            run(ctl, "sys-net", &["ip", "-4", "route"]),
+            run(ctl, "sys-net", &["nft", "list", "ruleset"]),
+        )
+    });
+    let (peer, line) = seen
+        .recv_timeout(Duration::from_secs(60))
+        .expect("dom0's listener saw the connection");
+    assert_eq!(line, "from-net-client", "the client's own connection");
+    assert_eq!(
+        peer.ip().to_string(),
+        uplink_ip,
+        "dom0 sees sys-net's uplink address: sys-net masqueraded the client"
+    );
+    assert_eq!(got.trim(), format!("dom0 saw {uplink_ip}"));
+    uplink_ip
 }
