@@ -27,6 +27,7 @@ mod model_rules {
     include!("../storage/tests/suite/model_rules.rs");
 }
 
+use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -39,6 +40,7 @@ macro_rules! in_vm {
                 #[test]
                 #[ignore = "needs device-mapper: run inside the VM by lvm_thin_in_vm"]
                 fn $t() {
+                    super::super::lvm_in_worker();
                     let mut b = super::super::backends::LvmThin::new();
                     super::super::$suite::$t(&mut b);
                     let report = storage::Pool::verify(
@@ -50,6 +52,85 @@ macro_rules! in_vm {
             )*
         }
     };
+}
+
+/// The conformance suite and the rules go through LVM the way the product does: in
+/// `qubes-ctl lvm-worker`.
+fn lvm_in_worker() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        lvm2_sys::use_worker(e2e_tests::qubes_ctl_bin(), vec!["lvm-worker".into()]);
+    });
+}
+
+/// The worker that runs LVM for qubes-ctl (on this host: liblvm2cmd loads and `lvm
+/// version` runs without device-mapper). It answers over its pipe, is in a process
+/// group of its own, shrugs off the signals that would stop it half-way through a
+/// command, is started again after it died, and ends when its input ends.
+#[test]
+fn lvm_worker_survives_signals_restarts_after_death_and_ends_with_its_input() {
+    use std::io::{BufRead, BufReader, Write};
+
+    lvm_in_worker();
+    let version = || {
+        let out = lvm2_sys::run(&["version"]).unwrap();
+        assert!(out.printed.join("\n").contains("LVM version"), "{out:?}");
+    };
+    version();
+    let pid = lvm2_sys::worker_pid().expect("a worker runs") as i32;
+    assert_ne!(pid as u32, std::process::id());
+    // SAFETY: getpgid(2) has no memory-safety preconditions.
+    assert_eq!(unsafe { libc::getpgid(pid) }, pid, "own process group");
+    for sig in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP] {
+        // SAFETY: kill(2) has no memory-safety preconditions.
+        assert_eq!(unsafe { libc::kill(pid, sig) }, 0);
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    version();
+    assert_eq!(lvm2_sys::worker_pid(), Some(pid as u32), "the same worker");
+    // SAFETY: as above.
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+    std::thread::sleep(Duration::from_millis(300));
+    let e = lvm2_sys::run(&["version"]).unwrap_err();
+    assert!(
+        matches!(e, lvm2_sys::LvmError::Worker { .. }) && e.to_string().contains("version"),
+        "{e}"
+    );
+    version();
+    let second = lvm2_sys::worker_pid().expect("a new worker");
+    assert_ne!(second as i32, pid);
+    lvm2_sys::shutdown();
+    assert_eq!(lvm2_sys::worker_pid(), None);
+    assert!(
+        !Path::new(&format!("/proc/{second}")).exists(),
+        "shutdown waited for the worker's exit"
+    );
+
+    // The wire, as the worker sees it: a reply per line, an error for an empty
+    // argument, and a clean exit when its input ends.
+    let mut w = Command::new(e2e_tests::qubes_ctl_bin())
+        .arg("lvm-worker")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut input = w.stdin.take().unwrap();
+    let mut replies = BufReader::new(w.stdout.take().unwrap()).lines();
+    writeln!(input, "version").unwrap();
+    let reply: serde_json::Value = serde_json::from_str(&replies.next().unwrap().unwrap()).unwrap();
+    assert_eq!(reply["rc"], 1, "LVM2_COMMAND_SUCCEEDED: {reply}");
+    assert!(
+        reply["messages"].to_string().contains("LVM version"),
+        "{reply}"
+    );
+    writeln!(input, "lvs  x").unwrap();
+    let reply: serde_json::Value = serde_json::from_str(&replies.next().unwrap().unwrap()).unwrap();
+    assert!(
+        reply["error"].as_str().unwrap().contains("argument"),
+        "{reply}"
+    );
+    drop(input);
+    assert!(w.wait().unwrap().success());
 }
 
 mod vm {
