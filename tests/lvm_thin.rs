@@ -6,7 +6,7 @@
 //! * `vm_cli::qubes_shaped_pool_is_read`: a pool laid out by plain `lvcreate` commands as
 //!   Qubes does, taken over by `qubes-ctl pool init --driver lvm_thin`, read by
 //!   `volume list` / `volume info`, started and stopped;
-//! * `vm_cli::sigkill_at_random_points_leaves_the_pool_consistent`: the daemon killed
+//! * `vm_cli::sigkill_at_random_points_leaves_the_pool_consistent` (in CI too): the daemon killed
 //!   during start / stop / revert / import, then `lvs` shows no orphan and the next start
 //!   works;
 //! * `vm_cli::bench_start_shutdown`: start+shutdown latency, lvm_thin against thin, in the
@@ -81,6 +81,11 @@ fn lvm_worker_survives_signals_restarts_after_death_and_ends_with_its_input() {
     assert_ne!(pid as u32, std::process::id());
     // SAFETY: getpgid(2) has no memory-safety preconditions.
     assert_eq!(unsafe { libc::getpgid(pid) }, pid, "own process group");
+    let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap();
+    assert!(
+        lvm2_sys::worker::WORKER_NAME.starts_with(comm.trim()) && comm.len() > 10,
+        "`pkill qubes-ctl` must not match the worker: comm {comm:?}"
+    );
     for sig in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP] {
         // SAFETY: kill(2) has no memory-safety preconditions.
         assert_eq!(unsafe { libc::kill(pid, sig) }, 0);
@@ -361,7 +366,12 @@ mod vm_cli {
         // Rounds cycle through start, shutdown, revert and import. A killed start never
         // leaves the qube running (recovery undoes it), so a shutdown round first starts
         // the qube, uninterrupted, and the others first shut it down if it runs.
-        for round in 0..12 {
+        // CI runs 8 rounds (two of each operation); more by hand.
+        let rounds: usize = std::env::var("QUBES_LVM_CRASH_ROUNDS")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(8);
+        for round in 0..rounds {
             let op = round % ops.len();
             ctl.ok(&["daemon", "start"]);
             let running = ctl
@@ -535,9 +545,10 @@ mod vm_bench {
 /// What CI runs in the VM: the conformance suite and the volume-model rules that lean on
 /// this driver's own transaction machinery (journal, hidden removals, recovery at open,
 /// stale `-snap`s), in one test run (about 4 min in the VM under TCG at load 2, 1.5 min
-/// of it the 17 conformance tests). All 26 rules take 650 s there at load 7-8 (every
-/// start and stop is a few LVM commands of 0.3-1 s each under TCG), and the `vm_cli`
-/// tests boot the daemon: run them by hand with
+/// of it the 17 conformance tests), then the SIGKILL test (8 rounds; 12 took 313 s at
+/// load 5). All 26 rules take 650 s there at load 7-8 (every start and stop is a few
+/// LVM commands of 0.3-1 s each under TCG), and the other `vm_cli` tests boot the
+/// daemon: run them by hand with
 /// `QUBES_LVM_VM_TIMEOUT=3000 QUBES_LVM_VM_TESTS=$'vm::model_rules --test-threads=2\nvm_cli:: --test-threads=1 --nocapture\nvm_bench --nocapture'`.
 const DEFAULT_VM_TESTS: &str = "vm::conformance \
     vm::model_rules::start_and_stop_keys_and_one_commit_each \
@@ -551,7 +562,8 @@ const DEFAULT_VM_TESTS: &str = "vm::conformance \
     vm::model_rules::stale_run_snapshot_of_a_discarded_volume_is_dropped_at_start \
     vm::model_rules::half_done_revert_is_repaired_by_revert \
     vm::model_rules::import_commits_like_a_stop_and_export_round_trips \
-    --test-threads=2";
+    --test-threads=2\n\
+    vm_cli::sigkill_at_random_points_leaves_the_pool_consistent --test-threads=1 --nocapture";
 /// The conformance tests and the rules above.
 const DEFAULT_VM_TEST_COUNT: u32 = 17 + 11;
 

@@ -17,6 +17,10 @@ use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 
 use serde_json::{json, Value};
 
+/// The worker's name in `ps` (argv[0]) and its comm (`pkill`, `top`): not its parent's,
+/// so that `pkill -9 qubes-ctl` stops the daemon and leaves LVM to finish.
+pub const WORKER_NAME: &str = "qubes-lvm-worker";
+
 /// The parent's side of a running worker.
 pub(crate) struct Client {
     child: Child,
@@ -27,6 +31,7 @@ pub(crate) struct Client {
 impl Client {
     pub(crate) fn spawn(program: &Path, args: &[OsString]) -> io::Result<Client> {
         let mut child = Command::new(program)
+            .arg0(WORKER_NAME)
             .args(args)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -112,6 +117,12 @@ pub fn serve() -> io::Result<()> {
         // else in this process depends on these signals' dispositions.
         unsafe { libc::signal(sig, libc::SIG_IGN) };
     }
+    // The comm is the executable's file name (`exe` for /proc/self/exe) until renamed;
+    // the kernel keeps its first 15 bytes.
+    let name = std::ffi::CString::new(WORKER_NAME).expect("no NUL");
+    // SAFETY: PR_SET_NAME reads a NUL-terminated string of at most 16 bytes, which `name`
+    // is and outlives the call; the other arguments are unused.
+    unsafe { libc::prctl(libc::PR_SET_NAME, name.as_ptr(), 0, 0, 0) };
     let stdin = io::stdin();
     let mut stdout = io::stdout().lock();
     for line in stdin.lock().lines() {
