@@ -3,10 +3,10 @@
 //! runs this same binary's ignored tests there:
 //! * `vm::conformance::*`, `vm::model_rules::*`: the storage conformance suite and the
 //!   volume-model rules, each on a thin pool in a loop-backed VG of its own;
-//! * `vm_cli::qubes_shaped_pool_is_read`: a pool laid out by plain `lvcreate` commands as
+//! * `vm_cli::qubes_shaped_pool_is_read` (in CI): a pool laid out by plain `lvcreate` commands as
 //!   Qubes does, taken over by `qubes-ctl pool init --driver lvm_thin`, read by
 //!   `volume list` / `volume info`, started and stopped;
-//! * `vm_cli::sigkill_at_random_points_leaves_the_pool_consistent` (in CI too): the daemon killed
+//! * `vm_cli::sigkill_at_random_points_leaves_the_pool_consistent` (in CI): the daemon killed
 //!   during start / stop / revert / import, then `lvs` shows no orphan and the next start
 //!   works;
 //! * `vm_cli::bench_start_shutdown`: start+shutdown latency, lvm_thin against thin, in the
@@ -545,8 +545,8 @@ mod vm_bench {
 /// What CI runs in the VM: the conformance suite and the volume-model rules that lean on
 /// this driver's own transaction machinery (journal, hidden removals, recovery at open,
 /// stale `-snap`s), in one test run (about 4 min in the VM under TCG at load 2, 1.5 min
-/// of it the 17 conformance tests), then the SIGKILL test (8 rounds; 12 took 313 s at
-/// load 5). All 26 rules take 650 s there at load 7-8 (every start and stop is a few
+/// of it the 17 conformance tests), then the Qubes-made pool (100 s) and the SIGKILL
+/// test (8 rounds; 12 took 313 s at load 5). All 26 rules take 650 s there at load 7-8 (every start and stop is a few
 /// LVM commands of 0.3-1 s each under TCG), and the other `vm_cli` tests boot the
 /// daemon: run them by hand with
 /// `QUBES_LVM_VM_TIMEOUT=3000 QUBES_LVM_VM_TESTS=$'vm::model_rules --test-threads=2\nvm_cli:: --test-threads=1 --nocapture\nvm_bench --nocapture'`.
@@ -563,6 +563,7 @@ const DEFAULT_VM_TESTS: &str = "vm::conformance \
     vm::model_rules::half_done_revert_is_repaired_by_revert \
     vm::model_rules::import_commits_like_a_stop_and_export_round_trips \
     --test-threads=2\n\
+    vm_cli::qubes_shaped_pool_is_read \
     vm_cli::sigkill_at_random_points_leaves_the_pool_consistent --test-threads=1 --nocapture";
 /// The conformance tests and the rules above.
 const DEFAULT_VM_TEST_COUNT: u32 = 17 + 11;
@@ -645,6 +646,10 @@ fn lvm_thin_in_vm() {
         assert!(
             summaries[0].contains(&format!("ok. {DEFAULT_VM_TEST_COUNT} passed")),
             "the {DEFAULT_VM_TEST_COUNT} conformance tests and model rules: {summaries:?}"
+        );
+        assert!(
+            summaries[1].contains("ok. 2 passed"),
+            "the Qubes-made pool and the SIGKILL test: {summaries:?}"
         );
     }
 }
