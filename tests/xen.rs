@@ -58,6 +58,8 @@ mod agent;
 mod blkif;
 #[path = "xen/domains.rs"]
 mod domains;
+#[path = "xen/lvm.rs"]
+mod lvm;
 #[path = "xen/netvm.rs"]
 mod netvm;
 
@@ -152,7 +154,8 @@ fn qubes_on_real_xen() {
     println!("pool prepared on the host in {:.0?}", t.elapsed());
     std::fs::copy(std::env::current_exe().unwrap(), s.join("xen-test")).unwrap();
     domains::pass_options(s);
-    // `QUBES_XEN_TEST_ONLY=netvm`: only that step (a quicker try of it while working on it).
+    // `QUBES_XEN_TEST_ONLY=netvm`: only that step (a quicker try of it while working on
+    // it); `=lvm`: the lvm_thin pool in dom0 (tests/xen/lvm.rs), only run that way.
     if let Ok(only) = std::env::var("QUBES_XEN_TEST_ONLY") {
         std::fs::write(s.join("only"), only).unwrap();
     }
@@ -196,10 +199,16 @@ fn qubes_on_real_xen() {
         "dispvm",
         "netvm-client",
         "netvm-shutdown",
+        // Only with QUBES_XEN_TEST_ONLY=lvm (by hand).
+        "lvm-pool",
+        "lvm-phy",
+        "lvm-blkif",
     ]
     .into_iter()
-    .filter(|s| only.as_deref().is_none_or(|o| s.starts_with(o)))
-    {
+    .filter(|s| match only.as_deref() {
+        None => !s.starts_with("lvm"),
+        Some(o) => s.starts_with(o),
+    }) {
         // The status above is in_dom0's, which runs every step or fails: a step line
         // missing here was lost by dom0's serial console (it drops bytes when the host
         // is loaded: "XEN-STEP-OK pv-boot" went missing once while in_dom0 passed).
@@ -323,6 +332,10 @@ fn in_dom0() {
     let share = Path::new("/share");
     if std::fs::read_to_string(share.join("only")).is_ok_and(|o| o.trim() == "netvm") {
         netvm::netvm_and_client(&ctl, &root);
+        return;
+    }
+    if std::fs::read_to_string(share.join("only")).is_ok_and(|o| o.trim() == "lvm") {
+        lvm::lvm_thin_on_xen(&ctl);
         return;
     }
 

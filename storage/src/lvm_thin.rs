@@ -1141,6 +1141,14 @@ impl Pool for LvmThinPool {
         }))
     }
 
+    fn kernel_block_device(&self, key: &str) -> Result<Option<PathBuf>, PoolError> {
+        let inner = &self.inner;
+        let mut st = inner.state.lock();
+        let lv = inner.need(&mut st, key)?;
+        inner.activate(&mut st, &lv)?;
+        Ok(Some(dev_path(&inner.vg, &lv.name)))
+    }
+
     fn get_meta(&self, key: &str) -> Result<Option<String>, PoolError> {
         Ok(self.inner.state.lock().cat.meta.get(key).cloned())
     }

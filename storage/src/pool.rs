@@ -344,6 +344,16 @@ pub trait Pool: Send + Sync {
     /// An I/O handle; `read_only` handles refuse writes with `BlockErrorKind::ReadOnly`.
     fn open_volume(&self, key: &str, read_only: bool) -> Result<Arc<dyn BlockDevice>, PoolError>;
 
+    /// The volume as a kernel block device of this host (activated), for pools whose
+    /// volumes are ones (`lvm_thin`'s LVs), so a hypervisor can hand it to its kernel
+    /// backend (Xen's `phy`). `None`: the volume is only reachable through
+    /// [`Pool::open_volume`]. It may be larger than the volume (LVM rounds sizes up to
+    /// its extents).
+    fn kernel_block_device(&self, key: &str) -> Result<Option<std::path::PathBuf>, PoolError> {
+        self.volume(key)?;
+        Ok(None)
+    }
+
     /// Pool-level key/value store, committed atomically with the volumes (the controller
     /// keeps its qube catalogue here).
     fn get_meta(&self, key: &str) -> Result<Option<String>, PoolError>;
