@@ -317,6 +317,12 @@ pub struct BatchGuard<'a>(pub Option<parking_lot::ReentrantMutexGuard<'a, ()>>);
 pub trait Pool: Send + Sync {
     fn driver(&self) -> &'static str;
     fn info(&self) -> Result<PoolInfo, PoolError>;
+    /// [`Pool::info`] without waiting: figures at hand (possibly a little old), or
+    /// `None` when getting them would wait on I/O or on another operation. For status
+    /// replies that must answer at once (the daemon's ping).
+    fn info_cached(&self) -> Option<PoolInfo> {
+        self.info().ok()
+    }
 
     fn list_volumes(&self) -> Result<Vec<VolumeInfo>, PoolError>;
     fn volume(&self, key: &str) -> Result<VolumeInfo, PoolError>;
