@@ -314,6 +314,7 @@ fn report(vg: &str, pool: &str) -> Result<(PoolStats, Vec<Lv>), PoolError> {
         path: format!("{vg}/{pool}"),
         reason: "LVM reports no such thin pool".into(),
     })?;
+    suspended.sort_by_key(|lv| lv != pool);
     stats.suspended = suspended;
     Ok((stats, lvs))
 }
@@ -589,23 +590,33 @@ fn adopt_qubes(cat: &mut Catalog, lvs: &[Lv]) {
 
 /// Undoes the LVM steps of a transaction that never committed, finishes the removals of
 /// committed ones, and empties the journal.
-/// Resumes the VG's device-mapper devices that a killed LVM command left suspended (a
-/// worker SIGKILLed between its suspend and its resume: every I/O to such a device,
-/// and every command that opens it, waits forever). LVM takes the VG's lock for each
-/// command, so a device still suspended when the report was read belongs to no
-/// running command. The thin pool goes first: its thin LVs' I/O goes through it.
-fn resume_suspended(vg: &str, pool: &str, suspended: &[String]) -> Result<(), PoolError> {
-    let mut refresh: Vec<&str> = suspended.iter().map(String::as_str).collect();
-    refresh.sort_by_key(|lv| *lv != pool);
-    for lv in refresh {
-        tracing::warn!(
-            vg,
-            lv,
-            "lvm_thin: resuming a device a killed LVM command left suspended"
-        );
-        lvm(&["lvchange", "--refresh", "--", &lv_arg(vg, lv)])?;
+/// The device-mapper name of `vg/lv` (each `-` inside a name doubled).
+fn dm_name(vg: &str, lv: &str) -> String {
+    format!("{}-{}", vg.replace('-', "--"), lv.replace('-', "--"))
+}
+
+/// Refuses to open a pool whose devices a killed LVM command left suspended (a worker
+/// SIGKILLed between its suspend and its resume): the first I/O to them, ours or a
+/// guest's, would wait forever, so the user gets the devices and the fix instead of a
+/// hang. LVM holds the VG's lock for each command, so a device still suspended when
+/// the report was read belongs to no running command. Resuming them here would need
+/// device-mapper's own resume: `lvchange --refresh` suspends a thin LV with a flush
+/// first, which waits on the suspended pool.
+fn refuse_suspended(vg: &str, pool: &str, suspended: &[String]) -> Result<(), PoolError> {
+    if suspended.is_empty() {
+        return Ok(());
     }
-    Ok(())
+    let mut devices: Vec<String> = Vec::new();
+    for lv in suspended {
+        if lv == pool {
+            devices.push(format!("{}-tpool", dm_name(vg, pool)));
+        }
+        devices.push(dm_name(vg, lv));
+    }
+    Err(PoolError::Suspended {
+        pool: format!("{vg}/{pool}"),
+        devices,
+    })
 }
 
 fn recover(dir: &Path, cat: &Catalog) -> Result<(), PoolError> {
@@ -623,9 +634,7 @@ fn recover(dir: &Path, cat: &Catalog) -> Result<(), PoolError> {
         }
     }
     let (stats, mut lvs) = report(vg, pool)?;
-    if !stats.suspended.is_empty() {
-        resume_suspended(vg, pool, &stats.suspended)?;
-    }
+    refuse_suspended(vg, pool, &stats.suspended)?;
     if !undo.is_empty() {
         tracing::warn!(
             steps = undo.len(),
@@ -1656,6 +1665,24 @@ impl BlockDevice for LvVolume {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn suspended_devices_are_refused_naming_each_dm_device_pool_first() {
+        assert!(refuse_suspended("qubes_dom0", "pool00", &[]).is_ok());
+        let e = refuse_suspended(
+            "qubes_dom0",
+            "pool00",
+            &["pool00".into(), "vm-work-private-snap".into()],
+        )
+        .unwrap_err();
+        let text = e.to_string();
+        assert!(
+            text.contains(
+                "qubes_dom0-pool00-tpool, qubes_dom0-pool00, qubes_dom0-vm--work--private--snap"
+            ) && text.contains("dmsetup resume"),
+            "{text}"
+        );
+    }
 
     #[test]
     fn qubes_names_round_trip() {

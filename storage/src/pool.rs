@@ -200,6 +200,10 @@ pub enum PoolError {
     Locked { path: String, pid: Option<u32> },
     #[error("pool metadata is corrupt: {0}{hint}", hint = verify_hint(.0))]
     Corrupt(String),
+    /// Device-mapper devices of an LVM thin pool left suspended by an LVM command killed
+    /// between its suspend and its resume: every I/O to them would wait forever.
+    #[error("device-mapper devices of thin pool {pool} are suspended: {}; an LVM command was killed between suspending and resuming them, and nothing can use them until they are resumed: run `dmsetup resume` on each, the pool's `-tpool` device first, then retry", devices.join(", "))]
+    Suspended { pool: String, devices: Vec<String> },
     #[error("{op}: {source}")]
     Io {
         op: String,
