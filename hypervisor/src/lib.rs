@@ -42,6 +42,7 @@
 //!         nbd_socket: "/run/qubes/work/nbd.sock".into(),
 //!         export: "work/root".into(),
 //!         read_only: false,
+//!         block_device: None,
 //!     }],
 //!     netvm: None,
 //!     net: Default::default(),
@@ -120,6 +121,11 @@ pub struct DiskSpec {
     pub nbd_socket: PathBuf,
     pub export: String,
     pub read_only: bool,
+    /// The volume as a kernel block device of this host, when its pool has one (an
+    /// `lvm_thin` LV): Xen's [`XenDiskMode::Phy`] hands it to dom0's blkback as Qubes
+    /// does. Other paths ignore it.
+    #[serde(default)]
+    pub block_device: Option<PathBuf>,
 }
 
 /// Everything a backend needs to start one domain.

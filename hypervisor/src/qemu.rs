@@ -1119,6 +1119,7 @@ mod tests {
                     nbd_socket: "/run/qubes/work/nbd.sock".into(),
                     export: format!("work/{v}"),
                     read_only: i == 0,
+                    block_device: None,
                 })
                 .collect(),
             netvm: None,

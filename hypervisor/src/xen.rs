@@ -27,6 +27,10 @@
 //!   `run_dir/nbd-devices`) and the domain gets `backendtype=phy` disks served by the
 //!   kernel's blkback; the devices are detached after shutdown/kill.
 //! - [`XenDiskMode::Qdisk`] (`QUBES_XEN_DISKS=qdisk`): see the caveat above.
+//! - [`XenDiskMode::Phy`] (`QUBES_XEN_DISKS=phy`): volumes that are kernel block devices
+//!   (an `lvm_thin` pool's LVs, [`crate::DiskSpec::block_device`]) go to dom0's blkback
+//!   as `backendtype=phy` disks, as Qubes gives its LVM volumes; no NBD, no userspace
+//!   backend in the I/O path (the guest's flushes reach dm-thin directly).
 //! - The variable is read by the process that starts the domain: the daemon, so it
 //!   takes effect for a daemon started with it (`qubes-ctl daemon stop` first).
 //! - on_poweroff/on_reboot/on_crash = destroy: a guest that stops is gone, so
@@ -69,6 +73,10 @@ pub enum XenDiskMode {
     /// lines; the controller writes the vbd nodes for [`Xen::domid`], starts serving,
     /// then unpauses it. The default.
     Blkif,
+    /// Each volume's own kernel block device ([`crate::DiskSpec::block_device`], an LV of
+    /// an `lvm_thin` pool) as a `backendtype=phy` disk for dom0's blkback, as Qubes
+    /// gives its LVM volumes to domains. Only for pools whose volumes have one.
+    Phy,
 }
 
 impl XenDiskMode {
@@ -78,8 +86,9 @@ impl XenDiskMode {
             None | Some("") | Some("blkif") => Ok(XenDiskMode::Blkif),
             Some("nbd") | Some("kernel-nbd") => Ok(XenDiskMode::KernelNbd),
             Some("qdisk") => Ok(XenDiskMode::Qdisk),
+            Some("phy") => Ok(XenDiskMode::Phy),
             Some(other) => Err(format!(
-                "QUBES_XEN_DISKS={other:?} is not a disk path: use blkif (the default), nbd or qdisk"
+                "QUBES_XEN_DISKS={other:?} is not a disk path: use blkif (the default), nbd, phy (lvm_thin pools) or qdisk"
             )),
         }
     }
@@ -438,6 +447,7 @@ impl Xen {
                 config_text_phy(spec, &devices)?
             }
             XenDiskMode::Blkif => config_text_no_disks(spec)?,
+            XenDiskMode::Phy => config_text_phy(spec, &own_block_devices(spec)?)?,
         };
         let cfg = Self::config_path(&spec.run_dir);
         let tmp = spec.run_dir.join("xl.cfg.tmp");
@@ -879,7 +889,7 @@ fn check_spec(spec: &DomainSpec) -> Result<(), HvError> {
     Ok(())
 }
 
-/// The DISKSPEC of a disk attached in dom0 as block device `dev` (kernel NBD mode).
+/// The DISKSPEC of a disk attached in dom0 as block device `dev` (kernel NBD and phy modes).
 pub fn phy_disk_spec_string(d: &DiskSpec, dev: &Path) -> String {
     format!(
         "format=raw,vdev={},access={},backendtype=phy,target={}",
@@ -956,6 +966,23 @@ pub fn config_text(spec: &DomainSpec) -> Result<String, HvError> {
     check_spec(spec)?;
     let disks: Vec<String> = spec.disks.iter().map(disk_spec_string).collect();
     render(spec, &disks)
+}
+
+/// Every disk's own block device ([`XenDiskMode::Phy`]), or an error naming the first
+/// disk without one and the way out.
+pub fn own_block_devices(spec: &DomainSpec) -> Result<Vec<PathBuf>, HvError> {
+    spec.disks
+        .iter()
+        .map(|d| {
+            d.block_device.clone().ok_or_else(|| HvError::InvalidSpec {
+                name: spec.name.clone(),
+                reason: format!(
+                    "QUBES_XEN_DISKS=phy gives domains their volumes' own block devices, and {} ({}) has none: only lvm_thin pools have them; start the daemon without QUBES_XEN_DISKS (blkif) for this pool",
+                    d.vdev, d.export
+                ),
+            })
+        })
+        .collect()
 }
 
 /// The xl config for `spec` with disk `i` attached in dom0 as `devices[i]`
@@ -1060,6 +1087,7 @@ mod tests {
                 nbd_socket: "/run/qubes/work/nbd.sock".into(),
                 export: "work/root".into(),
                 read_only: true,
+                block_device: None,
             }],
             netvm: Some("sys-firewall".into()),
             net: Default::default(),
@@ -1067,6 +1095,26 @@ mod tests {
             run_dir: "/run/qubes/work".into(),
             user: None,
         }
+    }
+
+    #[test]
+    fn phy_mode_gives_each_volume_its_own_block_device_or_names_the_one_without() {
+        assert_eq!(
+            XenDiskMode::from_env_value(Some("phy")),
+            Ok(XenDiskMode::Phy)
+        );
+        let mut s = spec(VirtMode::Pv);
+        let e = own_block_devices(&s).unwrap_err().to_string();
+        assert!(
+            e.contains("xvda (work/root)") && e.contains("lvm_thin"),
+            "{e}"
+        );
+        s.disks[0].block_device = Some("/dev/qubes_dom0/vm-work-root-snap".into());
+        let c = config_text_phy(&s, &own_block_devices(&s).unwrap()).unwrap();
+        assert!(
+            c.contains("disk = [ \"format=raw,vdev=xvda,access=ro,backendtype=phy,target=/dev/qubes_dom0/vm-work-root-snap\" ]"),
+            "{c}"
+        );
     }
 
     #[test]

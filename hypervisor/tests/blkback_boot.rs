@@ -57,6 +57,7 @@ fn guest_does_io_through_the_projects_nbd_server() {
             nbd_socket: socket.clone(),
             export: format!("bq/{v}"),
             read_only: i == 0,
+            block_device: None,
         })
         .collect();
     let script = "\
@@ -145,6 +146,7 @@ fn guest_disks_survive_an_nbd_server_restart() {
             nbd_socket: socket.clone(),
             export: format!("rq/{v}"),
             read_only: i == 0,
+            block_device: None,
         })
         .collect();
     // O_DIRECT reads go to the server every time, so the guest sees the host's "GO"

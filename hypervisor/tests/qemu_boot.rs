@@ -44,6 +44,7 @@ fn guest_reads_root_writes_private_and_powers_off() {
             nbd_socket: sock(v),
             export: format!("bootq/{v}"),
             read_only: i == 0,
+            block_device: None,
         })
         .collect();
 
@@ -269,6 +270,7 @@ fn start_errors_name_the_qube_and_the_fix() {
         nbd_socket: tmp.path().join("nobody.sock"),
         export: "errq/root".into(),
         read_only: true,
+        block_device: None,
     };
     let spec = boot_spec("errq", tmp.path(), initrd.clone(), vec![disk.clone()]);
     let hv = Qemu::new().with_accel(Accel::Tcg);
@@ -342,6 +344,7 @@ fn a_qube_without_a_kernel_boots_its_disk_through_the_firmware() {
             nbd_socket: socket.clone(),
             export: "fw/root".into(),
             read_only: true,
+            block_device: None,
         }],
     );
     spec.kernel = None;

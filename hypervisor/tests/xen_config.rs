@@ -35,6 +35,7 @@ fn spec(mode: VirtMode, run_dir: &Path, socket: &str) -> DomainSpec {
                 nbd_socket: PathBuf::from(socket),
                 export: format!("work-1/{v}"),
                 read_only: i == 0,
+                block_device: None,
             })
             .collect(),
         netvm: Some("sys-firewall".into()),

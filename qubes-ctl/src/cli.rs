@@ -138,6 +138,10 @@ pub enum Cmd {
     /// Shell completions and man pages from these definitions (for installers).
     #[command(subcommand, hide = true)]
     Generate(crate::generate::Generate),
+    /// Runs LVM commands sent on stdin, for this program's own lvm_thin pools (started by
+    /// qubes-ctl itself, never by hand).
+    #[command(hide = true)]
+    LvmWorker,
 }
 
 // Parsed once per process: boxing `Init`'s driver options would only make the match
@@ -412,8 +416,16 @@ pub fn main_with(cli: Cli) -> Result<()> {
     ) {
         crate::logging::init_cli(cli.verbose);
     }
+    // Whatever this process does to an lvm_thin pool, a kill in the middle must not stop
+    // LVM half-way (a suspended device hangs every later command): LVM runs in a worker
+    // process that finishes its command. /proc/self/exe is this very binary even after
+    // an upgrade replaced the file.
+    lvm2_sys::use_worker("/proc/self/exe".into(), vec!["lvm-worker".into()]);
     let (req, mutating) = match cli.cmd {
         Cmd::Generate(what) => return crate::generate::run(what),
+        Cmd::LvmWorker => {
+            return lvm2_sys::worker::serve().context("the LVM worker lost its parent's pipe")
+        }
         Cmd::Pool(PoolCmd::Init {
             chunk_size,
             size,

@@ -241,23 +241,10 @@ fn drop_capabilities() {
 /// The kernel drops the lock when the process dies, however it dies: a daemon killed by
 /// SIGKILL leaves no lock behind, only a stale socket (removed before binding).
 fn take_daemon_lock(paths: &Paths) -> Result<std::fs::File> {
-    use std::io::{Seek, SeekFrom};
-    use std::os::unix::fs::OpenOptionsExt;
-    let path = paths.daemon_lock();
-    let mut f = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .mode(0o600)
-        .open(&path)
-        .with_context(|| format!("opening {}", path.display()))?;
-    match rustix::fs::flock(&f, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
-        Ok(()) => {}
-        Err(rustix::io::Errno::WOULDBLOCK) => {
-            let pid = std::fs::read_to_string(&path)
-                .ok()
-                .and_then(|s| s.trim().parse::<u32>().ok());
+    use storage::dirlock::{lock_file, LockFileError};
+    match lock_file(&paths.daemon_lock()) {
+        Ok(f) => Ok(f),
+        Err(LockFileError::Held { path, pid }) => {
             let who = pid
                 .map(|p| format!("pid {p}"))
                 .unwrap_or_else(|| "another process".into());
@@ -269,12 +256,8 @@ fn take_daemon_lock(paths: &Paths) -> Result<std::fs::File> {
                     .unwrap_or_default()
             );
         }
-        Err(e) => return Err(e).with_context(|| format!("locking {}", path.display())),
+        Err(e) => Err(e.into()),
     }
-    f.set_len(0)?;
-    f.seek(SeekFrom::Start(0))?;
-    writeln!(f, "{}", std::process::id())?;
-    Ok(f)
 }
 
 fn exit_cleanly(paths: &Paths) -> ! {

@@ -11,8 +11,10 @@
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, Write};
 use std::os::unix::fs::OpenOptionsExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
+
+use thiserror::Error;
 
 use crate::PoolError;
 
@@ -27,15 +29,45 @@ const OWN_LOCK_PAUSE: Duration = Duration::from_millis(2);
 /// lasts as long as the returned file is open. A lock held elsewhere is
 /// [`PoolError::Locked`] naming the holder's pid when it is known.
 pub fn lock_pool_dir(dir: &Path) -> Result<File, PoolError> {
-    let path = dir.join(LOCK_FILE);
+    lock_file(&dir.join(LOCK_FILE)).map_err(|e| match e {
+        LockFileError::Held { pid, .. } => PoolError::Locked {
+            path: dir.display().to_string(),
+            pid,
+        },
+        LockFileError::Io { op, path, source } => {
+            PoolError::io(format!("{op} {}", path.display()), source)
+        }
+    })
+}
+
+#[derive(Debug, Error)]
+pub enum LockFileError {
+    #[error("{} is locked by {}", path.display(), pid.map_or("another process".to_string(), |p| format!("pid {p}")))]
+    Held { path: PathBuf, pid: Option<u32> },
+    #[error("{op} {}: {source}", path.display())]
+    Io {
+        op: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// The lock of any file with this protocol (a pool directory's, the daemon's): an
+/// exclusive `flock` taken without waiting (the file is created, mode 0600), our pid
+/// written inside. Held elsewhere: [`LockFileError::Held`] with the recorded pid.
+pub fn lock_file(path: &Path) -> Result<File, LockFileError> {
+    let io = |op: &'static str| {
+        let path = path.to_path_buf();
+        move |source| LockFileError::Io { op, path, source }
+    };
     let mut f = OpenOptions::new()
         .read(true)
         .write(true)
         .create(true)
         .truncate(false)
         .mode(0o600)
-        .open(&path)
-        .map_err(|e| PoolError::io(format!("opening {}", path.display()), e))?;
+        .open(path)
+        .map_err(io("opening"))?;
     let mut attempts = 0;
     loop {
         match rustix::fs::flock(&f, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
@@ -43,26 +75,21 @@ pub fn lock_pool_dir(dir: &Path) -> Result<File, PoolError> {
             Err(rustix::io::Errno::WOULDBLOCK) => {
                 let holder = recorded_pid(&mut f);
                 if holder != Some(std::process::id()) || attempts == OWN_LOCK_RETRIES {
-                    return Err(PoolError::Locked {
-                        path: dir.display().to_string(),
+                    return Err(LockFileError::Held {
+                        path: path.to_path_buf(),
                         pid: holder,
                     });
                 }
                 attempts += 1;
                 std::thread::sleep(OWN_LOCK_PAUSE);
             }
-            Err(e) => {
-                return Err(PoolError::io(
-                    format!("locking {}", path.display()),
-                    e.into(),
-                ))
-            }
+            Err(e) => return Err(io("locking")(e.into())),
         }
     }
     f.set_len(0)
         .and_then(|()| f.rewind())
         .and_then(|()| f.write_all(format!("{}\n", std::process::id()).as_bytes()))
-        .map_err(|e| PoolError::io(format!("writing {}", path.display()), e))?;
+        .map_err(io("writing"))?;
     Ok(f)
 }
 

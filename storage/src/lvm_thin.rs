@@ -245,6 +245,9 @@ struct PoolStats {
     health: String,
     /// The VG's extent size: LV sizes are whole extents.
     extent: u64,
+    /// LVs of the VG whose device-mapper device is suspended (the thin pool for its
+    /// hidden layers).
+    suspended: Vec<String>,
 }
 
 /// One `lvs` of the whole VG: the thin pool's figures and its thin LVs (ours or not).
@@ -258,7 +261,7 @@ fn report(vg: &str, pool: &str) -> Result<(PoolStats, Vec<Lv>), PoolError> {
         "--nosuffix",
         "-a",
         "-o",
-        "lv_name,lv_size,data_percent,metadata_percent,lv_metadata_size,chunk_size,pool_lv,lv_active,segtype,zero,lv_health_status,vg_extent_size",
+        "lv_name,lv_size,data_percent,metadata_percent,lv_metadata_size,chunk_size,pool_lv,lv_active,segtype,zero,lv_health_status,vg_extent_size,lv_suspended",
         vg,
     ];
     let out = lvm(&args)?;
@@ -271,8 +274,21 @@ fn report(vg: &str, pool: &str) -> Result<(PoolStats, Vec<Lv>), PoolError> {
         .unwrap_or_default();
     let mut stats = None;
     let mut lvs = Vec::new();
+    let mut suspended = Vec::new();
     for r in rows {
         let name = text(&r, "lv_name");
+        if text(&r, "lv_suspended") == "suspended" {
+            // Only this pool's devices: the pool, its hidden layers ([pool_tdata],
+            // [pool_tmeta]) and its thin LVs; other LVs of the VG are not ours to touch.
+            let lv = if name == pool || name.starts_with(&format!("[{pool}_")) {
+                Some(pool.to_string())
+            } else {
+                (text(&r, "pool_lv") == pool).then(|| name.clone())
+            };
+            if let Some(lv) = lv.filter(|lv| !suspended.contains(lv)) {
+                suspended.push(lv);
+            }
+        }
         if name == pool {
             stats = Some(PoolStats {
                 size: num(&r, "lv_size"),
@@ -283,6 +299,7 @@ fn report(vg: &str, pool: &str) -> Result<(PoolStats, Vec<Lv>), PoolError> {
                 zeroing: matches!(text(&r, "zero").as_str(), "zero" | "1"),
                 health: text(&r, "lv_health_status"),
                 extent: num(&r, "vg_extent_size").max(512),
+                suspended: Vec::new(),
             });
         } else if text(&r, "pool_lv") == pool && text(&r, "segtype") == "thin" {
             lvs.push(Lv {
@@ -293,10 +310,12 @@ fn report(vg: &str, pool: &str) -> Result<(PoolStats, Vec<Lv>), PoolError> {
             });
         }
     }
-    let stats = stats.ok_or_else(|| PoolError::NotAPool {
+    let mut stats = stats.ok_or_else(|| PoolError::NotAPool {
         path: format!("{vg}/{pool}"),
         reason: "LVM reports no such thin pool".into(),
     })?;
+    suspended.sort_by_key(|lv| lv != pool);
+    stats.suspended = suspended;
     Ok((stats, lvs))
 }
 
@@ -571,6 +590,35 @@ fn adopt_qubes(cat: &mut Catalog, lvs: &[Lv]) {
 
 /// Undoes the LVM steps of a transaction that never committed, finishes the removals of
 /// committed ones, and empties the journal.
+/// The device-mapper name of `vg/lv` (each `-` inside a name doubled).
+fn dm_name(vg: &str, lv: &str) -> String {
+    format!("{}-{}", vg.replace('-', "--"), lv.replace('-', "--"))
+}
+
+/// Refuses to open a pool whose devices a killed LVM command left suspended (a worker
+/// SIGKILLed between its suspend and its resume): the first I/O to them, ours or a
+/// guest's, would wait forever, so the user gets the devices and the fix instead of a
+/// hang. LVM holds the VG's lock for each command, so a device still suspended when
+/// the report was read belongs to no running command. Resuming them here would need
+/// device-mapper's own resume: `lvchange --refresh` suspends a thin LV with a flush
+/// first, which waits on the suspended pool.
+fn refuse_suspended(vg: &str, pool: &str, suspended: &[String]) -> Result<(), PoolError> {
+    if suspended.is_empty() {
+        return Ok(());
+    }
+    let mut devices: Vec<String> = Vec::new();
+    for lv in suspended {
+        if lv == pool {
+            devices.push(format!("{}-tpool", dm_name(vg, pool)));
+        }
+        devices.push(dm_name(vg, lv));
+    }
+    Err(PoolError::Suspended {
+        pool: format!("{vg}/{pool}"),
+        devices,
+    })
+}
+
 fn recover(dir: &Path, cat: &Catalog) -> Result<(), PoolError> {
     let jpath = dir.join(JOURNAL);
     let text = fs::read_to_string(&jpath).unwrap_or_default();
@@ -585,7 +633,8 @@ fn recover(dir: &Path, cat: &Catalog) -> Result<(), PoolError> {
             undo.push(r.step);
         }
     }
-    let (_, mut lvs) = report(vg, pool)?;
+    let (stats, mut lvs) = report(vg, pool)?;
+    refuse_suspended(vg, pool, &stats.suspended)?;
     if !undo.is_empty() {
         tracing::warn!(
             steps = undo.len(),
@@ -687,6 +736,38 @@ mod sys {
 }
 
 impl Inner {
+    /// The pool's figures from the cached report (see [`Inner::lvs`]).
+    fn figures(&self, st: &State) -> PoolInfo {
+        let volumes =
+            st.lvs
+                .as_ref()
+                .map_or(0, |m| m.keys().filter(|n| key_of(n).is_some()).count()) as u64;
+        let s = &st.stats;
+        let mut warnings = Vec::new();
+        if !s.zeroing {
+            warnings.push(format!("thin pool {}/{} does not zero new blocks: a partial first write into a block can show what a removed volume left there; `lvchange --zero y {}/{}` fixes it", self.vg, self.pool, self.vg, self.pool));
+        }
+        if !s.health.is_empty() {
+            warnings.push(format!(
+                "thin pool {}/{} health: {}",
+                self.vg, self.pool, s.health
+            ));
+        }
+        PoolInfo {
+            driver: "lvm_thin".into(),
+            path: format!("{}/{}", self.vg, self.pool),
+            chunk_size: s.chunk.max(512),
+            capacity: s.size,
+            data_used: (s.size as f64 * s.data_pct / 100.0) as u64,
+            metadata_used: (s.meta_size as f64 * s.meta_pct / 100.0) as u64,
+            metadata_capacity: Some(s.meta_size),
+            volumes,
+            generation: st.cat.generation,
+            host_free: None,
+            warnings,
+        }
+    }
+
     fn lvs<'a>(&self, st: &'a mut State) -> Result<&'a BTreeMap<String, Lv>, PoolError> {
         if st.lvs.is_none() || self.io_stale.swap(false, Ordering::AcqRel) {
             let (stats, lvs) = report(&self.vg, &self.pool)?;
@@ -889,35 +970,16 @@ impl Pool for LvmThinPool {
         let inner = &self.inner;
         let mut st = inner.state.lock();
         inner.io_stale.store(true, Ordering::Release);
-        let volumes = inner
-            .lvs(&mut st)?
-            .keys()
-            .filter(|n| key_of(n).is_some())
-            .count() as u64;
-        let s = st.stats.clone();
-        let mut warnings = Vec::new();
-        if !s.zeroing {
-            warnings.push(format!("thin pool {}/{} does not zero new blocks: a partial first write into a block can show what a removed volume left there; `lvchange --zero y {}/{}` fixes it", inner.vg, inner.pool, inner.vg, inner.pool));
-        }
-        if !s.health.is_empty() {
-            warnings.push(format!(
-                "thin pool {}/{} health: {}",
-                inner.vg, inner.pool, s.health
-            ));
-        }
-        Ok(PoolInfo {
-            driver: "lvm_thin".into(),
-            path: format!("{}/{}", inner.vg, inner.pool),
-            chunk_size: s.chunk.max(512),
-            capacity: s.size,
-            data_used: (s.size as f64 * s.data_pct / 100.0) as u64,
-            metadata_used: (s.meta_size as f64 * s.meta_pct / 100.0) as u64,
-            metadata_capacity: Some(s.meta_size),
-            volumes,
-            generation: st.cat.generation,
-            host_free: None,
-            warnings,
-        })
+        inner.lvs(&mut st)?;
+        Ok(inner.figures(&st))
+    }
+
+    /// The figures of the last report, if no operation holds the pool: a daemon's ping
+    /// must not wait on an `lvs` (seconds under a loaded nested VM) or on a start's LVM
+    /// commands.
+    fn info_cached(&self) -> Option<PoolInfo> {
+        let st = self.inner.state.try_lock()?;
+        st.lvs.is_some().then(|| self.inner.figures(&st))
     }
 
     fn list_volumes(&self) -> Result<Vec<VolumeInfo>, PoolError> {
@@ -1139,6 +1201,14 @@ impl Pool for LvmThinPool {
             chunk: st.stats.chunk.max(ALIGN),
             rmw: Mutex::new(()),
         }))
+    }
+
+    fn kernel_block_device(&self, key: &str) -> Result<Option<PathBuf>, PoolError> {
+        let inner = &self.inner;
+        let mut st = inner.state.lock();
+        let lv = inner.need(&mut st, key)?;
+        inner.activate(&mut st, &lv)?;
+        Ok(Some(dev_path(&inner.vg, &lv.name)))
     }
 
     fn get_meta(&self, key: &str) -> Result<Option<String>, PoolError> {
@@ -1595,6 +1665,24 @@ impl BlockDevice for LvVolume {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn suspended_devices_are_refused_naming_each_dm_device_pool_first() {
+        assert!(refuse_suspended("qubes_dom0", "pool00", &[]).is_ok());
+        let e = refuse_suspended(
+            "qubes_dom0",
+            "pool00",
+            &["pool00".into(), "vm-work-private-snap".into()],
+        )
+        .unwrap_err();
+        let text = e.to_string();
+        assert!(
+            text.contains(
+                "qubes_dom0-pool00-tpool, qubes_dom0-pool00, qubes_dom0-vm--work--private--snap"
+            ) && text.contains("dmsetup resume"),
+            "{text}"
+        );
+    }
 
     #[test]
     fn qubes_names_round_trip() {

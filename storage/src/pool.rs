@@ -295,6 +295,10 @@ pub enum PoolError {
     Locked { path: String, pid: Option<u32> },
     #[error("pool metadata is corrupt: {0}{hint}", hint = verify_hint(.0))]
     Corrupt(String),
+    /// Device-mapper devices of an LVM thin pool left suspended by an LVM command killed
+    /// between its suspend and its resume: every I/O to them would wait forever.
+    #[error("device-mapper devices of thin pool {pool} are suspended: {}; an LVM command was killed between suspending and resuming them, and nothing can use them until they are resumed: run `dmsetup resume` on each, the pool's `-tpool` device first, then retry", devices.join(", "))]
+    Suspended { pool: String, devices: Vec<String> },
     #[error("{op}: {source}")]
     Io {
         op: String,
@@ -412,6 +416,12 @@ pub struct BatchGuard<'a>(pub Option<parking_lot::ReentrantMutexGuard<'a, ()>>);
 pub trait Pool: Send + Sync {
     fn driver(&self) -> &'static str;
     fn info(&self) -> Result<PoolInfo, PoolError>;
+    /// [`Pool::info`] without waiting: figures at hand (possibly a little old), or
+    /// `None` when getting them would wait on I/O or on another operation. For status
+    /// replies that must answer at once (the daemon's ping).
+    fn info_cached(&self) -> Option<PoolInfo> {
+        self.info().ok()
+    }
 
     fn list_volumes(&self) -> Result<Vec<VolumeInfo>, PoolError>;
     fn volume(&self, key: &str) -> Result<VolumeInfo, PoolError>;
@@ -438,6 +448,16 @@ pub trait Pool: Send + Sync {
 
     /// An I/O handle; `read_only` handles refuse writes with `BlockErrorKind::ReadOnly`.
     fn open_volume(&self, key: &str, read_only: bool) -> Result<Arc<dyn BlockDevice>, PoolError>;
+
+    /// The volume as a kernel block device of this host (activated), for pools whose
+    /// volumes are ones (`lvm_thin`'s LVs), so a hypervisor can hand it to its kernel
+    /// backend (Xen's `phy`). `None`: the volume is only reachable through
+    /// [`Pool::open_volume`]. It may be larger than the volume (LVM rounds sizes up to
+    /// its extents).
+    fn kernel_block_device(&self, key: &str) -> Result<Option<std::path::PathBuf>, PoolError> {
+        self.volume(key)?;
+        Ok(None)
+    }
 
     /// Pool-level key/value store, committed atomically with the volumes (the controller
     /// keeps its qube catalogue here).

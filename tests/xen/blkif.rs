@@ -30,7 +30,7 @@ fn xenstore(args: &[&str]) -> Option<String> {
         .then(|| String::from_utf8_lossy(&o.stdout).trim().to_string())
 }
 
-fn list(path: &str) -> Vec<String> {
+pub fn list(path: &str) -> Vec<String> {
     let mut v: Vec<String> = xenstore(&["xenstore-list", path])
         .unwrap_or_default()
         .lines()
@@ -41,7 +41,7 @@ fn list(path: &str) -> Vec<String> {
     v
 }
 
-fn read(path: &str) -> Option<String> {
+pub fn read(path: &str) -> Option<String> {
     xenstore(&["xenstore-read", path])
 }
 

@@ -76,6 +76,7 @@ impl Controller {
                 nbd_socket: socket.to_path_buf(),
                 export: export_name(&q.qube, &s.name),
                 read_only: s.read_only,
+                block_device: None,
             })
             .collect();
         Ok(hypervisor::DomainSpec {

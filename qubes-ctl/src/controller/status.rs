@@ -25,7 +25,7 @@ impl Controller {
             conns += s.server.active_connections() as u64;
             reqs += s.server.requests_served();
         }
-        let pool = self.pool().info().ok().map(|i| PoolUsage {
+        let pool = self.pool().info_cached().map(|i| PoolUsage {
             capacity: i.capacity,
             data_used: i.data_used,
             metadata_used: i.metadata_used,

@@ -8,9 +8,22 @@
 //! through one process-wide mutex; every call is serialised, and the output an `lvm`
 //! command prints (the `--reportformat json` report) is captured through the log callback
 //! for the duration of that call only.
+//!
+//! A process that runs LVM commands may be killed at any point (`kill -9` of the daemon,
+//! the OOM killer). Killed inside a command, LVM leaves device-mapper half-way: a thin
+//! pool or LV suspended (every later I/O to it, and every `lvs` scanning it, hangs) or
+//! a thin device created in the pool's metadata that the VG metadata does not name. So a
+//! program that can be killed runs its commands in a [`worker`] process of its own
+//! ([`use_worker`]): the worker is in a session of its own, ignores the terminal's and
+//! the service manager's signals, finishes the command it has and exits when its
+//! parent's end of the pipe closes. What a kill interrupts is then only our side of a
+//! command, which the caller's own journal recovers, never LVM's.
 
-use std::ffi::{c_char, c_int, c_void, CStr, CString};
+use std::ffi::{c_char, c_int, c_void, CStr, CString, OsString};
+use std::path::PathBuf;
 use std::ptr::NonNull;
+
+pub mod worker;
 
 use parking_lot::Mutex;
 use thiserror::Error;
@@ -51,6 +64,12 @@ pub enum LvmError {
     },
     #[error("`lvm {command}` printed no readable JSON report: {reason}")]
     Report { command: String, reason: String },
+    #[error("the LVM worker process ({program}) could not run `lvm {command}`: {reason}; the command may or may not have taken effect (the worker finishes what it started); if the worker cannot start, check that {program} runs (`{program} lvm-worker` must wait for input)")]
+    Worker {
+        program: String,
+        command: String,
+        reason: String,
+    },
 }
 
 /// What one command logged, split the way a terminal would show it.
@@ -132,17 +151,101 @@ fn load() -> Result<Lib, LvmError> {
     Ok(Lib { api, handle })
 }
 
-/// Runs one lvm command (`args[0]` is the command: `lvs`, `lvcreate`, ...) in this
-/// process, serialised with every other call. Arguments must not hold whitespace,
-/// quotes or backslashes (lvm2_run splits one command line).
-pub fn run(args: &[&str]) -> Result<Output, LvmError> {
+/// Where [`run`] runs commands: here, or in a worker process (see the crate's docs).
+enum Runner {
+    InProcess,
+    Worker {
+        program: PathBuf,
+        args: Vec<OsString>,
+        running: Option<worker::Client>,
+    },
+}
+
+static RUNNER: Mutex<Runner> = Mutex::new(Runner::InProcess);
+
+/// From now on, [`run`] sends every command to a worker process started as
+/// `program args...` (a program whose `args` call [`worker::serve`]), started on first
+/// use and again after it died. Programs that can be killed while they run LVM commands
+/// (the daemon, the CLI) call this first; tests and tools that only read may run LVM in
+/// their own process (the default).
+pub fn use_worker(program: PathBuf, args: Vec<OsString>) {
+    let mut runner = RUNNER.lock();
+    if let Runner::Worker { running, .. } = &mut *runner {
+        if let Some(old) = running.take() {
+            old.finish();
+        }
+    }
+    *runner = Runner::Worker {
+        program,
+        args,
+        running: None,
+    };
+}
+
+/// The pid of the worker process, if one runs (for tests and logs).
+pub fn worker_pid() -> Option<u32> {
+    match &*RUNNER.lock() {
+        Runner::Worker {
+            running: Some(c), ..
+        } => Some(c.pid()),
+        _ => None,
+    }
+}
+
+fn check_arguments(args: &[&str]) -> Result<String, LvmError> {
     for a in args {
         if a.is_empty() || a.chars().any(|c| c.is_whitespace() || "'\"\\".contains(c)) {
             return Err(LvmError::BadArgument(a.to_string()));
         }
     }
-    let line = args.join(" ");
-    let cline = CString::new(line.clone()).map_err(|_| LvmError::BadArgument(line.clone()))?;
+    Ok(args.join(" "))
+}
+
+/// Runs one lvm command (`args[0]` is the command: `lvs`, `lvcreate`, ...), serialised
+/// with every other call, in this process or in the worker ([`use_worker`]). Arguments
+/// must not hold whitespace, quotes or backslashes (lvm2_run splits one command line).
+pub fn run(args: &[&str]) -> Result<Output, LvmError> {
+    let line = check_arguments(args)?;
+    let mut runner = RUNNER.lock();
+    let (rc, msgs) = match &mut *runner {
+        Runner::InProcess => {
+            drop(runner);
+            run_here(&line)?
+        }
+        Runner::Worker {
+            program,
+            args: wargs,
+            running,
+        } => {
+            let fail = |reason: String| LvmError::Worker {
+                program: program.display().to_string(),
+                command: line.clone(),
+                reason,
+            };
+            if running.is_none() {
+                *running =
+                    Some(worker::Client::spawn(program, wargs).map_err(|e| fail(e.to_string()))?);
+            }
+            let client = running.as_mut().expect("started above");
+            match client.call(&line) {
+                Ok(reply) => reply,
+                Err(e) => {
+                    // A worker that broke its side of the pipe is not used again.
+                    if let Some(dead) = running.take() {
+                        dead.finish();
+                    }
+                    return Err(fail(e.to_string()));
+                }
+            }
+        }
+    };
+    outcome(line, rc, msgs)
+}
+
+/// Runs one checked command line through liblvm2cmd in this process: the status and
+/// every message logged, unclassified (the worker sends both back as they are).
+fn run_here(line: &str) -> Result<(c_int, Vec<(c_int, String)>), LvmError> {
+    let cline = CString::new(line).map_err(|_| LvmError::BadArgument(line.to_string()))?;
     let mut guard = LVM.lock();
     if guard.is_none() {
         *guard = Some(load()?);
@@ -153,7 +256,10 @@ pub fn run(args: &[&str]) -> Result<Output, LvmError> {
     // and outlives the call; the LVM lock keeps every other thread out of the library.
     let rc = unsafe { lib.api.lvm2_run(lib.handle.as_ptr(), cline.as_ptr()) };
     let msgs = std::mem::take(&mut *CAPTURE.lock());
-    drop(guard);
+    Ok((rc, msgs))
+}
+
+fn outcome(line: String, rc: c_int, msgs: Vec<(c_int, String)>) -> Result<Output, LvmError> {
     let mut out = Output::default();
     for (level, msg) in msgs {
         if level & LOG_STDERR == 0 && (level & 0xf) == ffi::LVM2_LOG_PRINT as c_int {
@@ -183,9 +289,14 @@ pub fn run(args: &[&str]) -> Result<Output, LvmError> {
     })
 }
 
-/// Releases the toolcontext (lvm2_exit); the next [`run`] sets up a fresh one, which
-/// re-reads lvm.conf.
+/// Releases the toolcontext (lvm2_exit), or ends the worker once it has finished its
+/// command; the next [`run`] sets up a fresh one, which re-reads lvm.conf.
 pub fn shutdown() {
+    if let Runner::Worker { running, .. } = &mut *RUNNER.lock() {
+        if let Some(client) = running.take() {
+            client.finish();
+        }
+    }
     let mut guard = LVM.lock();
     if let Some(lib) = guard.take() {
         // SAFETY: the handle came from lvm2_init and is dropped from `LVM` here, so it is
