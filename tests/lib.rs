@@ -26,6 +26,20 @@ pub fn qubes_ctl_bin() -> PathBuf {
     bin
 }
 
+/// Runs `cmd`, which must succeed (its stderr in the panic otherwise).
+pub fn run_ok(cmd: &mut Command) -> Output {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("running {cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed ({}): {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
 /// One isolated qubes-ctl installation (its own root: pool, run dir, kernels).
 pub struct Ctl {
     pub root: PathBuf,

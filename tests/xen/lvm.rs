@@ -115,16 +115,7 @@ pub fn lvm_thin_on_xen(ctl: &Ctl) {
 
     // 1. QUBES_XEN_DISKS=phy: the daemon reads it, so it starts with it.
     let t = Instant::now();
-    let out = lc
-        .cmd(&["daemon", "start"])
-        .env("QUBES_XEN_DISKS", "phy")
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    e2e_tests::run_ok(lc.cmd(&["daemon", "start"]).env("QUBES_XEN_DISKS", "phy"));
     let (r, _, took) = super::boot(&lc, "lw");
     assert!(r.contains("host=lw "), "{r}");
     let d = super::blkif::domid("lw");
