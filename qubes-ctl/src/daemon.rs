@@ -315,6 +315,8 @@ pub fn spawn(paths: &Paths) -> Result<()> {
         .mode(0o600)
         .open(paths.daemon_log())
         .with_context(|| format!("opening {}", paths.daemon_log().display()))?;
+    // Where this start's lines begin, to quote its error if it exits at once.
+    let log_start = log.metadata().map(|m| m.len()).unwrap_or(0);
     let exe = std::env::current_exe().context("locating the qubes-ctl binary")?;
     let mut cmd = Command::new(exe);
     cmd.arg("--root").arg(paths.root()).arg("daemon").arg("run");
@@ -329,8 +331,11 @@ pub fn spawn(paths: &Paths) -> Result<()> {
             return Ok(());
         }
         if let Some(status) = child.try_wait()? {
+            let said = last_error_since(&paths.daemon_log(), log_start)
+                .map(|e| format!(": {e}"))
+                .unwrap_or_default();
             bail!(
-                "the daemon exited at start ({status}); see {}",
+                "the daemon exited at start ({status}){said}; see {}",
                 paths.daemon_log().display()
             );
         }
@@ -342,6 +347,38 @@ pub fn spawn(paths: &Paths) -> Result<()> {
     )
 }
 
+/// The last `qubes-ctl: error:` line written to `log` after byte `from` (what a daemon
+/// that could not start said), without the prefix.
+fn last_error_since(log: &std::path::Path, from: u64) -> Option<String> {
+    let text = std::fs::read(log).ok()?;
+    let tail = String::from_utf8_lossy(text.get(from as usize..)?).into_owned();
+    tail.lines().rev().find_map(|l| {
+        l.split_once("qubes-ctl: error: ")
+            .map(|(_, e)| e.to_string())
+    })
+}
+
 pub fn is_running(paths: &Paths) -> bool {
     api::daemon_alive(&paths.admin_socket(), Duration::from_secs(2))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_daemon_that_could_not_start_is_quoted_from_its_own_lines_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("daemon.log");
+        let earlier = "qubes-ctl: error: an older start's failure\n";
+        std::fs::write(&log, earlier).unwrap();
+        let from = earlier.len() as u64;
+        assert_eq!(last_error_since(&log, from), None);
+        let mut f = std::fs::OpenOptions::new().append(true).open(&log).unwrap();
+        writeln!(f, "INFO opening the pool\nqubes-ctl: error: devices are suspended: x-pool-tpool; run `dmsetup resume`").unwrap();
+        assert_eq!(
+            last_error_since(&log, from).as_deref(),
+            Some("devices are suspended: x-pool-tpool; run `dmsetup resume`")
+        );
+    }
 }
