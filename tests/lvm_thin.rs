@@ -613,8 +613,9 @@ mod vm_bench {
 /// this driver's own transaction machinery (journal, hidden removals, recovery at open,
 /// stale `-snap`s), in one test run (about 4 min in the VM under TCG at load 2, 1.5 min
 /// of it the 17 conformance tests), then the Qubes-made pool (100 s), the suspended
-/// devices (74 s) and the SIGKILL test (8 rounds; 12 took 313 s at load 5). All 26 rules take 650 s there at load 7-8 (every start and stop is a few
-/// LVM commands of 0.3-1 s each under TCG), and the other `vm_cli` tests boot the
+/// devices (74 s) and the SIGKILL test (8 rounds; 12 took 313 s at load 5). All 26
+/// rules take 650 s there at load 7-8 (every start and stop is a few LVM commands of
+/// 0.3-1 s each under TCG), and the other `vm_cli` tests boot the
 /// daemon: run them by hand with
 /// `QUBES_LVM_VM_TIMEOUT=3000 QUBES_LVM_VM_TESTS=$'vm::model_rules --test-threads=2\nvm_cli:: --test-threads=1 --nocapture\nvm_bench --nocapture'`.
 const DEFAULT_VM_TESTS: &str = "vm::conformance \
