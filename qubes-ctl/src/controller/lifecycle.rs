@@ -84,9 +84,12 @@ impl Controller {
             let mut spec = self.wire_network(name, &prefs, hv.as_ref(), spec)?;
             if hv_name == "xen" {
                 spec.cmdline = xen_cmdline(&spec.cmdline);
-                // For QUBES_XEN_DISKS=phy: volumes that are kernel block devices.
-                for (disk, s) in spec.disks.iter_mut().zip(&started) {
-                    disk.block_device = self.pool().kernel_block_device(&s.key)?;
+                // Only QUBES_XEN_DISKS=phy uses them: other paths skip the pool lookups
+                // (an rbd pool's is a network round trip).
+                if hypervisor::Xen::new().disk_mode() == hypervisor::XenDiskMode::Phy {
+                    for (disk, s) in spec.disks.iter_mut().zip(&started) {
+                        disk.block_device = self.pool().kernel_block_device(&s.key)?;
+                    }
                 }
             }
             undo.netvm_link = prefs.netvm.as_deref().map(|n| (hv.as_ref(), n));
